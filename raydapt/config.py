@@ -1,0 +1,395 @@
+"""Typed job configs: YAML files validated by pydantic v2, with dotted ``key=value`` overrides.
+
+A job file is one YAML mapping whose ``method`` field selects the config class::
+
+    method: simda
+    run: {name: books-to-kitchen, seed: 0}
+    data: {root: ../shared/data/amazon, source: {path: books.jsonl}, ...}
+
+:func:`load_job` reads the file, applies overrides such as ``distill.epochs=2`` (values are parsed
+as YAML scalars, so ``2`` is an int and ``[a, b]`` a list), expands ``${VAR}`` / ``${VAR:-default}``
+in strings, and validates. Unknown keys and wrong types fail with :class:`ConfigError`, whose
+message names the dotted key and what is allowed there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union, get_args
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+
+from raydapt import RaydaptError
+
+
+class ConfigError(RaydaptError):
+    """A job config that does not load: unknown key, wrong type, bad value, missing file."""
+
+
+class Section(BaseModel):
+    """Base for every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Sections shared by every method
+# --------------------------------------------------------------------------------------------
+
+
+class RunSection(Section):
+    """Identity and output location of one job run."""
+
+    name: str = Field("run", description="Run name: MLflow run name and Ray job submission id.")
+    seed: int = Field(0, description="One seed for Python, NumPy, torch, splits and samplers.")
+    output_dir: str = Field("runs", description="Stage outputs go to <output_dir>/<name>/...")
+    cache_dir: str = Field(
+        ".raydapt/cache",
+        description="Content-addressed stage cache shared across runs (reused when unchanged).",
+    )
+
+
+class TrackingSection(Section):
+    """Where MLflow records the run."""
+
+    enabled: bool = True
+    uri: str = Field("sqlite:///mlruns.db", description="MLflow tracking URI.")
+    artifact_location: str = Field(
+        "./mlruns-artifacts", description="Artifact root for experiments this run creates."
+    )
+    experiment: str = Field("raydapt", description="MLflow experiment name.")
+
+
+class RaySection(Section):
+    """How to reach (or start) Ray."""
+
+    address: str | None = Field(
+        None, description="Ray address; None starts a local instance (or uses RAY_ADDRESS)."
+    )
+    num_cpus: int | None = Field(None, description="CPUs for a local instance (None = all).")
+    progress: bool = Field(True, description="Show Ray Data progress bars (rows, rows/s, ETA).")
+
+
+class ActorPoolSection(Section):
+    """Resources of a Ray Data actor pool (one model replica per actor)."""
+
+    concurrency: int | tuple[int, int] = Field(
+        1, description="Actors: fixed N, or [min, max] for an autoscaling pool."
+    )
+    num_cpus: float = Field(0.5, gt=0, description="CPUs per actor (fractional on small hosts).")
+    num_gpus: float = Field(0, ge=0, description="GPUs per actor.")
+    batch_size: int = Field(16, gt=0, description="Rows per map_batches call.")
+
+
+class EngineSection(Section):
+    """An LLM engine: backend, model reference and how it reads inputs."""
+
+    backend: Literal["hf", "vllm"] = Field("hf", description="hf = transformers; vllm = GPU.")
+    model: str = Field(
+        "pkg:smollm2-135m-instruct",
+        description="pkg:<alias>, hf:<repo id>, or a local directory.",
+    )
+    revision: str | None = Field(None, description="Hub revision for hf: models.")
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    max_length: int = Field(256, gt=8, description="Prompt tokens kept (text is truncated).")
+    trust_remote_code: bool = False
+    vllm: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Extra vLLM engine kwargs (max_model_len, gpu_memory_utilization, ...).",
+    )
+
+
+class TrainSection(Section):
+    """A Ray Train fit: workers, optimisation and (optionally) DeepSpeed."""
+
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (gloo on CPU).")
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    epochs: int = Field(3, ge=1)
+    batch_size: int = Field(32, ge=1, description="Global batch size (split across workers).")
+    lr: float = Field(5e-5, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    max_length: int = Field(128, gt=8, description="Student tokens per text.")
+    deepspeed: dict[str, Any] | None = Field(
+        None, description="A DeepSpeed config; None trains with plain DDP."
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# SimDA
+# --------------------------------------------------------------------------------------------
+
+
+class DomainData(Section):
+    """One domain's file and its fields."""
+
+    path: str = Field(..., description="jsonl / parquet / csv file, relative to data.root.")
+    format: Literal["auto", "jsonl", "parquet", "csv"] = "auto"
+    id_field: str = "id"
+    text_field: str = "text"
+    label_field: str = "label"
+
+
+class SimDAData(Section):
+    """Source (labeled) and target (unlabeled) domains and how they are split."""
+
+    root: str = Field(
+        "${RAYDAPT_DATA:-../shared/data}/amazon",
+        description="Directory the domain paths are relative to.",
+    )
+    source: DomainData = Field(default_factory=lambda: DomainData(path="books.jsonl"))
+    target: DomainData = Field(default_factory=lambda: DomainData(path="kitchen.jsonl"))
+    labels: list[str] = Field(
+        default_factory=lambda: ["negative", "positive"], min_length=2,
+        description="Label set, in class-index order.",
+    )
+    target_test_fraction: float = Field(
+        0.5, gt=0, lt=1, description="Share of target rows held out (labels kept) for testing."
+    )
+    max_source_rows: int | None = Field(None, ge=1, description="Seeded subsample of the source.")
+    max_target_train_rows: int | None = Field(None, ge=1)
+    max_target_test_rows: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _distinct_labels(self) -> SimDAData:
+        if len(set(self.labels)) != len(self.labels):
+            raise ValueError(f"labels must be distinct, got {self.labels}")
+        return self
+
+
+class TeacherSection(EngineSection):
+    """The LLM that builds the data store and annotates target text."""
+
+    template: str = Field(
+        "Review: {text}\nIs the sentiment of this review positive or negative?\nAnswer:",
+        description="Prompt T(x); {text} is the input. The label word is read after it.",
+    )
+    demo_template: str = Field(
+        "Review: {text}\nIs the sentiment of this review positive or negative?\nAnswer: {label}\n\n",
+        description="One demonstration in ICL / kNN-augmented prompts.",
+    )
+    demo_max_tokens: int = Field(64, gt=4, description="Tokens kept per demonstration text.")
+    chat: bool = Field(False, description="Wrap prompts in the model's chat template.")
+    verbalizer: dict[str, str] = Field(
+        default_factory=lambda: {"negative": " negative", "positive": " positive"},
+        description="Label -> word; each must be ONE token (leading space included).",
+    )
+    pool: ActorPoolSection = Field(default_factory=ActorPoolSection)
+
+
+class AnnotateSection(Section):
+    """kNN retrieval and the teacher distribution p_T = lam*p_kNN + (1-lam)*p_LLM."""
+
+    k: int = Field(16, ge=1, description="Neighbours retrieved per target text.")
+    tau: float = Field(1.0, gt=0, description="Temperature of exp(-d/tau) over neighbours.")
+    distance_norm: Literal["median", "none"] = Field(
+        "median", description="Divide distances by the median neighbour distance first."
+    )
+    lam: float = Field(0.5, ge=0, le=1, description="Weight of p_kNN (1 = pure kNN).")
+    calibrate_llm: Literal["none", "domain_mean"] = Field(
+        "domain_mean",
+        description="domain_mean divides p_LLM by its mean over the target rows (label-prior "
+        "correction, no labels used) before mixing; none keeps the raw distribution.",
+    )
+    index: Literal["flat", "ivf", "hnsw"] = Field("flat", description="FAISS index type.")
+    teacher_prompt: Literal["knn_prob", "knn_prompt"] = Field(
+        "knn_prob",
+        description="knn_prob mixes distributions; knn_prompt puts the k neighbours in the "
+        "prompt as demonstrations and reads p_LLM there.",
+    )
+    prompt_k: int = Field(4, ge=1, description="Demonstrations in ICL / kNN-augmented prompts.")
+    baselines: list[Literal["zero_shot", "knn", "icl_random", "icl_nearest", "knn_prompt"]] = Field(
+        default_factory=lambda: ["zero_shot", "knn", "icl_random", "icl_nearest"],
+        description="Teacher read-outs evaluated directly on the target test split.",
+    )
+    baseline_max_rows: int | None = Field(
+        None, ge=1, description="Cap the test rows used by prompt-based (ICL) baselines."
+    )
+    min_confidence: float = Field(
+        0.0, ge=0, le=1, description="Drop pseudo-labels below this confidence from distillation."
+    )
+
+
+class DistillSection(TrainSection):
+    """Student training: L = L_KL + beta * L_sim, plus ablations and baselines."""
+
+    student: str = Field("pkg:all-minilm-l6-v2", description="Student encoder reference.")
+    beta: float = Field(1.0, ge=0, description="Weight of the similarity-alignment loss.")
+    temperature: float = Field(1.0, gt=0, description="KL distillation temperature T.")
+    sim_tau: float = Field(0.1, gt=0, description="Temperature of the row-wise similarity softmax.")
+    sim_loss: Literal["kl", "mse"] = "kl"
+    variants: list[Literal["kl_sim", "kl", "ce", "source_only", "oracle"]] = Field(
+        default_factory=lambda: ["source_only", "kl_sim", "kl", "ce", "oracle"],
+        description="Students to train: distilled (kl_sim, kl, ce) and baselines.",
+    )
+
+
+class SimDAJob(Section):
+    """SimDA: kNN-augmented LLM annotation of the target, then similarity-based distillation."""
+
+    method: Literal["simda"] = "simda"
+    run: RunSection = Field(default_factory=RunSection)
+    tracking: TrackingSection = Field(default_factory=lambda: TrackingSection(experiment="simda"))
+    ray: RaySection = Field(default_factory=RaySection)
+    data: SimDAData = Field(default_factory=SimDAData)
+    teacher: TeacherSection = Field(default_factory=TeacherSection)
+    annotate: AnnotateSection = Field(default_factory=AnnotateSection)
+    distill: DistillSection = Field(default_factory=DistillSection)
+
+    @model_validator(mode="after")
+    def _verbalizer_covers_labels(self) -> SimDAJob:
+        missing = [lab for lab in self.data.labels if lab not in self.teacher.verbalizer]
+        extra = [lab for lab in self.teacher.verbalizer if lab not in self.data.labels]
+        if missing or extra:
+            raise ValueError(
+                f"teacher.verbalizer must map exactly data.labels {self.data.labels}; "
+                f"missing {missing}, not a label {extra}"
+            )
+        return self
+
+
+JOB_TYPES: dict[str, type[Section]] = {"simda": SimDAJob}
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand_env(value: Any) -> Any:
+    if isinstance(value, str):
+        def sub(m: re.Match[str]) -> str:
+            name, default = m.group(1), m.group(2)
+            if name in os.environ:
+                return os.environ[name]
+            if default is None:
+                raise ConfigError(f"environment variable {name} is not set (used as ${{{name}}})")
+            return default
+
+        return _ENV.sub(sub, value)
+    if isinstance(value, dict):
+        return {k: _expand_env(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_env(v) for v in value]
+    return value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides to a nested dict (a copy); values parse as YAML."""
+    out = json.loads(json.dumps(raw))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key.path=value")
+        key, _, text = item.partition("=")
+        parts = [p for p in key.strip().split(".") if p]
+        if not parts:
+            raise ConfigError(f"override {item!r} has an empty key")
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from None
+        node = out
+        for i, p in enumerate(parts[:-1]):
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = node[p] = {}
+            elif not isinstance(nxt, dict):
+                raise ConfigError(
+                    f"override {item!r}: {'.'.join(parts[: i + 1])} is a value, not a section"
+                )
+            node = nxt
+        node[parts[-1]] = value
+    return out
+
+
+def _allowed_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | None:
+    """Field names allowed at a location (for 'unknown key' messages)."""
+    cur: Any = model
+    for part in loc:
+        if not (isinstance(cur, type) and issubclass(cur, BaseModel)):
+            return None
+        field = cur.model_fields.get(str(part))
+        if field is None:
+            return None
+        ann = field.annotation
+        cands = [ann, *get_args(ann)]
+        cur = next((c for c in cands if isinstance(c, type) and issubclass(c, BaseModel)), None)
+    if isinstance(cur, type) and issubclass(cur, BaseModel):
+        return sorted(cur.model_fields)
+    return None
+
+
+def format_validation_error(model: type[BaseModel], err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        key = ".".join(str(p) for p in loc) or "<root>"
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_at(model, loc[:-1])
+            hint = f"; allowed keys here: {', '.join(allowed)}" if allowed else ""
+            lines.append(f"  {key}: unknown key{hint}")
+        else:
+            got = e.get("input")
+            got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"  {key}: {e['msg']}{got_s}")
+    return "invalid job config:\n" + "\n".join(lines)
+
+
+def validate_job(raw: dict[str, Any]) -> Section:
+    """Validate a raw mapping into the job config class its ``method`` names."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a job config must be a YAML mapping, got {type(raw).__name__}")
+    method = raw.get("method")
+    if method not in JOB_TYPES:
+        raise ConfigError(
+            f"method: must be one of {sorted(JOB_TYPES)} (got {method!r})"
+        )
+    cls = JOB_TYPES[method]
+    try:
+        return cls.model_validate(_expand_env(raw))
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(cls, err)) from None
+
+
+def load_job(path: str | Path, overrides: list[str] | None = None) -> Section:
+    """Read a job YAML, apply dotted overrides, validate. Raises :class:`ConfigError`."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"job file not found: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+    return validate_job(apply_overrides(raw, list(overrides or [])))
+
+
+def config_hash(cfg: BaseModel | dict[str, Any]) -> str:
+    """Stable short hash of a config (or section), for cache keys and job metadata."""
+    data = cfg.model_dump(mode="json") if isinstance(cfg, BaseModel) else cfg
+    blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def to_yaml(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def json_schema(method: str | None = None) -> dict[str, Any]:
+    """JSON schema of one method's job config, or of all of them (a oneOf)."""
+    if method is not None:
+        if method not in JOB_TYPES:
+            raise ConfigError(f"unknown method {method!r}; one of {sorted(JOB_TYPES)}")
+        return JOB_TYPES[method].model_json_schema()
+    types = tuple(JOB_TYPES.values())
+    if len(types) == 1:
+        return types[0].model_json_schema()
+    union = Annotated[Union[types], Field(discriminator="method")]  # noqa: UP007
+    return TypeAdapter(union).json_schema()

@@ -1,0 +1,1 @@
+"""Readers (jsonl / parquet / csv -> Ray Datasets), schema checks, rejects, splits, fingerprints."""

@@ -1,0 +1,1 @@
+"""Loss functions: plain PyTorch, no Ray import. Shapes are documented per function."""

@@ -1,0 +1,1 @@
+"""Data selectors for NTK-Selector and its baselines (one interface)."""

@@ -1,0 +1,1 @@
+"""Training: models, samplers (plain PyTorch) and Ray Train loops."""
