@@ -167,15 +167,21 @@ class TeacherSection(EngineSection):
     """The LLM that builds the data store and annotates target text."""
 
     template: str = Field(
-        "Review: {text}\nIs the sentiment of this review positive or negative?\nAnswer:",
-        description="Prompt T(x); {text} is the input. The label word is read after it.",
+        "Review: {text}\nIs the sentiment of this review positive or negative? "
+        "Answer with one word.",
+        description="Prompt T(x) (the user turn when chat is on); {text} is the input.",
+    )
+    answer_prefix: str = Field(
+        "The sentiment is",
+        description="Appended after the (chat-formatted) prompt; the label word comes next.",
     )
     demo_template: str = Field(
-        "Review: {text}\nIs the sentiment of this review positive or negative?\nAnswer: {label}\n\n",
-        description="One demonstration in ICL / kNN-augmented prompts.",
+        "Review: {text}\nSentiment: {label}\n\n",
+        description="One demonstration in ICL / kNN-augmented prompts ({text}, {label}).",
     )
-    demo_max_tokens: int = Field(64, gt=4, description="Tokens kept per demonstration text.")
-    chat: bool = Field(False, description="Wrap prompts in the model's chat template.")
+    text_max_tokens: int = Field(128, gt=4, description="Tokens of the input text kept.")
+    demo_max_tokens: int = Field(48, gt=4, description="Tokens kept per demonstration text.")
+    chat: bool = Field(True, description="Wrap prompts in the model's chat template.")
     verbalizer: dict[str, str] = Field(
         default_factory=lambda: {"negative": " negative", "positive": " positive"},
         description="Label -> word; each must be ONE token (leading space included).",
@@ -186,7 +192,7 @@ class TeacherSection(EngineSection):
 class AnnotateSection(Section):
     """kNN retrieval and the teacher distribution p_T = lam*p_kNN + (1-lam)*p_LLM."""
 
-    k: int = Field(16, ge=1, description="Neighbours retrieved per target text.")
+    k: int = Field(32, ge=1, description="Neighbours retrieved per target text.")
     tau: float = Field(1.0, gt=0, description="Temperature of exp(-d/tau) over neighbours.")
     distance_norm: Literal["median", "none"] = Field(
         "median", description="Divide distances by the median neighbour distance first."

@@ -54,6 +54,8 @@ class EncoderClassifier(nn.Module):
                 rm.path, revision=rm.revision, trust_remote_code=trust_remote_code,
                 use_safetensors=True if rm.local else None,
             )
+        if getattr(encoder, "pooler", None) is not None:
+            encoder.pooler = None  # unused (we pool ourselves); DDP rejects unused parameters
         self.encoder = encoder
         self.pooling = pooling
         width = int(encoder.config.hidden_size)

@@ -1,0 +1,118 @@
+"""The ``raydapt`` command.
+
+    raydapt run JOB.yaml [key=value ...]        run a job (local Ray unless ray.address is set)
+    raydapt config show JOB.yaml [key=value]    print the resolved config
+    raydapt config schema [--method simda]      print the JSON schema of job configs
+    raydapt models prepare [REF ...]            resolve / de-quantise packaged models once
+    raydapt cache ls | rm [--stage S]           list or remove cached stage outputs
+
+User errors (bad config, missing data, missing model package) print one clear message and exit 2;
+no stack trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+
+from raydapt import RaydaptError
+
+
+def _run(args: argparse.Namespace) -> int:
+    from raydapt.config import load_job
+
+    cfg = load_job(args.job, args.overrides)
+    if cfg.method == "simda":
+        from raydapt.recipes import simda
+
+        simda.run(cfg)
+        return 0
+    raise RaydaptError(f"no recipe for method {cfg.method!r}")  # pragma: no cover
+
+
+def _config(args: argparse.Namespace) -> int:
+    from raydapt.config import json_schema, load_job, to_yaml
+
+    if args.action == "schema":
+        print(json.dumps(json_schema(args.method), indent=2))
+    else:
+        if not args.job:
+            raise RaydaptError("config show needs a job file")
+        print(to_yaml(load_job(args.job, args.overrides)), end="")
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from raydapt.assets import PACKAGED, resolve_model
+
+    refs = args.refs or [f"pkg:{a}" for a in ("all-minilm-l6-v2", "smollm2-135m-instruct")]
+    if args.action == "list":
+        for m in PACKAGED.values():
+            print(f"pkg:{m.alias:<24} {m.install:<40} {m.license}")
+        return 0
+    for ref in refs:
+        rm = resolve_model(ref)
+        print(f"{ref} -> {rm.path} (fingerprint {rm.fingerprint})")
+    return 0
+
+
+def _cache(args: argparse.Namespace) -> int:
+    from raydapt.cache import StageCache
+
+    cache = StageCache(args.dir)
+    entries = [e for e in cache.entries() if args.stage in (None, e["stage"])]
+    if args.action == "ls":
+        for e in entries:
+            print(f"{e['stage']:<10} {e['key']}  {e['bytes'] / 1e6:8.2f} MB  {e['path']}")
+        print(f"{len(entries)} cached stage outputs under {args.dir}")
+    else:
+        for e in entries:
+            shutil.rmtree(e["path"], ignore_errors=True)
+        print(f"removed {len(entries)} cached stage outputs")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="raydapt", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run a job YAML")
+    r.add_argument("job")
+    r.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    r.set_defaults(fn=_run)
+    c = sub.add_parser("config", help="show a resolved config or the JSON schema")
+    c.add_argument("action", choices=["show", "schema"])
+    c.add_argument("job", nargs="?")
+    c.add_argument("overrides", nargs="*")
+    c.add_argument("--method", default=None)
+    c.set_defaults(fn=_config)
+    m = sub.add_parser("models", help="list or prepare packaged models")
+    m.add_argument("action", choices=["list", "prepare"])
+    m.add_argument("refs", nargs="*")
+    m.set_defaults(fn=_models)
+    k = sub.add_parser("cache", help="list or remove cached stage outputs")
+    k.add_argument("action", choices=["ls", "rm"])
+    k.add_argument("--dir", default=".raydapt/cache")
+    k.add_argument("--stage", default=None)
+    k.set_defaults(fn=_cache)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except RaydaptError as exc:
+        print(f"raydapt: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("raydapt: interrupted; rerun the same command to resume from cached stages",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""The engine protocol: what SimDA (and later NTK-Selector) asks of an LLM.
+
+One forward pass over a batch of prompts yields both
+
+- ``hidden``  [B, H] float32: the final-layer hidden state at the last prompt token (prompts are
+  left-padded so the last position is the last real token), SimDA's key q(x) / h_T(x);
+- ``label_logprobs`` [B, C] float32: next-token log-probabilities of the C verbalizer tokens after
+  the prompt (log-softmax over the *full* vocabulary; renormalise over C for p_LLM).
+
+Backends: :class:`raydapt.engines.hf.HFEngine` (transformers, CPU/GPU) and
+:class:`raydapt.engines.vllm.VLLMEngine` (vLLM, GPU; imported lazily).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from raydapt import RaydaptError
+
+
+class VerbalizerError(RaydaptError):
+    """A label word that is not exactly one token for the engine's tokenizer."""
+
+
+@dataclass
+class EngineOutput:
+    hidden: np.ndarray | None  # [B, H] float32, None if the backend cannot give it
+    label_logprobs: np.ndarray  # [B, C] float32
+    prompt_tokens: np.ndarray  # [B] int, prompt length in tokens (after truncation)
+
+
+class Engine(Protocol):
+    """An LLM that scores prompts. Implementations are created inside Ray actors."""
+
+    def label_token_ids(self) -> list[int]:
+        """The single-token id of each verbalizer word, in label order."""
+        ...
+
+    def score(self, prompts: list[str]) -> EngineOutput:
+        """One forward pass over ``prompts``: last-token hidden states and label log-probs."""
+        ...
+
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        ...
+
+    def truncate(self, text: str, max_tokens: int) -> str:
+        """The text cut to at most ``max_tokens`` tokens (decoded back to a string)."""
+        ...
+
+
+def check_single_tokens(words: dict[str, list[int]], tokenizer_name: str) -> list[int]:
+    """Validate that each label word maps to exactly one token; returns the ids in order."""
+    bad = {w: ids for w, ids in words.items() if len(ids) != 1}
+    if bad:
+        detail = "; ".join(f"{w!r} -> {len(ids)} tokens {ids}" for w, ids in bad.items())
+        raise VerbalizerError(
+            f"each verbalizer word must be a single token for {tokenizer_name}: {detail}. "
+            "Pick words that are one token (usually with a leading space, e.g. ' positive')."
+        )
+    ids = [v[0] for v in words.values()]
+    if len(set(ids)) != len(ids):
+        raise VerbalizerError(f"verbalizer words share a token: {dict(zip(words, ids))}")
+    return ids
+
+
+def renormalise(label_logprobs: np.ndarray) -> np.ndarray:
+    """log-probs over the full vocabulary [B, C] -> a distribution over the C labels [B, C]."""
+    z = label_logprobs - label_logprobs.max(axis=1, keepdims=True)
+    p = np.exp(z)
+    return p / p.sum(axis=1, keepdims=True)

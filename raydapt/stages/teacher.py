@@ -1,0 +1,183 @@
+"""Ray Data stages that run the teacher LLM and the FAISS data store.
+
+Each stage is a callable class for ``Dataset.map_batches(..., compute=ActorPoolStrategy(...))``:
+the model / index is loaded once per actor in ``__init__``. Input and output batches are pandas
+DataFrames that always carry ``id``; rows that fail come back with an ``_error`` reason (see
+:func:`raydapt.stages.common.run_isolating_failures`) and the recipe routes them to rejects.
+
+- :class:`TeacherScore`: prompt T(x) (optionally with demonstrations) -> ``hidden`` [H] (the key
+  / teacher representation) and ``llm_logp`` [C] (verbalizer log-probs), ``prompt_tokens``.
+- :class:`KnnSearch`: ``hidden`` -> ``nbr_ids`` [k], ``nbr_dist`` [k], ``p_knn`` [C].
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from raydapt.stages.annotate import build_prompt, knn_distribution
+from raydapt.stages.common import StageMetrics, Timer, run_isolating_failures
+
+
+def make_engine(engine: dict[str, Any], label_words: list[str]):
+    """Build the engine a config section names (``backend: hf | vllm``)."""
+    kw = dict(engine)
+    backend = kw.pop("backend", "hf")
+    if backend == "hf":
+        from raydapt.engines.hf import HFEngine
+
+        return HFEngine(label_words=label_words, **kw)
+    if backend == "vllm":
+        from raydapt.engines.vllm import VLLMEngine
+
+        return VLLMEngine(label_words=label_words, **kw)
+    raise ValueError(f"unknown engine backend {backend!r}")
+
+
+class TeacherScore:
+    """Score prompts with the teacher LLM.
+
+    Args:
+        engine: engine kwargs (``backend``, ``model``, ``max_length``, ``dtype``, ``chat``...).
+        label_words: verbalizer words in label order.
+        template: query prompt with ``{text}``.
+        text_max_tokens: tokens of the query text kept.
+        demo_template / demo_max_tokens / demo_texts / demo_labels: when the batch has a
+            ``demo_ids`` column, each row's demonstrations are looked up in ``demo_texts``
+            (id -> text) and ``demo_labels`` (id -> label word) and rendered before the query.
+        keep_hidden: return the ``hidden`` column (the key / teacher representation).
+        stage: name used in reject reasons and metrics.
+    """
+
+    def __init__(
+        self, *, engine: dict[str, Any], label_words: list[str], template: str,
+        text_max_tokens: int, demo_template: str = "", demo_max_tokens: int = 64,
+        demo_texts: dict[str, str] | None = None, demo_labels: dict[str, str] | None = None,
+        keep_hidden: bool = True, stage: str = "teacher",
+    ) -> None:
+        self.engine = make_engine(engine, label_words)
+        self.template = template
+        self.text_max_tokens = text_max_tokens
+        self.demo_template = demo_template
+        self.demo_max_tokens = demo_max_tokens
+        self.demo_texts = demo_texts or {}
+        self.demo_labels = demo_labels or {}
+        self._demo_cache: dict[str, str] = {}
+        self.keep_hidden = keep_hidden
+        self.stage = stage
+        self.metrics = StageMetrics(stage)
+
+    def _demo(self, did: str) -> tuple[str, str]:
+        if did not in self._demo_cache:
+            self._demo_cache[did] = self.engine.truncate(self.demo_texts[did], self.demo_max_tokens)
+        return self._demo_cache[did], self.demo_labels[did]
+
+    def prompts(self, batch: pd.DataFrame) -> list[str]:
+        out = []
+        has_demos = "demo_ids" in batch.columns
+        for i, text in enumerate(batch["text"].tolist()):
+            demos = [self._demo(str(d)) for d in batch["demo_ids"].iloc[i]] if has_demos else []
+            out.append(build_prompt(
+                self.template, self.engine.truncate(text, self.text_max_tokens), demos=demos,
+                demo_template=self.demo_template))
+        return out
+
+    def _score(self, batch: pd.DataFrame) -> pd.DataFrame:
+        res = self.engine.score(self.prompts(batch))
+        out = {"id": batch["id"].tolist(), "llm_logp": list(res.label_logprobs.astype(np.float32)),
+               "prompt_tokens": res.prompt_tokens.astype(np.int64)}
+        if self.keep_hidden:
+            if res.hidden is None:
+                raise RuntimeError("this engine gives no hidden states; use backend hf for keys")
+            out["hidden"] = list(res.hidden.astype(np.float32))
+        return pd.DataFrame(out)
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        with Timer() as t:
+            out = run_isolating_failures(batch, self._score, stage=self.stage)
+        bad = int((out["_error"] != "").sum())
+        tokens = int(pd.to_numeric(out.get("prompt_tokens"), errors="coerce").fillna(0).sum())
+        self.metrics.record(rows=len(batch), rejected=bad, seconds=t.seconds, tokens=tokens)
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# FAISS data store
+# --------------------------------------------------------------------------------------------
+
+
+def build_index(keys: np.ndarray, *, kind: str = "flat", nlist: int | None = None):
+    """A FAISS L2 index over keys [N, H] float32. ``flat`` (exact) up to ~1M keys; ``ivf`` /
+    ``hnsw`` above (approximate)."""
+    import faiss
+
+    keys = np.ascontiguousarray(keys, dtype=np.float32)
+    n, dim = keys.shape
+    if kind == "flat":
+        index = faiss.IndexFlatL2(dim)
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, 32)
+    elif kind == "ivf":
+        nlist = nlist or max(1, int(4 * np.sqrt(n)))
+        quant = faiss.IndexFlatL2(dim)
+        index = faiss.IndexIVFFlat(quant, dim, nlist)
+        index.train(keys)
+        index.nprobe = min(nlist, 16)
+    else:
+        raise ValueError(f"unknown index kind {kind!r}")
+    index.add(keys)
+    return index
+
+
+def save_store(path: Path, index, ids: list[str], labels: np.ndarray) -> None:
+    """Write the data store: ``index.faiss`` + ``values.parquet`` (row -> id, y)."""
+    import faiss
+
+    path.mkdir(parents=True, exist_ok=True)
+    faiss.write_index(index, str(path / "index.faiss"))
+    pd.DataFrame({"id": ids, "y": np.asarray(labels, dtype=np.int64)}).to_parquet(
+        path / "values.parquet")
+
+
+class KnnSearch:
+    """Retrieve k nearest source keys for each row's ``hidden`` and form p_kNN."""
+
+    def __init__(self, *, store: str, k: int, num_classes: int, tau: float,
+                 distance_norm: str, exclude_self: bool = False, stage: str = "knn") -> None:
+        import faiss
+
+        self.index = faiss.read_index(str(Path(store) / "index.faiss"))
+        vals = pd.read_parquet(Path(store) / "values.parquet")
+        self.ids = vals["id"].to_numpy()
+        self.y = vals["y"].to_numpy()
+        self.k, self.C, self.tau, self.norm = k, num_classes, tau, distance_norm
+        self.exclude_self = exclude_self
+        self.metrics = StageMetrics(stage)
+        self.stage = stage
+
+    def _search(self, batch: pd.DataFrame) -> pd.DataFrame:
+        q = np.stack(batch["hidden"].to_numpy()).astype(np.float32)
+        kk = self.k + 1 if self.exclude_self else self.k
+        d, idx = self.index.search(q, min(kk, self.index.ntotal))
+        if self.exclude_self:  # drop the row itself when searching the store with its own keys
+            keep = self.ids[np.clip(idx, 0, None)] != batch["id"].to_numpy()[:, None]
+            d = np.stack([r[m][: self.k] for r, m in zip(d, keep)])
+            idx = np.stack([r[m][: self.k] for r, m in zip(idx, keep)])
+        labels = np.where(idx >= 0, self.y[np.clip(idx, 0, None)], -1)
+        p = knn_distribution(d, labels, self.C, tau=self.tau, distance_norm=self.norm)
+        return pd.DataFrame({
+            "id": batch["id"].tolist(),
+            "nbr_ids": [list(self.ids[np.clip(r, 0, None)]) for r in idx],
+            "nbr_dist": list(d.astype(np.float32)),
+            "p_knn": list(p),
+        })
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        with Timer() as t:
+            out = run_isolating_failures(batch, self._search, stage=self.stage)
+        self.metrics.record(rows=len(batch), rejected=int((out["_error"] != "").sum()),
+                            seconds=t.seconds)
+        return out

@@ -1,0 +1,178 @@
+"""MLflow tracking: one parent run per job, one child run per stage / student / trial.
+
+The driver owns the runs; Ray Train workers log through :class:`RunLogger` with an explicit run id
+(rank 0 only), so nothing depends on MLflow's thread-local "active run" inside Ray workers.
+With ``tracking.enabled: false`` every call is a no-op.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+_SECRET_KEYS = re.compile(r"(token|secret|password|passwd|api[_-]?key|access[_-]?key)", re.I)
+
+
+def redact(obj: Any) -> Any:
+    """Replace values under secret-looking keys with '***' (params and config artifacts)."""
+    if isinstance(obj, dict):
+        return {k: ("***" if _SECRET_KEYS.search(str(k)) and v else redact(v))
+                for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [redact(v) for v in obj]
+    return obj
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config -> {"a.b.c": "value"} for MLflow params (values truncated to 500 chars)."""
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = json.dumps(v) if not isinstance(v, str) else v
+            out[key] = out[key][:500]
+    return out
+
+
+def git_sha() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=5, check=True).stdout.strip() or None
+    except Exception:
+        return None
+
+
+class RunLogger:
+    """Logs to one MLflow run by id; safe to pickle into Ray workers."""
+
+    def __init__(self, uri: str | None, run_id: str | None) -> None:
+        self.uri, self.run_id = uri, run_id
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.uri and self.run_id)
+
+    def _client(self):
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(tracking_uri=self.uri)
+
+    def metrics(self, values: dict[str, float], step: int | None = None) -> None:
+        if not self.enabled:
+            return
+        import time
+
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        ms = [Metric(k, float(v), ts, step or 0) for k, v in values.items() if v == v]
+        if ms:
+            self._client().log_batch(self.run_id, metrics=ms)
+
+    def params(self, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        from mlflow.entities import Param
+
+        ps = [Param(k, str(v)[:500]) for k, v in flatten(redact(values)).items()]
+        for i in range(0, len(ps), 100):
+            self._client().log_batch(self.run_id, params=ps[i : i + 100])
+
+    def tags(self, values: dict[str, str]) -> None:
+        if self.enabled:
+            from mlflow.entities import RunTag
+
+            self._client().log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in values.items()])
+
+    def artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if self.enabled and Path(path).exists():
+            p = Path(path)
+            if p.is_dir():
+                self._client().log_artifacts(self.run_id, str(p), artifact_path)
+            else:
+                self._client().log_artifact(self.run_id, str(p), artifact_path)
+
+    def text(self, text: str, name: str) -> None:
+        if not self.enabled:
+            return
+        with tempfile.TemporaryDirectory() as d:
+            f = Path(d) / name
+            f.write_text(text)
+            self.artifact(f)
+
+
+class Tracker:
+    """Parent run for a job; :meth:`child` opens nested runs for stages and students."""
+
+    def __init__(self, *, enabled: bool, uri: str, experiment: str, artifact_location: str) -> None:
+        self.enabled = enabled
+        self.uri = uri
+        self.experiment = experiment
+        self.artifact_location = artifact_location
+        self.parent: RunLogger = RunLogger(None, None)
+        self._experiment_id: str | None = None
+
+    def _ensure_experiment(self) -> str:
+        import mlflow
+
+        mlflow.set_tracking_uri(self.uri)
+        exp = mlflow.get_experiment_by_name(self.experiment)
+        if exp is not None:
+            return exp.experiment_id
+        loc = self.artifact_location
+        if loc and "://" not in loc:
+            loc = Path(loc).resolve().as_uri()
+        return mlflow.create_experiment(self.experiment, artifact_location=loc)
+
+    @contextmanager
+    def job(self, name: str, *, tags: dict[str, str] | None = None,
+            run_id: str | None = None) -> Iterator[RunLogger]:
+        """Open (or, with ``run_id`` / ``RAYDAPT_PARENT_RUN_ID``, reattach to) the parent run."""
+        if not self.enabled:
+            yield self.parent
+            return
+        from mlflow.tracking import MlflowClient
+
+        self._experiment_id = self._ensure_experiment()
+        client = MlflowClient(tracking_uri=self.uri)
+        run_id = run_id or os.environ.get("RAYDAPT_PARENT_RUN_ID")
+        if run_id is None:
+            all_tags = {"mlflow.runName": name, **(tags or {})}
+            sha = git_sha()
+            if sha:
+                all_tags["mlflow.source.git.commit"] = sha
+            run_id = client.create_run(self._experiment_id, tags=all_tags, run_name=name).info.run_id
+        self.parent = RunLogger(self.uri, run_id)
+        status = "FAILED"
+        try:
+            yield self.parent
+            status = "FINISHED"
+        finally:
+            client.set_terminated(run_id, status=status)
+
+    @contextmanager
+    def child(self, name: str, *, tags: dict[str, str] | None = None) -> Iterator[RunLogger]:
+        if not (self.enabled and self.parent.enabled):
+            yield RunLogger(None, None)
+            return
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=self.uri)
+        all_tags = {"mlflow.parentRunId": self.parent.run_id, "mlflow.runName": name,
+                    **(tags or {})}
+        run_id = client.create_run(self._experiment_id, tags=all_tags, run_name=name).info.run_id
+        status = "FAILED"
+        try:
+            yield RunLogger(self.uri, run_id)
+            status = "FINISHED"
+        finally:
+            client.set_terminated(run_id, status=status)

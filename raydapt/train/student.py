@@ -1,0 +1,189 @@
+"""Ray Train loop for SimDA students: distilled (KL + sim, KL, CE) or supervised baselines.
+
+Per-worker function first (:func:`student_loop`), driver wiring below (:func:`fit_student`).
+
+Datasets handed to the trainer:
+
+- ``train``: ``text`` and, by objective, ``p_t`` [C] + ``h_t`` [H_T] (distillation) or ``y``
+  (supervised). Split across workers (equal shards).
+- ``eval``: ``text``, ``y`` — the target test split. Not split by Ray: worker r evaluates rows
+  r, r+W, r+2W, ... and the counts are summed with an all-reduce, so every row counts once.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from raydapt.evaluate import confusion_matrix
+from raydapt.losses.distill import kl_distillation, pseudo_label_ce, similarity_alignment
+
+OBJECTIVES = ("kl_sim", "kl", "ce", "supervised")
+
+
+def _loss(objective: str, cfg: dict[str, Any], logits, pooled, batch) -> torch.Tensor:
+    if objective == "supervised":
+        return torch.nn.functional.cross_entropy(logits, torch.as_tensor(batch["y"]).long())
+    p_t = torch.as_tensor(np.stack(batch["p_t"])).float()
+    w = None
+    if cfg.get("min_confidence", 0.0) > 0:
+        w = (p_t.max(-1).values >= cfg["min_confidence"]).float()
+    if objective == "ce":
+        return pseudo_label_ce(logits, p_t, weights=w)
+    loss = kl_distillation(logits, p_t, temperature=cfg["temperature"], weights=w)
+    if objective == "kl_sim" and cfg["beta"] > 0:
+        h_t = torch.as_tensor(np.stack(batch["h_t"])).float()
+        loss = loss + cfg["beta"] * similarity_alignment(
+            h_t, pooled, tau=cfg["sim_tau"], kind=cfg["sim_loss"])
+    return loss
+
+
+def _evaluate(model, tok, rows: dict[str, np.ndarray], cfg, rank: int, world: int, C: int):
+    """Confusion matrix [C, C] over this worker's slice of the eval rows (summed later)."""
+    texts, ys = rows["text"][rank::world], rows["y"][rank::world]
+    cm = np.zeros((C, C), dtype=np.int64)
+    net = model.module if hasattr(model, "module") else model
+    net.eval()
+    with torch.no_grad():
+        for i in range(0, len(texts), 64):
+            enc = tok(list(texts[i : i + 64]), truncation=True, max_length=cfg["max_length"],
+                      padding=True, return_tensors="pt")
+            logits, _ = net(enc["input_ids"], enc["attention_mask"])
+            cm += confusion_matrix(ys[i : i + 64], logits.argmax(-1).numpy(), C)
+    net.train()
+    return cm
+
+
+def student_loop(cfg: dict[str, Any]) -> None:
+    """Per-worker training function (runs inside each Ray Train worker)."""
+    import ray.train
+    import torch.distributed as dist
+    from transformers import AutoTokenizer
+
+    from raydapt.assets import resolve_model
+    from raydapt.tracking import RunLogger
+    from raydapt.train.models import EncoderClassifier
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg["seed"])  # same init on every worker (DDP also broadcasts)
+    if cfg.get("threads"):
+        torch.set_num_threads(cfg["threads"])
+    C = cfg["num_classes"]
+    model = EncoderClassifier(cfg["student"], C, pooling="mean")
+    tok = AutoTokenizer.from_pretrained(resolve_model(cfg["student"]).path)
+    model = ray.train.torch.prepare_model(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    n_rows = cfg["train_rows"]
+    per_worker = max(1, cfg["batch_size"] // world)
+    steps_per_epoch = max(1, (n_rows // world) // per_worker)
+    total = steps_per_epoch * cfg["epochs"]
+    warm = int(cfg["warmup_ratio"] * total)
+    sched = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, then linear decay to 0
+        opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / max(1, total - warm)))
+    start_epoch = 0
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:  # resume: model, optimizer, scheduler, epoch
+        with ckpt.as_directory() as d:
+            state = torch.load(os.path.join(d, "state.pt"), weights_only=True)
+        (model.module if hasattr(model, "module") else model).load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        start_epoch = int(state["epoch"]) + 1
+    log = RunLogger(cfg.get("mlflow_uri"), cfg.get("mlflow_run_id")) if rank == 0 else RunLogger(None, None)
+    eval_rows = cfg["eval_rows"]
+    shard = ray.train.get_dataset_shard("train")
+    cols = ["text", "y"] if cfg["objective"] == "supervised" else ["text", "p_t", "h_t"]
+    step = start_epoch * steps_per_epoch
+    t0 = time.time()
+    for epoch in range(start_epoch, cfg["epochs"]):
+        losses = []
+        for batch in shard.iter_batches(batch_size=per_worker, batch_format="numpy",
+                                        drop_last=True, local_shuffle_buffer_size=256,
+                                        local_shuffle_seed=cfg["seed"] + epoch):
+            batch = {c: batch[c] for c in cols}
+            enc = tok(list(batch["text"]), truncation=True, max_length=cfg["max_length"],
+                      padding=True, return_tensors="pt")
+            logits, pooled = model(enc["input_ids"], enc["attention_mask"])
+            loss = _loss(cfg["objective"], cfg, logits, pooled, batch)
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            step += 1
+            losses.append(float(loss))
+            if rank == 0 and (step % cfg["log_every"] == 0 or step == total):
+                rate = (step - start_epoch * steps_per_epoch) / max(1e-9, time.time() - t0)
+                eta = (total - step) / max(rate, 1e-9)
+                print(f"[{cfg['name']}] epoch {epoch + 1}/{cfg['epochs']} step {step}/{total} "
+                      f"loss {np.mean(losses[-cfg['log_every']:]):.4f} {rate:.2f} steps/s "
+                      f"ETA {eta:.0f}s", flush=True)
+                log.metrics({"train_loss": float(np.mean(losses[-cfg['log_every']:]))}, step)
+        cm = torch.as_tensor(_evaluate(model, tok, eval_rows, cfg, rank, world, C))
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(cm)
+        cm = cm.numpy()
+        acc = float(np.trace(cm) / max(1, cm.sum()))
+        metrics = {"epoch": epoch + 1, "accuracy": acc, "loss": float(np.mean(losses or [0])),
+                   "confusion": cm.tolist()}
+        log.metrics({"accuracy": acc, "epoch_loss": metrics["loss"]}, epoch + 1)
+        checkpoint = None
+        if rank == 0 and cfg.get("checkpoint", True):
+            d = Path(cfg["scratch"]) / f"ckpt-{epoch}"
+            d.mkdir(parents=True, exist_ok=True)
+            net = model.module if hasattr(model, "module") else model
+            torch.save({"model": net.state_dict(), "opt": opt.state_dict(),
+                        "sched": sched.state_dict(), "epoch": epoch}, d / "state.pt")
+            checkpoint = ray.train.Checkpoint.from_directory(str(d))
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def fit_student(
+    *, name: str, objective: str, train_ds, eval_df, num_classes: int, student: str,
+    train: dict[str, Any], seed: int, storage: str, extra: dict[str, Any] | None = None,
+    mlflow_uri: str | None = None, mlflow_run_id: str | None = None,
+) -> dict[str, Any]:
+    """Fit one student with :class:`ray.train.torch.TorchTrainer`; returns the final metrics.
+
+    ``train`` holds the DistillSection fields (num_workers, epochs, lr, ...); ``extra`` the loss
+    knobs (beta, temperature, sim_tau, sim_loss, min_confidence).
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}")
+    n_rows = train_ds.count()
+    workers = int(train["num_workers"])
+    cfg = {
+        **train, **(extra or {}), "name": name, "objective": objective, "seed": seed,
+        "student": student, "num_classes": num_classes, "train_rows": n_rows,
+        "eval_rows": {"text": eval_df["text"].to_numpy(), "y": eval_df["y"].to_numpy()},
+        "mlflow_uri": mlflow_uri, "mlflow_run_id": mlflow_run_id,
+        "scratch": str(Path(storage) / name / "scratch"),
+        "log_every": max(1, math.ceil(n_rows / max(1, train["batch_size"]) / 4)),
+        "threads": max(1, int(train.get("cpus_per_worker", 1))),
+    }
+    trainer = TorchTrainer(
+        student_loop,
+        train_loop_config=cfg,
+        scaling_config=ScalingConfig(
+            num_workers=workers, use_gpu=bool(train.get("use_gpu")),
+            resources_per_worker={"CPU": float(train.get("cpus_per_worker", 1))}),
+        run_config=RunConfig(
+            name=name, storage_path=str(Path(storage).resolve()),
+            failure_config=FailureConfig(max_failures=int(train.get("max_failures", 1))),
+            checkpoint_config=CheckpointConfig(num_to_keep=1)),
+        datasets={"train": train_ds},
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    return dict(result.metrics)
