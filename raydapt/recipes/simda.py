@@ -26,7 +26,14 @@ import pandas as pd
 
 from raydapt.cache import StageCache
 from raydapt.config import SimDAJob, config_hash, to_yaml
-from raydapt.data.readers import Fields, fingerprint, read_rows, split_and_subsample, unit_hash
+from raydapt.data.readers import (
+    DataError,
+    Fields,
+    fingerprint,
+    read_rows,
+    split_and_subsample,
+    unit_hash,
+)
 from raydapt.evaluate import accuracy, confusion_matrix
 from raydapt.runtime import init_ray, seed_everything
 from raydapt.stages.annotate import calibrate_domain_mean, mix
@@ -52,16 +59,35 @@ def _pool(section) -> dict[str, Any]:
     return kw
 
 
-def _engine_kwargs(cfg: SimDAJob) -> dict[str, Any]:
+def _engine_kwargs(cfg: SimDAJob, *, need_hidden: bool = False) -> dict[str, Any]:
+    """Engine kwargs for a pass. vLLM gives no hidden states, so a pass that needs keys /
+    teacher representations runs the same model on the hf engine (the documented switch)."""
     t = cfg.teacher
-    kw = {"backend": t.backend, "model": t.model, "max_length": t.max_length, "dtype": t.dtype,
+    backend = "hf" if (need_hidden and t.backend == "vllm") else t.backend
+    kw = {"backend": backend, "model": t.model, "max_length": t.max_length, "dtype": t.dtype,
           "chat": t.chat, "answer_prefix": t.answer_prefix,
           "trust_remote_code": t.trust_remote_code, "revision": t.revision}
-    if t.backend == "vllm":
+    if backend == "vllm":
         kw["engine_kwargs"] = dict(t.vllm)
     else:
         kw["num_threads"] = max(1, int(round(t.pool.num_cpus))) if t.pool.num_cpus >= 1 else 1
     return kw
+
+
+def check_verbalizer(cfg: SimDAJob) -> list[int]:
+    """Fail fast, in the driver, if a label word is not one token for the teacher's tokenizer."""
+    from transformers import AutoTokenizer
+
+    from raydapt.assets import resolve_model
+    from raydapt.engines.base import check_single_tokens
+
+    rm = resolve_model(cfg.teacher.model)
+    tok = AutoTokenizer.from_pretrained(rm.path, revision=cfg.teacher.revision or rm.revision,
+                                        trust_remote_code=cfg.teacher.trust_remote_code)
+    words = {cfg.teacher.verbalizer[lab]: tok(cfg.teacher.verbalizer[lab],
+                                              add_special_tokens=False)["input_ids"]
+             for lab in cfg.data.labels}
+    return check_single_tokens(words, cfg.teacher.model)
 
 
 def _split_errors(df: pd.DataFrame, stage: str) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -82,7 +108,7 @@ def _run_teacher(rows: pd.DataFrame, cfg: SimDAJob, *, keep_hidden: bool, stage:
     out = ds.map_batches(
         TeacherScore,
         fn_constructor_kwargs=dict(
-            engine=_engine_kwargs(cfg), label_words=[cfg.teacher.verbalizer[lab] for lab in
+            engine=_engine_kwargs(cfg, need_hidden=keep_hidden), label_words=[cfg.teacher.verbalizer[lab] for lab in
                                                      cfg.data.labels],
             template=cfg.teacher.template, text_max_tokens=cfg.teacher.text_max_tokens,
             demo_template=cfg.teacher.demo_template, demo_max_tokens=cfg.teacher.demo_max_tokens,
@@ -172,9 +198,12 @@ def run(cfg: SimDAJob) -> dict[str, Any]:
             run_log.metrics(counts)
             _say(f"read: {counts}")
             if len(source) < cfg.annotate.k:
-                raise ValueError(f"{len(source)} source rows < annotate.k={cfg.annotate.k}")
+                raise DataError(f"{len(source)} usable source rows < annotate.k={cfg.annotate.k}")
             if len(tgt_train) == 0 or len(tgt_test) == 0:
-                raise ValueError("the target split is empty: check data.target and its labels")
+                raise DataError("the target train or test split is empty: check data.target, its "
+                                "labels and data.target_test_fraction")
+
+        check_verbalizer(cfg)
 
         # 2. teacher pass: keys + p_LLM for source / target-train / target-test ---------------
         parts = {"teacher": cfg.teacher.model_dump(mode="json", exclude={"pool"}),

@@ -1,0 +1,85 @@
+"""The whole SimDA job on ~90 rows: real SmolLM2 teacher, real MiniLM student, real Ray Train,
+real FAISS and a real MLflow store. Checks outputs, tracking, rejects and the stage cache."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from raydapt.cli import main
+
+pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.timeout(900)]
+
+
+def test_simda_end_to_end(tmp_path, data_dir, capsys):
+    books = [json.loads(x) for x in (data_dir / "amazon/books.jsonl").read_text().splitlines()]
+    src = tmp_path / "src.jsonl"
+    bad = [{"id": "bad-1", "text": "", "label": "positive"},
+           {"id": "bad-2", "text": "ok text", "label": "neutral"}]
+    src.write_text("\n".join(json.dumps(r) for r in books[:40] + bad) + "\n")
+    (tmp_path / "kitchen.jsonl").symlink_to(data_dir / "amazon/kitchen.jsonl")
+    db = tmp_path / "mlruns.db"
+    job = tmp_path / "job.yaml"
+    job.write_text(f"""
+method: simda
+run: {{name: tiny, output_dir: {tmp_path}/runs, cache_dir: {tmp_path}/cache}}
+tracking: {{uri: "sqlite:///{db}", artifact_location: {tmp_path}/art, experiment: t}}
+data:
+  root: {tmp_path}
+  source: {{path: src.jsonl}}
+  target: {{path: kitchen.jsonl}}
+  max_target_train_rows: 24
+  max_target_test_rows: 24
+teacher: {{text_max_tokens: 32, demo_max_tokens: 12, pool: {{concurrency: 1, num_cpus: 1, batch_size: 16}}}}
+annotate: {{k: 8, prompt_k: 2, baselines: [zero_shot, knn, icl_random, icl_nearest, knn_prompt],
+           baseline_max_rows: 6}}
+distill: {{variants: [source_only, kl_sim], epochs: 1, batch_size: 8, max_length: 32,
+          num_workers: 2, cpus_per_worker: 0.9}}
+""")
+    assert main(["run", str(job)]) == 0
+    out = tmp_path / "runs/tiny"
+    res = json.loads((out / "results.json").read_text())
+    want = {"student:source_only", "student:kl_sim", "teacher:zero_shot", "teacher:knn",
+            "teacher:icl_random", "teacher:icl_nearest", "teacher:knn_prompt", "teacher:teacher"}
+    assert want <= set(res["accuracy"])
+    assert all(0.0 <= v <= 1.0 for v in res["accuracy"].values())
+    assert res["counts"]["source_rows"] == 40 and res["counts"]["target_test_rows"] == 24
+
+    ann = pd.read_parquet(out / "annotations.parquet")
+    assert len(ann) == 24 and ann["id"].is_unique
+    p_t = np.stack(ann["p_t"])
+    np.testing.assert_allclose(p_t.sum(1), 1.0, rtol=1e-5)
+    assert (ann["pseudo_label"] == p_t.argmax(1)).all()
+    assert np.stack(ann["h_t"]).shape == (24, 576) and len(ann["nbr_ids"][0]) == 8
+
+    rej = pd.read_parquet(out / "rejects.parquet")
+    assert set(rej["id"]) == {"bad-1", "bad-2"}
+    assert any("empty text" in r for r in rej["reason"])
+    assert (out / "confusion.png").stat().st_size > 1000
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    exp = client.get_experiment_by_name("t")
+    runs = client.search_runs([exp.experiment_id])
+    parent = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parent) == 1 and parent[0].info.status == "FINISHED"
+    p = parent[0]
+    assert p.data.params["annotate.k"] == "8" and "data_fingerprint.source" in p.data.params
+    assert p.data.metrics["acc.student.kl_sim"] == pytest.approx(res["accuracy"]["student:kl_sim"])
+    children = {r.data.tags["mlflow.runName"]: r for r in runs if r is not p and
+                r.data.tags.get("mlflow.parentRunId") == p.info.run_id}
+    assert {"read", "teacher", "prompted", "student-source_only", "student-kl_sim"} <= set(children)
+    hist = client.get_metric_history(children["student-kl_sim"].info.run_id, "accuracy")
+    assert len(hist) == 1  # one epoch -> one accuracy point from rank 0
+    arts = {a.path for a in client.list_artifacts(p.info.run_id)}
+    assert {"config.yaml", "annotations.parquet", "results.json", "confusion.png"} <= arts
+
+    # a second run with unchanged inputs reuses the teacher and prompted stages
+    capsys.readouterr()
+    assert main(["run", str(job), "distill.variants=[kl]"]) == 0
+    log = capsys.readouterr().out
+    assert "teacher: cached" in log and "prompted: cached" in log

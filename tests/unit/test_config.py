@@ -1,0 +1,89 @@
+"""Job config loading: overrides, env expansion, clear errors, schema."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from raydapt.cli import main
+from raydapt.config import ConfigError, apply_overrides, config_hash, load_job
+
+REPO = Path(__file__).resolve().parents[2]
+JOBS = sorted((REPO / "jobs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("job", JOBS, ids=lambda p: p.name)
+def test_every_job_yaml_loads_and_starts_with_a_comment(job):
+    text = job.read_text()
+    assert text.startswith("#"), f"{job} must start with a comment: command, result, cost"
+    assert "raydapt " in text.splitlines()[0]
+    load_job(job)
+
+
+def test_overrides_are_typed(tmp_path):
+    cfg = load_job(REPO / "jobs/simda/amazon-books-to-kitchen.cpu.yaml",
+                   ["distill.epochs=5", "annotate.lam=0.25", "distill.variants=[kl]",
+                    "teacher.pool.concurrency=[1, 4]"])
+    assert cfg.distill.epochs == 5 and cfg.annotate.lam == 0.25
+    assert cfg.distill.variants == ["kl"] and cfg.teacher.pool.concurrency == (1, 4)
+
+
+def test_unknown_key_names_the_key_and_the_allowed_ones():
+    with pytest.raises(ConfigError) as e:
+        load_job(REPO / "jobs/simda/amazon-books-to-kitchen.cpu.yaml", ["distill.epoch=2"])
+    msg = str(e.value)
+    assert "distill.epoch: unknown key" in msg and "epochs" in msg
+
+
+def test_wrong_type_and_literal_name_allowed_values():
+    with pytest.raises(ConfigError, match=r"annotate\.index: .*'flat', 'ivf' or 'hnsw'"):
+        load_job(REPO / "jobs/simda/amazon-books-to-kitchen.cpu.yaml", ["annotate.index=foo"])
+    with pytest.raises(ConfigError, match=r"distill\.epochs"):
+        load_job(REPO / "jobs/simda/amazon-books-to-kitchen.cpu.yaml", ["distill.epochs=many"])
+    with pytest.raises(ConfigError, match="verbalizer"):
+        load_job(REPO / "jobs/simda/amazon-books-to-kitchen.cpu.yaml", ["data.labels=[a, b]"])
+
+
+def test_bad_override_forms():
+    with pytest.raises(ConfigError, match="key.path=value"):
+        apply_overrides({}, ["novalue"])
+    with pytest.raises(ConfigError, match="is a value, not a section"):
+        apply_overrides({"a": 1}, ["a.b=2"])
+
+
+def test_env_expansion(monkeypatch, tmp_path):
+    job = tmp_path / "j.yaml"
+    job.write_text("method: simda\ndata: {root: '${MY_ROOT:-/default}/x'}\n")
+    assert load_job(job).data.root == "/default/x"
+    monkeypatch.setenv("MY_ROOT", "/elsewhere")
+    assert load_job(job).data.root == "/elsewhere/x"
+    job.write_text("method: simda\ndata: {root: '${NOT_SET_ANYWHERE}'}\n")
+    with pytest.raises(ConfigError, match="NOT_SET_ANYWHERE"):
+        load_job(job)
+
+
+def test_missing_file_and_unknown_method(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_job(tmp_path / "nope.yaml")
+    j = tmp_path / "j.yaml"
+    j.write_text("method: magic\n")
+    with pytest.raises(ConfigError, match="method: must be one of"):
+        load_job(j)
+
+
+def test_config_hash_is_stable_and_sensitive():
+    a = load_job(REPO / "jobs/simda/amazon-books-to-kitchen.cpu.yaml")
+    b = load_job(REPO / "jobs/simda/amazon-books-to-kitchen.cpu.yaml")
+    c = load_job(REPO / "jobs/simda/amazon-books-to-kitchen.cpu.yaml", ["annotate.k=8"])
+    assert config_hash(a) == config_hash(b) != config_hash(c)
+
+
+def test_cli_schema_and_clean_error(capsys, tmp_path):
+    assert main(["config", "schema", "--method", "simda"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    assert "annotate" in schema["properties"]
+    assert main(["run", str(tmp_path / "missing.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("raydapt: error: job file not found") and "Traceback" not in err
