@@ -116,9 +116,7 @@ class TrainSection(Section):
     weight_decay: float = Field(0.01, ge=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     max_length: int = Field(128, gt=8, description="Student tokens per text.")
-    deepspeed: dict[str, Any] | None = Field(
-        None, description="A DeepSpeed config; None trains with plain DDP."
-    )
+    max_failures: int = Field(1, ge=0, description="Worker failures Ray Train retries.")
 
 
 # --------------------------------------------------------------------------------------------

@@ -115,7 +115,22 @@ def _run_teacher(rows: pd.DataFrame, cfg: SimDAJob, *, keep_hidden: bool, stage:
             demo_texts=demo_texts, demo_labels=demo_labels, keep_hidden=keep_hidden, stage=stage),
         **_pool(cfg.teacher.pool),
     )
-    return out.to_pandas()
+    return _collect(out, len(rows), stage)
+
+
+def _collect(ds, total: int, label: str, every_s: float = 10.0) -> pd.DataFrame:
+    """Stream a dataset's output into one DataFrame, printing rows done, rows/s and ETA."""
+    parts, done, t0, last = [], 0, time.time(), 0.0
+    for batch in ds.iter_batches(batch_format="pandas", batch_size=None):
+        parts.append(batch)
+        done += len(batch)
+        now = time.time()
+        if now - last >= every_s or done >= total:
+            rate = done / max(now - t0, 1e-9)
+            _say(f"{label}: {done}/{total} rows, {rate:.2f} rows/s, "
+                 f"ETA {max(total - done, 0) / max(rate, 1e-9):.0f}s")
+            last = now
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["id", "_error"])
 
 
 def _p_llm(df: pd.DataFrame) -> np.ndarray:
