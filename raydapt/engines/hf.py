@@ -89,6 +89,7 @@ class HFEngine:
         enc = self.tok(
             [self.format(p) for p in prompts], return_tensors="pt", padding=True,
             truncation=True, max_length=self.max_length,
+            add_special_tokens=not self.chat,  # a chat template already writes BOS
         ).to(self.device)
         out = self.model(**enc, output_hidden_states=True, logits_to_keep=1)
         hidden = out.hidden_states[-1][:, -1].float()

@@ -244,7 +244,7 @@ class VLLMEngine:
         if not prompts:
             return []
         enc = self.tok([self.format(p) for p in prompts], truncation=True,
-                       max_length=self.max_length)
+                       max_length=self.max_length, add_special_tokens=not self.chat)
         return [list(x) for x in enc["input_ids"]]
 
     # ------------------------------------------------------------------------------ scoring
