@@ -228,6 +228,9 @@ class DistillSection(TrainSection):
     temperature: float = Field(1.0, gt=0, description="KL distillation temperature T.")
     sim_tau: float = Field(0.1, gt=0, description="Temperature of the row-wise similarity softmax.")
     sim_loss: Literal["kl", "mse"] = "kl"
+    sim_center: bool = Field(
+        True, description="Centre teacher/student representations on the batch mean before "
+        "the cosines (LLM states are anisotropic; without it the student collapses).")
     variants: list[Literal["kl_sim", "kl", "ce", "source_only", "oracle"]] = Field(
         default_factory=lambda: ["source_only", "kl_sim", "kl", "ce", "oracle"],
         description="Students to train: distilled (kl_sim, kl, ce) and baselines.",

@@ -370,10 +370,9 @@ def run(cfg: SimDAJob) -> dict[str, Any]:
         from raydapt.train.student import fit_student
 
         dcfg = cfg.distill
-        train_kw = dcfg.model_dump(mode="json", exclude={"student", "beta", "temperature",
-                                                         "sim_tau", "sim_loss", "variants"})
-        extra = {"beta": dcfg.beta, "temperature": dcfg.temperature, "sim_tau": dcfg.sim_tau,
-                 "sim_loss": dcfg.sim_loss, "min_confidence": a.min_confidence}
+        loss_keys = {"beta", "temperature", "sim_tau", "sim_loss", "sim_center"}
+        train_kw = dcfg.model_dump(mode="json", exclude={"student", "variants", *loss_keys})
+        extra = {**dcfg.model_dump(include=loss_keys), "min_confidence": a.min_confidence}
         distill_df = pd.DataFrame({"text": tgt_train["text"], "p_t": list(p_t),
                                    "h_t": list(by_id.loc[tgt_train["id"], "hidden"])})
         results: dict[str, Any] = {}

@@ -40,7 +40,7 @@ def _loss(objective: str, cfg: dict[str, Any], logits, pooled, batch) -> torch.T
     if objective == "kl_sim" and cfg["beta"] > 0:
         h_t = torch.as_tensor(np.stack(batch["h_t"])).float()
         loss = loss + cfg["beta"] * similarity_alignment(
-            h_t, pooled, tau=cfg["sim_tau"], kind=cfg["sim_loss"])
+            h_t, pooled, tau=cfg["sim_tau"], kind=cfg["sim_loss"], center=cfg["sim_center"])
     return loss
 
 

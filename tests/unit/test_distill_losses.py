@@ -20,8 +20,11 @@ def naive_kl(logits, p, T):
     return total / logits.shape[0] * T * T
 
 
-def naive_sim(ht, hs, tau, kind):
+def naive_sim(ht, hs, tau, kind, center):
     b = ht.shape[0]
+    if center:
+        ht = ht - sum(ht[i] for i in range(b)) / b
+        hs = hs - sum(hs[i] for i in range(b)) / b
     cos = lambda a, c: float(a @ c / (a.norm() * c.norm()))  # noqa: E731
     if kind == "mse":
         vals = [(cos(ht[i], ht[j]) - cos(hs[i], hs[j])) ** 2
@@ -72,12 +75,23 @@ def test_kl_shape_mismatch_is_an_error():
         kl_distillation(torch.zeros(2, 3), torch.full((2, 2), 0.5))
 
 
+@pytest.mark.parametrize("center", [True, False])
 @pytest.mark.parametrize("kind", ["kl", "mse"])
-def test_similarity_matches_naive(kind):
+def test_similarity_matches_naive(kind, center):
     g = torch.Generator().manual_seed(1)
     ht, hs = torch.randn(5, 8, generator=g), torch.randn(5, 3, generator=g)
-    got = float(similarity_alignment(ht, hs, tau=0.5, kind=kind))
-    assert got == pytest.approx(naive_sim(ht, hs, 0.5, kind), rel=1e-5)
+    got = float(similarity_alignment(ht, hs, tau=0.5, kind=kind, center=center))
+    assert got == pytest.approx(naive_sim(ht, hs, 0.5, kind, center), rel=1e-5)
+
+
+def test_centering_removes_a_shared_direction():
+    # anisotropic teacher: a big common offset makes every uncentred cosine ~1
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(6, 4, generator=g)
+    ht = base + 100.0
+    assert float(similarity_alignment(ht, base, kind="mse", center=True)) == pytest.approx(
+        0.0, abs=1e-6)
+    assert float(similarity_alignment(ht, base, kind="mse", center=False)) > 0.1
 
 
 def test_similarity_hand_value_mse():
@@ -86,7 +100,8 @@ def test_similarity_hand_value_mse():
     # student: all three identical -> S_S offdiag all 1
     hs = torch.tensor([[1.0, 1.0], [1.0, 1.0], [1.0, 1.0]])
     # pairs (i!=j): (0,1):0, (0,2):1, (1,0):0, (1,2):1, (2,0):1, (2,1):1 -> mean 4/6
-    assert float(similarity_alignment(ht, hs, kind="mse")) == pytest.approx(4 / 6, abs=1e-6)
+    assert float(similarity_alignment(ht, hs, kind="mse", center=False)) == pytest.approx(
+        4 / 6, abs=1e-6)
 
 
 def test_similarity_zero_when_structures_agree_and_grad_only_to_student():
