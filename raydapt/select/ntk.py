@@ -227,6 +227,12 @@ def per_sample_grads(
     Returns:
         [B, P] fp32 gradients; columns follow ``params`` order (:func:`flat_dim` gives P).
 
+    Why the ``vmap`` path builds its own mask: transformers' mask builder branches on the data
+    (``padding_mask.all()``), which ``vmap`` refuses; a prepared 4-D bias is passed through as-is.
+    Memory: like one batched backward of B sequences of length T (logits [B, T, V] included);
+    ``chunk_size`` caps it. Ops without a ``vmap`` batching rule (fused SDPA on CPU) fall back
+    to a per-sample loop inside the vmap — exact, just less batched.
+
     The model runs in eval mode (dropout off) and its train/eval state is restored afterwards.
     Sliding-window attention is not applied by the ``vmap`` path's full causal bias (matters only
     for sequences longer than the window).
@@ -293,6 +299,9 @@ def _grads_loop(
     with torch.enable_grad():
         for i in range(int(input_ids.shape[0])):
             keep = attention_mask[i].bool()
+            if not bool(keep.any()):  # an all-padding row: F = 0, zero gradient (as with vmap)
+                rows.append(torch.zeros(flat_dim(leaves), device=leaves[names[0]].device))
+                continue
             ids = input_ids[i, keep][None]  # [1, L]
             rm = response_mask[i, keep][None]
             out = functional_call(
@@ -424,7 +433,8 @@ class RademacherProjector:
             stop = min(start + self.chunk_rows, self.in_dim)
             rows = stop - start
             self._fill_words(words, start, stop)
-            idx = words[:rows].view(torch.uint8).reshape(-1).to(device=dev, dtype=torch.int32)
+            # move the packed bytes (1/32 of the chunk's fp32 size), widen on the target device
+            idx = words[:rows].view(torch.uint8).reshape(-1).to(dev).to(torch.int32)
             torch.index_select(table, 0, idx, out=buf[:rows].view(-1, 8))
             yield start, stop, buf[:rows, : self.out_dim]
 

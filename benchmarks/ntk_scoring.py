@@ -1,0 +1,313 @@
+"""Per-sample-gradient scoring throughput: batched ``torch.func`` vs a batch-size-1 backward loop.
+
+Both paths compute g(x) = Π ∇_θ F(x) (Jacobian-free NTK objective, LoRA parameters, Rademacher
+projection) for the same samples on the same model; the loop is LESS's structure (one backward
+per sample). Reports samples/s (gradients + projection), the ratio batched/loop, and the maximum
+difference between the two paths' projected gradients, and writes
+``benchmarks/results/ntk-scoring-<device>.json``.
+
+    python benchmarks/ntk_scoring.py --samples 32 --batch-size 8 --seq-len 128
+    python benchmarks/ntk_scoring.py --device cuda --samples 512 --batch-size 32
+    python benchmarks/ntk_scoring.py --model tiny --samples 16       # seconds, no weights needed
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from raydapt.select.ntk import RademacherProjector, flat_dim, per_sample_grads, trainable_params
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default="pkg:smollm2-135m-instruct",
+                   help="model reference (pkg:/hf:/path) or 'tiny' (random 2-layer Llama)")
+    p.add_argument("--samples", type=int, default=32, help="samples scored by each path")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="samples per batched call (and per projection call, both paths)")
+    p.add_argument("--seq-len", type=int, default=128, help="maximum (padded) sequence length")
+    p.add_argument("--min-len", type=int, default=None,
+                   help="random data: shortest sample (default seq_len // 2); lengths uniform")
+    p.add_argument("--prompt-frac", type=float, default=0.5,
+                   help="random data: fraction of each sample that is prompt (no response mask)")
+    p.add_argument("--padding", choices=["right", "left"], default="right")
+    p.add_argument("--data", default=None,
+                   help="JSONL with question/rationale/answer (e.g. "
+                        "/work/shared/data/cot_pool/gsm8k_train.jsonl); default random tokens")
+    p.add_argument("--proj-dim", type=int, default=8192, help="p, the projected dimension")
+    p.add_argument("--proj-seed", type=int, default=0)
+    p.add_argument("--chunk-rows", type=int, default=1024, help="projector chunk (memory knob)")
+    p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--lora-alpha", type=int, default=16)
+    p.add_argument("--lora-targets", default="q_proj,v_proj")
+    p.add_argument("--objective", choices=["logit_sum", "loss"], default="logit_sum")
+    p.add_argument("--vmap-chunk", type=int, default=None,
+                   help="vmap chunk_size (samples vectorised at once; default the whole batch)")
+    p.add_argument("--attn-implementation", default=None,
+                   help="transformers attention backend (default: the model's default)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default torch's)")
+    p.add_argument("--warmup", type=int, default=2, help="samples run once per path, untimed")
+    p.add_argument("--seed", type=int, default=0, help="data and LoRA init seed")
+    p.add_argument("--out", default=None,
+                   help="output JSON (default benchmarks/results/ntk-scoring-<device>.json)")
+    return p.parse_args(argv)
+
+
+def load_model(args: argparse.Namespace, device: torch.device) -> tuple[nn.Module, Any, dict]:
+    """The causal LM with LoRA (random A and B, standing in for a warmed-up adapter: B ≠ 0 so
+    both matrices have gradients), its tokenizer (None for tiny) and a description."""
+    import peft
+    import transformers
+
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(args.seed)
+    tokenizer = None
+    if args.model == "tiny":
+        cfg = transformers.LlamaConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=2,
+        )
+        if args.attn_implementation:
+            cfg._attn_implementation = args.attn_implementation
+        base = transformers.LlamaForCausalLM(cfg).to(dtype)
+        desc = {"ref": "tiny", "config": "llama vocab=64 hidden=32 layers=2 heads=2"}
+    else:
+        from raydapt.assets import resolve_model
+
+        rm = resolve_model(args.model)
+        kw: dict[str, Any] = {"dtype": dtype}
+        if args.attn_implementation:
+            kw["attn_implementation"] = args.attn_implementation
+        base = transformers.AutoModelForCausalLM.from_pretrained(rm.path, **kw)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(rm.path)
+        desc = {"ref": args.model, "fingerprint": rm.fingerprint,
+                "architecture": type(base).__name__,
+                "base_params": sum(p.numel() for p in base.parameters())}
+    lora = peft.LoraConfig(
+        r=args.lora_r, lora_alpha=args.lora_alpha,
+        target_modules=args.lora_targets.split(","), init_lora_weights=False,
+    )
+    model = peft.get_peft_model(base, lora).to(device).eval()
+    desc["attn_implementation"] = model.config._attn_implementation
+    desc["vocab_size"] = int(model.config.vocab_size)
+    return model, tokenizer, desc
+
+
+def random_data(args: argparse.Namespace, vocab: int) -> list[tuple[list[int], int]]:
+    """(token ids, prompt length) pairs with lengths uniform in [min_len, seq_len]."""
+    g = torch.Generator().manual_seed(args.seed)
+    lo = args.min_len if args.min_len is not None else args.seq_len // 2
+    out = []
+    for _ in range(args.samples + args.warmup):
+        n = int(torch.randint(lo, args.seq_len + 1, (1,), generator=g))
+        ids = torch.randint(0, vocab, (n,), generator=g).tolist()
+        out.append((ids, max(1, min(n - 1, int(n * args.prompt_frac)))))
+    return out
+
+
+def text_data(args: argparse.Namespace, tokenizer: Any) -> list[tuple[list[int], int]]:
+    """(token ids, prompt length) from a question/rationale/answer JSONL, truncated to seq_len."""
+    out = []
+    with open(args.data) as f:
+        for line in f:
+            if len(out) >= args.samples + args.warmup:
+                break
+            r = json.loads(line)
+            prompt = tokenizer(f"Question: {r['question']}\nAnswer:")["input_ids"]
+            resp = tokenizer(f" {r['rationale']}\n#### {r['answer']}")["input_ids"]
+            ids = (prompt + resp)[: args.seq_len]
+            out.append((ids, min(len(prompt), len(ids) - 1)))
+    if len(out) < args.samples + args.warmup:
+        raise SystemExit(f"{args.data} has fewer than {args.samples + args.warmup} rows")
+    return out
+
+
+def collate(
+    rows: list[tuple[list[int], int]], *, side: str, pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pad to the batch's longest → input_ids, attention_mask, response_mask, each [B, T]."""
+    t = max(len(ids) for ids, _ in rows)
+    ids_t = torch.full((len(rows), t), pad_id, dtype=torch.long)
+    am = torch.zeros(len(rows), t, dtype=torch.long)
+    rm = torch.zeros(len(rows), t, dtype=torch.long)
+    for i, (ids, n_prompt) in enumerate(rows):
+        n = len(ids)
+        s = slice(t - n, t) if side == "left" else slice(0, n)
+        ids_t[i, s] = torch.tensor(ids)
+        am[i, s] = 1
+        resp = torch.zeros(n, dtype=torch.long)
+        resp[n_prompt:] = 1
+        rm[i, s] = resp
+    return ids_t.to(device), am.to(device), rm.to(device)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    model, tokenizer, model_desc = load_model(args, device)
+    params = trainable_params(model)
+    n_params = flat_dim(params)
+    proj = RademacherProjector(
+        n_params, args.proj_dim, seed=args.proj_seed, chunk_rows=args.chunk_rows
+    )
+    if args.data:
+        if tokenizer is None:
+            raise SystemExit("--data needs a real model (its tokenizer)")
+        rows = text_data(args, tokenizer)
+    else:
+        rows = random_data(args, model_desc["vocab_size"])
+    pad_id = (tokenizer.pad_token_id if tokenizer is not None else None)
+    pad_id = pad_id if pad_id is not None else 0
+    warm, rows = rows[: args.warmup], rows[args.warmup :]
+    batches = [rows[i : i + args.batch_size] for i in range(0, len(rows), args.batch_size)]
+
+    def run(method: str, batch: list[tuple[list[int], int]]) -> tuple[torch.Tensor, float, float]:
+        ids, am, rm = collate(batch, side=args.padding, pad_id=pad_id, device=device)
+        sync(device)
+        t0 = time.perf_counter()
+        g = per_sample_grads(
+            model, ids, am, rm, params=params, objective=args.objective, method=method,
+            chunk_size=args.vmap_chunk if method == "vmap" else None,
+        )
+        sync(device)
+        t1 = time.perf_counter()
+        pg = proj.project(g)
+        sync(device)
+        return pg.cpu(), t1 - t0, time.perf_counter() - t1
+
+    methods = ("vmap", "loop")
+    load_before = os.getloadavg()
+    for m in methods:  # untimed warm-up (allocator, kernels, lazy init)
+        if warm:
+            run(m, warm)
+    timing = {m: {"grad_s": 0.0, "proj_s": 0.0} for m in methods}
+    per_batch: list[dict[str, Any]] = []
+    peak_mem: dict[str, int] = {}
+    projected: dict[str, list[torch.Tensor]] = {m: [] for m in methods}
+    for i, batch in enumerate(batches):
+        order = methods if i % 2 == 0 else methods[::-1]  # alternate: fair under drifting load
+        per_batch.append({"samples": len(batch)})
+        for m in order:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            pg, tg, tp = run(m, batch)
+            if device.type == "cuda":
+                peak_mem[m] = max(peak_mem.get(m, 0), torch.cuda.max_memory_allocated(device))
+            timing[m]["grad_s"] += tg
+            timing[m]["proj_s"] += tp
+            per_batch[-1][m] = {"grad_s": tg, "proj_s": tp}
+            projected[m].append(pg)
+            print(f"batch {i + 1}/{len(batches)} {m:>4}: grads {tg:7.2f}s  projection {tp:6.2f}s",
+                  flush=True)
+    load_after = os.getloadavg()
+
+    gv, gl = torch.cat(projected["vmap"]), torch.cat(projected["loop"])
+    max_abs = float((gv - gl).abs().max())
+    scale = float(gl.abs().max())
+    n = len(rows)
+    result_methods = {}
+    for m in methods:
+        total = timing[m]["grad_s"] + timing[m]["proj_s"]
+        result_methods[m] = {
+            "samples_per_s": n / total,
+            "grad_only_samples_per_s": n / timing[m]["grad_s"],
+            "grad_s": timing[m]["grad_s"],
+            "projection_s": timing[m]["proj_s"],
+            **({"cuda_peak_bytes": peak_mem[m]} if m in peak_mem else {}),
+        }
+    ratio = result_methods["vmap"]["samples_per_s"] / result_methods["loop"]["samples_per_s"]
+    grad_ratio = (result_methods["vmap"]["grad_only_samples_per_s"]
+                  / result_methods["loop"]["grad_only_samples_per_s"])
+    # Same batch, back to back: the paired ratio is robust to load drifting between batches.
+    paired = [
+        (b["loop"]["grad_s"] + b["loop"]["proj_s"]) / (b["vmap"]["grad_s"] + b["vmap"]["proj_s"])
+        for b in per_batch
+    ]
+    paired_grad = [b["loop"]["grad_s"] / b["vmap"]["grad_s"] for b in per_batch]
+    import peft
+    import transformers
+
+    machine: dict[str, Any] = {
+        "cpu_model": cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "loadavg_1m_before_after": [load_before[0], load_after[0]],
+    }
+    if device.type == "cuda":
+        machine["gpu"] = torch.cuda.get_device_name(device)
+        machine["cuda"] = torch.version.cuda
+    result = {
+        "benchmark": "ntk-scoring: per-sample gradient of F + Rademacher projection",
+        "machine": machine,
+        "model": model_desc,
+        "params": {k: v for k, v in vars(args).items() if k != "out"},
+        "lora_params_P": n_params,
+        "projection": proj.describe(),
+        "samples_timed": n,
+        "batches": len(batches),
+        "methods": result_methods,
+        "ratio_batched_over_loop": ratio,
+        "ratio_grad_only": grad_ratio,
+        "ratio_median_paired_batches": statistics.median(paired),
+        "ratio_grad_only_median_paired_batches": statistics.median(paired_grad),
+        "per_batch": per_batch,
+        "projected_max_abs_diff": max_abs,
+        "projected_max_abs": scale,
+        "projected_rel_diff": max_abs / scale if scale else 0.0,
+    }
+    out = Path(args.out) if args.out else RESULTS / f"ntk-scoring-{device.type}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    v, lp = result_methods["vmap"], result_methods["loop"]
+    print(f"batched (vmap): {v['samples_per_s']:.3f} samples/s "
+          f"(grads only {v['grad_only_samples_per_s']:.3f})")
+    print(f"loop (bs=1):    {lp['samples_per_s']:.3f} samples/s "
+          f"(grads only {lp['grad_only_samples_per_s']:.3f})")
+    print(f"ratio batched/loop: {ratio:.2f}x (grads only {grad_ratio:.2f}x; median over paired "
+          f"batches {statistics.median(paired):.2f}x, grads only "
+          f"{statistics.median(paired_grad):.2f}x)")
+    print(f"agreement: "
+          f"max |Δ projected| = {max_abs:.3g} (max |g| {scale:.3g}); wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
