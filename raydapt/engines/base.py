@@ -14,7 +14,7 @@ Backends: :class:`raydapt.engines.hf.HFEngine` (transformers, CPU/GPU) and
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -71,3 +71,48 @@ def renormalise(label_logprobs: np.ndarray) -> np.ndarray:
     z = label_logprobs - label_logprobs.max(axis=1, keepdims=True)
     p = np.exp(z)
     return p / p.sum(axis=1, keepdims=True)
+
+
+class PromptFormatter:
+    """The text side both engines share (they must tokenise identically): chat template, answer
+    prefix, left truncation, verbalizer ids. Needs ``tok``, ``chat``, ``answer_prefix``,
+    ``max_length`` and ``_label_ids`` set by the engine (see :meth:`_init_text`)."""
+
+    tok: Any
+    chat: bool
+    answer_prefix: str
+    max_length: int
+    _label_ids: list[int]
+
+    def _init_text(self, tok: Any, label_words: list[str], *, model: str, chat: bool,
+                   answer_prefix: str, max_length: int) -> None:
+        tok.padding_side = "left"
+        tok.truncation_side = "left"  # keep the end of a prompt: the question and answer cue
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        self.tok, self.chat, self.answer_prefix = tok, chat, answer_prefix
+        self.max_length = max_length
+        words = {w: tok(w, add_special_tokens=False)["input_ids"] for w in label_words}
+        self._label_ids = check_single_tokens(words, model)
+
+    def label_token_ids(self) -> list[int]:
+        return list(self._label_ids)
+
+    def format(self, prompt: str) -> str:
+        """Apply the chat template (when ``chat``) to one prompt, then the answer prefix."""
+        if self.chat:
+            prompt = self.tok.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        return prompt + self.answer_prefix
+
+    def tokenize(self, prompts: list[str], **kw: Any) -> Any:
+        """Formatted, left-truncated tokenisation of prompts (no second BOS after a template)."""
+        return self.tok([self.format(p) for p in prompts], truncation=True,
+                        max_length=self.max_length, add_special_tokens=not self.chat, **kw)
+
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        return [len(x) for x in self.tok(texts, add_special_tokens=False)["input_ids"]]
+
+    def truncate(self, text: str, max_tokens: int) -> str:
+        ids = self.tok(text, add_special_tokens=False)["input_ids"]
+        return text if len(ids) <= max_tokens else self.tok.decode(ids[:max_tokens])

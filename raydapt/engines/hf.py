@@ -11,12 +11,12 @@ import numpy as np
 import torch
 
 from raydapt.assets import resolve_model
-from raydapt.engines.base import EngineOutput, check_single_tokens
+from raydapt.engines.base import EngineOutput, PromptFormatter
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class HFEngine:
+class HFEngine(PromptFormatter):
     """A causal LM from transformers behind the :class:`~raydapt.engines.base.Engine` protocol.
 
     Args:
@@ -49,48 +49,20 @@ class HFEngine:
             tdtype = torch.bfloat16 if self.device == "cuda" else torch.float32
         else:
             tdtype = _DTYPES[dtype]
-        self.tok = AutoTokenizer.from_pretrained(
+        tok = AutoTokenizer.from_pretrained(
             rm.path, revision=revision or rm.revision, trust_remote_code=trust_remote_code)
-        self.tok.padding_side = "left"
-        self.tok.truncation_side = "left"
-        if self.tok.pad_token is None:
-            self.tok.pad_token = self.tok.eos_token
+        self._init_text(tok, label_words, model=model, chat=chat, answer_prefix=answer_prefix,
+                        max_length=max_length)
         self.model = AutoModelForCausalLM.from_pretrained(
             rm.path, revision=revision or rm.revision, dtype=tdtype,
             trust_remote_code=trust_remote_code, use_safetensors=True if rm.local else None,
         ).to(self.device).eval()
-        self.max_length = max_length
-        self.chat = chat
-        self.answer_prefix = answer_prefix
         self.model_ref = model
-        words = {w: self.tok(w, add_special_tokens=False)["input_ids"] for w in label_words}
-        self._label_ids = check_single_tokens(words, model)
-
-    def label_token_ids(self) -> list[int]:
-        return list(self._label_ids)
-
-    def format(self, prompt: str) -> str:
-        """Apply the chat template (when ``chat``) to one prompt, then the answer prefix."""
-        if self.chat:
-            prompt = self.tok.apply_chat_template(
-                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
-        return prompt + self.answer_prefix
-
-    def count_tokens(self, texts: list[str]) -> list[int]:
-        return [len(x) for x in self.tok(texts, add_special_tokens=False)["input_ids"]]
-
-    def truncate(self, text: str, max_tokens: int) -> str:
-        ids = self.tok(text, add_special_tokens=False)["input_ids"]
-        return text if len(ids) <= max_tokens else self.tok.decode(ids[:max_tokens])
 
     @torch.inference_mode()
     def score(self, prompts: list[str]) -> EngineOutput:
         """[B] prompts -> hidden [B, H], label_logprobs [B, C], prompt_tokens [B]."""
-        enc = self.tok(
-            [self.format(p) for p in prompts], return_tensors="pt", padding=True,
-            truncation=True, max_length=self.max_length,
-            add_special_tokens=not self.chat,  # a chat template already writes BOS
-        ).to(self.device)
+        enc = self.tokenize(prompts, return_tensors="pt", padding=True).to(self.device)
         out = self.model(**enc, output_hidden_states=True, logits_to_keep=1)
         hidden = out.hidden_states[-1][:, -1].float()
         logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)[:, self._label_ids]

