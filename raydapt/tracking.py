@@ -43,6 +43,16 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
+def absolute_tracking_uri(uri: str) -> str:
+    """Make a relative SQLite / file store URI absolute, so Ray workers (which run in other
+    working directories) write to the same store as the driver."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    if "://" not in uri:
+        return Path(uri).resolve().as_uri()
+    return uri
+
+
 def git_sha() -> str | None:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -56,6 +66,7 @@ class RunLogger:
 
     def __init__(self, uri: str | None, run_id: str | None) -> None:
         self.uri, self.run_id = uri, run_id
+        self._warned = False
 
     @property
     def enabled(self) -> bool:
@@ -75,8 +86,15 @@ class RunLogger:
 
         ts = int(time.time() * 1000)
         ms = [Metric(k, float(v), ts, step or 0) for k, v in values.items() if v == v]
-        if ms:
+        if not ms:
+            return
+        try:
             self._client().log_batch(self.run_id, metrics=ms)
+        except Exception as exc:  # a tracking outage must not kill a training run
+            if not self._warned:
+                print(f"raydapt: warning: MLflow metric logging to {self.uri} failed: {exc}",
+                      flush=True)
+                self._warned = True
 
     def params(self, values: dict[str, Any]) -> None:
         if not self.enabled:
@@ -115,7 +133,7 @@ class Tracker:
 
     def __init__(self, *, enabled: bool, uri: str, experiment: str, artifact_location: str) -> None:
         self.enabled = enabled
-        self.uri = uri
+        self.uri = absolute_tracking_uri(uri)
         self.experiment = experiment
         self.artifact_location = artifact_location
         self.parent: RunLogger = RunLogger(None, None)

@@ -133,6 +133,24 @@ def _collect(ds, total: int, label: str, every_s: float = 10.0) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["id", "_error"])
 
 
+def _cached_pass(cache: StageCache, tracker: Tracker, stage: str, parts: dict[str, Any],
+                 n_rows: int, compute) -> pd.DataFrame:
+    """Reuse a finished stage output with the same key, else compute it, store it, commit it.
+    Either way the stage gets its MLflow child run (rows and rows/s when computed)."""
+    d, done = cache.get(stage, parts)
+    with tracker.child(stage) as run_log:
+        if done:
+            _say(f"{stage}: cached ({d})")
+            return pd.read_parquet(d / "out.parquet")
+        _say(f"{stage}: scoring {n_rows} prompts")
+        t0 = time.time()
+        df = compute()
+        run_log.metrics({"rows": n_rows, "rows_per_s": n_rows / (time.time() - t0)})
+        df.to_parquet(d / "out.parquet")
+        cache.commit(d)
+        return df
+
+
 def _p_llm(df: pd.DataFrame) -> np.ndarray:
     z = np.stack(df["llm_logp"].to_numpy()).astype(np.float64)
     z = z - z.max(1, keepdims=True)
@@ -225,23 +243,12 @@ def run(cfg: SimDAJob) -> dict[str, Any]:
                  "data": fps, "ids": config_hash({"s": source["id"].tolist(),
                                                   "tr": tgt_train["id"].tolist(),
                                                   "te": tgt_test["id"].tolist()})}
-        d, done = cache.get("teacher", parts)
-        with tracker.child("teacher") as run_log:
-            if done:
-                scored = pd.read_parquet(d / "scored.parquet")
-                _say(f"teacher: cached ({d})")
-            else:
-                allrows = pd.concat([source[["id", "text"]], tgt_train[["id", "text"]],
-                                     tgt_test[["id", "text"]]], ignore_index=True)
-                _say(f"teacher: scoring {len(allrows)} prompts with {cfg.teacher.model}")
-                t0 = time.time()
-                scored = _run_teacher(allrows, cfg, keep_hidden=True, stage="teacher")
-                run_log.metrics({"rows": len(allrows),
-                                 "rows_per_s": len(allrows) / (time.time() - t0)})
-                scored.to_parquet(d / "scored.parquet")
-                cache.commit(d)
-            scored, rej = _split_errors(scored, "teacher")
-            rejects.append(rej)
+        allrows = pd.concat([source[["id", "text"]], tgt_train[["id", "text"]],
+                             tgt_test[["id", "text"]]], ignore_index=True)
+        scored = _cached_pass(cache, tracker, "teacher", parts, len(allrows), lambda: _run_teacher(
+            allrows, cfg, keep_hidden=True, stage="teacher"))
+        scored, rej = _split_errors(scored, "teacher")
+        rejects.append(rej)
         by_id = scored.set_index("id")
         source = source[source["id"].isin(by_id.index)].reset_index(drop=True)
         tgt_train = tgt_train[tgt_train["id"].isin(by_id.index)].reset_index(drop=True)
@@ -297,22 +304,11 @@ def run(cfg: SimDAJob) -> dict[str, Any]:
             parts = {**parts, "annotate": cfg.annotate.model_dump(mode="json"),
                      "jobs": config_hash({"ids": rows["id"].tolist(),
                                           "demos": [list(x) for x in rows["demo_ids"]]})}
-            d, done = cache.get("prompted", parts)
-            with tracker.child("prompted") as run_log:
-                if done:
-                    prompted = pd.read_parquet(d / "prompted.parquet")
-                    _say(f"prompted: cached ({d})")
-                else:
-                    _say(f"prompted: {len(rows)} prompts with {pk} demonstrations each")
-                    t0 = time.time()
-                    prompted = _run_teacher(rows, cfg, keep_hidden=False, stage="prompted",
-                                            demo_texts=src_text, demo_labels=src_word)
-                    run_log.metrics({"rows": len(rows),
-                                     "rows_per_s": len(rows) / (time.time() - t0)})
-                    prompted.to_parquet(d / "prompted.parquet")
-                    cache.commit(d)
-                prompted, rej = _split_errors(prompted, "prompted")
-                rejects.append(rej)
+            prompted = _cached_pass(cache, tracker, "prompted", parts, len(rows), lambda: _run_teacher(
+                rows, cfg, keep_hidden=False, stage="prompted", demo_texts=src_text,
+                demo_labels=src_word))
+            prompted, rej = _split_errors(prompted, "prompted")
+            rejects.append(rej)
         prompted = prompted.set_index("id")
 
         # 6. annotation: p_T for the target-train rows ----------------------------------------
@@ -392,7 +388,7 @@ def run(cfg: SimDAJob) -> dict[str, Any]:
                     name=f"{cfg.run.name}-{variant}", objective=objective, train_ds=ds,
                     eval_df=tgt_test, num_classes=C, student=dcfg.student, train=train_kw,
                     seed=cfg.run.seed, storage=str(out / "train"), extra=extra,
-                    mlflow_uri=cfg.tracking.uri if cfg.tracking.enabled else None,
+                    mlflow_uri=tracker.uri if cfg.tracking.enabled else None,
                     mlflow_run_id=run_log.run_id)
             cms[f"student:{variant}"] = np.asarray(m["confusion"])
             results[f"student:{variant}"] = m["accuracy"]

@@ -87,3 +87,13 @@ def test_cli_schema_and_clean_error(capsys, tmp_path):
     assert main(["run", str(tmp_path / "missing.yaml")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("raydapt: error: job file not found") and "Traceback" not in err
+
+
+def test_relative_tracking_uris_become_absolute(tmp_path, monkeypatch):
+    from raydapt.tracking import absolute_tracking_uri
+
+    monkeypatch.chdir(tmp_path)
+    assert absolute_tracking_uri("sqlite:///mlruns.db") == f"sqlite:///{tmp_path}/mlruns.db"
+    assert absolute_tracking_uri("sqlite:////abs/x.db") == "sqlite:////abs/x.db"
+    assert absolute_tracking_uri("http://host:5000") == "http://host:5000"
+    assert absolute_tracking_uri("mlruns") == (tmp_path / "mlruns").as_uri()
