@@ -84,6 +84,10 @@ class ActorPoolSection(Section):
     num_cpus: float = Field(0.5, gt=0, description="CPUs per actor (fractional on small hosts).")
     num_gpus: float = Field(0, ge=0, description="GPUs per actor.")
     batch_size: int = Field(16, gt=0, description="Rows per map_batches call.")
+    threads: int | None = Field(
+        None, ge=1, description="torch threads per actor (CPU); None = max(1, round(num_cpus)). "
+        "On a small host reserve fewer CPUs than you compute with, so Ray Data's read and "
+        "write tasks still get scheduled.")
 
 
 class EngineSection(Section):

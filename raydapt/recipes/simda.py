@@ -70,7 +70,7 @@ def _engine_kwargs(cfg: SimDAJob, *, need_hidden: bool = False) -> dict[str, Any
     if backend == "vllm":
         kw["engine_kwargs"] = dict(t.vllm)
     else:
-        kw["num_threads"] = max(1, int(round(t.pool.num_cpus))) if t.pool.num_cpus >= 1 else 1
+        kw["num_threads"] = t.pool.threads or max(1, int(round(t.pool.num_cpus)))
     return kw
 
 
