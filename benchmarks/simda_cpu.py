@@ -28,6 +28,8 @@ def run(argv: list[str] | None = None) -> dict:
     ap.add_argument("--job", default="jobs/simda/amazon-books-to-kitchen.cpu.yaml")
     ap.add_argument("--pairs", nargs="+", default=["books:kitchen", "dvd:electronics"])
     ap.add_argument("--out", default="benchmarks/results/simda-cpu.json")
+    ap.add_argument("--collect", action="store_true",
+                    help="do not run: collect the pairs' existing results.json files")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     pairs = {}
@@ -37,10 +39,11 @@ def run(argv: list[str] | None = None) -> dict:
               f"run.name={src}-to-{tgt}", *args.overrides]
         cfg = load_job(args.job, ov)
         t0 = time.time()
-        if main(["run", args.job, *ov]) != 0:
+        if not args.collect and main(["run", args.job, *ov]) != 0:
             raise SystemExit(f"job failed for {pair}")
         res = json.loads((Path(cfg.run.output_dir) / cfg.run.name / "results.json").read_text())
-        res["wall_seconds"] = round(time.time() - t0, 1)
+        if not args.collect:
+            res["wall_seconds"] = round(time.time() - t0, 1)
         pairs[f"{src}->{tgt}"] = res
         print(json.dumps({pair: res["accuracy"]}, indent=1), flush=True)
     acc = {p: r["accuracy"] for p, r in pairs.items()}
