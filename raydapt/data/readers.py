@@ -226,6 +226,25 @@ def read_rows(
     return rows, rejects
 
 
+def drop_duplicate_ids(df: pd.DataFrame, *, file: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Keep the first row of each id; later rows with the same id become rejects (stages join
+    on ``id``, so a duplicate would silently corrupt them). Returns (rows, rejects)."""
+    dup = df["id"].duplicated(keep="first")
+    rej = pd.DataFrame({"file": file, "id": df.loc[dup, "id"],
+                        "reason": "duplicate id (the first row with this id is kept)",
+                        "raw": df.loc[dup, "text"].str.slice(0, _RAW_MAX)})
+    return df[~dup].reset_index(drop=True), rej.reset_index(drop=True)
+
+
+def check_disjoint_ids(a: pd.DataFrame, b: pd.DataFrame, *, what: str) -> None:
+    """Raise :class:`DataError` if two tables share ids (e.g. the same file as source and target)."""
+    shared = set(a["id"]) & set(b["id"])
+    if shared:
+        ex = ", ".join(sorted(map(str, shared))[:5])
+        raise DataError(f"{what} share {len(shared)} ids (e.g. {ex}); ids must be unique across "
+                        "them — use different files or prefix the ids")
+
+
 # --------------------------------------------------------------------------------------------
 # Seeded, order-independent splits and subsamples (hash of (seed, salt, id))
 # --------------------------------------------------------------------------------------------

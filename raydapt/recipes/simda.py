@@ -29,6 +29,8 @@ from raydapt.config import SimDAJob, config_hash, to_yaml
 from raydapt.data.readers import (
     DataError,
     Fields,
+    check_disjoint_ids,
+    drop_duplicate_ids,
     fingerprint,
     read_rows,
     split_and_subsample,
@@ -213,21 +215,25 @@ def run(cfg: SimDAJob) -> dict[str, Any]:
             tgt_ds, tgt_rej = read_rows(tgt_path, fmt=cfg.data.target.format,
                                         fields=fields(cfg.data.target), labels=labels,
                                         require_label=False)
-            source, _ = split_and_subsample(src_ds.to_pandas(), seed=cfg.run.seed,
+            src_df, src_dup = drop_duplicate_ids(src_ds.to_pandas(), file=str(src_path))
+            tgt_df, tgt_dup = drop_duplicate_ids(tgt_ds.to_pandas(), file=str(tgt_path))
+            check_disjoint_ids(src_df, tgt_df, what="source and target")
+            source, _ = split_and_subsample(src_df, seed=cfg.run.seed,
                                             max_rows=cfg.data.max_source_rows)
             tgt_train, tgt_test = split_and_subsample(
-                tgt_ds.to_pandas(), seed=cfg.run.seed,
+                tgt_df, seed=cfg.run.seed,
                 test_fraction=cfg.data.target_test_fraction,
                 max_rows=cfg.data.max_target_train_rows,
                 max_test_rows=cfg.data.max_target_test_rows)
             unlabeled_test = tgt_test[tgt_test["y"] < 0]
             tgt_test = tgt_test[tgt_test["y"] >= 0].reset_index(drop=True)
-            rejects = [src_rej.to_pandas(), tgt_rej.to_pandas(), pd.DataFrame({
+            rejects = [src_rej.to_pandas(), tgt_rej.to_pandas(), src_dup, tgt_dup, pd.DataFrame({
                 "file": str(tgt_path), "id": unlabeled_test["id"],
                 "reason": "target test row without a label", "raw": ""})]
             counts = {"source_rows": len(source), "target_train_rows": len(tgt_train),
-                      "target_test_rows": len(tgt_test), "source_rejects": src_rej.count(),
-                      "target_rejects": tgt_rej.count() + len(unlabeled_test)}
+                      "target_test_rows": len(tgt_test),
+                      "source_rejects": src_rej.count() + len(src_dup),
+                      "target_rejects": tgt_rej.count() + len(tgt_dup) + len(unlabeled_test)}
             run_log.metrics(counts)
             _say(f"read: {counts}")
             if len(source) < cfg.annotate.k:

@@ -99,3 +99,16 @@ def test_normalise_records_without_label_set_keeps_any_label():
     good, bad = normalise_records([{"id": 1, "text": "t", "label": "whatever"}], file="f",
                                   fields=Fields(), labels=None, require_label=True)
     assert good == [{"id": "1", "text": "t", "label": "whatever", "y": -1}] and bad == []
+
+
+def test_duplicate_ids_become_rejects_and_shared_ids_fail():
+    from raydapt.data.readers import check_disjoint_ids, drop_duplicate_ids
+
+    df = pd.DataFrame({"id": ["a", "b", "a", "a"], "text": ["1", "2", "3", "4"],
+                       "label": None, "y": -1})
+    rows, rej = drop_duplicate_ids(df, file="f.jsonl")
+    assert rows["text"].tolist() == ["1", "2"] and len(rows) + len(rej) == len(df)
+    assert rej["id"].tolist() == ["a", "a"] and rej["reason"].str.contains("duplicate id").all()
+    check_disjoint_ids(rows, pd.DataFrame({"id": ["c"]}), what="x and y")
+    with pytest.raises(DataError, match="share 1 ids"):
+        check_disjoint_ids(rows, pd.DataFrame({"id": ["b", "c"]}), what="source and target")
