@@ -20,7 +20,11 @@ def seed_everything(seed: int) -> None:
 
 def init_ray(address: str | None = None, num_cpus: int | None = None,
              progress: bool = True) -> None:
-    """Connect to ``address`` (or RAY_ADDRESS), else start a local instance. Idempotent."""
+    """Connect to ``address`` (or RAY_ADDRESS), else start a new local instance. Idempotent.
+
+    Without an address we pass ``address="local"``: a bare ``ray.init()`` would silently join the
+    latest cluster started by ``ray start`` on this machine (/tmp/ray/ray_current_cluster).
+    """
     import ray
 
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -30,6 +34,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
         if addr:
             kw["address"] = addr
         else:
+            kw["address"] = "local"
             kw["num_cpus"] = num_cpus
             kw["include_dashboard"] = False
         ray.init(**kw)
