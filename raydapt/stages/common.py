@@ -8,6 +8,8 @@ from typing import Any
 
 import pandas as pd
 
+from raydapt.telemetry import StageTelemetry
+
 ERROR_COLUMN = "_error"
 
 
@@ -37,35 +39,9 @@ def run_isolating_failures(
         return pd.concat(parts, ignore_index=True)
 
 
-class StageMetrics:
-    """Ray metrics for a stage (rows processed/rejected, seconds); no-ops outside Ray."""
-
-    def __init__(self, stage: str) -> None:
-        self.stage = stage
-        try:
-            from ray.util.metrics import Counter
-
-            tags = ("stage",)
-            self._rows = Counter("raydapt_rows_processed", "Rows a stage processed.", tags)
-            self._rej = Counter("raydapt_rows_rejected", "Rows a stage rejected.", tags)
-            self._sec = Counter("raydapt_stage_seconds", "Seconds spent in stage batches.", tags)
-            self._tok = Counter("raydapt_tokens", "Prompt tokens processed by LLM stages.", tags)
-        except Exception:  # pragma: no cover - metrics are best effort
-            self._rows = self._rej = self._sec = self._tok = None
-
-    def record(self, *, rows: int, rejected: int, seconds: float, tokens: int = 0) -> None:
-        if self._rows is None:
-            return
-        tags: dict[str, Any] = {"stage": self.stage}
-        try:
-            self._rows.inc(rows, tags)
-            if rejected:
-                self._rej.inc(rejected, tags)
-            self._sec.inc(seconds, tags)
-            if tokens:
-                self._tok.inc(tokens, tags)
-        except Exception:  # pragma: no cover
-            pass
+StageMetrics = StageTelemetry
+"""Ray metrics of a stage (:mod:`raydapt.telemetry`): rows processed / rejected, batch seconds,
+rows/s, tokens/s; a no-op outside Ray. The name the stages import."""
 
 
 class Timer:

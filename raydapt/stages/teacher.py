@@ -50,6 +50,7 @@ class TeacherScore:
             (id -> text) and ``demo_labels`` (id -> label word) and rendered before the query.
         keep_hidden: return the ``hidden`` column (the key / teacher representation).
         stage: name used in reject reasons and metrics.
+        telemetry: extra metric tags, ``{"method": ..., "run": ...}`` (see raydapt.telemetry).
     """
 
     def __init__(
@@ -57,6 +58,7 @@ class TeacherScore:
         text_max_tokens: int, demo_template: str = "", demo_max_tokens: int = 64,
         demo_texts: dict[str, str] | None = None, demo_labels: dict[str, str] | None = None,
         keep_hidden: bool = True, stage: str = "teacher",
+        telemetry: dict[str, str] | None = None,
     ) -> None:
         self.engine = make_engine(engine, label_words)
         self.template = template
@@ -68,7 +70,7 @@ class TeacherScore:
         self._demo_cache: dict[str, str] = {}
         self.keep_hidden = keep_hidden
         self.stage = stage
-        self.metrics = StageMetrics(stage)
+        self.metrics = StageMetrics(stage, **(telemetry or {}))
 
     def _demo(self, did: str) -> tuple[str, str]:
         if did not in self._demo_cache:
@@ -100,7 +102,8 @@ class TeacherScore:
             out = run_isolating_failures(batch, self._score, stage=self.stage)
         bad = int((out["_error"] != "").sum())
         tokens = int(pd.to_numeric(out.get("prompt_tokens"), errors="coerce").fillna(0).sum())
-        self.metrics.record(rows=len(batch), rejected=bad, seconds=t.seconds, tokens=tokens)
+        self.metrics.record_batch(rows=len(batch), rejected=bad, seconds=t.seconds,
+                                  tokens=tokens)
         return out
 
 
@@ -146,7 +149,8 @@ class KnnSearch:
     """Retrieve k nearest source keys for each row's ``hidden`` and form p_kNN."""
 
     def __init__(self, *, store: str, k: int, num_classes: int, tau: float,
-                 distance_norm: str, exclude_self: bool = False, stage: str = "knn") -> None:
+                 distance_norm: str, exclude_self: bool = False, stage: str = "knn",
+                 telemetry: dict[str, str] | None = None) -> None:
         import faiss
 
         self.index = faiss.read_index(str(Path(store) / "index.faiss"))
@@ -155,7 +159,7 @@ class KnnSearch:
         self.y = vals["y"].to_numpy()
         self.k, self.C, self.tau, self.norm = k, num_classes, tau, distance_norm
         self.exclude_self = exclude_self
-        self.metrics = StageMetrics(stage)
+        self.metrics = StageMetrics(stage, **(telemetry or {}))
         self.stage = stage
 
     def _search(self, batch: pd.DataFrame) -> pd.DataFrame:
@@ -178,6 +182,6 @@ class KnnSearch:
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         with Timer() as t:
             out = run_isolating_failures(batch, self._search, stage=self.stage)
-        self.metrics.record(rows=len(batch), rejected=int((out["_error"] != "").sum()),
-                            seconds=t.seconds)
+        self.metrics.record_batch(rows=len(batch), rejected=int((out["_error"] != "").sum()),
+                                  seconds=t.seconds)
         return out
