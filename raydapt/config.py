@@ -84,6 +84,9 @@ class ActorPoolSection(Section):
     num_cpus: float = Field(0.5, gt=0, description="CPUs per actor (fractional on small hosts).")
     num_gpus: float = Field(0, ge=0, description="GPUs per actor.")
     batch_size: int = Field(16, gt=0, description="Rows per map_batches call.")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources per actor, e.g. "
+        "{annotate_gpu: 1}: steers the pool to the node type that offers them (cluster/).")
     threads: int | None = Field(
         None, ge=1, description="torch threads per actor (CPU); None = max(1, round(num_cpus)). "
         "On a small host reserve fewer CPUs than you compute with, so Ray Data's read and "
@@ -121,6 +124,9 @@ class TrainSection(Section):
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     max_length: int = Field(128, gt=8, description="Student tokens per text.")
     max_failures: int = Field(1, ge=0, description="Worker failures Ray Train retries.")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources per worker, e.g. "
+        "{train_gpu: 1}: steers the workers to the node type that offers them (cluster/).")
 
 
 # --------------------------------------------------------------------------------------------

@@ -58,6 +58,8 @@ def _pool(section) -> dict[str, Any]:
                           "batch_size": section.batch_size, "batch_format": "pandas"}
     if section.num_gpus:
         kw["num_gpus"] = section.num_gpus
+    if section.resources:  # custom resources steer the pool to a node type (cluster/)
+        kw["resources"] = dict(section.resources)
     return kw
 
 
@@ -114,7 +116,8 @@ def _run_teacher(rows: pd.DataFrame, cfg: SimDAJob, *, keep_hidden: bool, stage:
                                                      cfg.data.labels],
             template=cfg.teacher.template, text_max_tokens=cfg.teacher.text_max_tokens,
             demo_template=cfg.teacher.demo_template, demo_max_tokens=cfg.teacher.demo_max_tokens,
-            demo_texts=demo_texts, demo_labels=demo_labels, keep_hidden=keep_hidden, stage=stage),
+            demo_texts=demo_texts, demo_labels=demo_labels, keep_hidden=keep_hidden, stage=stage,
+            telemetry={"method": "simda", "run": cfg.run.name}),
         **_pool(cfg.teacher.pool),
     )
     return _collect(out, len(rows), stage)
@@ -275,7 +278,8 @@ def run(cfg: SimDAJob) -> dict[str, Any]:
         knn = ray.data.from_pandas(q).map_batches(
             KnnSearch, fn_constructor_kwargs=dict(
                 store=str(store.resolve()), k=cfg.annotate.k, num_classes=C,
-                tau=cfg.annotate.tau, distance_norm=cfg.annotate.distance_norm),
+                tau=cfg.annotate.tau, distance_norm=cfg.annotate.distance_norm,
+                telemetry={"method": "simda", "run": cfg.run.name}),
             compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.25, batch_size=256,
             batch_format="pandas").to_pandas()
         knn, rej = _split_errors(knn, "knn")
@@ -395,7 +399,9 @@ def run(cfg: SimDAJob) -> dict[str, Any]:
                     eval_df=tgt_test, num_classes=C, student=dcfg.student, train=train_kw,
                     seed=cfg.run.seed, storage=str(out / "train"), extra=extra,
                     mlflow_uri=tracker.uri if cfg.tracking.enabled else None,
-                    mlflow_run_id=run_log.run_id)
+                    mlflow_run_id=run_log.run_id,
+                    telemetry={"stage": f"student-{variant}", "method": "simda",
+                               "run": cfg.run.name})
             cms[f"student:{variant}"] = np.asarray(m["confusion"])
             results[f"student:{variant}"] = m["accuracy"]
             _say(f"student {variant}: target-test accuracy {m['accuracy']:.4f}")

@@ -67,6 +67,7 @@ def student_loop(cfg: dict[str, Any]) -> None:
     from transformers import AutoTokenizer
 
     from raydapt.assets import resolve_model
+    from raydapt.telemetry import StageTelemetry
     from raydapt.tracking import RunLogger
     from raydapt.train.models import EncoderClassifier
 
@@ -102,11 +103,13 @@ def student_loop(cfg: dict[str, Any]) -> None:
     cols = ["text", "y"] if cfg["objective"] == "supervised" else ["text", "p_t", "h_t"]
     step = start_epoch * steps_per_epoch
     t0 = time.time()
+    tm = StageTelemetry(**{"stage": "student", **cfg.get("telemetry", {})})  # Ray metrics
     for epoch in range(start_epoch, cfg["epochs"]):
         losses = []
         for batch in shard.iter_batches(batch_size=per_worker, batch_format="numpy",
                                         drop_last=True, local_shuffle_buffer_size=256,
                                         local_shuffle_seed=cfg["seed"] + epoch):
+            t_batch = time.perf_counter()
             batch = {c: batch[c] for c in cols}
             enc = tok(list(batch["text"]), truncation=True, max_length=cfg["max_length"],
                       padding=True, return_tensors="pt")
@@ -119,6 +122,7 @@ def student_loop(cfg: dict[str, Any]) -> None:
             sched.step()
             step += 1
             losses.append(float(loss))
+            tm.record_batch(rows=len(batch["text"]), seconds=time.perf_counter() - t_batch)
             if rank == 0 and (step % cfg["log_every"] == 0 or step == total):
                 rate = (step - start_epoch * steps_per_epoch) / max(1e-9, time.time() - t0)
                 eta = (total - step) / max(rate, 1e-9)
@@ -149,6 +153,7 @@ def fit_student(
     *, name: str, objective: str, train_ds, eval_df, num_classes: int, student: str,
     train: dict[str, Any], seed: int, storage: str, extra: dict[str, Any] | None = None,
     mlflow_uri: str | None = None, mlflow_run_id: str | None = None,
+    telemetry: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Fit one student with :class:`ray.train.torch.TorchTrainer`; returns the final metrics.
 
@@ -170,13 +175,17 @@ def fit_student(
         "scratch": str(Path(storage) / name / "scratch"),
         "log_every": max(1, math.ceil(n_rows / max(1, train["batch_size"]) / 4)),
         "threads": max(1, int(train.get("cpus_per_worker", 1))),
+        # Ray metric tags (stage, method, run) of this fit; see raydapt.telemetry
+        "telemetry": dict(telemetry or {"stage": f"student-{objective}", "run": name}),
     }
     trainer = TorchTrainer(
         student_loop,
         train_loop_config=cfg,
         scaling_config=ScalingConfig(
             num_workers=workers, use_gpu=bool(train.get("use_gpu")),
-            resources_per_worker={"CPU": float(train.get("cpus_per_worker", 1))}),
+            # custom resources (train.resources, e.g. {train_gpu: 1}) steer workers (cluster/)
+            resources_per_worker={"CPU": float(train.get("cpus_per_worker", 1)),
+                                  **dict(train.get("resources") or {})}),
         run_config=RunConfig(
             name=name, storage_path=str(Path(storage).resolve()),
             failure_config=FailureConfig(max_failures=int(train.get("max_failures", 1))),
