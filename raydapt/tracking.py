@@ -17,6 +17,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from raydapt.telemetry import timed_stage
+
 _SECRET_KEYS = re.compile(r"(token|secret|password|passwd|api[_-]?key|access[_-]?key)", re.I)
 
 
@@ -138,6 +140,7 @@ class Tracker:
         self.artifact_location = artifact_location
         self.parent: RunLogger = RunLogger(None, None)
         self._experiment_id: str | None = None
+        self._job_tags = {"method": "", "run": ""}  # Ray metric tags of child stages
 
     def _ensure_experiment(self) -> str:
         import mlflow
@@ -155,6 +158,7 @@ class Tracker:
     def job(self, name: str, *, tags: dict[str, str] | None = None,
             run_id: str | None = None) -> Iterator[RunLogger]:
         """Open (or, with ``run_id`` / ``RAYDAPT_PARENT_RUN_ID``, reattach to) the parent run."""
+        self._job_tags = {"method": str((tags or {}).get("raydapt.method", "")), "run": name}
         if not self.enabled:
             yield self.parent
             return
@@ -179,6 +183,14 @@ class Tracker:
 
     @contextmanager
     def child(self, name: str, *, tags: dict[str, str] | None = None) -> Iterator[RunLogger]:
+        """A child run for one stage; its wall time also goes to the Ray metric
+        ``raydapt_stage_seconds{stage=name}`` (raydapt.telemetry), tracking on or off."""
+        with timed_stage(name, **self._job_tags), self._child_run(name, tags=tags) as log:
+            yield log
+
+    @contextmanager
+    def _child_run(self, name: str, *, tags: dict[str, str] | None = None
+                   ) -> Iterator[RunLogger]:
         if not (self.enabled and self.parent.enabled):
             yield RunLogger(None, None)
             return
