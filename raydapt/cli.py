@@ -5,6 +5,7 @@
     raydapt config schema [--method simda]      print the JSON schema of job configs
     raydapt models prepare [REF ...]            resolve / de-quantise packaged models once
     raydapt cache ls | rm [--stage S]           list or remove cached stage outputs
+    raydapt dashboards generate [--check]       regenerate dashboards/grafana/raydapt.json
 
 User errors (bad config, missing data, missing model package) print one clear message and exit 2;
 no stack trace.
@@ -97,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--dir", default=".raydapt/cache")
     k.add_argument("--stage", default=None)
     k.set_defaults(fn=_cache)
+    from raydapt.dashboards import add_command as add_dashboards
+
+    add_dashboards(sub)  # dashboards generate [--check]
     return p
 
 
