@@ -2,19 +2,25 @@
 everything that determines it (stage config, model fingerprint, code version, input fingerprints).
 
 A finished output carries a ``_SUCCESS`` marker written last, so a half-written directory (a run
-killed mid-stage) is never taken for a finished one: it is wiped and recomputed.
+killed mid-stage) is never taken for a finished one. A plain stage's partial directory is wiped and
+recomputed; a sharded stage (:class:`ShardedOutput`) keeps the shards that were finished — each
+shard file appears atomically (written to a temporary name, then renamed) — and computes only the
+missing ones.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 # Bump a stage's version when its code changes what it writes.
-STAGE_VERSIONS: dict[str, int] = {"read": 1, "teacher": 2, "store": 1, "knn": 1, "prompted": 2}
+STAGE_VERSIONS: dict[str, int] = {"read": 1, "teacher": 3, "store": 1, "knn": 1, "prompted": 3}
 
 
 def stage_key(stage: str, parts: dict[str, Any]) -> str:
@@ -30,12 +36,19 @@ class StageCache:
         self.root = Path(root)
         self.enabled = enabled
 
-    def get(self, stage: str, parts: dict[str, Any]) -> tuple[Path, bool]:
+    def get(self, stage: str, parts: dict[str, Any], *, keep_partial: bool = False
+            ) -> tuple[Path, bool]:
+        """The stage's directory and whether it is finished. An unfinished directory is wiped,
+        unless ``keep_partial`` (sharded stages), where only temporary files are removed."""
         d = self.root / stage / stage_key(stage, parts)
         if self.enabled and (d / "_SUCCESS").exists():
             return d, True
         if d.exists():
-            shutil.rmtree(d)  # partial output of an interrupted run
+            if keep_partial and self.enabled:
+                for tmp in d.glob(".*.tmp"):
+                    tmp.unlink()
+            else:
+                shutil.rmtree(d)  # partial output of an interrupted run
         d.mkdir(parents=True, exist_ok=True)
         (d / "_KEY.json").write_text(json.dumps({"stage": stage, **parts}, indent=1, default=str))
         return d, False
@@ -51,3 +64,42 @@ class StageCache:
             size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
             out.append({"stage": d.parent.name, "key": d.name, "bytes": size, "path": str(d)})
         return out
+
+
+class ShardedOutput:
+    """A stage output of ``n_rows`` rows stored as shards ``part-00000.parquet``, ... of
+    ``shard_rows`` input rows each (shard i holds input rows [i*shard_rows, (i+1)*shard_rows)).
+
+    A shard file is written to a temporary name and renamed, so it exists only when complete: a
+    killed run leaves finished shards plus at most some ``.tmp`` files, and a rerun computes only
+    :meth:`missing` shards. :meth:`read_all` concatenates shards in order, so the result does not
+    depend on which run wrote which shard.
+    """
+
+    def __init__(self, d: Path, n_rows: int, shard_rows: int) -> None:
+        if shard_rows < 1:
+            raise ValueError("shard_rows must be >= 1")
+        self.d, self.n_rows, self.shard_rows = Path(d), n_rows, shard_rows
+        self.n_shards = max(1, -(-n_rows // shard_rows))
+
+    def path(self, i: int) -> Path:
+        return self.d / f"part-{i:05d}.parquet"
+
+    def rows(self, i: int) -> slice:
+        """Input row positions of shard ``i``."""
+        return slice(i * self.shard_rows, min(self.n_rows, (i + 1) * self.shard_rows))
+
+    def missing(self) -> list[int]:
+        return [i for i in range(self.n_shards) if not self.path(i).exists()]
+
+    def write(self, i: int, df: pd.DataFrame) -> None:
+        tmp = self.d / f".part-{i:05d}.parquet.tmp"
+        df.to_parquet(tmp)
+        os.replace(tmp, self.path(i))
+
+    def read_all(self) -> pd.DataFrame:
+        missing = self.missing()
+        if missing:
+            raise RuntimeError(f"{self.d}: shards {missing[:5]} missing")
+        return pd.concat([pd.read_parquet(self.path(i)) for i in range(self.n_shards)],
+                         ignore_index=True)

@@ -14,6 +14,7 @@ message names the dotted key and what is allowed there.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -91,6 +92,14 @@ class ActorPoolSection(Section):
         None, ge=1, description="torch threads per actor (CPU); None = max(1, round(num_cpus)). "
         "On a small host reserve fewer CPUs than you compute with, so Ray Data's read and "
         "write tasks still get scheduled.")
+    shard_rows: int = Field(
+        256, ge=1, description="Rows per output shard. Each finished shard is written at once "
+        "(atomically), so a killed run resumes from the last finished shard.")
+    max_restarts: int = Field(
+        3, ge=0, description="Times Ray restarts an actor that died (node lost, OOM-killed).")
+    max_task_retries: int = Field(
+        3, ge=0, description="Times a batch is retried on a restarted actor before the job "
+        "fails.")
 
 
 class EngineSection(Section):
@@ -304,7 +313,9 @@ def _expand_env(value: Any) -> Any:
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``a.b.c=value`` overrides to a nested dict (a copy); values parse as YAML."""
-    out = json.loads(json.dumps(raw))
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a job config must be a YAML mapping, got {type(raw).__name__}")
+    out = copy.deepcopy(raw)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key.path=value")
@@ -368,7 +379,7 @@ def validate_job(raw: dict[str, Any]) -> Section:
     if not isinstance(raw, dict):
         raise ConfigError(f"a job config must be a YAML mapping, got {type(raw).__name__}")
     method = raw.get("method")
-    if method not in JOB_TYPES:
+    if not isinstance(method, str) or method not in JOB_TYPES:
         raise ConfigError(
             f"method: must be one of {sorted(JOB_TYPES)} (got {method!r})"
         )
@@ -385,9 +396,15 @@ def load_job(path: str | Path, overrides: list[str] | None = None) -> Section:
     if not p.is_file():
         raise ConfigError(f"job file not found: {p}")
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
+        raw = yaml.safe_load(p.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{p}: not UTF-8 text (invalid byte at offset {exc.start})") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: a job config must be a YAML mapping, got {type(raw).__name__}")
     return validate_job(apply_overrides(raw, list(overrides or [])))
 
 

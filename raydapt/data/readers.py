@@ -28,6 +28,7 @@ from raydapt import RaydaptError
 ROW_COLUMNS = ["id", "text", "label", "y"]
 REJECT_COLUMNS = ["file", "id", "reason", "raw"]
 _RAW_MAX = 500  # characters of the raw row kept in a reject record
+MAX_TEXT_CHARS = 1_000_000  # longer texts are rejects (no model reads them; tokenising is slow)
 
 
 class DataError(RaydaptError):
@@ -71,7 +72,7 @@ def _reject(file: str, rid: Any, reason: str, raw: Any) -> dict[str, Any]:
 
 def normalise_records(
     records: list[Any], *, file: str, fields: Fields, labels: list[str] | None,
-    require_label: bool,
+    require_label: bool, max_text_chars: int | None = MAX_TEXT_CHARS,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Check and normalise parsed rows. Returns (good rows, reject records).
 
@@ -103,6 +104,10 @@ def normalise_records(
         if not text.strip():
             bad.append(_reject(file, rid, "empty text", rec))
             continue
+        if max_text_chars is not None and len(text) > max_text_chars:
+            bad.append(_reject(file, rid, f"text longer than {max_text_chars} characters "
+                               f"({len(text)})", rec))
+            continue
         label = rec.get(fields.label)
         if isinstance(label, float) and np.isnan(label):
             label = None
@@ -122,29 +127,50 @@ def normalise_records(
     return good, bad
 
 
-def _parse_jsonl_lines(lines: list[str]) -> list[Any]:
+def parse_jsonl_lines(lines: list[bytes | str]) -> list[Any]:
+    """Parse jsonl lines (bytes as read from disk, or str) into dicts / values, or
+    ``(raw, reason)`` tuples for lines that are not valid UTF-8 or not valid JSON. Blank lines
+    are not rows and are skipped."""
     out: list[Any] = []
     for line in lines:
+        if isinstance(line, bytes):
+            try:
+                line = line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                out.append((line.decode("utf-8", "replace"),
+                            f"invalid UTF-8 at byte {exc.start} of the line"))
+                continue
         if not line.strip():
             continue  # blank lines are not rows
         try:
             out.append(json.loads(line))
         except json.JSONDecodeError as exc:
             out.append((line, f"{exc.msg} at column {exc.colno}"))
+        except RecursionError:
+            out.append((line, "JSON nested too deeply"))
     return out
+
+
+def _split_lines(batch: pd.DataFrame) -> pd.DataFrame:
+    """map_batches over ``read_binary_files`` rows: one file's bytes -> one row per line.
+    Splits on b"\n" only (Ray's read_text decodes a whole file — one invalid byte fails the
+    job — and also splits inside JSON strings on U+2028 and friends)."""
+    lines = [ln.rstrip(b"\r") for data in batch["bytes"] for ln in bytes(data).split(b"\n")]
+    return pd.DataFrame({"line": pd.Series(lines, dtype=object)})
 
 
 class _NormaliseBatch:
     """map_batches function: raw rows -> normalised rows + ``_reject`` JSON (empty if good)."""
 
     def __init__(self, *, file: str, fields: Fields, labels: list[str] | None,
-                 require_label: bool, jsonl: bool) -> None:
-        self.kw = dict(file=file, fields=fields, labels=labels, require_label=require_label)
+                 require_label: bool, jsonl: bool, max_text_chars: int | None) -> None:
+        self.kw = dict(file=file, fields=fields, labels=labels, require_label=require_label,
+                       max_text_chars=max_text_chars)
         self.jsonl = jsonl
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         if self.jsonl:
-            records = _parse_jsonl_lines(batch["text"].tolist())
+            records = parse_jsonl_lines(batch["line"].tolist())
         else:
             records = batch.to_dict("records")
         good, bad = normalise_records(records, **self.kw)
@@ -180,6 +206,7 @@ def _peek_columns(path: Path, fmt: str, n: int = 50) -> set[str]:
 def read_rows(
     path: str | Path, *, fmt: str = "auto", fields: Fields = Fields(),
     labels: list[str] | None = None, require_label: bool = True,
+    max_text_chars: int | None = MAX_TEXT_CHARS,
 ):
     """Read one file into ``(rows, rejects)`` Ray Datasets (both materialised).
 
@@ -189,6 +216,7 @@ def read_rows(
         fields: column names of id, text and label in the file.
         labels: the label set; a label outside it is a reject. None accepts any label.
         require_label: rows without a label are rejects (True for a labeled source).
+        max_text_chars: longer texts are rejects (None: no limit).
 
     Raises:
         DataError: the file does not exist, or none of its first rows has a needed column
@@ -202,7 +230,12 @@ def read_rows(
     fmt = detect_format(path, fmt)
     needed = {fields.id, fields.text} | ({fields.label} if require_label else set())
     if "://" not in str(path):
-        found = _peek_columns(p, fmt)
+        try:
+            found = _peek_columns(p, fmt)
+        except Exception as exc:  # unreadable header / broken quoting / not parquet
+            raise DataError(f"{path}: cannot be read as {fmt}: "
+                            f"{str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__}"
+                            ) from None
         missing = sorted(needed - found)
         if missing:
             raise DataError(
@@ -210,16 +243,28 @@ def read_rows(
                 f"{sorted(found)}. Set the *_field options of this data source to map them."
             )
     if fmt == "jsonl":
-        ds = ray.data.read_text(str(path), encoding="utf-8", drop_empty_lines=True)
+        ds = ray.data.read_binary_files(str(path)).map_batches(
+            _split_lines, batch_format="pandas", batch_size=1)
     elif fmt == "parquet":
         ds = ray.data.read_parquet(str(path))
     elif fmt == "csv":
-        ds = ray.data.read_csv(str(path))
+        import pyarrow.csv as pacsv
+
+        # quoted values may span lines (multi-line reviews); pyarrow refuses them by default
+        ds = ray.data.read_csv(str(path), parse_options=pacsv.ParseOptions(newlines_in_values=True))
     else:  # pragma: no cover - guarded by detect_format
         raise DataError(f"unknown format {fmt}")
     fn = _NormaliseBatch(file=str(path), fields=fields, labels=labels,
-                         require_label=require_label, jsonl=fmt == "jsonl")
-    ds = ds.map_batches(fn, batch_format="pandas", batch_size=1024).materialize()
+                         require_label=require_label, jsonl=fmt == "jsonl",
+                         max_text_chars=max_text_chars)
+    try:
+        ds = ds.map_batches(fn, batch_format="pandas", batch_size=1024).materialize()
+    except Exception as exc:  # a file-level failure (e.g. broken CSV quoting): one clear error
+        cause = exc
+        while cause.__cause__ is not None and not isinstance(cause, (ValueError, OSError)):
+            cause = cause.__cause__
+        raise DataError(f"{path}: cannot be read as {fmt}: {str(cause).splitlines()[0][:300]}"
+                        ) from None
     rows = ds.filter(lambda r: r["_reject"] == "").drop_columns(["_reject"]).materialize()
     rejects = ds.filter(lambda r: r["_reject"] != "").map(
         lambda r: json.loads(r["_reject"])).materialize()

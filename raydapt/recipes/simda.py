@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from raydapt.cache import StageCache
+from raydapt.cache import ShardedOutput, StageCache
 from raydapt.config import SimDAJob, config_hash, to_yaml
 from raydapt.data.readers import (
     DataError,
@@ -55,7 +55,11 @@ def _pool(section) -> dict[str, Any]:
     compute = (ray.data.ActorPoolStrategy(size=c) if isinstance(c, int)
                else ray.data.ActorPoolStrategy(min_size=c[0], max_size=c[1]))
     kw: dict[str, Any] = {"compute": compute, "num_cpus": section.num_cpus,
-                          "batch_size": section.batch_size, "batch_format": "pandas"}
+                          "batch_size": section.batch_size, "batch_format": "pandas",
+                          # a dead actor is restarted and its batch retried, a bounded number
+                          # of times (Ray Data's default is forever)
+                          "max_restarts": section.max_restarts,
+                          "max_task_retries": section.max_task_retries}
     if section.num_gpus:
         kw["num_gpus"] = section.num_gpus
     if section.resources:  # custom resources steer the pool to a node type (cluster/)
@@ -102,58 +106,90 @@ def _split_errors(df: pd.DataFrame, stage: str) -> tuple[pd.DataFrame, pd.DataFr
 
 def _run_teacher(rows: pd.DataFrame, cfg: SimDAJob, *, keep_hidden: bool, stage: str,
                  demo_texts: dict[str, str] | None = None,
-                 demo_labels: dict[str, str] | None = None) -> pd.DataFrame:
-    """One Ray Data actor-pool pass of the teacher over ``rows`` (id, text[, demo_ids])."""
+                 demo_labels: dict[str, str] | None = None):
+    """One Ray Data actor-pool pass of the teacher over ``rows`` (id, text[, demo_ids]).
+    Returns the (lazy) output dataset: id, llm_logp [C], hidden [H] (if ``keep_hidden``), _error."""
     import ray
 
     n_blocks = max(1, min(64, len(rows) // 32))  # several blocks so the actor pool streams
     ds = ray.data.from_pandas(
         [rows.iloc[ix] for ix in np.array_split(np.arange(len(rows)), n_blocks)])
-    out = ds.map_batches(
+    return ds.map_batches(
         TeacherScore,
         fn_constructor_kwargs=dict(
-            engine=_engine_kwargs(cfg, need_hidden=keep_hidden), label_words=[cfg.teacher.verbalizer[lab] for lab in
-                                                     cfg.data.labels],
+            engine=_engine_kwargs(cfg, need_hidden=keep_hidden),
+            label_words=[cfg.teacher.verbalizer[lab] for lab in cfg.data.labels],
             template=cfg.teacher.template, text_max_tokens=cfg.teacher.text_max_tokens,
             demo_template=cfg.teacher.demo_template, demo_max_tokens=cfg.teacher.demo_max_tokens,
             demo_texts=demo_texts, demo_labels=demo_labels, keep_hidden=keep_hidden, stage=stage,
             telemetry={"method": "simda", "run": cfg.run.name}),
         **_pool(cfg.teacher.pool),
     )
-    return _collect(out, len(rows), stage)
-
-
-def _collect(ds, total: int, label: str, every_s: float = 10.0) -> pd.DataFrame:
-    """Stream a dataset's output into one DataFrame, printing rows done, rows/s and ETA."""
-    parts, done, t0, last = [], 0, time.time(), 0.0
-    for batch in ds.iter_batches(batch_format="pandas", batch_size=None):
-        parts.append(batch)
-        done += len(batch)
-        now = time.time()
-        if now - last >= every_s or done >= total:
-            rate = done / max(now - t0, 1e-9)
-            _say(f"{label}: {done}/{total} rows, {rate:.2f} rows/s, "
-                 f"ETA {max(total - done, 0) / max(rate, 1e-9):.0f}s")
-            last = now
-    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["id", "_error"])
 
 
 def _cached_pass(cache: StageCache, tracker: Tracker, stage: str, parts: dict[str, Any],
-                 n_rows: int, compute) -> pd.DataFrame:
-    """Reuse a finished stage output with the same key, else compute it, store it, commit it.
-    Either way the stage gets its MLflow child run (rows and rows/s when computed)."""
-    d, done = cache.get(stage, parts)
+                 rows: pd.DataFrame, shard_rows: int, make_ds, every_s: float = 10.0
+                 ) -> pd.DataFrame:
+    """A sharded, resumable pass: reuse a finished output with the same key; otherwise stream
+    ``make_ds(pending_rows)`` and write each shard of ``shard_rows`` input rows the moment all its
+    rows are back, so a killed run resumes from its finished shards. Prints rows done, rows/s and
+    ETA; logs rows and rows/s to the stage's MLflow child run. Output rows follow ``rows``' order
+    whichever run computed them."""
+    parts = {**parts, "shard_rows": shard_rows}
+    d, done = cache.get(stage, parts, keep_partial=True)
+    sharded = ShardedOutput(d, len(rows), shard_rows)
     with tracker.child(stage) as run_log:
         if done:
             _say(f"{stage}: cached ({d})")
-            return pd.read_parquet(d / "out.parquet")
-        _say(f"{stage}: scoring {n_rows} prompts")
-        t0 = time.time()
-        df = compute()
-        run_log.metrics({"rows": n_rows, "rows_per_s": n_rows / (time.time() - t0)})
-        df.to_parquet(d / "out.parquet")
+            return sharded.read_all()
+        todo = sharded.missing()
+        n_done = sharded.n_shards - len(todo)
+        if n_done:
+            _say(f"{stage}: resuming, {n_done}/{sharded.n_shards} shards already done")
+        pending = rows.iloc[np.concatenate([np.arange(len(rows))[sharded.rows(i)] for i in todo])]
+        shard_of = {rid: i for i in todo for rid in rows["id"].iloc[sharded.rows(i)]}
+        need = {i: sharded.rows(i).stop - sharded.rows(i).start for i in todo}
+        buf: dict[int, list[pd.DataFrame]] = {i: [] for i in todo}
+        got = dict.fromkeys(todo, 0)
+        _say(f"{stage}: scoring {len(pending)} prompts in {len(todo)} shards of <= {shard_rows}")
+        t0, last, n = time.time(), 0.0, 0
+        for batch in make_ds(pending).iter_batches(batch_format="pandas", batch_size=None):
+            for i, g in batch.groupby(batch["id"].map(shard_of), sort=False):
+                i = int(i)
+                buf[i].append(g)
+                got[i] += len(g)
+                if got[i] == need[i]:  # shard complete: write it in input order
+                    order = rows["id"].iloc[sharded.rows(i)]
+                    sharded.write(i, pd.concat(buf.pop(i)).set_index("id").loc[order]
+                                  .reset_index())
+            n += len(batch)
+            now = time.time()
+            if now - last >= every_s or n >= len(pending):
+                rate = n / max(now - t0, 1e-9)
+                _say(f"{stage}: {n}/{len(pending)} rows, {rate:.2f} rows/s, "
+                     f"ETA {max(len(pending) - n, 0) / max(rate, 1e-9):.0f}s")
+                last = now
+        if buf:
+            raise RuntimeError(f"{stage}: rows missing from the output of shards {sorted(buf)}")
+        run_log.metrics({"rows": len(pending), "shards_reused": n_done,
+                         "rows_per_s": len(pending) / max(time.time() - t0, 1e-9)})
         cache.commit(d)
-        return df
+        return sharded.read_all()
+
+
+def _frame_hash(df: pd.DataFrame) -> str:
+    """Content hash of a DataFrame whose cells may be arrays (p_t, h_t)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for col in sorted(df.columns):
+        v = df[col].to_numpy()
+        h.update(col.encode())
+        if v.dtype == object and len(v) and isinstance(v[0], (np.ndarray, list)):
+            h.update(np.ascontiguousarray(np.stack(v).astype(np.float64)).tobytes())
+        else:
+            h.update(pd.util.hash_pandas_object(df[col], index=False).to_numpy().tobytes())
+    return h.hexdigest()
 
 
 def _p_llm(df: pd.DataFrame) -> np.ndarray:
@@ -248,14 +284,18 @@ def run(cfg: SimDAJob) -> dict[str, Any]:
         check_verbalizer(cfg)
 
         # 2. teacher pass: keys + p_LLM for source / target-train / target-test ---------------
+        from raydapt.assets import resolve_model
+
         parts = {"teacher": cfg.teacher.model_dump(mode="json", exclude={"pool"}),
+                 "weights": resolve_model(cfg.teacher.model).fingerprint,
                  "data": fps, "ids": config_hash({"s": source["id"].tolist(),
                                                   "tr": tgt_train["id"].tolist(),
                                                   "te": tgt_test["id"].tolist()})}
         allrows = pd.concat([source[["id", "text"]], tgt_train[["id", "text"]],
                              tgt_test[["id", "text"]]], ignore_index=True)
-        scored = _cached_pass(cache, tracker, "teacher", parts, len(allrows), lambda: _run_teacher(
-            allrows, cfg, keep_hidden=True, stage="teacher"))
+        scored = _cached_pass(
+            cache, tracker, "teacher", parts, allrows, cfg.teacher.pool.shard_rows,
+            lambda r: _run_teacher(r, cfg, keep_hidden=True, stage="teacher"))
         scored, rej = _split_errors(scored, "teacher")
         rejects.append(rej)
         by_id = scored.set_index("id")
@@ -314,9 +354,10 @@ def run(cfg: SimDAJob) -> dict[str, Any]:
             parts = {**parts, "annotate": cfg.annotate.model_dump(mode="json"),
                      "jobs": config_hash({"ids": rows["id"].tolist(),
                                           "demos": [list(x) for x in rows["demo_ids"]]})}
-            prompted = _cached_pass(cache, tracker, "prompted", parts, len(rows), lambda: _run_teacher(
-                rows, cfg, keep_hidden=False, stage="prompted", demo_texts=src_text,
-                demo_labels=src_word))
+            prompted = _cached_pass(
+                cache, tracker, "prompted", parts, rows, cfg.teacher.pool.shard_rows,
+                lambda r: _run_teacher(r, cfg, keep_hidden=False, stage="prompted",
+                                       demo_texts=src_text, demo_labels=src_word))
             prompted, rej = _split_errors(prompted, "prompted")
             rejects.append(rej)
         prompted = prompted.set_index("id")
@@ -382,6 +423,7 @@ def run(cfg: SimDAJob) -> dict[str, Any]:
         distill_df = pd.DataFrame({"text": tgt_train["text"], "p_t": list(p_t),
                                    "h_t": list(by_id.loc[tgt_train["id"], "hidden"])})
         results: dict[str, Any] = {}
+        students: dict[str, dict[str, Any]] = {}
         cms: dict[str, np.ndarray] = {}
         for variant in dcfg.variants:
             if variant in ("kl_sim", "kl", "ce"):
@@ -394,14 +436,22 @@ def run(cfg: SimDAJob) -> dict[str, Any]:
                  f"{dcfg.num_workers} workers")
             with tracker.child(f"student-{variant}", tags={"raydapt.variant": variant}) as run_log:
                 run_log.params({"variant": variant, "objective": objective, **train_kw, **extra})
+                # same name = same training: Ray Train then resumes it from its last checkpoint
+                key = config_hash({"v": variant, "train": train_kw, "extra": extra,
+                                   "student": dcfg.student, "seed": cfg.run.seed,
+                                   "data": _frame_hash(ds.to_pandas()),
+                                   "eval": _frame_hash(tgt_test[["text", "y"]])})
                 m = fit_student(
-                    name=f"{cfg.run.name}-{variant}", objective=objective, train_ds=ds,
+                    name=f"{cfg.run.name}-{variant}-{key[:10]}", objective=objective, train_ds=ds,
                     eval_df=tgt_test, num_classes=C, student=dcfg.student, train=train_kw,
                     seed=cfg.run.seed, storage=str(out / "train"), extra=extra,
                     mlflow_uri=tracker.uri if cfg.tracking.enabled else None,
                     mlflow_run_id=run_log.run_id,
                     telemetry={"stage": f"student-{variant}", "method": "simda",
                                "run": cfg.run.name})
+            students[variant] = {"accuracy": m["accuracy"], "final_epoch_loss": m["loss"],
+                                 "epochs": m["epoch"], "resumed_finished_run": bool(
+                                     m.get("resumed", False))}
             cms[f"student:{variant}"] = np.asarray(m["confusion"])
             results[f"student:{variant}"] = m["accuracy"]
             _say(f"student {variant}: target-test accuracy {m['accuracy']:.4f}")
@@ -415,7 +465,8 @@ def run(cfg: SimDAJob) -> dict[str, Any]:
         rej_df.to_parquet(out / "rejects.parquet")
         summary = {
             "job": cfg.run.name, "source": cfg.data.source.path, "target": cfg.data.target.path,
-            "accuracy": results, "pseudo_label_accuracy": pseudo_acc, "counts": counts,
+            "accuracy": results, "students": students, "pseudo_label_accuracy": pseudo_acc,
+            "counts": counts,
             "rejects": len(rej_df), "icl_test_rows": len(test_b), "seconds": time.time() - t_job,
             "teacher": cfg.teacher.model, "student": dcfg.student, "k": a.k, "lam": a.lam,
         }

@@ -88,7 +88,7 @@ def student_loop(cfg: dict[str, Any]) -> None:
     warm = int(cfg["warmup_ratio"] * total)
     sched = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, then linear decay to 0
         opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / max(1, total - warm)))
-    start_epoch = 0
+    start_epoch, last_metrics = 0, None
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:  # resume: model, optimizer, scheduler, epoch
         with ckpt.as_directory() as d:
@@ -97,6 +97,7 @@ def student_loop(cfg: dict[str, Any]) -> None:
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         start_epoch = int(state["epoch"]) + 1
+        last_metrics = state.get("metrics")
     log = RunLogger(cfg.get("mlflow_uri"), cfg.get("mlflow_run_id")) if rank == 0 else RunLogger(None, None)
     eval_rows = cfg["eval_rows"]
     shard = ray.train.get_dataset_shard("train")
@@ -104,7 +105,12 @@ def student_loop(cfg: dict[str, Any]) -> None:
     step = start_epoch * steps_per_epoch
     t0 = time.time()
     tm = StageTelemetry(**{"stage": "student", **cfg.get("telemetry", {})})  # Ray metrics
+    if start_epoch >= cfg["epochs"]:  # restored a finished run: report its final metrics again
+        ray.train.report({**(last_metrics or {}), "resumed": True})
+        return
     for epoch in range(start_epoch, cfg["epochs"]):
+        # RNG from (seed, epoch, rank): a run resumed at epoch e draws what an uninterrupted one does
+        torch.manual_seed(cfg["seed"] * 100_003 + epoch * 101 + rank)
         losses = []
         for batch in shard.iter_batches(batch_size=per_worker, batch_format="numpy",
                                         drop_last=True, local_shuffle_buffer_size=256,
@@ -144,7 +150,8 @@ def student_loop(cfg: dict[str, Any]) -> None:
             d.mkdir(parents=True, exist_ok=True)
             net = model.module if hasattr(model, "module") else model
             torch.save({"model": net.state_dict(), "opt": opt.state_dict(),
-                        "sched": sched.state_dict(), "epoch": epoch}, d / "state.pt")
+                        "sched": sched.state_dict(), "epoch": epoch, "metrics": metrics},
+                       d / "state.pt")
             checkpoint = ray.train.Checkpoint.from_directory(str(d))
         ray.train.report(metrics, checkpoint=checkpoint)
 
@@ -159,6 +166,11 @@ def fit_student(
 
     ``train`` holds the DistillSection fields (num_workers, epochs, lr, ...); ``extra`` the loss
     knobs (beta, temperature, sim_tau, sim_loss, min_confidence).
+
+    Resume: the Ray Train run is named ``name`` under ``storage``, and Ray Train restores the
+    latest checkpoint of a run with the same name and storage path — so a job killed
+    mid-training continues from its last finished epoch when rerun. Callers must therefore put a
+    hash of everything that determines the training (config, data) into ``name``.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
