@@ -6,6 +6,7 @@
     raydapt models prepare [REF ...]            resolve / de-quantise packaged models once
     raydapt cache ls | rm [--stage S]           list or remove cached stage outputs
     raydapt dashboards generate [--check]       regenerate dashboards/grafana/raydapt.json
+    raydapt submit | jobs | plan | runs         cluster scale (see raydapt/cli_cluster.py)
 
 User errors (bad config, missing data, missing model package) print one clear message and exit 2;
 no stack trace.
@@ -30,6 +31,16 @@ def _run(args: argparse.Namespace) -> int:
         from raydapt.recipes import simda
 
         simda.run(cfg)
+        return 0
+    if cfg.method == "dallmi":
+        from raydapt.recipes import dallmi
+
+        dallmi.run(cfg)
+        return 0
+    if cfg.method == "ntk_select":
+        from raydapt.recipes import ntk_select
+
+        ntk_select.run(cfg)
         return 0
     raise RaydaptError(f"no recipe for method {cfg.method!r}")  # pragma: no cover
 
@@ -101,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     from raydapt.dashboards import add_command as add_dashboards
 
     add_dashboards(sub)  # dashboards generate [--check]
+    from raydapt.cli_cluster import add_commands
+
+    add_commands(sub)  # submit, jobs, plan, runs compare
     return p
 
 

@@ -1,0 +1,90 @@
+"""CLI commands for running at cluster scale (registered by :func:`raydapt.cli.build_parser`).
+
+    raydapt submit JOB.yaml [key=value ...] --address URL [--follow] [--no-pip]
+    raydapt jobs status|logs|stop ID --address URL [--follow]
+    raydapt plan JOB.yaml [key=value ...] [--gpu h100] [--json]
+    raydapt runs compare --experiment NAME [--metric M] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from raydapt.submit import submit
+
+    return submit(args.job, args.overrides, address=args.address, pip=not args.no_pip,
+                  follow=args.follow, runtime_env_file=args.runtime_env, env=args.env,
+                  entrypoint_num_cpus=args.entrypoint_num_cpus,
+                  entrypoint_num_gpus=args.entrypoint_num_gpus, plan=not args.no_plan)
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    from raydapt.submit import jobs
+
+    return jobs(args.action, args.id, address=args.address, follow=args.follow)
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from raydapt.config import load_job
+    from raydapt.plan import make_plan
+
+    plan = make_plan(load_job(args.job, args.overrides), gpu=args.gpu)
+    print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.render())
+    return 0
+
+
+def _runs(args: argparse.Namespace) -> int:
+    from raydapt.compare import compare
+
+    compare(args.experiment, uri=args.tracking_uri, metric=args.metric, out=args.out,
+            all_runs=args.all_runs)
+    return 0
+
+
+def add_commands(sub) -> None:
+    """Add submit / jobs / plan / runs to the ``raydapt`` sub-parsers."""
+    s = sub.add_parser("submit", help="submit a job to a Ray cluster (Job Submission API)")
+    s.add_argument("job")
+    s.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    s.add_argument("--address", default=None,
+                   help="Ray dashboard / job server, e.g. http://127.0.0.1:8265 "
+                   "(default: RAY_API_SERVER_ADDRESS or RAY_ADDRESS)")
+    s.add_argument("--follow", action="store_true",
+                   help="stream the logs; exit with the job's status (0 ok, 1 failed, 3 stopped)")
+    s.add_argument("--no-pip", action="store_true",
+                   help="do not pip-install the pinned stack (the cluster image has it)")
+    s.add_argument("--runtime-env", default=None,
+                   help="YAML merged into the runtime_env (a key set to null removes it)")
+    s.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra environment variable for the job (repeatable)")
+    s.add_argument("--entrypoint-num-cpus", type=float, default=None)
+    s.add_argument("--entrypoint-num-gpus", type=float, default=None)
+    s.add_argument("--no-plan", action="store_true", help="do not log plan.* params")
+    s.set_defaults(fn=_submit)
+
+    j = sub.add_parser("jobs", help="status, logs or stop of a submitted job")
+    j.add_argument("action", choices=["status", "logs", "stop"])
+    j.add_argument("id", help="submission id (printed by raydapt submit)")
+    j.add_argument("--address", default=None)
+    j.add_argument("--follow", action="store_true", help="logs: stream until the job ends")
+    j.set_defaults(fn=_jobs)
+
+    p = sub.add_parser("plan", help="rows, LLM tokens, GPU-hours and resources per stage")
+    p.add_argument("job")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--gpu", default="h100", help="GPU type of the throughput table")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=_plan)
+
+    r = sub.add_parser("runs", help="compare runs of an MLflow experiment")
+    r.add_argument("action", choices=["compare"])
+    r.add_argument("--experiment", required=True)
+    r.add_argument("--metric", default=None, help="metric name or glob (default acc.*)")
+    r.add_argument("--out", default=None, help="output dir (default runs/compare-<experiment>)")
+    r.add_argument("--tracking-uri", default=None,
+                   help="default MLFLOW_TRACKING_URI, else sqlite:///mlruns.db")
+    r.add_argument("--all-runs", action="store_true", help="include child (stage) runs")
+    r.set_defaults(fn=_runs)

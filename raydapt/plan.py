@@ -1,0 +1,364 @@
+"""``raydapt plan JOB.yaml``: what a job will cost, without running it.
+
+For every stage: the rows it processes (counted in the data files; cheap), the LLM prompt tokens
+(a sample of prompts rendered exactly as the engines do and tokenised with the teacher's
+tokenizer, extrapolated to all rows), GPU- (or CPU-) hours from the throughput table
+``raydapt/plan_table.yaml`` (its header says where each number comes from), and the Ray
+resources the stage requests (from the config). Plus one rendered prompt.
+
+Methods register a planner with :func:`register`; a method without one fails with a clear
+"no plan for method X yet". ``raydapt submit`` logs the plan as ``plan.*`` params of the parent
+MLflow run, next to the actual per-stage ``seconds`` the child runs log.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from raydapt import RaydaptError
+
+TABLE_PATH = Path(__file__).with_name("plan_table.yaml")
+
+
+class PlanError(RaydaptError):
+    """No planner for a method, or a config the planner cannot size."""
+
+
+@dataclass
+class StagePlan:
+    """One stage: rows, LLM tokens, device hours and the Ray resources it asks for."""
+
+    name: str
+    rows: int | None
+    llm_tokens: int | None = None
+    device: str = "cpu"              # "gpu" or "cpu": what ``hours`` counts
+    hours: float | None = None       # device-hours (GPU-hours on GPUs, CPU-worker-hours on CPU)
+    resources: dict[str, Any] = field(default_factory=dict)
+    note: str = ""
+
+
+@dataclass
+class Plan:
+    method: str
+    gpu: str
+    stages: list[StagePlan]
+    prompt: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    def total_hours(self, device: str) -> float:
+        return sum(s.hours or 0.0 for s in self.stages if s.device == device)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "gpu": self.gpu, "notes": self.notes,
+                "prompt": self.prompt,
+                "gpu_hours": self.total_hours("gpu"), "cpu_hours": self.total_hours("cpu"),
+                "stages": [s.__dict__ for s in self.stages]}
+
+    def mlflow_params(self) -> dict[str, str]:
+        """``plan.<stage>.rows|llm_tokens|hours|device`` and totals, for the parent run."""
+        out = {"plan.gpu": self.gpu, "plan.gpu_hours": f"{self.total_hours('gpu'):.4g}",
+               "plan.cpu_hours": f"{self.total_hours('cpu'):.4g}"}
+        for s in self.stages:
+            for k in ("rows", "llm_tokens", "hours", "device"):
+                v = getattr(s, k)
+                if v is not None:
+                    out[f"plan.{s.name}.{k}"] = f"{v:.4g}" if isinstance(v, float) else str(v)
+        return out
+
+    def render(self) -> str:
+        head = f"{'stage':<22}{'rows':>9}{'LLM tokens':>13}{'device-h':>10}  device  resources"
+        lines = [f"plan for method {self.method} (GPU type {self.gpu})", head, "-" * len(head)]
+        for s in self.stages:
+            rows = "?" if s.rows is None else f"{s.rows:,}"
+            tok = "" if s.llm_tokens is None else f"{s.llm_tokens:,}"
+            hrs = "" if s.hours is None else f"{s.hours:.3f}"
+            res = ", ".join(f"{k}={v}" for k, v in s.resources.items())
+            lines.append(f"{s.name:<22}{rows:>9}{tok:>13}{hrs:>10}  {s.device:<6}  {res}")
+            if s.note:
+                lines.append(f"{'':<22}  ({s.note})")
+        lines.append(f"total: {self.total_hours('gpu'):.3f} GPU-hours, "
+                     f"{self.total_hours('cpu'):.3f} CPU-worker-hours")
+        lines += [f"note: {n}" for n in self.notes]
+        if self.prompt:
+            lines += ["", "one rendered prompt (what the teacher sees, chat template included):",
+                      "-" * 60, self.prompt, "-" * 60]
+        return "\n".join(lines)
+
+
+_PLANNERS: dict[str, Callable[..., Plan]] = {}
+
+
+def register(method: str) -> Callable[[Callable[..., Plan]], Callable[..., Plan]]:
+    """Decorator: ``@register("dallmi") def plan_dallmi(cfg, table, gpu) -> Plan``."""
+    def deco(fn: Callable[..., Plan]) -> Callable[..., Plan]:
+        _PLANNERS[method] = fn
+        return fn
+    return deco
+
+
+def load_table(path: Path = TABLE_PATH) -> dict[str, Any]:
+    return yaml.safe_load(path.read_text())
+
+
+def make_plan(cfg, *, gpu: str = "h100", table: dict[str, Any] | None = None) -> Plan:
+    """Plan a validated job config (see module docstring)."""
+    table = table or load_table()
+    if gpu not in table["devices"] or gpu == "cpu":
+        raise PlanError(f"unknown GPU type {gpu!r}; the table knows "
+                        f"{sorted(k for k in table['devices'] if k != 'cpu')}")
+    fn = _PLANNERS.get(cfg.method)
+    if fn is None:
+        raise PlanError(f"no plan for method {cfg.method!r} yet (planners: {sorted(_PLANNERS)}); "
+                        "add one with raydapt.plan.register")
+    return fn(cfg, table, gpu)
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers shared by planners
+# --------------------------------------------------------------------------------------------
+
+
+def count_rows(path: Path, fmt: str = "auto") -> int | None:
+    """Rows in a jsonl / parquet / csv file (None when the file is not on this machine)."""
+    if "://" in str(path) or not path.is_file():
+        return None
+    kind = fmt if fmt != "auto" else path.suffix.lstrip(".").lower()
+    if kind in ("parquet", "pq"):
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(path).metadata.num_rows
+    with open(path, "rb") as f:
+        n = sum(1 for line in f if line.strip())
+    return n - 1 if kind == "csv" else n
+
+
+def sample_texts(path: Path, text_field: str, n: int = 32, fmt: str = "auto") -> list[str]:
+    """The first ``n`` texts of a file (for token estimates)."""
+    if "://" in str(path) or not path.is_file():
+        return []
+    kind = fmt if fmt != "auto" else path.suffix.lstrip(".").lower()
+    import pandas as pd
+
+    if kind in ("parquet", "pq"):
+        df = pd.read_parquet(path).head(n)
+    elif kind == "csv":
+        df = pd.read_csv(path, nrows=n)
+    else:
+        rows = []
+        with open(path) as f:
+            for line in f:
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError:
+                        continue
+                if len(rows) >= n:
+                    break
+        df = pd.DataFrame(rows)
+    if text_field not in df:
+        return []
+    return [str(t) for t in df[text_field].dropna().tolist() if str(t).strip()]
+
+
+def model_params(ref: str, table: dict[str, Any]) -> tuple[float, str]:
+    """(parameter count, how we know it) for a model reference."""
+    name = ref.split(":", 1)[-1].split("@")[0].lower()
+    for key, n in sorted(table["model_params"].items(), key=lambda kv: -len(kv[0])):
+        if key in name:
+            return float(n), key
+    m = re.search(r"(\d+(?:\.\d+)?)\s*([bm])(?![a-z])", name)
+    if m:
+        return float(m.group(1)) * (1e9 if m.group(2) == "b" else 1e6), f"{m.group(0)} in name"
+    return 7e9, "unknown size, assumed 7e9"
+
+
+def resources(actors: int | tuple[int, int], cpus: float, gpus: float, **extra: Any
+              ) -> dict[str, Any]:
+    c = f"{actors[0]}-{actors[1]}" if isinstance(actors, (tuple, list)) else actors
+    out: dict[str, Any] = {"actors": c, "CPU/actor": cpus}
+    if gpus:
+        out["GPU/actor"] = gpus
+    out.update(extra)
+    return out
+
+
+def llm_stage(name: str, *, rows: int | None, tokens_per_row: float | None, params: float,
+              backend: str, pool, table: dict[str, Any], gpu: str) -> StagePlan:
+    """A prefill-only LLM pass over ``rows`` prompts on an actor pool."""
+    dev = "gpu" if pool.num_gpus else "cpu"
+    kind = gpu if dev == "gpu" else "cpu"
+    tokens = None if rows is None or tokens_per_row is None else int(rows * tokens_per_row)
+    hours = None
+    replicas = pool.concurrency[1] if isinstance(pool.concurrency, (tuple, list)) \
+        else pool.concurrency
+    if tokens is not None:
+        flops = 2 * params * tokens
+        rate = table["devices"][kind][f"llm_{backend}"]
+        load = table["fixed_seconds"][f"llm_load_{backend}"][dev]
+        # compute is spread over the replicas; every replica pays its model load once.
+        # GPU: GPU-hours (x num_gpus per actor for the loads); CPU: actor-hours.
+        per_actor = pool.num_gpus if dev == "gpu" else 1
+        hours = (flops / rate + load * replicas * per_actor) / 3600
+    return StagePlan(name, rows, tokens, dev, hours,
+                     resources(pool.concurrency, pool.num_cpus, pool.num_gpus,
+                               batch_size=pool.batch_size, backend=backend))
+
+
+def train_stage(name: str, *, examples: int | None, tokens_per_example: int, params: float,
+                train, table: dict[str, Any], gpu: str) -> StagePlan:
+    """One Ray Train fit: ``examples`` seen (rows x epochs) at ``tokens_per_example``."""
+    dev = "gpu" if train.use_gpu else "cpu"
+    kind = gpu if dev == "gpu" else "cpu"
+    hours = None
+    if examples is not None:
+        flops = 6 * params * examples * tokens_per_example
+        fixed = table["fixed_seconds"]["train_fit"][dev]
+        # the rate is per device; all workers hold a device for the whole fit
+        wall = flops / (table["devices"][kind]["train"] * (train.num_workers if dev == "gpu"
+                                                           else 1)) + fixed
+        hours = wall * train.num_workers / 3600
+    res = {"workers": train.num_workers, "CPU/worker": train.cpus_per_worker}
+    if train.use_gpu:
+        res["GPU/worker"] = 1
+    return StagePlan(name, examples, None, dev, hours, res,
+                     note=f"{tokens_per_example} tokens/example, rows x epochs")
+
+
+class _TokenizerFormatter:
+    """The engines' PromptFormatter on a bare tokenizer (no model weights loaded)."""
+
+    def __init__(self, t) -> None:
+        from transformers import AutoTokenizer
+
+        from raydapt.assets import resolve_model
+        from raydapt.engines.base import PromptFormatter
+
+        rm = resolve_model(t.model)
+        tok = AutoTokenizer.from_pretrained(rm.path, revision=t.revision or rm.revision,
+                                            trust_remote_code=t.trust_remote_code)
+        self.fmt = PromptFormatter()
+        self.fmt._init_text(tok, list(t.verbalizer.values()), model=t.model, chat=t.chat,
+                            answer_prefix=t.answer_prefix, max_length=t.max_length)
+
+    def render(self, prompt: str) -> str:
+        return self.fmt.format(prompt)
+
+    def n_tokens(self, prompts: list[str]) -> list[int]:
+        return [len(x) for x in self.fmt.tokenize(prompts)["input_ids"]]
+
+    def truncate(self, text: str, n: int) -> str:
+        return self.fmt.truncate(text, n)
+
+
+class _CharFormatter:
+    """Fallback when the tokenizer cannot be loaded here (e.g. a hub model, offline):
+    ~4 characters per token, no chat template."""
+
+    def __init__(self, t) -> None:
+        self.t = t
+
+    def render(self, prompt: str) -> str:
+        return prompt + self.t.answer_prefix
+
+    def n_tokens(self, prompts: list[str]) -> list[int]:
+        return [min(self.t.max_length, math.ceil(len(self.render(p)) / 4)) for p in prompts]
+
+    def truncate(self, text: str, n: int) -> str:
+        return text[: 4 * n]
+
+
+def formatter(teacher, notes: list[str]):
+    try:
+        return _TokenizerFormatter(teacher)
+    except Exception as exc:
+        notes.append(f"teacher tokenizer not available here ({type(exc).__name__}: "
+                     f"{str(exc).splitlines()[0][:160]}); tokens estimated as characters / 4")
+        return _CharFormatter(teacher)
+
+
+# --------------------------------------------------------------------------------------------
+# SimDA
+# --------------------------------------------------------------------------------------------
+
+
+@register("simda")
+def plan_simda(cfg, table: dict[str, Any], gpu: str) -> Plan:
+    from raydapt.stages.annotate import build_prompt
+
+    notes: list[str] = []
+    d, t, a, dist = cfg.data, cfg.teacher, cfg.annotate, cfg.distill
+    root = Path(d.root)
+    n_src_file = count_rows(root / d.source.path, d.source.format)
+    n_tgt_file = count_rows(root / d.target.path, d.target.format)
+    for what, n, p in (("source", n_src_file, d.source.path), ("target", n_tgt_file, d.target.path)):
+        if n is None:
+            notes.append(f"{what} file {root / p} is not on this machine: its rows are unknown")
+
+    def cap(n: float | None, m: int | None) -> int | None:
+        return None if n is None else int(min(round(n), m) if m else round(n))
+
+    n_src = cap(n_src_file, d.max_source_rows)
+    n_tr = cap(None if n_tgt_file is None else n_tgt_file * (1 - d.target_test_fraction),
+               d.max_target_train_rows)
+    n_te = cap(None if n_tgt_file is None else n_tgt_file * d.target_test_fraction,
+               d.max_target_test_rows)
+    notes.append("row counts are before rejects; the target split is by a seeded id hash, so "
+                 "train/test sizes are expected values")
+
+    def add(*xs: int | None) -> int | None:
+        return None if any(x is None for x in xs) else int(sum(xs))  # type: ignore[arg-type]
+
+    fmt = formatter(t, notes)
+    texts = sample_texts(root / d.source.path, d.source.text_field, fmt=d.source.format) or \
+        sample_texts(root / d.target.path, d.target.text_field, fmt=d.target.format) or \
+        ["An example review text."]
+    words = [w.strip() for w in t.verbalizer.values()]
+    plain = [build_prompt(t.template, fmt.truncate(x, t.text_max_tokens)) for x in texts]
+    k = a.prompt_k
+    demo = [build_prompt(t.template, fmt.truncate(x, t.text_max_tokens),
+                         demos=[(fmt.truncate(texts[(i + j + 1) % len(texts)], t.demo_max_tokens),
+                                 words[(i + j) % len(words)]) for j in range(k)],
+                         demo_template=t.demo_template) for i, x in enumerate(texts)]
+    tok_plain = sum(fmt.n_tokens(plain)) / len(plain)
+    tok_demo = sum(fmt.n_tokens(demo)) / len(demo)
+    prompt = fmt.render(plain[0])
+    params, how = model_params(t.model, table)
+    notes.append(f"teacher {t.model}: {params:.3g} parameters ({how}); {tok_plain:.0f} tokens per "
+                 f"zero-shot prompt, {tok_demo:.0f} with {k} demonstrations (mean of "
+                 f"{len(texts)} sampled rows)")
+
+    stages = [StagePlan("read", add(n_src_file, n_tgt_file), note="driver + Ray Data read")]
+    stages.append(llm_stage("teacher", rows=add(n_src, n_tr, n_te), tokens_per_row=tok_plain,
+                            params=params, backend="hf", pool=t.pool, table=table, gpu=gpu))
+    if t.backend == "vllm":
+        stages[-1].note = "keys need hidden states: this pass runs on the hf engine"
+    stages.append(StagePlan("knn", add(n_tr, n_te), resources={"actors": 1, "CPU/actor": 0.25},
+                            note=f"FAISS {a.index} over {n_src} keys, k={a.k}"))
+    n_b = None if n_te is None else (min(n_te, a.baseline_max_rows) if a.baseline_max_rows
+                                     else n_te)
+    n_prompted = 0 if n_b is not None else None
+    if n_b is not None:
+        n_prompted += n_b if "icl_random" in a.baselines else 0
+        n_prompted += n_b if {"icl_nearest", "knn_prompt"} & set(a.baselines) else 0
+    if a.teacher_prompt == "knn_prompt":
+        n_prompted = add(n_prompted, n_tr)
+    if n_prompted != 0:
+        stages.append(llm_stage("prompted", rows=n_prompted, tokens_per_row=tok_demo,
+                                params=params, backend=t.backend, pool=t.pool, table=table,
+                                gpu=gpu))
+    s_params, s_how = model_params(dist.student, table)
+    for v in dist.variants:
+        rows = n_src if v == "source_only" else n_tr
+        ex = None if rows is None else rows * dist.epochs
+        stages.append(train_stage(f"student-{v}", examples=ex, tokens_per_example=dist.max_length,
+                                  params=s_params, train=dist, table=table, gpu=gpu))
+    notes.append(f"student {dist.student}: {s_params:.3g} parameters ({s_how})")
+    return Plan("simda", gpu, stages, prompt=prompt, notes=notes)
