@@ -1,0 +1,135 @@
+"""Selectors behind one interface: which pool samples S (|S| = N) join the domain set D.
+
+Each selector reads what the recipe's stages computed (:class:`SelectionInputs`) and returns the
+selected ids with their rank and score (:meth:`Selector.select`)::
+
+    inputs = SelectionInputs(pool_ids=..., votes=..., vote_sim=..., scores={"ntk": ..., "less": ...})
+    sel = SELECTORS["ntk"](seed=0).select(inputs, n=9000)   # DataFrame id, rank, score
+
+- ``random``    N pool ids in a seeded order (a hash of seed and id: independent of row order).
+- ``embedding`` stage 1 alone: the N pool samples with the most kNN votes from the domain
+  (ties broken by the summed cosine similarity of the votes, then by id order).
+- ``ntk``       stage 2: the N highest NTK scores s_j = ⟨ḡ_D, g(c_j)⟩ among the stage-1 candidates.
+- ``less``      the N highest LESS scores (max cosine of the Adam-preconditioned loss gradient to
+  the domain's loss gradients) among the same candidates.
+
+The vote counting itself (FAISS kNN on mean-pooled hidden states) is :func:`knn_votes`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+import pandas as pd
+
+from raydapt.data.readers import unit_hash
+
+
+@dataclass
+class SelectionInputs:
+    """Stage outputs the selectors read.
+
+    Attributes:
+        pool_ids: [Nc] ids of the (subsampled) pool.
+        votes: [Nc] kNN votes from the domain samples (stage 1), or None.
+        vote_sim: [Nc] summed cosine similarity of those votes (tie-break), or None.
+        scores: {selector: Series id → score} for the stage-2 candidates (ntk, less).
+    """
+
+    pool_ids: np.ndarray
+    votes: np.ndarray | None = None
+    vote_sim: np.ndarray | None = None
+    scores: dict[str, pd.Series] = field(default_factory=dict)
+
+
+def _frame(ids: np.ndarray, scores: np.ndarray) -> pd.DataFrame:
+    return pd.DataFrame({"id": ids, "rank": np.arange(len(ids), dtype=np.int64),
+                         "score": np.asarray(scores, dtype=np.float64)})
+
+
+class Selector:
+    """Base: ``select(inputs, n)`` → DataFrame ``id``, ``rank`` (0 = best), ``score``."""
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, *, seed: int = 0) -> None:
+        self.seed = seed
+
+    def select(self, inputs: SelectionInputs, n: int) -> pd.DataFrame:  # pragma: no cover
+        raise NotImplementedError
+
+
+class RandomSelector(Selector):
+    name = "random"
+
+    def select(self, inputs: SelectionInputs, n: int) -> pd.DataFrame:
+        u = unit_hash(list(inputs.pool_ids), seed=self.seed, salt="random-select")
+        order = np.argsort(u, kind="stable")[:n]
+        return _frame(np.asarray(inputs.pool_ids)[order], u[order])
+
+
+class EmbeddingSelector(Selector):
+    name = "embedding"
+
+    def select(self, inputs: SelectionInputs, n: int) -> pd.DataFrame:
+        if inputs.votes is None:
+            raise ValueError("the embedding selector needs stage-1 votes")
+        sim = inputs.vote_sim if inputs.vote_sim is not None else np.zeros(len(inputs.votes))
+        order = np.lexsort((np.arange(len(sim)), -sim, -inputs.votes))[:n]
+        return _frame(np.asarray(inputs.pool_ids)[order], inputs.votes[order])
+
+
+class ScoreSelector(Selector):
+    """Top N by a stage-2 score (higher = better; ties → first in candidate order)."""
+
+    def select(self, inputs: SelectionInputs, n: int) -> pd.DataFrame:
+        s = inputs.scores.get(self.name)
+        if s is None:
+            raise ValueError(f"the {self.name} selector needs its stage-2 scores")
+        s = s[np.isfinite(s.to_numpy())]
+        order = np.argsort(-s.to_numpy(), kind="stable")[:n]
+        return _frame(s.index.to_numpy()[order], s.to_numpy()[order])
+
+
+class NTKSelector(ScoreSelector):
+    name = "ntk"
+
+
+class LESSSelector(ScoreSelector):
+    name = "less"
+
+
+SELECTORS: dict[str, type[Selector]] = {
+    c.name: c for c in (RandomSelector, EmbeddingSelector, NTKSelector, LESSSelector)}
+
+
+def knn_votes(domain_emb: np.ndarray, pool_emb: np.ndarray, *, k: int
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Each domain sample votes for its k nearest pool samples by cosine (FAISS inner product on
+    L2-normalised vectors).
+
+    Args:
+        domain_emb: [Nd, H] domain embeddings.
+        pool_emb: [Nc, H] pool embeddings.
+        k: neighbours per domain sample (capped at Nc).
+
+    Returns:
+        votes [Nc] int64 (how many domain samples have c among their k nearest) and vote_sim
+        [Nc] float64 (the sum of those cosine similarities).
+    """
+    import faiss
+
+    d = np.ascontiguousarray(domain_emb, dtype=np.float32).copy()
+    c = np.ascontiguousarray(pool_emb, dtype=np.float32).copy()
+    if d.ndim != 2 or c.ndim != 2 or d.shape[1] != c.shape[1]:
+        raise ValueError(f"shape mismatch: domain {d.shape}, pool {c.shape}")
+    faiss.normalize_L2(d)
+    faiss.normalize_L2(c)
+    index = faiss.IndexFlatIP(c.shape[1])
+    index.add(c)
+    sims, idx = index.search(d, min(k, len(c)))
+    votes = np.bincount(idx.ravel(), minlength=len(c)).astype(np.int64)
+    vote_sim = np.bincount(idx.ravel(), weights=sims.ravel().astype(np.float64), minlength=len(c))
+    return votes, vote_sim

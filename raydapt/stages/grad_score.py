@@ -1,0 +1,204 @@
+"""Ray Data stages of NTK-Selector: embed (stage 1), per-sample gradients (stage 2), MC scoring.
+
+Each is a callable class for ``Dataset.map_batches(..., compute=ActorPoolStrategy(...))`` that
+loads the base model plus a LoRA adapter once per actor. Batches are pandas DataFrames carrying
+``id``; failing rows come back with an ``_error`` reason (recipe → rejects).
+
+- :class:`EmbedLM`: ``input_ids``, ``response_mask`` → ``emb`` [H] (mean of the final hidden
+  states over the sample's real tokens, fp32).
+- :class:`GradProject`: ``input_ids``, ``response_mask`` → ``g`` [p] = Π ∇_θ F(x) (projected
+  per-sample gradient of the NTK objective or the response loss, optionally Adam-preconditioned
+  before the projection), or directly the ``score`` against a given ḡ_D / domain gradients.
+- :class:`MCScore`: ``prompt`` (chat-formatted prompt + answer prefix), ``n_options`` →
+  ``letter_logp`` [n_options] and ``pred`` (argmax letter index).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from raydapt.stages.common import StageMetrics, Timer, run_isolating_failures
+
+
+def _load(model: dict[str, Any]):
+    from raydapt.train.lora import load_causal_lm
+
+    if model.get("threads"):
+        torch.set_num_threads(int(model["threads"]))
+    device = model.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    net, tok = load_causal_lm(model["model"], dtype=model.get("dtype", "float32"), device=device,
+                              adapter=model.get("adapter"))
+    return net.eval(), tok, device
+
+
+def _pad(batch: pd.DataFrame, pad_id: int, device: str, side: str = "right"):
+    from raydapt.data.qa import pad_batch
+
+    encs = [{"input_ids": list(a), "response_mask": list(m)}
+            for a, m in zip(batch["input_ids"], batch["response_mask"])]
+    return {k: v.to(device) for k, v in pad_batch(encs, pad_id=pad_id, side=side).items()}
+
+
+class EmbedLM:
+    """Mean-pooled final hidden states of (prompt + response) sequences.
+
+    Args:
+        model: {model, adapter, dtype, threads, device} (see :func:`load_causal_lm`).
+    """
+
+    def __init__(self, *, model: dict[str, Any], stage: str = "embed") -> None:
+        self.net, self.tok, self.device = _load(model)
+        self.stage = stage
+        self.metrics = StageMetrics(stage)
+
+    @torch.inference_mode()
+    def _embed(self, batch: pd.DataFrame) -> pd.DataFrame:
+        b = _pad(batch, self.tok.pad_token_id, self.device)
+        out = self.net(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                       output_hidden_states=True, logits_to_keep=1)
+        h = out.hidden_states[-1].float()  # [B, T, H]
+        m = b["attention_mask"].unsqueeze(-1).float()
+        emb = (h * m).sum(1) / m.sum(1).clamp_min(1.0)  # [B, H]
+        return pd.DataFrame({"id": batch["id"].to_numpy(), "emb": list(emb.cpu().numpy())})
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        with Timer() as t:
+            out = run_isolating_failures(batch, self._embed, stage=self.stage)
+        self.metrics.record(rows=len(batch), rejected=int((out["_error"] != "").sum()),
+                            seconds=t.seconds)
+        return out
+
+
+class GradProject:
+    """Projected per-sample gradients of the NTK objective (or the LESS loss) w.r.t. LoRA.
+
+    Args:
+        model: {model, adapter, dtype, threads, device}.
+        objective: ``logit_sum`` (NTK-Selector's F) or ``loss`` (LESS).
+        proj_dim / proj_seed / chunk_rows: the Rademacher projection (same seed for domain and
+            pool, so their projected gradients live in one space).
+        adam_state: path of ``adam_exp_avg_sq.pt`` to precondition (g / (√v + eps)) before
+            projecting (LESS); None = plain gradients.
+        score_against: None → output ``g`` [p]; else a [p] mean domain gradient (score kind
+            ``inner``/``cosine``) or a [Nd, p] matrix (``less``: max cosine), output ``score``.
+        vmap_chunk: samples vectorised at once (memory knob).
+    """
+
+    def __init__(self, *, model: dict[str, Any], objective: str, proj_dim: int, proj_seed: int,
+                 chunk_rows: int = 1024, adam_state: str | None = None,
+                 score_against: np.ndarray | None = None, score_kind: str = "inner",
+                 vmap_chunk: int | None = None, stage: str = "grad") -> None:
+        from raydapt.select.ntk import RademacherProjector, flat_dim, trainable_params
+
+        self.net, self.tok, self.device = _load({**model, "trainable": True})
+        for n, p in self.net.named_parameters():  # LoRA parameters are the θ of the kernel
+            p.requires_grad_("lora_" in n)
+        self.params = trainable_params(self.net)
+        self.proj = RademacherProjector(flat_dim(self.params), proj_dim, seed=proj_seed,
+                                        chunk_rows=chunk_rows)
+        self.objective = objective
+        self.adam_v = None
+        if adam_state is not None:
+            st = torch.load(adam_state, weights_only=True)
+            if st["exp_avg_sq"].numel() != self.proj.in_dim:
+                raise ValueError(f"Adam state has {st['exp_avg_sq'].numel()} entries, the LoRA "
+                                 f"parameters {self.proj.in_dim}")
+            self.adam_v = st["exp_avg_sq"].to(self.device)
+        self.against = None if score_against is None else torch.as_tensor(
+            np.asarray(score_against, dtype=np.float32), device=self.device)
+        self.score_kind = score_kind
+        self.vmap_chunk = vmap_chunk
+        self.stage = stage
+        self.metrics = StageMetrics(stage)
+
+    def _grads(self, batch: pd.DataFrame) -> pd.DataFrame:
+        from raydapt.select.ntk import adam_precondition, less_scores, ntk_scores, per_sample_grads
+
+        b = _pad(batch, self.tok.pad_token_id, self.device)
+        g = per_sample_grads(self.net, b["input_ids"], b["attention_mask"], b["response_mask"],
+                             params=self.params, objective=self.objective, method="vmap",
+                             chunk_size=self.vmap_chunk)  # [B, P]
+        if not torch.isfinite(g).all():
+            raise FloatingPointError("non-finite gradient")
+        if self.adam_v is not None:
+            g = adam_precondition(g, exp_avg_sq=self.adam_v)
+        gp = self.proj.project(g)  # [B, p]
+        out = pd.DataFrame({"id": batch["id"].to_numpy()})
+        if self.against is None:
+            out["g"] = list(gp.cpu().numpy())
+        elif self.against.dim() == 2:
+            out["score"] = less_scores(self.against, gp).cpu().numpy()
+        else:
+            out["score"] = ntk_scores(self.against, gp, kind=self.score_kind).cpu().numpy()
+        return out
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        with Timer() as t:
+            out = run_isolating_failures(batch, self._grads, stage=self.stage)
+        self.metrics.record(rows=len(batch), rejected=int((out["_error"] != "").sum()),
+                            seconds=t.seconds)
+        return out
+
+
+def letter_logprobs(net, tok, prompts: list[str], letter_ids: list[int], *, device: str,
+                    max_length: int) -> np.ndarray:
+    """Log-probs of the option letters as the next token after each prompt.
+
+    Args:
+        prompts: B fully formatted prompts (chat template + answer prefix applied), as text.
+        letter_ids: C token ids (e.g. of " A", " B", ...).
+
+    Returns:
+        [B, C] fp32 log-probabilities (over the full vocabulary) of each letter token.
+    """
+    tok.padding_side, tok.truncation_side = "left", "left"
+    enc = tok(prompts, return_tensors="pt", padding=True, truncation=True, max_length=max_length,
+              add_special_tokens=False).to(device)
+    with torch.inference_mode():
+        out = net(**enc, logits_to_keep=1)
+    logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+    return logp[:, letter_ids].cpu().numpy()
+
+
+class MCScore:
+    """Multiple-choice scoring by the log-prob of each option letter after the answer prefix.
+
+    Deterministic: no sampling; the prediction is the argmax letter among the row's options.
+
+    Args:
+        model: {model, adapter, dtype, threads, device}.
+        letters: all letters that may occur (e.g. ``["A", ..., "J"]``); each ``" X"`` must be a
+            single token.
+        max_length: prompt tokens kept (left truncation).
+    """
+
+    def __init__(self, *, model: dict[str, Any], letters: list[str], max_length: int,
+                 stage: str = "eval") -> None:
+        from raydapt.engines.base import check_single_tokens
+
+        self.net, self.tok, self.device = _load(model)
+        words = {f" {x}": self.tok(f" {x}", add_special_tokens=False)["input_ids"]
+                 for x in letters}
+        self.letter_ids = check_single_tokens(words, model["model"])
+        self.max_length = max_length
+        self.stage = stage
+        self.metrics = StageMetrics(stage)
+
+    def _score(self, batch: pd.DataFrame) -> pd.DataFrame:
+        lp = letter_logprobs(self.net, self.tok, list(batch["prompt"]), self.letter_ids,
+                             device=self.device, max_length=self.max_length)
+        n = batch["n_options"].to_numpy()
+        rows = [lp[i, : int(n[i])] for i in range(len(batch))]
+        return pd.DataFrame({"id": batch["id"].to_numpy(), "letter_logp": rows,
+                             "pred": [int(np.argmax(r)) for r in rows]})
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        with Timer() as t:
+            out = run_isolating_failures(batch, self._score, stage=self.stage)
+        self.metrics.record(rows=len(batch), rejected=int((out["_error"] != "").sum()),
+                            seconds=t.seconds)
+        return out

@@ -1,0 +1,257 @@
+"""Causal-LM LoRA fine-tuning with DeepSpeed on Ray Train (NTK-Selector's warm-up and fine-tune).
+
+Per-worker function first (:func:`lora_sft_loop`), driver wiring below (:func:`fit_lora`).
+
+The train dataset holds pre-tokenised rows: ``input_ids`` [L] and ``response_mask`` [L] (see
+:func:`raydapt.data.qa.encode_pair`); the loss is the mean next-token cross-entropy over the
+response tokens of each sample (:func:`raydapt.select.ntk.response_loss_objective`), averaged
+over the batch. DeepSpeed owns the optimizer (AdamW), the LR schedule (linear warm-up, linear
+decay) and ZeRO; on CPU it runs over gloo (``DS_ACCELERATOR=cpu``, ``torch_adam: true`` — the
+CPU-Adam JIT build takes minutes), on GPUs over NCCL (ZeRO-3 + bf16 in the GPU job).
+
+The output directory (copied from the Ray Train checkpoint of rank 0) holds ``adapter/`` (peft
+``save_pretrained``), ``adam_exp_avg_sq.pt`` (the optimizer's second moments over the LoRA
+parameters, flattened in ``named_parameters`` order — LESS's preconditioner) and
+``train.json`` (steps, losses, seconds).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_causal_lm(model_ref: str, *, dtype: str = "float32", device: str = "cpu",
+                   adapter: str | None = None, lora: dict[str, Any] | None = None,
+                   trainable: bool = False, seed: int = 0):
+    """Base causal LM (+ a saved LoRA adapter, or a fresh one from ``lora``) and its tokenizer.
+
+    Args:
+        model_ref: ``pkg:`` / ``hf:`` reference or a directory.
+        adapter: directory of a peft adapter to load (trainable if ``trainable``).
+        lora: fresh LoRA config {r, alpha, dropout, target_modules} when no adapter is given.
+        seed: seeds the fresh adapter's initialisation.
+
+    Returns:
+        (model, tokenizer); the tokenizer has a pad token.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from raydapt.assets import resolve_model
+
+    rm = resolve_model(model_ref)
+    tdtype = torch.bfloat16 if dtype == "auto" and device != "cpu" else _DTYPES.get(
+        dtype, torch.float32)
+    tok = AutoTokenizer.from_pretrained(rm.path, revision=rm.revision)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(rm.path, revision=rm.revision, dtype=tdtype,
+                                                 use_safetensors=True if rm.local else None)
+    model.config.use_cache = False
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
+    elif lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        torch.manual_seed(seed)
+        model = get_peft_model(model, LoraConfig(
+            r=int(lora["r"]), lora_alpha=int(lora["alpha"]), lora_dropout=float(lora["dropout"]),
+            target_modules=list(lora["target_modules"]), task_type="CAUSAL_LM"))
+    return model.to(device), tok
+
+
+def deepspeed_config(*, micro_batch: int, grad_accum: int, world: int, lr: float,
+                     weight_decay: float, total_steps: int, warmup_steps: int, zero_stage: int,
+                     dtype: str, cpu: bool, offload_optimizer: bool = False,
+                     grad_clip: float = 1.0) -> dict[str, Any]:
+    """A DeepSpeed config for LoRA SFT (AdamW + WarmupDecayLR + ZeRO ``zero_stage``).
+
+    On CPU: torch's AdamW (``torch_adam``) instead of the JIT-built CPU-Adam; fp16 is refused by
+    DeepSpeed on CPU, so ``dtype`` is float32 or bfloat16 there.
+    """
+    if cpu and dtype == "float16":
+        raise ValueError("DeepSpeed refuses fp16 on CPU; use float32 or bfloat16")
+    zero: dict[str, Any] = {"stage": int(zero_stage)}
+    if offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    cfg: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": int(micro_batch),
+        "gradient_accumulation_steps": int(grad_accum),
+        "train_batch_size": int(micro_batch) * int(grad_accum) * int(world),
+        "gradient_clipping": grad_clip,
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": lr, "weight_decay": weight_decay, "betas": [0.9, 0.999], "eps": 1e-8,
+            **({"torch_adam": True} if cpu else {})}},
+        "scheduler": {"type": "WarmupDecayLR", "params": {
+            "total_num_steps": max(1, total_steps), "warmup_num_steps": max(1, warmup_steps),
+            "warmup_min_lr": 0.0, "warmup_max_lr": lr, "warmup_type": "linear"}},
+        "zero_optimization": zero,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if dtype == "bfloat16":
+        cfg["bf16"] = {"enabled": True}
+    elif dtype == "float16":
+        cfg["fp16"] = {"enabled": True}
+    return cfg
+
+
+def _collate(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, torch.Tensor]:
+    from raydapt.data.qa import pad_batch
+
+    encs = [{"input_ids": list(a), "response_mask": list(m)}
+            for a, m in zip(batch["input_ids"], batch["response_mask"])]
+    return pad_batch(encs, pad_id=pad_id, side="right")
+
+
+def lora_sft_loop(cfg: dict[str, Any]) -> None:
+    """Per-worker LoRA SFT with DeepSpeed (runs inside each Ray Train worker)."""
+    if not cfg["use_gpu"]:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    import ray.train
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    from raydapt.select.ntk import response_loss_objective
+    from raydapt.tracking import RunLogger
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg["threads"]))
+    device = f"cuda:{ray.train.torch.get_device().index or 0}" if cfg["use_gpu"] else "cpu"
+    # weights load in fp32; DeepSpeed casts the module itself when bf16 is enabled
+    model, tok = load_causal_lm(cfg["model"], dtype="float32", device=device, lora=cfg["lora"],
+                                seed=cfg["seed"])
+    if cfg.get("gradient_checkpointing"):
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    micro = max(1, cfg["batch_size"] // (world * cfg["grad_accum"]))
+    steps_per_epoch = max(1, (cfg["train_rows"] // world) // micro)
+    total_micro = steps_per_epoch * cfg["epochs"]
+    total_opt = max(1, total_micro // cfg["grad_accum"])
+    ds_cfg = deepspeed_config(
+        micro_batch=micro, grad_accum=cfg["grad_accum"], world=world, lr=cfg["lr"],
+        weight_decay=cfg["weight_decay"], total_steps=total_opt,
+        warmup_steps=int(cfg["warmup_ratio"] * total_opt), zero_stage=cfg["zero_stage"],
+        dtype=cfg["dtype"], cpu=not cfg["use_gpu"], offload_optimizer=cfg["offload_optimizer"])
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=[p for _, p in named], config=ds_cfg,
+        dist_init_required=False)
+    log = RunLogger(cfg.get("mlflow_uri"), cfg.get("mlflow_run_id")) if rank == 0 else \
+        RunLogger(None, None)
+    shard = ray.train.get_dataset_shard("train")
+    step, losses, t0 = 0, [], time.time()
+    engine.train()
+    for epoch in range(cfg["epochs"]):
+        n = 0
+        for batch in shard.iter_batches(batch_size=micro, batch_format="numpy", drop_last=True,
+                                        local_shuffle_buffer_size=256,
+                                        local_shuffle_seed=cfg["seed"] + epoch):
+            if n >= steps_per_epoch:  # equal step counts on every rank (ZeRO collectives)
+                break
+            b = {k: v.to(device) for k, v in _collate(batch, tok.pad_token_id).items()}
+            out = engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+            loss = response_loss_objective(out.logits, b["input_ids"], b["response_mask"]).mean()
+            engine.backward(loss)
+            engine.step()
+            n += 1
+            step += 1
+            losses.append(loss.item())
+            if rank == 0 and (step % cfg["log_every"] == 0 or step == total_micro):
+                rate = step / max(1e-9, time.time() - t0)
+                recent = float(np.mean(losses[-cfg["log_every"]:]))
+                print(f"[{cfg['name']}] epoch {epoch + 1}/{cfg['epochs']} step {step}/"
+                      f"{total_micro} loss {recent:.4f} {rate * micro * world:.2f} rows/s "
+                      f"ETA {(total_micro - step) / max(rate, 1e-9):.0f}s", flush=True)
+                log.metrics({"train_loss": recent, "lr": engine.get_lr()[0]}, step)
+    # second moments of Adam over the LoRA params (a collective under ZeRO: every rank calls it)
+    vs = []
+    for _, p in named:
+        v = safe_get_full_optimizer_state(p, "exp_avg_sq")
+        vs.append(torch.zeros(p.numel()) if v is None else v.detach().float().reshape(-1).cpu())
+    adam_v = torch.cat(vs)
+    net = engine.module
+    if cfg["zero_stage"] == 3:
+        params = [p for _, p in named]
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            state = {n: p.detach().cpu().clone() for n, p in named}
+    else:
+        state = None
+    metrics = {"steps": step, "loss": float(np.mean(losses[-max(1, steps_per_epoch):] or [0])),
+               "first_loss": losses[0] if losses else float("nan"),
+               "seconds": time.time() - t0, "rows_per_s": step * micro * world /
+               max(1e-9, time.time() - t0)}
+    log.metrics({"final_loss": metrics["loss"]}, step)
+    with tempfile.TemporaryDirectory() as d:
+        ckpt = None
+        if rank == 0:
+            if state is not None:  # ZeRO-3: write the gathered LoRA weights
+                net.save_pretrained(os.path.join(d, "adapter"), state_dict=state)
+            else:
+                net.save_pretrained(os.path.join(d, "adapter"))
+            torch.save({"names": [n for n, _ in named], "exp_avg_sq": adam_v},
+                       os.path.join(d, "adam_exp_avg_sq.pt"))
+            Path(d, "train.json").write_text(json.dumps({**metrics, "losses": losses}))
+            ckpt = ray.train.Checkpoint.from_directory(d)
+        ray.train.report(metrics, checkpoint=ckpt)
+
+
+def fit_lora(*, name: str, train_ds, n_rows: int, model: str, lora: dict[str, Any],
+             train: dict[str, Any], seed: int, storage: str, out_dir: str | Path,
+             mlflow_uri: str | None = None, mlflow_run_id: str | None = None) -> dict[str, Any]:
+    """Fit a LoRA adapter with :class:`ray.train.torch.TorchTrainer` + DeepSpeed; copy the final
+    checkpoint (adapter, Adam second moments, train.json) into ``out_dir``; return the metrics.
+
+    ``train`` holds the LoRATrainSection fields (num_workers, epochs, batch_size, lr, zero_stage,
+    dtype, ...).
+    """
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    workers = int(train["num_workers"])
+    use_gpu = bool(train.get("use_gpu"))
+    cfg = {
+        **train, "name": name, "seed": seed, "model": model, "lora": lora, "train_rows": n_rows,
+        "use_gpu": use_gpu, "mlflow_uri": mlflow_uri, "mlflow_run_id": mlflow_run_id,
+        "log_every": max(1, math.ceil(n_rows / max(1, train["batch_size"]) / 8)),
+        "threads": train.get("threads") or max(1, int(train.get("cpus_per_worker", 1))),
+    }
+    trainer = TorchTrainer(
+        lora_sft_loop, train_loop_config=cfg,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=workers, use_gpu=use_gpu,
+            resources_per_worker={"CPU": float(train.get("cpus_per_worker", 1)),
+                                  **({"GPU": 1} if use_gpu else {})}),
+        run_config=RunConfig(name=name, storage_path=str(Path(storage).resolve())),
+        datasets={"train": train_ds},
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    out = Path(out_dir)
+    with result.checkpoint.as_directory() as d:
+        for item in Path(d).iterdir():
+            dest = out / item.name
+            if item.is_dir():
+                shutil.copytree(item, dest, dirs_exist_ok=True)
+            else:
+                shutil.copy2(item, dest)
+    return dict(result.metrics)

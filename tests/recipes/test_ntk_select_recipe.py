@@ -1,0 +1,149 @@
+"""NTK-Selector end to end on tiny data: real Ray Data actor pools, Ray Train + DeepSpeed (ZeRO-2
+over gloo), FAISS, MLflow; then a rerun that recomputes exactly one deleted stage-2 shard.
+
+The model is a tiny random Llama (2 layers, width 32) with SmolLM2's tokenizer and chat
+template, saved to a directory (a local model reference), so the fixed costs dominate: two
+TorchTrainer fits (warm-up, fine-tune on D ∪ S; domain-only reuses the warm-up, same config and
+rows) and a handful of actor-pool passes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from raydapt.config import validate_job
+
+
+def _tiny_model(d: Path) -> Path:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from raydapt.assets import resolve_model
+
+    tok = AutoTokenizer.from_pretrained(resolve_model("pkg:smollm2-135m-instruct").path)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=256, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def _write(path: Path, rows: list) -> None:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+
+
+def _data(root: Path) -> None:
+    (root / "pool").mkdir(parents=True)
+    (root / "med").mkdir()
+    pool = [{"id": f"p{i}", "source": "toy/math" if i % 2 else "toy/sense",
+             "question": f"What is {i} plus {i + 1}?" if i % 2 else f"Is a cat bigger than a "
+             f"{'mouse' if i % 4 else 'horse'}? number {i}",
+             "rationale": f"{i} + {i + 1} = {2 * i + 1}." if i % 2 else "Cats are mid-sized.",
+             "answer": str(2 * i + 1) if i % 2 else ("yes" if i % 4 else "no")}
+            for i in range(24)]
+    pool += ['{"id": "bad-json", ', {"id": "p-empty", "question": "", "answer": "1"}]
+    _write(root / "pool" / "toy.jsonl", pool)
+    opts = {"A": "yes", "B": "no", "C": "maybe"}
+    med = [{"id": f"m{i}", "split": "train" if i < 8 else "test",
+            "question": f"Does drug {i} lower blood pressure in adults?",
+            "context": f"A trial of drug {i} in {10 * i + 20} adults.", "options": opts,
+            "answer": "ABC"[i % 3], "rationale": f"Drug {i} had an effect." if i % 2 else None}
+           for i in range(14)]
+    med += [{"id": "m-bad", "split": "test", "question": "Q?", "options": opts, "answer": "E"}]
+    _write(root / "med" / "toyqa.jsonl", med)
+
+
+@pytest.mark.timeout(600)
+def test_ntk_select_end_to_end_and_shard_resume(ray_local, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from raydapt.recipes import ntk_select
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    _data(tmp_path / "data")
+    model = _tiny_model(tmp_path / "tiny")
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    pool_sec = {"concurrency": 1, "num_cpus": 0.5, "batch_size": 4, "threads": 1}
+    train = {"num_workers": 2, "cpus_per_worker": 0.5, "threads": 1, "epochs": 1,
+             "batch_size": 8, "lr": 1e-3, "zero_stage": 2}
+    cfg = validate_job({
+        "method": "ntk_select",
+        "run": {"name": "tiny", "output_dir": str(tmp_path / "runs"),
+                "cache_dir": str(tmp_path / "cache")},
+        "tracking": {"uri": uri, "artifact_location": str(tmp_path / "art"),
+                     "experiment": "ntk-test"},
+        "data": {"root": str(tmp_path / "data"), "pool": ["pool/toy.jsonl"],
+                 "tasks": [{"path": "med/toyqa.jsonl", "name": "toyqa", "domain_rows": 8,
+                            "eval_rows": None}]},
+        "model": str(model),
+        "format": {"max_length": 64},
+        "lora": {"r": 2, "alpha": 4},
+        "warmup": train, "finetune": train,
+        "select": {"selectors": ["ntk"], "n": 4, "m_factor": 2, "k": 4, "proj_dim": 64,
+                   "proj_chunk_rows": 256, "shard_rows": 3, "embed_pool": pool_sec,
+                   "grad_pool": pool_sec},
+        "eval": {"max_length": 96, "pool": pool_sec},
+    })
+    res = ntk_select.run(cfg)
+    out = tmp_path / "runs" / "tiny"
+
+    # sizes: D = 8 train items, 24 good pool rows (2 rejects), M = 8 candidates, N = 4
+    assert res["sizes"] == {"D": 8, "pool": 24, "M": 8, "N": 4, "test": {"toyqa": 6}}
+    assert set(res["accuracy"]) == {"base", "domain_only", "ntk"}
+    for acc in res["accuracy"].values():
+        assert 0.0 <= acc["toyqa"] <= 1.0 and acc["mean"] == acc["toyqa"]
+    rej = pd.read_parquet(out / "rejects.parquet")
+    reasons = " | ".join(rej["reason"])
+    assert "invalid JSON" in reasons and "empty question" in reasons
+    assert "is not one of the options" in reasons  # m-bad: answer E with options A-C
+
+    # selection: N ids from the stage-1 candidates, ranked by the stored NTK scores
+    votes = pd.read_parquet(out / "stage1_votes.parquet")
+    assert len(votes) == 24 and votes["votes"].sum() == 8 * 4  # every domain row votes k=4
+    scores = pd.read_parquet(out / "scores_ntk.parquet")
+    assert len(scores) == 8 and scores["score"].notna().all()
+    sel = pd.read_parquet(out / "selected_ntk.parquet")
+    assert list(sel["id"]) == list(scores.sort_values("score", ascending=False,
+                                                      kind="stable")["id"][:4])
+    # scored shards: 8 candidates in shards of 3 -> 3 part files, plus the success marker
+    shard_dir = next((tmp_path / "cache" / "scores-ntk").iterdir())
+    parts = sorted(shard_dir.glob("part-*.parquet"))
+    assert [p.name for p in parts] == [f"part-{i:05d}.parquet" for i in range(3)]
+    assert (shard_dir / "_SUCCESS").exists()
+
+    # MLflow: parent + a child per stage, per-step loss, selected ids as an artifact
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("ntk-test")
+    runs = client.search_runs([exp.experiment_id])
+    names = {r.data.tags.get("mlflow.runName"): r for r in runs}
+    for want in ("tiny", "read", "warmup", "stage1-embed", "stage2-logit_sum-domain",
+                 "stage2-ntk", "select", "finetune-ntk", "finetune-domain_only", "eval-base",
+                 "eval-ntk"):
+        assert want in names, (want, sorted(names))
+    assert client.get_metric_history(names["warmup"].info.run_id, "train_loss")
+    arts = [a.path for a in client.list_artifacts(names["select"].info.run_id, "selected")]
+    assert arts == ["selected/selected_ntk.parquet"]
+    assert "acc.ntk.toyqa" in names["tiny"].data.metrics
+
+    # rerun after losing one shard: only that shard is recomputed, the rest is reused
+    keep = {p.name: p.stat().st_mtime_ns for p in parts}
+    before = pd.read_parquet(parts[1])
+    parts[1].unlink()
+    (shard_dir / "_SUCCESS").unlink()
+    res2 = ntk_select.run(cfg)
+    assert parts[1].exists() and (shard_dir / "_SUCCESS").exists()
+    assert parts[0].stat().st_mtime_ns == keep[parts[0].name]
+    assert parts[2].stat().st_mtime_ns == keep[parts[2].name]
+    pd.testing.assert_frame_equal(pd.read_parquet(parts[1]), before, rtol=1e-5)
+    assert res2["accuracy"] == res["accuracy"]
+    runs2 = client.search_runs([exp.experiment_id], filter_string="tags.mlflow.runName = "
+                               "'stage2-ntk'", order_by=["start_time DESC"])
+    assert runs2[0].data.metrics["shards_cached"] == 2

@@ -1,0 +1,169 @@
+"""NTK-Selector pieces without Ray: QA reading/formatting, response masks, selectors, kNN votes,
+multiple-choice letter scoring, the DeepSpeed config and the job config."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from raydapt.data.qa import QAFormat, encode_pair, normalise_qa, pad_batch, read_qa, render
+from raydapt.select.selectors import SELECTORS, SelectionInputs, knn_votes
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from transformers import AutoTokenizer
+
+    from raydapt.assets import resolve_model
+
+    t = AutoTokenizer.from_pretrained(resolve_model("pkg:smollm2-135m-instruct").path)
+    if t.pad_token is None:
+        t.pad_token = t.eos_token
+    return t
+
+
+def test_read_qa_rejects_malformed_rows(tmp_path):
+    p = tmp_path / "qa.jsonl"
+    rows = [
+        {"id": "a", "question": "Q1?", "options": {"A": "x", "B": "y"}, "answer": "B"},
+        {"id": "b", "question": "Q2?", "options": {"A": "x"}, "answer": "C"},
+        {"id": "c", "question": "  ", "answer": "A"},
+        {"question": "no id", "answer": "A"},
+        {"id": "d", "question": "Q4?", "options": 5, "answer": "A"},
+        {"id": "e", "question": "Q5?", "answer": ""},
+        {"id": "a", "question": "dup", "answer": "1"},
+        {"id": "f", "question": "Q6?", "options": ["p", "q"], "answer": "B", "rationale": "r"},
+    ]
+    p.write_text("\n".join(json.dumps(r) for r in rows) + "\n{not json\n")
+    good, rej = read_qa(p)
+    assert list(good["id"]) == ["a", "f"]
+    assert json.loads(good.set_index("id").loc["f", "options"]) == {"A": "p", "B": "q"}
+    reasons = dict(zip(rej["id"].fillna("?"), rej["reason"]))
+    assert "not one of the options" in reasons["b"]
+    assert reasons["c"] == "empty question" and reasons["e"] == "empty answer"
+    assert "mapping or a list" in reasons["d"] and reasons["a"] == "duplicate id"
+    assert any("missing id" in r for r in rej["reason"])
+    assert any("invalid JSON" in r for r in rej["reason"])
+    bad = tmp_path / "cols.jsonl"
+    bad.write_text(json.dumps({"id": "x", "text": "t"}) + "\n")
+    with pytest.raises(Exception, match=r"missing column\(s\) \['answer', 'question'\]"):
+        read_qa(bad)
+
+
+def test_render_and_response_mask(tok):
+    row = normalise_qa([{"id": "1", "question": "Is it?", "context": "Ctx.",
+                         "options": {"A": "yes", "B": "no"}, "answer": "B",
+                         "rationale": "Because."}], file="f")[0].iloc[0]
+    prompt, response = render(row, QAFormat())
+    assert prompt == "Ctx.\n\nIs it?\nA. yes\nB. no"
+    assert response == "Because.\nThe answer is B."
+    e = encode_pair(tok, prompt, response, max_length=128)
+    ids, rm = e["input_ids"], e["response_mask"]
+    n_resp = sum(rm)
+    # the masked tokens are exactly the response (+ EOS), at the end, after the chat prefix
+    assert rm == [0] * (len(ids) - n_resp) + [1] * n_resp
+    assert tok.decode(ids[-n_resp:]) == response + tok.eos_token
+    assert "<|im_start|>assistant\n" in tok.decode(ids[: len(ids) - n_resp])
+    # too long: the prompt loses its left end, the response keeps >= 8 tokens
+    e2 = encode_pair(tok, "word " * 200 + prompt, response * 20, max_length=40)
+    assert len(e2["input_ids"]) == 40 and sum(e2["response_mask"]) >= 8
+    b = pad_batch([e, e2], pad_id=0)
+    assert b["input_ids"].shape == (2, len(ids)) and int(b["attention_mask"][1].sum()) == 40
+
+
+def test_selectors_interface():
+    ids = np.array([f"c{i}" for i in range(10)])
+    inputs = SelectionInputs(
+        pool_ids=ids, votes=np.array([0, 3, 1, 3, 0, 0, 2, 0, 0, 1]),
+        vote_sim=np.array([0, 2.0, 0.5, 2.5, 0, 0, 1.5, 0, 0, 0.9]),
+        scores={"ntk": pd.Series([0.1, 0.9, -1.0], index=["c2", "c5", "c7"]),
+                "less": pd.Series([0.3, np.nan, 0.2], index=["c1", "c3", "c4"])})
+    r1 = SELECTORS["random"](seed=1).select(inputs, 4)
+    assert r1.equals(SELECTORS["random"](seed=1).select(inputs, 4))  # seeded
+    assert not r1["id"].equals(SELECTORS["random"](seed=2).select(inputs, 4)["id"])
+    assert len(set(r1["id"])) == 4 and list(r1["rank"]) == [0, 1, 2, 3]
+    # random order does not depend on the pool's row order
+    shuffled = SelectionInputs(pool_ids=ids[::-1].copy())
+    assert set(SELECTORS["random"](seed=1).select(shuffled, 4)["id"]) == set(r1["id"])
+    emb = SELECTORS["embedding"]().select(inputs, 3)
+    assert list(emb["id"]) == ["c3", "c1", "c6"]  # 3 votes (tie → higher sim), then 2
+    assert list(SELECTORS["ntk"]().select(inputs, 2)["id"]) == ["c5", "c2"]
+    assert list(SELECTORS["less"]().select(inputs, 5)["id"]) == ["c1", "c4"]  # NaN dropped
+    with pytest.raises(ValueError, match="stage-1 votes"):
+        SELECTORS["embedding"]().select(SelectionInputs(pool_ids=ids), 2)
+
+
+def test_knn_votes_pick_the_obvious_nearest():
+    rng = np.random.default_rng(0)
+    pool = rng.normal(size=(20, 16)).astype(np.float32)
+    # three domain samples that are (scaled, slightly noisy) copies of pool rows 4, 4 and 11
+    dom = np.stack([3 * pool[4], 0.5 * pool[4] + 0.01 * rng.normal(size=16), pool[11]])
+    votes, sim = knn_votes(dom, pool, k=1)
+    assert votes[4] == 2 and votes[11] == 1 and votes.sum() == 3
+    assert sim[4] == pytest.approx(2.0, abs=1e-3)  # two cosines of ~1
+    sel = SELECTORS["embedding"]().select(SelectionInputs(
+        pool_ids=np.arange(20).astype(str), votes=votes, vote_sim=sim), 2)
+    assert list(sel["id"]) == ["4", "11"]
+    v5, _ = knn_votes(dom, pool, k=5)
+    assert v5.sum() == 15 and v5[4] == 2
+
+
+class _LetterLM(torch.nn.Module):
+    """Stand-in LM whose next-token logits favour a chosen token per prompt (by batch row)."""
+
+    def __init__(self, vocab: int, favour: list[int]) -> None:
+        super().__init__()
+        self.vocab, self.favour = vocab, favour
+
+    def forward(self, input_ids, attention_mask=None, logits_to_keep=1):
+        logits = torch.zeros(input_ids.shape[0], 1, self.vocab)
+        for i, t in enumerate(self.favour):
+            logits[i, 0, t] = 5.0
+        assert attention_mask[:, -1].all()  # left padding: the last position is real
+
+        class Out:
+            pass
+
+        o = Out()
+        o.logits = logits
+        return o
+
+
+def test_mc_letter_scoring_hand_built(tok):
+    from raydapt.stages.grad_score import letter_logprobs
+
+    letter_ids = [tok(f" {x}", add_special_tokens=False)["input_ids"][0] for x in "ABCD"]
+    net = _LetterLM(len(tok), favour=[letter_ids[2], letter_ids[0]])
+    lp = letter_logprobs(net, tok, ["short prompt", "a much longer prompt " * 5], letter_ids,
+                         device="cpu", max_length=64)
+    assert lp.shape == (2, 4)
+    assert lp[0].argmax() == 2 and lp[1].argmax() == 0
+    # hand value: one logit 5 among V zeros -> log p = 5 - log(e^5 + V - 1)
+    V = len(tok)
+    assert lp[0, 2] == pytest.approx(5 - np.log(np.exp(5) + V - 1), abs=1e-5)
+    assert lp[0, 0] == pytest.approx(-np.log(np.exp(5) + V - 1), abs=1e-5)
+
+
+def test_deepspeed_config_and_job_config():
+    from raydapt.config import ConfigError, NTKSelectJob, validate_job
+    from raydapt.train.lora import deepspeed_config
+
+    c = deepspeed_config(micro_batch=4, grad_accum=2, world=2, lr=1e-4, weight_decay=0.0,
+                         total_steps=10, warmup_steps=0, zero_stage=2, dtype="float32", cpu=True)
+    assert c["train_batch_size"] == 16 and c["optimizer"]["params"]["torch_adam"] is True
+    assert c["zero_optimization"] == {"stage": 2}
+    assert c["scheduler"]["params"]["warmup_num_steps"] == 1  # DeepSpeed refuses 0
+    g = deepspeed_config(micro_batch=1, grad_accum=1, world=8, lr=1e-4, weight_decay=0.0,
+                         total_steps=10, warmup_steps=1, zero_stage=3, dtype="bfloat16", cpu=False)
+    assert g["bf16"] == {"enabled": True} and "torch_adam" not in g["optimizer"]["params"]
+    with pytest.raises(ValueError, match="fp16"):
+        deepspeed_config(micro_batch=1, grad_accum=1, world=1, lr=1e-4, weight_decay=0.0,
+                         total_steps=1, warmup_steps=0, zero_stage=2, dtype="float16", cpu=True)
+    job = validate_job({"method": "ntk_select", "select": {"selectors": ["ntk", "less"]}})
+    assert isinstance(job, NTKSelectJob) and job.select.n_factor == 9.0
+    with pytest.raises(ConfigError, match="select.selectors"):
+        validate_job({"method": "ntk_select", "select": {"selectors": ["dsir"]}})
