@@ -1,0 +1,336 @@
+"""DALLMi recipe: multi-label positive-unlabeled domain adaptation (source male -> target female).
+
+Stages, in order (each an MLflow child run of the job's parent run):
+
+1. read     one multi-label file; source / target rows chosen by ``data.domain_field``;
+            rejects (empty text, unknown labels, duplicate ids, ...) -> rejects.parquet
+2. split    seeded id-hash 80/20 split per domain (train / test); the target test split keeps
+            every label
+3. hide     seeded label hiding on the target train split: keep ``hide.keep_ratio`` of each
+            label's positives (>=1), the rest become 0 ("unlabeled") -> hidden_labels.parquet
+4. source   fine-tune the classifier on the labeled source train split (BCE, full labels) on
+            Ray Train; the checkpoint is cached by content (encoder, source rows, train config,
+            seed), so every ratio, method and sweep trial with the same source reuses it
+5. adapt    one fit per method, each starting from the source checkpoint:
+              no_adapt     the source model as is
+              bce_partial  BCE on the observed labels (hidden positives count as negatives)
+              bce_oracle   BCE on the full target labels (upper bound)
+              aad          adversarial adaptation with distillation (no target labels)
+              dallmi       variational PU loss (norm) + MixUp, class-cycle sampler
+              dallmi_log   the same with the log (VPU) variational loss (ablation)
+            per-epoch target-test mAP, binarised mAP, micro / macro F1 to MLflow
+6. report   results.json (final-epoch metrics and per-epoch history for every method)
+
+Model selection never looks at the test split: every method reports its last epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from raydapt.cache import StageCache
+from raydapt.config import ConfigError, DALLMiJob, _expand_env, config_hash, to_yaml
+from raydapt.data.labels import hide_labels, multi_hot
+from raydapt.data.multilabel import read_multilabel
+from raydapt.data.readers import DataError, fingerprint, split_and_subsample
+from raydapt.runtime import init_ray, seed_everything
+from raydapt.tracking import RunLogger, Tracker
+
+ADAPT_OBJECTIVE = {"bce_partial": ("bce", None), "bce_oracle": ("bce", None),
+                   "aad": ("aad", None), "dallmi": ("dallmi", "norm"),
+                   "dallmi_log": ("dallmi", "log")}
+
+
+def _say(msg: str) -> None:
+    print(f"[dallmi {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+@dataclass
+class Prepared:
+    """Everything the adaptation fits share (built once per job / sweep)."""
+
+    vocab: list[str]
+    source: pd.DataFrame  # source train rows: id, text, labels
+    source_test: pd.DataFrame
+    target_train: pd.DataFrame
+    target_test: pd.DataFrame
+    y_source: np.ndarray  # [Ns, L]
+    y_train: np.ndarray  # [Nt, L] full target-train labels (oracle only)
+    observed: np.ndarray  # [Nt, L] after hiding
+    y_test: np.ndarray  # [Nte, L]
+    source_state: str  # path of the cached source model state_dict
+    source_metrics: dict[str, Any] = field(default_factory=dict)
+    counts: dict[str, Any] = field(default_factory=dict)
+    fingerprints: dict[str, str] = field(default_factory=dict)
+    rejects: pd.DataFrame | None = None
+
+
+def _loop_cfg(cfg: DALLMiJob, section, *, name: str, objective: str, vocab: list[str],
+              texts, y, eval_texts, eval_y, seed: int, init_state: str | None = None,
+              **extra) -> dict[str, Any]:
+    m = cfg.model
+    return {
+        "name": name, "objective": objective, "seed": seed, "encoder": m.encoder,
+        "pooling": m.pooling, "dropout": m.dropout, "trust_remote_code": m.trust_remote_code,
+        "train_layers": m.train_layers,
+        "num_labels": len(vocab), "init_state": init_state,
+        "epochs": section.epochs, "batch_size": section.batch_size, "lr": section.lr,
+        "weight_decay": section.weight_decay, "warmup_ratio": section.warmup_ratio,
+        "max_length": section.max_length, "log_every": section.log_every,
+        "threshold": cfg.threshold,
+        "train_texts": list(texts), "train_y": np.asarray(y, dtype=np.float32),
+        "eval_texts": list(eval_texts), "eval_y": np.asarray(eval_y, dtype=np.int64), **extra,
+    }
+
+
+def _train_kw(section) -> dict[str, Any]:
+    return section.model_dump(include={"num_workers", "use_gpu", "cpus_per_worker",
+                                       "max_failures", "in_process"})
+
+
+def _needs_ray(cfg: DALLMiJob) -> bool:
+    adapt = [m for m in cfg.methods if m != "no_adapt"]
+    return (not cfg.source.in_process) or (bool(adapt) and not cfg.adapt.in_process)
+
+
+def prepare(cfg: DALLMiJob, tracker: Tracker, out: Path) -> Prepared:
+    """Stages 1-4: read, split, hide, source fine-tune (cached)."""
+    import torch
+
+    from raydapt.train.multilabel import fit, multilabel_metrics, predict_probs, tokenizer
+
+    d = cfg.data
+    path = Path(_expand_env(d.root)) / d.path  # defaults are not expanded at load time
+    with tracker.child("read") as run_log:
+        rows, rejects, vocab = read_multilabel(
+            path, fmt=d.format, id_field=d.id_field, text_field=d.text_field,
+            labels_field=d.labels_field, label_columns=d.label_columns, labels=d.labels,
+            domain_field=d.domain_field, domains=[*d.source_domains, *d.target_domains])
+        fps = {"data": fingerprint(path)}
+        src_all = rows[rows["domain"].isin(d.source_domains)]
+        tgt_all = rows[rows["domain"].isin(d.target_domains)]
+        source, source_test = split_and_subsample(src_all, seed=cfg.run.seed,
+                                                  test_fraction=d.test_fraction,
+                                                  max_rows=d.max_source_rows)
+        tgt_train, tgt_test = split_and_subsample(
+            tgt_all, seed=cfg.run.seed, test_fraction=d.test_fraction,
+            max_rows=d.max_target_train_rows, max_test_rows=d.max_target_test_rows)
+        counts = {"source_rows": len(source), "source_test_rows": len(source_test),
+                  "target_train_rows": len(tgt_train), "target_test_rows": len(tgt_test),
+                  "rejects": len(rejects), "labels": len(vocab)}
+        run_log.metrics({k: v for k, v in counts.items()})
+        _say(f"read {path}: {counts} (source {d.source_domains} -> target {d.target_domains})")
+        if min(len(source), len(tgt_train), len(tgt_test)) == 0:
+            raise DataError(f"empty split {counts}: check data.domain_field "
+                            f"{d.domain_field!r} and its values {d.source_domains} / "
+                            f"{d.target_domains}, and the data.max_* caps")
+        y_src = multi_hot(list(source["labels"]), vocab)
+        y_tr = multi_hot(list(tgt_train["labels"]), vocab)
+        y_te = multi_hot(list(tgt_test["labels"]), vocab)
+        observed = hide_labels(y_tr, keep_ratio=cfg.hide.keep_ratio, strategy=cfg.hide.strategy,
+                               seed=cfg.run.seed, row_keys=list(tgt_train["id"]))
+        kept = observed.sum(0)
+        run_log.metrics({"observed_positives": float(kept.sum()),
+                         "hidden_positives": float(y_tr.sum() - kept.sum())})
+        _say(f"hide: keep_ratio {cfg.hide.keep_ratio} ({cfg.hide.strategy}): "
+             f"{int(kept.sum())}/{int(y_tr.sum())} target-train positives observed")
+        pd.DataFrame({"id": tgt_train["id"], "labels": tgt_train["labels"],
+                      "observed": [list(np.asarray(vocab)[r > 0]) for r in observed]}
+                     ).to_parquet(out / "hidden_labels.parquet")
+        rejects.to_parquet(out / "rejects.parquet")
+
+    # 4. source fine-tune, cached by content -----------------------------------------------
+    cache = StageCache(cfg.run.cache_dir)
+    src_cfg = cfg.source.model_dump(mode="json", exclude={"in_process", "max_failures",
+                                                          "log_every", "cpus_per_worker"})
+    parts = {"model": cfg.model.model_dump(mode="json"), "train": src_cfg, "data": fps,
+             "ids": config_hash({"ids": source["id"].tolist(), "vocab": vocab}),
+             "seed": cfg.run.seed}
+    cdir, done = cache.get("dallmi_source", parts)
+    with tracker.child("source", tags={"raydapt.variant": "source"}) as run_log:
+        if done:
+            _say(f"source: cached model ({cdir})")
+            hist = json.loads((cdir / "history.json").read_text())
+        else:
+            _say(f"source: fine-tune {cfg.model.encoder} on {len(source)} rows, "
+                 f"{cfg.source.epochs} epochs, {cfg.source.num_workers} worker(s)"
+                 f"{' in-process' if cfg.source.in_process else ' on Ray Train'}")
+            run_log.params({"objective": "bce", **cfg.source.model_dump(mode="json")})
+            lc = _loop_cfg(cfg, cfg.source, name=f"{cfg.run.name}-source", objective="bce",
+                           vocab=vocab, texts=source["text"], y=y_src,
+                           eval_texts=source_test["text"],
+                           eval_y=multi_hot(list(source_test["labels"]), vocab),
+                           seed=cfg.run.seed, mlflow_uri=tracker.uri if cfg.tracking.enabled
+                           else None, mlflow_run_id=run_log.run_id)
+            res = fit(lc, train=_train_kw(cfg.source), storage=str(out / "train"))
+            torch.save(res["state"], cdir / "model.pt")
+            hist = res["history"]
+            (cdir / "history.json").write_text(json.dumps(hist))
+            cache.commit(cdir)
+        src_metrics = {"source_test": hist[-1] if hist else {}}
+        # the source model on the target test split = the no-adaptation baseline
+        lc = {"encoder": cfg.model.encoder, "pooling": cfg.model.pooling,
+              "dropout": cfg.model.dropout, "num_labels": len(vocab), "seed": cfg.run.seed,
+              "init_state": str(cdir / "model.pt"),
+              "trust_remote_code": cfg.model.trust_remote_code}
+        from raydapt.train.multilabel import build_model
+
+        probs = predict_probs(build_model(lc), tokenizer(lc), list(tgt_test["text"]),
+                              max_length=cfg.adapt.max_length)
+        src_metrics["target_test"] = multilabel_metrics(y_te, probs, cfg.threshold)
+        run_log.metrics({f"target_{k}": v for k, v in src_metrics["target_test"].items()})
+    return Prepared(vocab=vocab, source=source, source_test=source_test, target_train=tgt_train,
+                    target_test=tgt_test, y_source=y_src, y_train=y_tr, observed=observed,
+                    y_test=y_te, source_state=str(cdir / "model.pt"),
+                    source_metrics=src_metrics, counts=counts, fingerprints=fps,
+                    rejects=rejects)
+
+
+def adapt(cfg: DALLMiJob, prep: Prepared, method: str, *, out: Path,
+          run_log: RunLogger | None = None, mlflow_uri: str | None = None,
+          on_epoch: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Stage 5 for one method: fit from the source checkpoint; returns final metrics + history."""
+    from raydapt.train.multilabel import fit
+
+    if method == "no_adapt":
+        m = dict(prep.source_metrics["target_test"])
+        if on_epoch:
+            on_epoch({"epoch": 0, **m})
+        return {**m, "history": []}
+    objective, mode = ADAPT_OBJECTIVE[method]
+    a = cfg.adapt
+    y = prep.y_train if method == "bce_oracle" else prep.observed
+    extra = {"alpha": a.alpha, "beta": a.beta, "lam": a.lam, "mixup_level": a.mixup_level,
+             "mixup_grad": a.mixup_grad, "positive_reduction": a.positive_reduction,
+             "random_share": a.random_share, "detach_target": a.detach_target, "mode": mode,
+             "aad": a.aad.model_dump(), "source_texts": list(prep.source["text"]),
+             "mlflow_uri": mlflow_uri if run_log is not None and run_log.enabled else None,
+             "mlflow_run_id": run_log.run_id if run_log is not None else None,
+             "on_epoch": on_epoch}
+    if objective == "dallmi":
+        n_rand = int(np.floor(a.random_share * (a.batch_size // a.num_workers) + 0.5))
+        active = int((y.sum(0) > 0).sum())
+        if a.batch_size // a.num_workers < active + n_rand:
+            raise ConfigError(
+                f"adapt.batch_size={a.batch_size} over {a.num_workers} worker(s) gives "
+                f"{a.batch_size // a.num_workers} rows per worker batch; the class-cycle sampler "
+                f"needs >= {active} labels + {n_rand} random rows: raise adapt.batch_size or "
+                "lower adapt.random_share")
+    lc = _loop_cfg(cfg, a, name=f"{cfg.run.name}-{method}", objective=objective,
+                   vocab=prep.vocab, texts=prep.target_train["text"], y=y,
+                   eval_texts=prep.target_test["text"], eval_y=prep.y_test, seed=cfg.run.seed,
+                   init_state=prep.source_state, **extra)
+    res = fit(lc, train=_train_kw(a), storage=str(out / "train"))
+    hist = res["history"]
+    return {**{k: v for k, v in hist[-1].items() if k != "epoch"}, "history": hist}
+
+
+def run(cfg: DALLMiJob) -> dict[str, Any]:
+    """Run the DALLMi job; returns the results dict also written to results.json."""
+    seed_everything(cfg.run.seed)
+    out = Path(cfg.run.output_dir) / cfg.run.name
+    out.mkdir(parents=True, exist_ok=True)
+    if _needs_ray(cfg):
+        init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.progress)
+    tracker = Tracker(enabled=cfg.tracking.enabled, uri=cfg.tracking.uri,
+                      experiment=cfg.tracking.experiment,
+                      artifact_location=cfg.tracking.artifact_location)
+    t_job = time.time()
+    with tracker.job(cfg.run.name, tags={"raydapt.method": "dallmi",
+                                         "raydapt.config_hash": config_hash(cfg)}) as parent:
+        parent.params(cfg.model_dump(mode="json"))
+        parent.text(to_yaml(cfg), "config.yaml")
+        _say(f"resolved config:\n{to_yaml(cfg)}")
+        prep = prepare(cfg, tracker, out)
+        parent.params({"data_fingerprint": prep.fingerprints})
+        results: dict[str, Any] = {}
+        for method in cfg.methods:
+            t0 = time.time()
+            _say(f"{method}: adapting from the source checkpoint")
+            with tracker.child(method, tags={"raydapt.variant": method}) as run_log:
+                run_log.params({"method": method, "keep_ratio": cfg.hide.keep_ratio,
+                                **({} if method == "no_adapt" else
+                                   cfg.adapt.model_dump(mode="json"))})
+                r = adapt(cfg, prep, method, out=out, run_log=run_log,
+                          mlflow_uri=tracker.uri if cfg.tracking.enabled else None)
+                if method == "no_adapt":
+                    run_log.metrics({k: v for k, v in r.items() if k != "history"}, 0)
+                r["seconds"] = round(time.time() - t0, 1)
+            results[method] = r
+            _say(f"{method}: target-test mAP {r['map']:.4f} (binarised {r['map_bin']:.4f}, "
+                 f"micro-F1 {r['micro_f1']:.4f}) in {r['seconds']:.0f}s")
+        summary = {
+            "job": cfg.run.name, "seed": cfg.run.seed, "keep_ratio": cfg.hide.keep_ratio,
+            "strategy": cfg.hide.strategy, "encoder": cfg.model.encoder, "labels": prep.vocab,
+            "source_domains": cfg.data.source_domains, "target_domains": cfg.data.target_domains,
+            "counts": prep.counts,
+            "target_train_positives": prep.y_train.sum(0).astype(int).tolist(),
+            "target_train_observed": prep.observed.sum(0).astype(int).tolist(),
+            "source": prep.source_metrics,
+            "methods": results, "seconds": round(time.time() - t_job, 1),
+        }
+        (out / "results.json").write_text(json.dumps(summary, indent=2))
+        for k, r in results.items():
+            parent.metrics({f"{m}.{k}": r[m] for m in ("map", "map_bin", "micro_f1", "macro_f1")})
+        parent.metrics({"seconds": summary["seconds"]})
+        for f in ("results.json", "rejects.parquet", "hidden_labels.parquet"):
+            parent.artifact(out / f)
+        width = max(len(k) for k in results)
+        _say("target-test mAP / binarised mAP / micro-F1 / macro-F1\n" + "\n".join(
+            f"  {k:<{width}}  {r['map']:.4f}  {r['map_bin']:.4f}  {r['micro_f1']:.4f}  "
+            f"{r['macro_f1']:.4f}" for k, r in results.items()))
+        _say(f"done in {summary['seconds']:.0f}s; outputs in {out}")
+        return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# sweep hooks (raydapt.sweep): shared set-up in the driver, one adaptation per trial
+# ---------------------------------------------------------------------------------------------
+
+
+def _sweep_method(cfg: DALLMiJob) -> str:
+    adaptive = [m for m in cfg.methods if m != "no_adapt"]
+    if len(adaptive) != 1:
+        raise ConfigError(f"a DALLMi sweep trains one adaptation method per trial; set methods "
+                          f"to one of {sorted(ADAPT_OBJECTIVE)} (got {cfg.methods})")
+    return adaptive[0]
+
+
+def prepare_for_sweep(cfg: DALLMiJob, tracker: Tracker) -> None:
+    """Driver side: read / hide / train the source model once, so trials find it cached."""
+    _sweep_method(cfg)
+    out = Path(cfg.run.output_dir) / cfg.run.name
+    out.mkdir(parents=True, exist_ok=True)
+    prepare(cfg, tracker, out)
+
+
+def trial(cfg: DALLMiJob, *, report: Callable[[dict[str, Any]], None],
+          run_log: RunLogger) -> dict[str, Any]:
+    """One sweep trial: adapt with this trial's config from the cached source model; report
+    target-test metrics per epoch (live when ``adapt.in_process``, else after the fit)."""
+    method = _sweep_method(cfg)
+    seed_everything(cfg.run.seed)
+    out = Path(cfg.run.output_dir) / cfg.run.name
+    out.mkdir(parents=True, exist_ok=True)
+    quiet = Tracker(enabled=False, uri=cfg.tracking.uri, experiment=cfg.tracking.experiment,
+                    artifact_location=cfg.tracking.artifact_location)
+    prep = prepare(cfg, quiet, out)
+    live = cfg.adapt.in_process
+
+    def on_epoch(m: dict[str, Any]) -> None:
+        report({k: v for k, v in m.items() if isinstance(v, (int, float))})
+
+    r = adapt(cfg, prep, method, out=out, run_log=run_log, mlflow_uri=run_log.uri,
+              on_epoch=on_epoch if live else None)
+    if not live:
+        for m in r["history"]:
+            on_epoch(m)
+    return r
