@@ -139,8 +139,9 @@ class GradProject:
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         with Timer() as t:
             out = run_isolating_failures(batch, self._grads, stage=self.stage)
-        self.metrics.record(rows=len(batch), rejected=int((out["_error"] != "").sum()),
-                            seconds=t.seconds)
+        bad = int((out["_error"] != "").sum())
+        self.metrics.record(rows=len(batch), rejected=bad, seconds=t.seconds,
+                            gradients=len(batch) - bad)
         return out
 
 

@@ -135,9 +135,10 @@ def lora_sft_loop(cfg: dict[str, Any]) -> None:
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
     device = f"cuda:{ray.train.torch.get_device().index or 0}" if cfg["use_gpu"] else "cpu"
-    # weights load in fp32; DeepSpeed casts the module itself when bf16 is enabled
-    model, tok = load_causal_lm(cfg["model"], dtype="float32", device=device, lora=cfg["lora"],
-                                seed=cfg["seed"])
+    # bf16 jobs load bf16 weights (an 8B model in fp32 per worker would not fit); DeepSpeed
+    # keeps fp32 master copies of the (LoRA) parameters it optimises
+    model, tok = load_causal_lm(cfg["model"], dtype="bfloat16" if cfg["dtype"] == "bfloat16"
+                                else "float32", device=device, lora=cfg["lora"], seed=cfg["seed"])
     if cfg.get("gradient_checkpointing"):
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()

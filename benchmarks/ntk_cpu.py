@@ -1,0 +1,67 @@
+"""NTK-Selector at CPU scale: accuracy on the medical tasks for base, domain-only, random,
+embedding, LESS and NTK selection (one job run, shared warm-up and stage-1 outputs), with the
+selection sizes and the per-sample-gradient throughput ratio, written to
+benchmarks/results/ntk-cpu.json with the machine described.
+
+    python benchmarks/ntk_cpu.py [key=value ...]          # runs jobs/ntk_select/medical-smollm.cpu.yaml
+    python benchmarks/ntk_cpu.py --collect                 # re-collect an existing run's results.json
+
+The throughput part is read from benchmarks/results/ntk-scoring-cpu.json (written by
+benchmarks/ntk_scoring.py: batched torch.func per-sample gradients vs a batch-size-1 loop).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import describe  # noqa: E402
+
+from raydapt.cli import main  # noqa: E402
+from raydapt.config import load_job  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def run(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--job", default="jobs/ntk_select/medical-smollm.cpu.yaml")
+    ap.add_argument("--out", default=str(RESULTS / "ntk-cpu.json"))
+    ap.add_argument("--collect", action="store_true", help="do not run; collect results.json")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args(argv)
+    cfg = load_job(args.job, args.overrides)
+    t0 = time.time()
+    if not args.collect and main(["run", args.job, *args.overrides]) != 0:
+        raise SystemExit("job failed")
+    res = json.loads((Path(cfg.run.output_dir) / cfg.run.name / "results.json").read_text())
+    acc = res["accuracy"]
+    ref = acc.get("random", {}).get("mean")
+    vs_random = {k: round(v["mean"] - ref, 4) for k, v in acc.items() if ref is not None}
+    scoring = RESULTS / "ntk-scoring-cpu.json"
+    thr = json.loads(scoring.read_text()) if scoring.exists() else {}
+    report = {
+        "benchmark": "ntk-cpu", "job": args.job, "overrides": args.overrides,
+        "machine": describe(), "model": res["model"], "sizes": res["sizes"],
+        "accuracy": acc, "mean_minus_random": vs_random,
+        "selected_sources": res["selected_sources"],
+        "wall_seconds": None if args.collect else round(time.time() - t0, 1),
+        "job_seconds": res["seconds"], "stage_seconds": res["stage_seconds"],
+        "scoring_throughput": {k: thr.get(k) for k in (
+            "methods", "ratio_batched_over_loop", "ratio_grad_only", "lora_params_P",
+            "projection", "samples_timed") if k in thr},
+        "scoring_throughput_file": str(scoring.relative_to(RESULTS.parent.parent)),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(acc, indent=1))
+    print(f"wrote {args.out}")
+    return report
+
+
+if __name__ == "__main__":
+    run()
