@@ -311,3 +311,12 @@ def test_no_manifest_or_config_contains_a_literal_secret():
         if found := secret_findings(text, docs):
             bad[str(f.relative_to(REPO))] = found
     assert not bad, bad
+
+
+def test_pool_sections_pass_custom_resources_to_ray_data():
+    from raydapt.config import ActorPoolSection
+    from raydapt.recipes.simda import _pool
+
+    kw = _pool(ActorPoolSection(num_gpus=1, resources={"annotate_gpu": 1}))
+    assert kw["resources"] == {"annotate_gpu": 1.0} and kw["num_gpus"] == 1
+    assert "resources" not in _pool(ActorPoolSection())
