@@ -485,6 +485,9 @@ class LoRATrainSection(Section):
         "float32", description="float32 on CPU (fp16 is refused there), bfloat16 on GPUs.")
     offload_optimizer: bool = False
     gradient_checkpointing: bool = False
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources per worker, e.g. "
+        "{train_gpu: 1}: steers the workers to the node type that offers them (cluster/).")
 
 
 class NTKSelectSection(Section):

@@ -54,6 +54,8 @@ def _pool_kw(section) -> dict[str, Any]:
                           "batch_size": section.batch_size, "batch_format": "pandas"}
     if section.num_gpus:
         kw["num_gpus"] = section.num_gpus
+    if section.resources:  # custom resources steer the pool to a node type (cluster/)
+        kw["resources"] = dict(section.resources)
     return kw
 
 

@@ -240,7 +240,9 @@ def fit_lora(*, name: str, train_ds, n_rows: int, model: str, lora: dict[str, An
         scaling_config=ScalingConfig(
             num_workers=workers, use_gpu=use_gpu,
             resources_per_worker={"CPU": float(train.get("cpus_per_worker", 1)),
-                                  **({"GPU": 1} if use_gpu else {})}),
+                                  **({"GPU": 1} if use_gpu else {}),
+                                  # train.resources, e.g. {train_gpu: 1}: node type (cluster/)
+                                  **dict(train.get("resources") or {})}),
         run_config=RunConfig(name=name, storage_path=str(Path(storage).resolve())),
         datasets={"train": train_ds},
     )
