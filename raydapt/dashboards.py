@@ -78,6 +78,9 @@ PANELS: tuple[Panel, ...] = (
           (_rate("raydapt_tokens", "{{stage}} (rate)"),
            Target("raydapt_tokens_per_second", "sum by (stage) ({s}{{{sel}}})",
                   "{{stage}} (actors, last batch)"))),
+    Panel("Gradients scored / s", "Per-sample gradients the NTK-Selector scoring stage "
+          "computes, projects and scores per second (counter raydapt_gradients_scored).",
+          (_rate("raydapt_gradients_scored"),)),
     Panel("Rejected rows / s", "Rows a stage rejected per second (they go to rejects.parquet "
           "with a reason).", (_rate("raydapt_rows_rejected"),), unit="rps"),
     Panel("Rows processed in range", "Rows each stage processed in the dashboard's time range.",

@@ -103,17 +103,20 @@ def test_every_dashboard_metric_is_in_the_spec_and_emitted_by_a_stage():
     not_emitted = {exported[s] for s in used} - emitted_metrics()
     assert not not_emitted, f"dashboard uses metrics no stage emits: {not_emitted}"
     assert {exported[s] for s in used} >= {"raydapt_rows_processed", "raydapt_rows_rejected",
-                                          "raydapt_tokens", "raydapt_stage_seconds"}
+                                          "raydapt_tokens", "raydapt_stage_seconds",
+                                          "raydapt_gradients_scored"}
 
 
-def test_a_panel_on_a_metric_no_stage_feeds_is_caught():
-    """The check above has teeth: a panel on gradients_scored (fed only once the NTK-Selector
-    scoring stage passes gradients=...) is flagged unless stage code feeds it."""
-    panel = dashboards.Panel("g", "d", (dashboards._rate("raydapt_gradients_scored"),))
-    used = dashboards.metrics_used((panel,))
-    assert used == {"raydapt_gradients_scored"}
-    fed = fed_in_code()
-    assert ("gradients" in fed) == ("raydapt_gradients_scored" in emitted_metrics())
+def test_a_metric_no_stage_feeds_is_not_emitted(tmp_path):
+    """The check above has teeth: in a package whose only stage feeds rows and seconds, the
+    token and gradient metrics count as not emitted."""
+    (tmp_path / "stage.py").write_text(
+        "def f(tm, n, t):\n    tm.record_batch(rows=n, seconds=t)\n")
+    fed = fed_in_code(tmp_path)
+    assert fed == {"rows", "seconds"}
+    emitted = {n for n, m in METRICS.items() if set(m.fed_by) <= fed}
+    assert emitted == {"raydapt_rows_processed", "raydapt_rows_per_second",
+                       "raydapt_batch_seconds"}
 
 
 # --------------------------------------------------------------------------------------------
