@@ -93,7 +93,7 @@ def _loop_cfg(cfg: DALLMiJob, section, *, name: str, objective: str, vocab: list
 
 def _train_kw(section) -> dict[str, Any]:
     return section.model_dump(include={"num_workers", "use_gpu", "cpus_per_worker",
-                                       "max_failures", "in_process"})
+                                       "max_failures", "in_process", "resources"})
 
 
 def _needs_ray(cfg: DALLMiJob) -> bool:

@@ -382,6 +382,7 @@ def fit(cfg: dict[str, Any], *, train: dict[str, Any], storage: str) -> dict[str
     resources = {"CPU": float(train.get("cpus_per_worker", 1))}
     if train.get("use_gpu"):
         resources["GPU"] = 1.0
+    resources.update(train.get("resources") or {})  # e.g. {train_gpu: 1}: node type (cluster/)
     trainer = TorchTrainer(
         multilabel_loop, train_loop_config=cfg,
         scaling_config=ScalingConfig(num_workers=int(train["num_workers"]),
