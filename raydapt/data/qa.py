@@ -130,14 +130,17 @@ def read_qa(path: str | Path, *, fmt: str = "auto") -> tuple[pd.DataFrame, pd.Da
     records: list[Any] = []
     bad: list[dict[str, Any]] = []
     if kind == "jsonl":
-        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
+        # split on b"\n" only: str.splitlines would also split inside a JSON string at U+2028,
+        # U+0085, ... (they occur in GSM8K and PubMedQA text)
+        for n, raw in enumerate(p.read_bytes().split(b"\n"), 1):
+            if not raw.strip():
                 continue
             try:
+                line = raw.decode("utf-8")
                 records.append(json.loads(line))
-            except json.JSONDecodeError as exc:
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
                 bad.append({"file": str(p), "id": None, "reason": f"line {n}: invalid JSON ({exc})",
-                            "raw": line[:300]})
+                            "raw": raw[:300].decode("utf-8", "replace")})
     else:
         df = pd.read_parquet(p) if kind == "parquet" else pd.read_csv(p)
         records = df.to_dict("records")

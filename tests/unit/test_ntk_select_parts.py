@@ -38,9 +38,11 @@ def test_read_qa_rejects_malformed_rows(tmp_path):
         {"id": "a", "question": "dup", "answer": "1"},
         {"id": "f", "question": "Q6?", "options": ["p", "q"], "answer": "B", "rationale": "r"},
     ]
-    p.write_text("\n".join(json.dumps(r) for r in rows) + "\n{not json\n")
+    rows.append({"id": "g", "question": "Line\u2028separator?", "answer": "ok\u0085"})
+    p.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows)
+                 + "\n{not json\n", encoding="utf-8")
     good, rej = read_qa(p)
-    assert list(good["id"]) == ["a", "f"]
+    assert list(good["id"]) == ["a", "f", "g"]  # U+2028 inside a string is not a line break
     assert json.loads(good.set_index("id").loc["f", "options"]) == {"A": "p", "B": "q"}
     reasons = dict(zip(rej["id"].fillna("?"), rej["reason"]))
     assert "not one of the options" in reasons["b"]
