@@ -19,8 +19,9 @@ What :func:`submit` does, in order:
    ``--no-pip`` where the image already has the stack), ``env_vars`` = tracking URI, experiment,
    parent run id and the job config;
 5. submits ``python -m raydapt.submit`` as the entrypoint. That entrypoint writes the shipped job
-   YAML (overrides applied, ``${VAR}`` placeholders left for the cluster's environment) to a
-   temporary file and runs it with ``raydapt run``.
+   YAML (overrides applied, ``${VAR}`` placeholders left for the cluster's environment; base64 in
+   ``RAYDAPT_JOB_CONFIG_B64`` because Ray itself expands ``${VAR}`` in env_vars) to a temporary
+   file and runs it with ``raydapt run``.
 
 Authentication: Ray 2.60 turns token auth on by default for clusters started with ``ray start``;
 the client must then send the token. We switch the client to ``RAY_AUTH_MODE=token`` when a token
@@ -31,6 +32,7 @@ authentication failure into one clear message.
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import re
 import secrets
@@ -57,7 +59,7 @@ WORKING_DIR_EXCLUDES = [".venv", ".venv-*", "venv", "runs", "mlruns", "mlruns*",
 #: Exit codes of ``submit --follow`` / ``jobs status``: the job's terminal status.
 EXIT_CODES = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 3}
 
-ENV_CONFIG = "RAYDAPT_JOB_CONFIG"
+ENV_CONFIG = "RAYDAPT_JOB_CONFIG_B64"  # base64: Ray expands ${VAR} inside env_vars values
 ENV_PARENT = "RAYDAPT_PARENT_RUN_ID"
 
 
@@ -249,7 +251,7 @@ def submit(job: str | Path, overrides: list[str], *, address: str | None, pip: b
         except PlanError as exc:
             print(f"raydapt: no plan logged: {exc}", file=sys.stderr)
 
-    env_vars = {ENV_CONFIG: yaml.safe_dump(raw, sort_keys=False), "RAYDAPT_SUBMISSION_ID": sid,
+    env_vars = {ENV_CONFIG: _b64(raw), "RAYDAPT_SUBMISSION_ID": sid,
                 **extra_env}
     run_id = None
     if cfg.tracking.enabled:
@@ -258,7 +260,7 @@ def submit(job: str | Path, overrides: list[str], *, address: str | None, pip: b
         raw.setdefault("tracking", {})
         raw["tracking"]["uri"] = uri
         raw["tracking"]["experiment"] = cfg.tracking.experiment
-        env_vars.update({ENV_CONFIG: yaml.safe_dump(raw, sort_keys=False), ENV_PARENT: run_id,
+        env_vars.update({ENV_CONFIG: _b64(raw), ENV_PARENT: run_id,
                          "MLFLOW_TRACKING_URI": uri,
                          "MLFLOW_EXPERIMENT_NAME": cfg.tracking.experiment})
         if uri.startswith(("sqlite:", "file:")):
@@ -290,6 +292,13 @@ def submit(job: str | Path, overrides: list[str], *, address: str | None, pip: b
     if not follow:
         return 0
     return follow_job(cl, sid)
+
+
+def _b64(raw: dict[str, Any]) -> str:
+    """The job YAML for the env var. Base64, because Ray substitutes ``${VAR}`` in runtime_env
+    env_vars values from the cluster's environment — our placeholders (``${VAR:-default}``) must
+    reach :func:`raydapt.config.load_job` on the cluster untouched."""
+    return base64.b64encode(yaml.safe_dump(raw, sort_keys=False).encode()).decode()
 
 
 def _git_sha() -> str | None:
@@ -397,10 +406,12 @@ def jobs(action: str, sid: str, *, address: str | None, follow: bool = False) ->
 
 
 def main() -> int:
-    """``python -m raydapt.submit``: run the job YAML shipped in RAYDAPT_JOB_CONFIG."""
+    """``python -m raydapt.submit``: run the job YAML shipped in RAYDAPT_JOB_CONFIG_B64."""
     from raydapt.cli import main as cli_main
 
     text = os.environ.get(ENV_CONFIG)
+    if text:
+        text = base64.b64decode(text).decode()
     if not text:
         print(f"raydapt: error: {ENV_CONFIG} is not set (this entrypoint runs jobs sent by "
               "`raydapt submit`)", file=sys.stderr)
