@@ -172,7 +172,7 @@ _AGENT_SCRIPT = textwrap.dedent("""
             "ray_raydapt_batch_seconds_count", "ray_raydapt_rows_per_second",
             "ray_raydapt_stage_seconds"]
     lines, t0 = [], time.time()
-    while time.time() - t0 < 40:
+    while time.time() - t0 < 90:
         text = urllib.request.urlopen(url, timeout=5).read().decode()
         lines = [ln for ln in text.splitlines() if ln.startswith("ray_raydapt_")]
         if all(any(ln.startswith(w + "{") for ln in lines) for w in want):
