@@ -18,7 +18,8 @@ def _submit(args: argparse.Namespace) -> int:
     return submit(args.job, args.overrides, address=args.address, pip=not args.no_pip,
                   follow=args.follow, runtime_env_file=args.runtime_env, env=args.env,
                   entrypoint_num_cpus=args.entrypoint_num_cpus,
-                  entrypoint_num_gpus=args.entrypoint_num_gpus, plan=not args.no_plan)
+                  entrypoint_num_gpus=args.entrypoint_num_gpus, plan=not args.no_plan,
+                  cluster_tracking_uri=args.cluster_tracking_uri)
 
 
 def _jobs(args: argparse.Namespace) -> int:
@@ -63,6 +64,9 @@ def add_commands(sub) -> None:
     s.add_argument("--entrypoint-num-cpus", type=float, default=None)
     s.add_argument("--entrypoint-num-gpus", type=float, default=None)
     s.add_argument("--no-plan", action="store_true", help="do not log plan.* params")
+    s.add_argument("--cluster-tracking-uri", default=None,
+                   help="MLflow URI as the cluster reaches it, if not tracking.uri (which this "
+                   "machine uses to create the parent run), e.g. over a port-forward")
     s.set_defaults(fn=_submit)
 
     j = sub.add_parser("jobs", help="status, logs or stop of a submitted job")

@@ -8,7 +8,8 @@ resources the stage requests (from the config). Plus one rendered prompt.
 
 Methods register a planner with :func:`register`; a method without one fails with a clear
 "no plan for method X yet". ``raydapt submit`` logs the plan as ``plan.*`` params of the parent
-MLflow run, next to the actual per-stage ``seconds`` the child runs log.
+MLflow run; when the job ends, its entrypoint logs ``actual.<stage>.seconds`` (each child run's
+wall time) on the same run (:func:`record_actuals`), so estimate and actual sit side by side.
 """
 
 from __future__ import annotations
@@ -209,6 +210,7 @@ def llm_stage(name: str, *, rows: int | None, tokens_per_row: float | None, para
         hours = (flops / rate + load * replicas * per_actor) / 3600
     return StagePlan(name, rows, tokens, dev, hours,
                      resources(pool.concurrency, pool.num_cpus, pool.num_gpus,
+                               **dict(getattr(pool, "resources", None) or {}),
                                batch_size=pool.batch_size, backend=backend))
 
 
@@ -228,6 +230,7 @@ def train_stage(name: str, *, examples: int | None, tokens_per_example: int, par
     res = {"workers": train.num_workers, "CPU/worker": train.cpus_per_worker}
     if train.use_gpu:
         res["GPU/worker"] = 1
+    res.update(dict(getattr(train, "resources", None) or {}))  # custom node-type resources
     return StagePlan(name, examples, None, dev, hours, res,
                      note=f"{tokens_per_example} tokens/example, rows x epochs")
 
@@ -362,3 +365,26 @@ def plan_simda(cfg, table: dict[str, Any], gpu: str) -> Plan:
                                   params=s_params, train=dist, table=table, gpu=gpu))
     notes.append(f"student {dist.student}: {s_params:.3g} parameters ({s_how})")
     return Plan("simda", gpu, stages, prompt=prompt, notes=notes)
+
+
+def record_actuals(uri: str, parent_run_id: str) -> dict[str, float]:
+    """After a run: log ``actual.<stage>.seconds`` (each child run's wall time) on the parent run,
+    next to the ``plan.<stage>.*`` params :mod:`raydapt.submit` logged before it started."""
+    from mlflow.tracking import MlflowClient
+
+    cl = MlflowClient(tracking_uri=uri)
+    parent = cl.get_run(parent_run_id)
+    kids = cl.search_runs([parent.info.experiment_id],
+                          filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+                          max_results=1000)
+    out = {f"actual.{r.data.tags.get('mlflow.runName', r.info.run_id[:8])}.seconds":
+           (r.info.end_time - r.info.start_time) / 1000.0
+           for r in kids if r.info.end_time and r.info.start_time}
+    if out:
+        import time
+
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        cl.log_batch(parent_run_id, metrics=[Metric(k, v, ts, 0) for k, v in out.items()])
+    return out

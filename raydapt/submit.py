@@ -224,8 +224,13 @@ def _create_parent_run(cfg, submission_id: str, address: str, plan_params: dict[
 def submit(job: str | Path, overrides: list[str], *, address: str | None, pip: bool = True,
            follow: bool = False, runtime_env_file: str | None = None,
            env: list[str] | None = None, entrypoint_num_cpus: float | None = None,
-           entrypoint_num_gpus: float | None = None, plan: bool = True) -> int:
-    """Submit a job; with ``follow`` stream its logs and return its exit code (EXIT_CODES)."""
+           entrypoint_num_gpus: float | None = None, plan: bool = True,
+           cluster_tracking_uri: str | None = None) -> int:
+    """Submit a job; with ``follow`` stream its logs and return its exit code (EXIT_CODES).
+
+    ``cluster_tracking_uri``: the MLflow URI as the cluster sees it, when it differs from the
+    one this machine uses (``tracking.uri``, e.g. a port-forwarded http://localhost:5000 here
+    and http://mlflow.raydapt.svc.cluster.local:5000 there). Both must name the same server."""
     cfg, raw = prepare(job, overrides)
     extra_env: dict[str, str] = {}
     for item in env or []:
@@ -256,6 +261,7 @@ def submit(job: str | Path, overrides: list[str], *, address: str | None, pip: b
     run_id = None
     if cfg.tracking.enabled:
         uri, run_id = _create_parent_run(cfg, sid, addr, plan_params)
+        uri = cluster_tracking_uri or uri
         # the job logs to the same store, under the parent created here
         raw.setdefault("tracking", {})
         raw["tracking"]["uri"] = uri
@@ -422,9 +428,18 @@ def main() -> int:
     print(f"raydapt: running submitted job {os.environ.get('RAYDAPT_SUBMISSION_ID', '?')} "
           f"(parent MLflow run {os.environ.get(ENV_PARENT, '-')})", flush=True)
     try:
-        return cli_main(["run", f.name])
+        rc = cli_main(["run", f.name])
     finally:
         os.unlink(f.name)
+    parent, uri = os.environ.get(ENV_PARENT), os.environ.get("MLFLOW_TRACKING_URI")
+    if parent and uri:
+        from raydapt.plan import record_actuals
+
+        try:  # stage wall times next to the plan.* estimates on the parent run
+            record_actuals(uri, parent)
+        except Exception as exc:
+            print(f"raydapt: warning: could not log actual stage seconds: {exc}", flush=True)
+    return rc
 
 
 if __name__ == "__main__":

@@ -87,6 +87,9 @@ def test_submit_follow_succeeds_and_logs_under_parent(ray_head, tmp_path, data_d
     assert p.data.params["annotate.k"] == "5"  # the override reached the cluster
     assert p.data.params["plan.teacher.rows"] == "40"  # 24 source + 8 + 8 target rows
     assert "acc.teacher.knn" in p.data.metrics
+    # the estimate next to the actual: plan.teacher.* params, actual.teacher.seconds metric
+    assert float(p.data.params["plan.teacher.hours"]) > 0
+    assert p.data.metrics["actual.teacher.seconds"] > 0
     kids = {x.data.tags["mlflow.runName"] for x in runs
             if x.data.tags.get("mlflow.parentRunId") == p.info.run_id}
     assert {"read", "teacher"} <= kids

@@ -1,0 +1,89 @@
+"""`raydapt plan`: rows counted in the files, tokens from the real teacher tokenizer, device
+hours from the throughput table by hand, resources from the config, one rendered prompt."""
+
+from __future__ import annotations
+
+import json
+import types
+
+import pytest
+
+from raydapt.cli import main
+from raydapt.config import validate_job
+from raydapt.plan import PlanError, count_rows, load_table, make_plan, model_params
+
+
+def _job(tmp_path, n_src=30, n_tgt=40, **over):
+    for name, n in (("s.jsonl", n_src), ("t.jsonl", n_tgt)):
+        rows = [{"id": f"{name}-{i}", "text": f"review number {i} " * 5,
+                 "label": ["negative", "positive"][i % 2]} for i in range(n)]
+        (tmp_path / name).write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    raw = {"method": "simda", "data": {"root": str(tmp_path), "source": {"path": "s.jsonl"},
+                                       "target": {"path": "t.jsonl"},
+                                       "max_target_test_rows": 10},
+           "teacher": {"pool": {"concurrency": [1, 2], "num_gpus": 1, "num_cpus": 2}},
+           "annotate": {"baselines": ["zero_shot", "icl_random"], "baseline_max_rows": 6},
+           "distill": {"variants": ["source_only", "kl"], "epochs": 2, "use_gpu": True,
+                       "num_workers": 4, "max_length": 64}}
+    raw.update(over)
+    return validate_job(raw)
+
+
+def test_plan_rows_tokens_hours_resources(tmp_path):
+    cfg = _job(tmp_path)
+    table = load_table()
+    p = make_plan(cfg, gpu="a100", table=table)
+    st = {s.name: s for s in p.stages}
+    assert count_rows(tmp_path / "s.jsonl") == 30  # blank lines are not rows
+    # source 30; target 40 -> 20 train, min(20, 10) = 10 test; ICL on min(10, 6) = 6 rows
+    assert st["read"].rows == 70 and st["teacher"].rows == 30 + 20 + 10
+    assert st["knn"].rows == 30 and st["prompted"].rows == 6
+    assert st["student-source_only"].rows == 30 * 2 and st["student-kl"].rows == 20 * 2
+    # hours by hand from the table: 2*N*tokens / rate + model load per replica (max 2)
+    n, _ = model_params(cfg.teacher.model, table)
+    tok = st["teacher"].llm_tokens
+    want = (2 * n * tok / table["devices"]["a100"]["llm_hf"]
+            + table["fixed_seconds"]["llm_load_hf"]["gpu"] * 2) / 3600
+    assert st["teacher"].device == "gpu" and st["teacher"].hours == pytest.approx(want)
+    assert st["prompted"].llm_tokens / 6 > tok / 60  # demonstrations make prompts longer
+    ns, _ = model_params(cfg.distill.student, table)
+    wall = 6 * ns * 60 * 64 / (table["devices"]["a100"]["train"] * 4) + \
+        table["fixed_seconds"]["train_fit"]["gpu"]
+    assert st["student-source_only"].hours == pytest.approx(wall * 4 / 3600)
+    assert st["teacher"].resources == {"actors": "1-2", "CPU/actor": 2.0, "GPU/actor": 1.0,
+                                       "batch_size": 16, "backend": "hf"}
+    assert st["student-kl"].resources["workers"] == 4
+    assert p.total_hours("gpu") == pytest.approx(sum(s.hours or 0 for s in p.stages
+                                                     if s.device == "gpu"))
+    # the prompt the teacher sees: chat template, query, answer prefix
+    assert "<|im_start|>user" in p.prompt and p.prompt.endswith("The sentiment is")
+    assert "review number 0" in p.prompt
+    params = p.mlflow_params()
+    assert params["plan.teacher.rows"] == "60" and params["plan.gpu"] == "a100"
+
+
+def test_plan_cpu_job_missing_file_and_errors(tmp_path, capsys):
+    cfg = _job(tmp_path, teacher={"pool": {"num_cpus": 1}}, distill={"variants": ["kl"]})
+    (tmp_path / "t.jsonl").unlink()
+    p = make_plan(cfg)
+    st = {s.name: s for s in p.stages}
+    assert st["teacher"].device == "cpu" and st["teacher"].rows is None
+    assert any("is not on this machine" in n for n in p.notes)
+    with pytest.raises(PlanError, match="unknown GPU type 'v100'"):
+        make_plan(cfg, gpu="v100")
+    with pytest.raises(PlanError, match="no plan for method 'nope' yet"):
+        make_plan(types.SimpleNamespace(method="nope"))
+    assert model_params("hf:some/Model-13B-chat", load_table())[0] == 13e9
+    assert model_params("hf:org/thing", load_table())[1] == "unknown size, assumed 7e9"
+
+
+def test_plan_cli(tmp_path, capsys):
+    _job(tmp_path)
+    job = tmp_path / "job.yaml"
+    job.write_text(f"method: simda\ndata: {{root: '{tmp_path}', source: {{path: s.jsonl}}, "
+                   "target: {path: t.jsonl}}\n")
+    assert main(["plan", str(job), "distill.variants=[kl]", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [s["name"] for s in out["stages"]][-1] == "student-kl" and out["cpu_hours"] > 0
+    assert main(["plan", str(job), "annotate.kk=1"]) == 2
+    assert "annotate.kk: unknown key" in capsys.readouterr().err
