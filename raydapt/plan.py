@@ -192,8 +192,10 @@ def resources(actors: int | tuple[int, int], cpus: float, gpus: float, **extra: 
 
 
 def llm_stage(name: str, *, rows: int | None, tokens_per_row: float | None, params: float,
-              backend: str, pool, table: dict[str, Any], gpu: str) -> StagePlan:
-    """A prefill-only LLM pass over ``rows`` prompts on an actor pool."""
+              backend: str, pool, table: dict[str, Any], gpu: str, flop_factor: float = 2.0,
+              note: str = "") -> StagePlan:
+    """A prefill-only LLM pass over ``rows`` prompts on an actor pool (``flop_factor`` x
+    params FLOP per token: 2 for a forward pass, 6 for per-sample gradients)."""
     dev = "gpu" if pool.num_gpus else "cpu"
     kind = gpu if dev == "gpu" else "cpu"
     tokens = None if rows is None or tokens_per_row is None else int(rows * tokens_per_row)
@@ -201,7 +203,7 @@ def llm_stage(name: str, *, rows: int | None, tokens_per_row: float | None, para
     replicas = pool.concurrency[1] if isinstance(pool.concurrency, (tuple, list)) \
         else pool.concurrency
     if tokens is not None:
-        flops = 2 * params * tokens
+        flops = flop_factor * params * tokens
         rate = table["devices"][kind][f"llm_{backend}"]
         load = table["fixed_seconds"][f"llm_load_{backend}"][dev]
         # compute is spread over the replicas; every replica pays its model load once.
@@ -211,7 +213,7 @@ def llm_stage(name: str, *, rows: int | None, tokens_per_row: float | None, para
     return StagePlan(name, rows, tokens, dev, hours,
                      resources(pool.concurrency, pool.num_cpus, pool.num_gpus,
                                **dict(getattr(pool, "resources", None) or {}),
-                               batch_size=pool.batch_size, backend=backend))
+                               batch_size=pool.batch_size, backend=backend), note=note)
 
 
 def train_stage(name: str, *, examples: int | None, tokens_per_example: int, params: float,
@@ -388,3 +390,104 @@ def record_actuals(uri: str, parent_run_id: str) -> dict[str, float]:
         ts = int(time.time() * 1000)
         cl.log_batch(parent_run_id, metrics=[Metric(k, v, ts, 0) for k, v in out.items()])
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# DALLMi and NTK-Selector: simpler plans (no LLM prompts; sizes from the files and the config)
+# --------------------------------------------------------------------------------------------
+
+
+def _domain_counts(path: Path, field: str) -> dict[str, int] | None:
+    """Rows per value of ``field`` in a jsonl file (one json parse per line; None elsewhere)."""
+    if "://" in str(path) or not path.is_file() or path.suffix.lower() not in (".jsonl", ".json"):
+        return None
+    out: dict[str, int] = {}
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                try:
+                    v = str(json.loads(line).get(field))
+                except (json.JSONDecodeError, AttributeError):
+                    continue
+                out[v] = out.get(v, 0) + 1
+    return out
+
+
+@register("dallmi")
+def plan_dallmi(cfg, table: dict[str, Any], gpu: str) -> Plan:
+    d, notes = cfg.data, []
+    path = Path(d.root) / d.path
+    counts = _domain_counts(path, d.domain_field)
+    if counts is None:
+        notes.append(f"{path}: not a jsonl file on this machine; rows unknown")
+    src = None if counts is None else sum(counts.get(x, 0) for x in d.source_domains)
+    tgt = None if counts is None else sum(counts.get(x, 0) for x in d.target_domains)
+
+    def cap(n, frac, m):
+        return None if n is None else int(min(round(n * frac), m) if m else round(n * frac))
+
+    n_src = cap(src, 1 - d.test_fraction, d.max_source_rows)
+    n_tr = cap(tgt, 1 - d.test_fraction, d.max_target_train_rows)
+    n_te = cap(tgt, d.test_fraction, d.max_target_test_rows)
+    params, how = model_params(cfg.model.encoder, table)
+    notes.append(f"encoder {cfg.model.encoder}: {params:.3g} parameters ({how}); training FLOP "
+                 "= 6 x params x rows x epochs x max_length; dallmi / aad fits x2 for the "
+                 "extra MixUp / discriminator passes")
+    stages = [StagePlan("read", counts and sum(counts.values()), note="driver")]
+    stages.append(train_stage("source", examples=n_src and n_src * cfg.source.epochs,
+                              tokens_per_example=cfg.source.max_length, params=params,
+                              train=cfg.source, table=table, gpu=gpu))
+    for m in cfg.methods:
+        if m == "no_adapt":
+            continue
+        factor = 2 if m in ("dallmi", "dallmi_log", "aad") else 1
+        stages.append(train_stage(f"adapt-{m}", examples=n_tr and n_tr * cfg.adapt.epochs * factor,
+                                  tokens_per_example=cfg.adapt.max_length, params=params,
+                                  train=cfg.adapt, table=table, gpu=gpu))
+    stages.append(StagePlan("evaluate", n_te and n_te * len(cfg.methods),
+                            note="test rows x methods, forward only"))
+    return Plan("dallmi", gpu, stages, notes=notes)
+
+
+@register("ntk_select")
+def plan_ntk_select(cfg, table: dict[str, Any], gpu: str) -> Plan:
+    d, s, f, notes = cfg.data, cfg.select, cfg.format, []
+    root = Path(d.root)
+    pool_counts = [count_rows(root / p) for p in d.pool]
+    pool = None if None in pool_counts else sum(pool_counts)  # type: ignore[arg-type]
+    if pool is None:
+        notes.append("a pool file is not on this machine: pool rows unknown")
+    if pool is not None and d.max_pool_rows:
+        pool = min(pool, d.max_pool_rows)
+    n_d = sum(t.domain_rows for t in d.tasks)
+    # eval_rows None = every test item: the task's rows minus its domain rows
+    n_eval = sum(t.eval_rows if t.eval_rows is not None else
+                 max(0, (count_rows(root / t.path) or 0) - t.domain_rows) for t in d.tasks)
+    n_sel = s.n or int(round(s.n_factor * n_d))
+    m = None if pool is None else min(pool, int(round(s.m_factor * n_sel)))
+    params, how = model_params(cfg.model, table)
+    tok = f.max_length
+    notes.append(f"model {cfg.model}: {params:.3g} parameters ({how}); tokens per row taken as "
+                 f"format.max_length = {tok} (an upper bound); LoRA fits counted at the full "
+                 "6 x params FLOP per token")
+    runs = len(s.selectors) + len(s.baselines)
+    stages = [
+        StagePlan("read", None if pool is None else pool + n_d + n_eval, note="driver"),
+        train_stage("warmup", examples=n_d * cfg.warmup.epochs, tokens_per_example=tok,
+                    params=params, train=cfg.warmup, table=table, gpu=gpu),
+        llm_stage("embed", rows=None if pool is None else pool + n_d, tokens_per_row=tok,
+                  params=params, backend="hf", pool=s.embed_pool, table=table, gpu=gpu),
+        llm_stage("grad", rows=None if m is None else m + n_d, tokens_per_row=tok, params=params,
+                  backend="hf", pool=s.grad_pool, table=table, gpu=gpu, flop_factor=6.0,
+                  note=f"per-sample gradients of M={m} candidates + |D|={n_d}, "
+                  f"projected to p={s.proj_dim}"),
+    ]
+    for sel in [*s.selectors, *[b for b in s.baselines if b == "domain_only"]]:
+        rows = n_d + (0 if sel == "domain_only" else n_sel)
+        stages.append(train_stage(f"finetune-{sel}", examples=rows * cfg.finetune.epochs,
+                                  tokens_per_example=tok, params=params, train=cfg.finetune,
+                                  table=table, gpu=gpu))
+    stages.append(llm_stage("eval", rows=n_eval * runs, tokens_per_row=cfg.eval.max_length,
+                            params=params, backend="hf", pool=cfg.eval.pool, table=table,
+                            gpu=gpu, note=f"{n_eval} items x {runs} models"))
+    return Plan("ntk_select", gpu, stages, notes=notes)

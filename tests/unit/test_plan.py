@@ -87,3 +87,22 @@ def test_plan_cli(tmp_path, capsys):
     assert [s["name"] for s in out["stages"]][-1] == "student-kl" and out["cpu_hours"] > 0
     assert main(["plan", str(job), "annotate.kk=1"]) == 2
     assert "annotate.kk: unknown key" in capsys.readouterr().err
+
+
+def test_plan_dallmi_and_ntk_select_jobs(data_dir):
+    from raydapt.config import load_job
+
+    cfg = load_job("jobs/ntk_select/medical-smollm.cpu.yaml")
+    p = make_plan(cfg)
+    st = {s.name: s for s in p.stages}
+    n_d = sum(t.domain_rows for t in cfg.data.tasks)
+    n_sel = cfg.select.n or round(cfg.select.n_factor * n_d)
+    pool = min(sum(count_rows(data_dir / x) for x in cfg.data.pool), cfg.data.max_pool_rows)
+    m = min(pool, round(cfg.select.m_factor * n_sel))
+    assert st["grad"].rows == m + n_d and st["embed"].rows == pool + n_d
+    assert st["finetune-ntk"].rows == (n_d + n_sel) * cfg.finetune.epochs
+    assert {f"finetune-{x}" for x in cfg.select.selectors} <= set(st)
+    d = make_plan(load_job("jobs/dallmi/pubmed-male-to-female.cpu.yaml"))
+    names = [s.name for s in d.stages]
+    assert names[:2] == ["read", "source"] and "adapt-dallmi" in names
+    assert all(s.rows is not None and s.rows > 0 for s in d.stages)
