@@ -4,6 +4,7 @@ API, runs to SUCCEEDED and logs under the parent run the client created."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -127,3 +128,10 @@ def test_failed_job_exit_code_and_stop(ray_head, tmp_path, data_dir, monkeypatch
     assert "already finished" in capsys.readouterr().out
     rc = main(["jobs", "status", "nope-123", "--address", ray_head])
     assert rc == 2 and "no job 'nope-123'" in capsys.readouterr().err
+    # token auth is on (Ray 2.60 default): a client that sends no token gets one clear message
+    r = subprocess.run([sys.executable, "-m", "raydapt.cli", "jobs", "status", "sub-bad",
+                        "--address", ray_head], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    assert r.returncode == 2 and "token auth" in r.stderr and "RAY_AUTH_MODE=token" in r.stderr
+    assert main(["jobs", "status", "x", "--address", "http://127.0.0.1:9"]) == 2
+    assert "cannot reach the Ray job server" in capsys.readouterr().err
