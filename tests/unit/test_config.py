@@ -11,7 +11,8 @@ from raydapt.cli import main
 from raydapt.config import ConfigError, apply_overrides, config_hash, load_job
 
 REPO = Path(__file__).resolve().parents[2]
-JOBS = sorted((REPO / "jobs").rglob("*.yaml"))
+JOBS = sorted(p for p in (REPO / "jobs").rglob("*.yaml")
+              if not p.name.endswith(".sweep.yaml"))  # sweep files: tests/unit/test_sweep.py
 
 
 @pytest.mark.parametrize("job", JOBS, ids=lambda p: p.name)
