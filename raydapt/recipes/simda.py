@@ -74,11 +74,12 @@ def _engine_kwargs(cfg: SimDAJob, *, need_hidden: bool = False) -> dict[str, Any
     backend = "hf" if (need_hidden and t.backend == "vllm") else t.backend
     kw = {"backend": backend, "model": t.model, "max_length": t.max_length, "dtype": t.dtype,
           "chat": t.chat, "answer_prefix": t.answer_prefix,
-          "trust_remote_code": t.trust_remote_code, "revision": t.revision}
+          "trust_remote_code": t.trust_remote_code, "revision": t.revision,
+          "device": t.device,
+          "num_threads": t.pool.threads or max(1, int(round(t.pool.num_cpus)))}
     if backend == "vllm":
         kw["engine_kwargs"] = dict(t.vllm)
     else:
-        kw["num_threads"] = t.pool.threads or max(1, int(round(t.pool.num_cpus)))
     return kw
 
 

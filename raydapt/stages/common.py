@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from raydapt.telemetry import StageTelemetry
@@ -20,7 +21,10 @@ def run_isolating_failures(
     """Apply ``fn`` to a batch; if it raises, retry row by row and mark failing rows.
 
     Returns ``fn``'s output with an ``_error`` column: "" for good rows, the reason for rows that
-    failed (those keep their ``id`` and have nulls elsewhere). A row is never silently dropped.
+    failed (those keep their ``id`` and have nulls elsewhere, NaN arrays of the good rows' shape in
+    array columns: a column mixing arrays and nulls cannot become an Arrow block, and Ray Data
+    fails the whole pass with "Found columns with both objects and tensors"). A row is never
+    silently dropped.
     """
     try:
         out = fn(batch)
@@ -36,7 +40,21 @@ def run_isolating_failures(
                     "id": row["id"].tolist(),
                     ERROR_COLUMN: [f"{stage}: {type(row_exc).__name__}: {row_exc}"[:500]],
                 }))
-        return pd.concat(parts, ignore_index=True)
+        return _fill_array_columns(pd.concat(parts, ignore_index=True))
+
+
+def _fill_array_columns(out: pd.DataFrame) -> pd.DataFrame:
+    """Failed rows' cells in array-valued columns -> NaN arrays of the good rows' shape."""
+    bad = (out[ERROR_COLUMN] != "").to_numpy()
+    if not bad.any() or bad.all():
+        return out
+    for col in out.columns:
+        good = out.loc[~bad, col]
+        first = good.iloc[0]
+        if isinstance(first, np.ndarray):
+            nan = np.full(first.shape, np.nan, dtype=np.result_type(first.dtype, np.float32))
+            out[col] = [v if not b else nan.copy() for v, b in zip(out[col], bad)]
+    return out
 
 
 StageMetrics = StageTelemetry
