@@ -112,6 +112,10 @@ def test_dashboard_is_not_exposed(name):
         public = any(r.get("CidrIp") == "0.0.0.0/0" for r in rule.get("IpRanges", []))
         assert not (public and NOT_PUBLIC & set(ports)), f"{name}: public rule for {rule}"
     assert "ray dashboard cluster/" + name in (CLUSTER / name).read_text()
+    # token authentication on every node, the token file-mounted (never inline)
+    for cmds in (cfg["head_start_ray_commands"], cfg["worker_start_ray_commands"]):
+        assert "RAY_AUTH_MODE=token" in " ".join(cmds)
+    assert cfg["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,7 +244,7 @@ def test_every_job_entrypoint_exists_and_loads():
 # --------------------------------------------------------------------------------------------
 
 _SECRET_NAME = re.compile(r"(password|passwd|secret|token|api[_-]?key|access[_-]?key)", re.I)
-_REF = re.compile(r"^\s*(\$\(|\$\{|<|\.\.\.|$)")
+_REF = re.compile(r"^\s*(\$\(|\$\{|<|\.\.\.|~/|$)")  # a reference: $(VAR), ${VAR}, ~/file
 _LITERALS = [
     re.compile(r"AKIA[0-9A-Z]{16}"),                        # AWS access key id
     re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
