@@ -65,6 +65,13 @@ def ray_head():
     ray_bin = Path(sys.executable).with_name("ray")
     if not ray_bin.exists():
         pytest.skip(f"no ray CLI next to {sys.executable}")
+    # `ray start --head` with token auth needs an existing token (unlike ray.init(), it does
+    # not create one): make the default one on a fresh machine, as a first ray.init() would.
+    from raydapt.submit import _token_available
+
+    if not _token_available():
+        subprocess.run([str(ray_bin), "get-auth-token", "--generate"], check=True,
+                       capture_output=True, timeout=60)
     # short path: Ray's unix sockets live under it (108-byte limit)
     temp_dir = tempfile.mkdtemp(prefix="rdsub-", dir="/tmp")
     gcs, dash, client, agent, agent_grpc, renv, metrics, nm, om = free_ports(9)

@@ -112,8 +112,8 @@ def test_failed_job_exit_code_and_stop(ray_head, tmp_path, data_dir, monkeypatch
     job.write_text(job.read_text().replace(str(tmp_path) + '", source', '${RAYDAPT_ONLY_HERE}", source'))
     monkeypatch.setenv("RAYDAPT_ONLY_HERE", str(tmp_path))
     rc = main(["submit", str(job), "--address", ray_head, "--no-pip", "--follow", "--no-plan"])
-    assert rc == 1
     out = capsys.readouterr()
+    assert rc == 1, out.err[-3000:]
     assert "environment variable RAYDAPT_ONLY_HERE is not set" in out.out + out.err
     from mlflow.tracking import MlflowClient
 
