@@ -11,10 +11,15 @@ Stages, in order (each cached by content, each a child MLflow run):
               g = Π ∇_θ F (θ = LoRA, same projection seed for D and C): ḡ_D, then the score of
               every candidate, streamed to parquet per shard (a rerun skips finished shards);
               LESS: Adam-preconditioned loss gradients, max cosine to the domain loss gradients
-5. select     each selector (ntk, embedding, random, less) → S, |S| = N  (selected-<name>.parquet)
+5. select     each selector (ntk, embedding, random, less) → S, |S| = N  (selected_<name>.parquet)
 6. finetune   LoRA on D ∪ S for every selection, and on D alone (domain-only baseline)
 7. eval       multiple-choice accuracy per task by the log-prob of each option letter, for the
               base model, domain-only and every selection → results.json
+
+Variants run one after another (base, domain-only, then per selector: its stage-2 scores if
+any, selection, fine-tune, evaluation); results.json is rewritten after each evaluation
+(``complete: false`` until the end), so an interrupted run reports what it finished and a rerun
+resumes from the cached stages.
 """
 
 from __future__ import annotations
@@ -327,7 +332,10 @@ def stage2_scores(cfg: NTKSelectJob, cache: StageCache, tracker: Tracker, *, ada
             import ray
 
             t0 = time.time()
-            ds = ray.data.from_pandas([f.drop(columns="_shard") for f in frames]).map_batches(
+            step = max(1, 2 * s.grad_pool.batch_size)  # small blocks: results stream back
+            blocks = [f.drop(columns="_shard").iloc[j: j + step] for f in frames
+                      for j in range(0, len(f), step)]
+            ds = ray.data.from_pandas(blocks).map_batches(
                 GradProject, fn_constructor_kwargs=dict(
                     model=_actor_model(cfg, str(adapter / "adapter"), s.grad_pool),
                     objective=objective, proj_dim=s.proj_dim, proj_seed=s.proj_seed,
@@ -456,8 +464,14 @@ def run(cfg: NTKSelectJob) -> dict[str, Any]:
             _say(f"stage 1: {int((votes > 0).sum())} pool samples got votes; kept M={len(cand)}")
             timings["stage1"] = time.time() - t0
 
-        # 4. stage 2: NTK and LESS scores ------------------------------------------------------
-        for kind in [k for k in ("ntk", "less") if k in s.selectors]:
+        # 4-7. per variant, in order: (stage-2 scores →) selection → fine-tune → evaluation, so
+        # every finished variant is complete in results.json (written after each one) --------
+        results: dict[str, dict[str, float]] = {}
+        preds: list[pd.DataFrame] = []
+        selections: dict[str, pd.DataFrame] = {}
+        by_id = pool.set_index("id")
+
+        def scores_for(kind: str) -> None:
             t0 = time.time()
             g_dom = domain_grads(cfg, cache, tracker, adapter=warm, rows=dom,
                                  objective="logit_sum" if kind == "ntk" else "loss")
@@ -470,66 +484,68 @@ def run(cfg: NTKSelectJob) -> dict[str, Any]:
             inputs.scores[kind] = sc.set_index("id")["score"]
             timings[f"stage2_{kind}"] = time.time() - t0
 
-        # 5. selections ------------------------------------------------------------------------
-        selections: dict[str, pd.DataFrame] = {}
-        with tracker.child("select") as run_log:
-            for name in s.selectors:
+        def select(name: str) -> pd.DataFrame:
+            with tracker.child(f"select-{name}") as run_log:
                 sel = SELECTORS[name](seed=cfg.run.seed).select(inputs, n)
-                selections[name] = sel
                 sel.to_parquet(out / f"selected_{name}.parquet")
                 run_log.artifact(out / f"selected_{name}.parquet", "selected")
-                src = pool.set_index("id").index.intersection(sel["id"])
-                by_src = data["pool"].set_index("id").loc[src, "source"].value_counts()
+                by_src = data["pool"].set_index("id").loc[sel["id"], "source"].value_counts()
                 _say(f"select {name}: {len(sel)} samples; sources {by_src.head(8).to_dict()}")
-                run_log.metrics({f"selected.{name}": len(sel)})
+                run_log.metrics({"selected": len(sel)})
+            return sel
 
-        # 6. fine-tune --------------------------------------------------------------------------
-        adapters: dict[str, Path | None] = {}
-        if "base" in s.baselines:
-            adapters["base"] = None
-        if "domain_only" in s.baselines:
+        def evaluate(label: str, adapter: Path | None) -> None:
             t0 = time.time()
-            adapters["domain_only"] = _fit(cfg, cache, tracker, stage="lora",
-                                           label="finetune-domain_only", rows=dom,
-                                           train=cfg.finetune, storage=out / "train")
-            timings["finetune_domain_only"] = time.time() - t0
-        by_id = pool.set_index("id")
-        for name, sel in selections.items():
-            t0 = time.time()
-            rows = pd.concat([dom, by_id.loc[sel["id"]].reset_index()], ignore_index=True)
-            adapters[name] = _fit(cfg, cache, tracker, stage="lora", label=f"finetune-{name}",
-                                  rows=rows, train=cfg.finetune, storage=out / "train")
-            timings[f"finetune_{name}"] = time.time() - t0
-
-        # 7. evaluate ----------------------------------------------------------------------------
-        results: dict[str, dict[str, float]] = {}
-        preds = []
-        for label, ad in adapters.items():
-            t0 = time.time()
-            acc, m = evaluate_mc(cfg, cache, tracker, label=label, adapter=ad, prompts=prompts)
+            acc, m = evaluate_mc(cfg, cache, tracker, label=label, adapter=adapter,
+                                 prompts=prompts)
             results[label] = acc
             preds.append(m.assign(variant=label)[["variant", "task", "id", "gold", "pred"]])
             timings[f"eval_{label}"] = time.time() - t0
+            parent.metrics({f"acc.{label}.{k}": v for k, v in acc.items()})
             _say(f"eval {label}: " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
+            write_summary(complete=False)
+
+        def write_summary(*, complete: bool) -> dict[str, Any]:
+            summary = {
+                "job": cfg.run.name, "model": cfg.model, "complete": complete,
+                "accuracy": results,
+                "sizes": {"D": len(dom), "pool": len(pool), "M": len(cand), "N": n,
+                          "test": {k: len(v) for k, v in data["tests"].items()}},
+                "selected_sources": {
+                    name: data["pool"].set_index("id").loc[sel["id"], "source"].value_counts()
+                    .to_dict() for name, sel in selections.items()},
+                "counts": counts, "seconds": time.time() - t_job, "stage_seconds": timings,
+            }
+            (out / "results.json").write_text(json.dumps(summary, indent=2))
+            return summary
+
+        if "base" in s.baselines:
+            evaluate("base", None)
+        if "domain_only" in s.baselines:
+            t0 = time.time()
+            ad = _fit(cfg, cache, tracker, stage="lora", label="finetune-domain_only", rows=dom,
+                      train=cfg.finetune, storage=out / "train")
+            timings["finetune_domain_only"] = time.time() - t0
+            evaluate("domain_only", ad)
+        for name in s.selectors:
+            if name in ("ntk", "less") and name not in inputs.scores:
+                scores_for(name)
+            selections[name] = sel = select(name)
+            t0 = time.time()
+            rows = pd.concat([dom, by_id.loc[sel["id"]].reset_index()], ignore_index=True)
+            ad = _fit(cfg, cache, tracker, stage="lora", label=f"finetune-{name}", rows=rows,
+                      train=cfg.finetune, storage=out / "train")
+            timings[f"finetune_{name}"] = time.time() - t0
+            evaluate(name, ad)
 
         # report --------------------------------------------------------------------------------
         rej_df = pd.concat([r for r in rejects if len(r)], ignore_index=True) if any(
             len(r) for r in rejects) else pd.DataFrame(columns=["file", "id", "reason", "raw"])
         rej_df.to_parquet(out / "rejects.parquet")
         pd.concat(preds, ignore_index=True).to_parquet(out / "predictions.parquet")
-        summary = {
-            "job": cfg.run.name, "model": cfg.model, "accuracy": results,
-            "sizes": {"D": len(dom), "pool": len(pool), "M": len(cand), "N": n,
-                      "test": {k: len(v) for k, v in data["tests"].items()}},
-            "selected_sources": {
-                name: data["pool"].set_index("id").loc[sel["id"], "source"].value_counts()
-                .to_dict() for name, sel in selections.items()},
-            "counts": counts, "rejects": len(rej_df), "seconds": time.time() - t_job,
-            "stage_seconds": timings,
-        }
+        summary = write_summary(complete=True)
+        summary["rejects"] = len(rej_df)
         (out / "results.json").write_text(json.dumps(summary, indent=2))
-        for lab, acc in results.items():
-            parent.metrics({f"acc.{lab}.{k}": v for k, v in acc.items()})
         parent.metrics({"seconds": summary["seconds"], "rejects": len(rej_df)})
         for f in ("results.json", "rejects.parquet", "predictions.parquet"):
             parent.artifact(out / f)

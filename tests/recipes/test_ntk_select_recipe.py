@@ -98,7 +98,7 @@ def test_ntk_select_end_to_end_and_shard_resume(ray_local, tmp_path):
 
     # sizes: D = 8 train items, 24 good pool rows (2 rejects), M = 8 candidates, N = 4
     assert res["sizes"] == {"D": 8, "pool": 24, "M": 8, "N": 4, "test": {"toyqa": 6}}
-    assert set(res["accuracy"]) == {"domain_only", "ntk"}
+    assert set(res["accuracy"]) == {"domain_only", "ntk"} and res["complete"] is True
     for acc in res["accuracy"].values():
         assert 0.0 <= acc["toyqa"] <= 1.0 and acc["mean"] == acc["toyqa"]
     rej = pd.read_parquet(out / "rejects.parquet")
@@ -126,11 +126,11 @@ def test_ntk_select_end_to_end_and_shard_resume(ray_local, tmp_path):
     runs = client.search_runs([exp.experiment_id])
     names = {r.data.tags.get("mlflow.runName"): r for r in runs}
     for want in ("tiny", "read", "warmup", "stage1-embed", "stage2-logit_sum-domain",
-                 "stage2-ntk", "select", "finetune-ntk", "finetune-domain_only",
+                 "stage2-ntk", "select-ntk", "finetune-ntk", "finetune-domain_only",
                  "eval-domain_only", "eval-ntk"):
         assert want in names, (want, sorted(names))
     assert client.get_metric_history(names["warmup"].info.run_id, "train_loss")
-    arts = [a.path for a in client.list_artifacts(names["select"].info.run_id, "selected")]
+    arts = [a.path for a in client.list_artifacts(names["select-ntk"].info.run_id, "selected")]
     assert arts == ["selected/selected_ntk.parquet"]
     assert "acc.ntk.toyqa" in names["tiny"].data.metrics
 
