@@ -5,6 +5,7 @@ benchmarks/results/ntk-cpu.json with the machine described.
 
     python benchmarks/ntk_cpu.py [key=value ...]          # runs jobs/ntk_select/medical-smollm.cpu.yaml
     python benchmarks/ntk_cpu.py --collect                 # re-collect an existing run's results.json
+                                                           # (also a partial one: complete=false)
 
 The throughput part is read from benchmarks/results/ntk-scoring-cpu.json (written by
 benchmarks/ntk_scoring.py: batched torch.func per-sample gradients vs a batch-size-1 loop).
@@ -46,7 +47,8 @@ def run(argv: list[str] | None = None) -> dict:
     thr = json.loads(scoring.read_text()) if scoring.exists() else {}
     report = {
         "benchmark": "ntk-cpu", "job": args.job, "overrides": args.overrides,
-        "machine": describe(), "model": res["model"], "sizes": res["sizes"],
+        "machine": describe(), "model": res["model"], "complete": res.get("complete", True),
+        "sizes": res["sizes"],
         "accuracy": acc, "mean_minus_random": vs_random,
         "selected_sources": res["selected_sources"],
         "wall_seconds": None if args.collect else round(time.time() - t0, 1),
