@@ -79,7 +79,6 @@ def _engine_kwargs(cfg: SimDAJob, *, need_hidden: bool = False) -> dict[str, Any
           "num_threads": t.pool.threads or max(1, int(round(t.pool.num_cpus)))}
     if backend == "vllm":
         kw["engine_kwargs"] = dict(t.vllm)
-    else:
     return kw
 
 
