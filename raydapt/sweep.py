@@ -216,14 +216,15 @@ def _trainable(config: dict[str, Any], *, base: dict[str, Any], parent_run_id: s
     uri = cfg.tracking.uri if cfg.tracking.enabled else None
     log = RunLogger(None, None)
     client = None
-    trial = tune.get_context().get_trial_name() or "trial"
+    ctx = tune.get_context()
+    trial = ctx.get_trial_name() or "trial"
     if uri and parent_run_id:
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(tracking_uri=uri)
         run = client.create_run(experiment_id, run_name=trial, tags={
             "mlflow.parentRunId": parent_run_id, "mlflow.runName": trial,
-            "raydapt.trial": trial})
+            "raydapt.trial": trial, "raydapt.trial_id": ctx.get_trial_id() or ""})
         log = RunLogger(uri, run.info.run_id)
         log.params(values)
     step = {"i": 0}
@@ -241,6 +242,30 @@ def _trainable(config: dict[str, Any], *, base: dict[str, Any], parent_run_id: s
     finally:
         if client is not None:
             client.set_terminated(log.run_id, status=status)
+
+
+def _close_trial_runs(grid, tracker, parent_run_id: str | None, max_t: int) -> None:
+    """A trial that ASHA stops is ended from outside, so its child run may be left RUNNING (or
+    FAILED by the stop): mark it FINISHED with ``raydapt.stopped_early``; real errors stay
+    FAILED."""
+    if not (tracker.enabled and parent_run_id):
+        return
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracker.uri)
+    by_id = {r.metrics.get("trial_id"): r for r in grid if r.metrics}
+    runs = client.search_runs([tracker._experiment_id],
+                              f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+    for run in runs:
+        res = by_id.get(run.data.tags.get("raydapt.trial_id"))
+        if res is None or run.info.status == "FINISHED":
+            continue
+        if res.error is None:
+            it = res.metrics.get("training_iteration") or 0
+            client.set_tag(run.info.run_id, "raydapt.stopped_early", str(it < max_t).lower())
+            client.set_terminated(run.info.run_id, status="FINISHED")
+        elif run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, status="FAILED")
 
 
 def run_sweep(spec: SweepSpec, base: dict[str, Any], cfg: Section) -> dict[str, Any]:
@@ -285,6 +310,7 @@ def run_sweep(spec: SweepSpec, base: dict[str, Any], cfg: Section) -> dict[str, 
                                       storage_path=str((out / "tune").resolve()), verbose=1),
         )
         grid = tuner.fit()
+        _close_trial_runs(grid, tracker, parent.run_id, spec.scheduler.max_t)
         trials = []
         for r in grid:
             if r.error:
