@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -17,19 +16,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+# secrets never reach MLflow: params are redacted, tags and text artifacts scrubbed
+from raydapt.secrets import redact, scrub  # re-exported
 from raydapt.telemetry import timed_stage
 
-_SECRET_KEYS = re.compile(r"(token|secret|password|passwd|api[_-]?key|access[_-]?key)", re.I)
-
-
-def redact(obj: Any) -> Any:
-    """Replace values under secret-looking keys with '***' (params and config artifacts)."""
-    if isinstance(obj, dict):
-        return {k: ("***" if _SECRET_KEYS.search(str(k)) and v else redact(v))
-                for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [redact(v) for v in obj]
-    return obj
+__all__ = ["RunLogger", "Tracker", "absolute_tracking_uri", "flatten", "redact", "scrub"]
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -111,7 +102,8 @@ class RunLogger:
         if self.enabled:
             from mlflow.entities import RunTag
 
-            self._client().log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in values.items()])
+            self._client().log_batch(self.run_id, tags=[
+                RunTag(k, scrub(str(v))) for k, v in values.items()])
 
     def artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if self.enabled and Path(path).exists():
@@ -126,7 +118,7 @@ class RunLogger:
             return
         with tempfile.TemporaryDirectory() as d:
             f = Path(d) / name
-            f.write_text(text)
+            f.write_text(scrub(text))
             self.artifact(f)
 
 

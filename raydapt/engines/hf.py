@@ -35,7 +35,7 @@ class HFEngine(PromptFormatter):
         self, model: str, label_words: list[str], *, max_length: int = 512,
         dtype: str = "float32", device: str = "auto", chat: bool = False, answer_prefix: str = "",
         trust_remote_code: bool = False, revision: str | None = None,
-        num_threads: int | None = None,
+        num_threads: int | None = None, token: str | None = None,
     ) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -50,12 +50,14 @@ class HFEngine(PromptFormatter):
         else:
             tdtype = _DTYPES[dtype]
         tok = AutoTokenizer.from_pretrained(
-            rm.path, revision=revision or rm.revision, trust_remote_code=trust_remote_code)
+            rm.path, revision=revision or rm.revision, trust_remote_code=trust_remote_code,
+            token=token)
         self._init_text(tok, label_words, model=model, chat=chat, answer_prefix=answer_prefix,
                         max_length=max_length)
         self.model = AutoModelForCausalLM.from_pretrained(
             rm.path, revision=revision or rm.revision, dtype=tdtype,
             trust_remote_code=trust_remote_code, use_safetensors=True if rm.local else None,
+            token=token,
         ).to(self.device).eval()
         self.model_ref = model
 

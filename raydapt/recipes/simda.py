@@ -79,6 +79,8 @@ def _engine_kwargs(cfg: SimDAJob, *, need_hidden: bool = False) -> dict[str, Any
           "num_threads": t.pool.threads or max(1, int(round(t.pool.num_cpus)))}
     if backend == "vllm":
         kw["engine_kwargs"] = dict(t.vllm)
+    else:
+        kw["token"] = t.hf_token
     return kw
 
 
@@ -91,7 +93,8 @@ def check_verbalizer(cfg: SimDAJob) -> list[int]:
 
     rm = resolve_model(cfg.teacher.model)
     tok = AutoTokenizer.from_pretrained(rm.path, revision=cfg.teacher.revision or rm.revision,
-                                        trust_remote_code=cfg.teacher.trust_remote_code)
+                                        trust_remote_code=cfg.teacher.trust_remote_code,
+                                        token=cfg.teacher.hf_token)
     words = {cfg.teacher.verbalizer[lab]: tok(cfg.teacher.verbalizer[lab],
                                               add_special_tokens=False)["input_ids"]
              for lab in cfg.data.labels}
@@ -111,9 +114,9 @@ def _run_teacher(rows: pd.DataFrame, cfg: SimDAJob, *, keep_hidden: bool, stage:
     Returns the (lazy) output dataset: id, llm_logp [C], hidden [H] (if ``keep_hidden``), _error."""
     import ray
 
-    n_blocks = max(1, min(64, len(rows) // 32))  # several blocks so the actor pool streams
-    ds = ray.data.from_pandas(
-        [rows.iloc[ix] for ix in np.array_split(np.arange(len(rows)), n_blocks)])
+    # one block per output shard: a shard is complete as soon as its block comes back
+    step = cfg.teacher.pool.shard_rows
+    ds = ray.data.from_pandas([rows.iloc[i : i + step] for i in range(0, max(len(rows), 1), step)])
     return ds.map_batches(
         TeacherScore,
         fn_constructor_kwargs=dict(
@@ -286,7 +289,7 @@ def run(cfg: SimDAJob) -> dict[str, Any]:
         # 2. teacher pass: keys + p_LLM for source / target-train / target-test ---------------
         from raydapt.assets import resolve_model
 
-        parts = {"teacher": cfg.teacher.model_dump(mode="json", exclude={"pool"}),
+        parts = {"teacher": cfg.teacher.model_dump(mode="json", exclude={"pool", "hf_token"}),
                  "weights": resolve_model(cfg.teacher.model).fingerprint,
                  "data": fps, "ids": config_hash({"s": source["id"].tolist(),
                                                   "tr": tgt_train["id"].tolist(),

@@ -5,7 +5,8 @@ Per-worker function first (:func:`student_loop`), driver wiring below (:func:`fi
 Datasets handed to the trainer:
 
 - ``train``: ``text`` and, by objective, ``p_t`` [C] + ``h_t`` [H_T] (distillation) or ``y``
-  (supervised). Split across workers (equal shards).
+  (supervised). Every worker reads all of it once; epoch e's permutation comes from seed + e and
+  worker r trains on rows r, r+W, ... of it (equal slices), like a DistributedSampler.
 - ``eval``: ``text``, ``y`` — the target test split. Not split by Ray: worker r evaluates rows
   r, r+W, r+2W, ... and the counts are summed with an all-reduce, so every row counts once.
 """
@@ -98,10 +99,24 @@ def student_loop(cfg: dict[str, Any]) -> None:
         sched.load_state_dict(state["sched"])
         start_epoch = int(state["epoch"]) + 1
         last_metrics = state.get("metrics")
+        if rank == 0:
+            print(f"[{cfg['name']}] resumed from the checkpoint of epoch {start_epoch}/"
+                  f"{cfg['epochs']}", flush=True)
     log = RunLogger(cfg.get("mlflow_uri"), cfg.get("mlflow_run_id")) if rank == 0 else RunLogger(None, None)
     eval_rows = cfg["eval_rows"]
-    shard = ray.train.get_dataset_shard("train")
     cols = ["text", "y"] if cfg["objective"] == "supervised" else ["text", "p_t", "h_t"]
+    # Every worker reads the whole (student-sized) training set once, in source order; each
+    # epoch's order and this worker's slice come from (seed, epoch), as with a
+    # DistributedSampler. So the batches of epoch e never depend on what ran before it, and a
+    # run resumed at epoch e trains exactly as an uninterrupted one (Ray Data's per-epoch
+    # streaming order is not reproducible across runs).
+    parts: dict[str, list] = {c: [] for c in cols}
+    for b in ray.train.get_dataset_shard("train").iter_batches(batch_size=None,
+                                                                batch_format="numpy"):
+        for c in cols:
+            parts[c].append(b[c])
+    data = {c: np.concatenate(v) for c, v in parts.items()}
+    n_data = len(data["text"])
     step = start_epoch * steps_per_epoch
     t0 = time.time()
     tm = StageTelemetry(**{"stage": "student", **cfg.get("telemetry", {})})  # Ray metrics
@@ -111,12 +126,16 @@ def student_loop(cfg: dict[str, Any]) -> None:
     for epoch in range(start_epoch, cfg["epochs"]):
         # RNG from (seed, epoch, rank): a run resumed at epoch e draws what an uninterrupted one does
         torch.manual_seed(cfg["seed"] * 100_003 + epoch * 101 + rank)
+        # train mode every epoch: from_pretrained returns the encoder in eval mode (dropout off),
+        # so without this a fresh run's first epoch and a resumed run's first epoch differ
+        model.train()
         losses = []
-        for batch in shard.iter_batches(batch_size=per_worker, batch_format="numpy",
-                                        drop_last=True, local_shuffle_buffer_size=256,
-                                        local_shuffle_seed=cfg["seed"] + epoch):
+        order = np.random.default_rng(cfg["seed"] + epoch).permutation(n_data)
+        mine = order[rank::world][: n_data // world]  # equal slices: DDP steps in lockstep
+        for s in range(len(mine) // per_worker):  # drop_last
             t_batch = time.perf_counter()
-            batch = {c: batch[c] for c in cols}
+            ix = mine[s * per_worker : (s + 1) * per_worker]
+            batch = {c: data[c][ix] for c in cols}
             enc = tok(list(batch["text"]), truncation=True, max_length=cfg["max_length"],
                       padding=True, return_tensors="pt")
             logits, pooled = model(enc["input_ids"], enc["attention_mask"])
@@ -172,7 +191,8 @@ def fit_student(
     mid-training continues from its last finished epoch when rerun. Callers must therefore put a
     hash of everything that determines the training (config, data) into ``name``.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     if objective not in OBJECTIVES:
@@ -203,6 +223,9 @@ def fit_student(
             failure_config=FailureConfig(max_failures=int(train.get("max_failures", 1))),
             checkpoint_config=CheckpointConfig(num_to_keep=1)),
         datasets={"train": train_ds},
+        # each worker gets the whole training set in source order and slices it itself
+        dataset_config=DataConfig(datasets_to_split=[],
+                                  execution_options=ExecutionOptions(preserve_order=True)),
     )
     result = trainer.fit()
     if result.error:
