@@ -14,7 +14,17 @@ from raydapt.cli import main
 pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.timeout(900)]
 
 
-def test_simda_end_to_end(tmp_path, data_dir, capsys):
+SECRET = "hf_PlantedSecret_0d5c9e7a41"
+
+
+def _files_containing(root, needle: str) -> list[str]:
+    return [str(f) for f in root.rglob("*") if f.is_file() and needle.encode() in f.read_bytes()]
+
+
+def test_simda_end_to_end(tmp_path, data_dir, capsys, monkeypatch):
+    # a planted secret, as a user would have it: in the environment and referenced by the config
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET + "_aws")
     books = [json.loads(x) for x in (data_dir / "amazon/books.jsonl").read_text().splitlines()]
     src = tmp_path / "src.jsonl"
     bad = [{"id": "bad-1", "text": "", "label": "positive"},
@@ -33,13 +43,15 @@ data:
   target: {{path: kitchen.jsonl}}
   max_target_train_rows: 24
   max_target_test_rows: 24
-teacher: {{text_max_tokens: 32, demo_max_tokens: 12, pool: {{concurrency: 1, num_cpus: 1, batch_size: 16}}}}
+teacher: {{text_max_tokens: 32, demo_max_tokens: 12, hf_token: "${{HF_TOKEN}}",
+          pool: {{concurrency: 1, num_cpus: 1, batch_size: 16}}}}
 annotate: {{k: 8, prompt_k: 2, baselines: [zero_shot, knn, icl_random, icl_nearest, knn_prompt],
            baseline_max_rows: 6}}
 distill: {{variants: [source_only, kl_sim], epochs: 1, batch_size: 8, max_length: 32,
           num_workers: 2, cpus_per_worker: 0.9}}
 """)
     assert main(["run", str(job)]) == 0
+    logged = capsys.readouterr()
     out = tmp_path / "runs/tiny"
     res = json.loads((out / "results.json").read_text())
     want = {"student:source_only", "student:kl_sim", "teacher:zero_shot", "teacher:knn",
@@ -77,6 +89,15 @@ distill: {{variants: [source_only, kl_sim], epochs: 1, batch_size: 8, max_length
     assert len(hist) == 1  # one epoch -> one accuracy point from rank 0
     arts = {a.path for a in client.list_artifacts(p.info.run_id)}
     assert {"config.yaml", "annotations.parquet", "results.json", "confusion.png"} <= arts
+
+    # the planted secret is nowhere: params, tags, artifacts, outputs, cache keys, logs
+    assert p.data.params["teacher.hf_token"] == "***"
+    for r in runs:
+        for k, v in {**r.data.params, **r.data.tags}.items():
+            assert SECRET not in v, f"secret in {k} of run {r.info.run_name}"
+    for root in (tmp_path / "art", tmp_path / "runs", tmp_path / "cache"):
+        assert not _files_containing(root, SECRET), root
+    assert SECRET not in logged.out + logged.err
 
     # a second run with unchanged inputs reuses the teacher and prompted stages
     capsys.readouterr()

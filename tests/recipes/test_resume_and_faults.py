@@ -1,0 +1,199 @@
+"""A killed run loses nothing and redoes nothing; dead workers are restarted.
+
+One tiny SimDA job (real SmolLM2 teacher, real MiniLM student, real Ray, Ray Train, MLflow) is run
+four times as separate `raydapt run` processes:
+
+1. uninterrupted, in its own cache/output dirs: the reference;
+2. SIGKILL of the driver after a random number of finished teacher shards;
+3. the rerun: finished shards must not be recomputed; one Ray Data actor process is SIGKILLed
+   mid-pass (Ray restarts it and retries its batch), then the driver is SIGKILLed again after the
+   student's first checkpoint;
+4. the rerun: training resumes from that checkpoint; its Ray Train worker process is SIGKILLed
+   after resuming (Ray Train's failure config restores it once more).
+
+The outputs of 4 (annotations, accuracies, the student's final loss) must equal the reference's.
+The random kill point comes from RAYDAPT_KILL_SEED (printed, so a failure can be replayed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import psutil
+import pytest
+
+pytestmark = [pytest.mark.timeout(1500)]
+
+SHARD_ROWS = 4
+N_SOURCE, N_TRAIN, N_TEST = 16, 24, 8
+
+
+def _job(tmp: Path, data_dir: Path, tag: str) -> Path:
+    books = (data_dir / "amazon/books.jsonl").read_text().splitlines()[:N_SOURCE]
+    (tmp / "src.jsonl").write_text("\n".join(books) + "\n")
+    if not (tmp / "kitchen.jsonl").exists():
+        (tmp / "kitchen.jsonl").symlink_to(data_dir / "amazon/kitchen.jsonl")
+    job = tmp / f"job-{tag}.yaml"
+    job.write_text(f"""
+method: simda
+run: {{name: tiny, output_dir: {tmp}/runs-{tag}, cache_dir: {tmp}/cache-{tag}}}
+tracking: {{uri: "sqlite:///{tmp}/mlruns-{tag}.db", artifact_location: {tmp}/art-{tag}}}
+ray: {{num_cpus: 2, progress: false}}
+data:
+  root: {tmp}
+  source: {{path: src.jsonl}}
+  target: {{path: kitchen.jsonl}}
+  max_target_train_rows: {N_TRAIN}
+  max_target_test_rows: {N_TEST}
+teacher: {{text_max_tokens: 32, pool: {{concurrency: 1, num_cpus: 1, batch_size: 4,
+          shard_rows: {SHARD_ROWS}, max_restarts: 2, max_task_retries: 2}}}}
+annotate: {{k: 8, baselines: [zero_shot, knn]}}
+distill: {{variants: [kl], epochs: 3, batch_size: 8, max_length: 32, num_workers: 1,
+          cpus_per_worker: 1, max_failures: 2}}
+""")
+    return job
+
+
+def _start(job: Path, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "RAY_DEDUP_LOGS": "0", "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.Popen([sys.executable, "-m", "raydapt.cli", "run", str(job)],
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
+
+
+def _descendants(proc: subprocess.Popen, title: str) -> list[psutil.Process]:
+    """Processes under our driver whose command line contains ``title`` (e.g. ray::_MapWorker):
+    only what this test started, never another Ray on the machine."""
+    out = []
+    try:
+        for p in psutil.Process(proc.pid).children(recursive=True):
+            try:
+                if title in " ".join(p.cmdline()):
+                    out.append(p)
+            except psutil.Error:
+                pass
+    except psutil.Error:
+        pass
+    return out
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the driver (as a crash would), then reap what it had started."""
+    try:
+        kids = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        kids = []
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    for k in kids:  # a local Ray's daemons share the driver's fate; make sure, as a test
+        try:
+            k.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(kids, timeout=30)
+
+
+def _wait(proc: subprocess.Popen, cond, what: str, timeout: float = 600.0) -> None:
+    t0 = time.time()
+    while not cond():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (rc={proc.returncode}) before {what}")
+        if time.time() - t0 > timeout:
+            _kill_tree(proc)
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def _shards(cache: Path) -> dict[str, float]:
+    return {str(p): p.stat().st_mtime_ns for p in cache.glob("teacher/*/part-*.parquet")}
+
+
+def _snapshot_has_checkpoint(out: Path) -> bool:
+    for snap in out.glob("train/*/checkpoint_manager_snapshot.json"):
+        try:
+            if json.loads(snap.read_text()).get("checkpoint_results"):
+                return True
+        except (OSError, ValueError):
+            pass
+    return False
+
+
+def test_killed_runs_resume_to_the_same_outputs(tmp_path, data_dir):
+    seed = int(os.environ.get("RAYDAPT_KILL_SEED", random.randrange(10**6)))
+    print(f"RAYDAPT_KILL_SEED={seed}")
+    rng = random.Random(seed)
+
+    ref_job, job = _job(tmp_path, data_dir, "ref"), _job(tmp_path, data_dir, "k")
+    ref = _start(ref_job, tmp_path / "ref.log")
+    assert ref.wait(timeout=900) == 0, (tmp_path / "ref.log").read_text()[-3000:]
+
+    cache, out = tmp_path / "cache-k", tmp_path / "runs-k/tiny"
+    n_shards = -(-(N_SOURCE + N_TRAIN + N_TEST) // SHARD_ROWS)
+    kill_after = rng.randint(1, n_shards - 4)  # leave shards for the actor kill of run 2
+
+    # 1. kill the driver mid teacher stage
+    p = _start(job, tmp_path / "1.log")
+    _wait(p, lambda: len(_shards(cache)) >= kill_after, f"{kill_after} teacher shards")
+    _kill_tree(p)
+    done_before = _shards(cache)
+    assert 1 <= len(done_before) < n_shards and not list(cache.glob("teacher/*/_SUCCESS"))
+
+    # 2. rerun: kill one Ray Data actor mid-pass, then the driver after the first checkpoint
+    p = _start(job, tmp_path / "2.log")
+    _wait(p, lambda: len(_descendants(p, "MapWorker(")) > 0 and
+          len(_shards(cache)) > len(done_before), "a running teacher actor")
+    victims = _descendants(p, "MapWorker(")
+    assert len(_shards(cache)) < n_shards, "the teacher pass ended before its actor was killed"
+    for v in victims:
+        v.kill()
+    _wait(p, lambda: _snapshot_has_checkpoint(out), "the student's first checkpoint")
+    _kill_tree(p)
+    log2 = (tmp_path / "2.log").read_text()
+    assert f"resuming, {len(done_before)}/{n_shards} shards already done" in log2, log2[-3000:]
+    after = _shards(cache)
+    assert {k: after[k] for k in done_before} == done_before, "finished shards were recomputed"
+    assert len(after) == n_shards and list(cache.glob("teacher/*/_SUCCESS"))
+
+    # 3. rerun: resume training from the checkpoint, survive a dead Ray Train worker
+    p = _start(job, tmp_path / "3.log")
+    log3 = tmp_path / "3.log"
+    _wait(p, lambda: "resumed from the checkpoint of epoch" in log3.read_text(),
+          "the student resuming")
+    workers = _descendants(p, "RayTrainWorker")
+    assert workers, "no Ray Train worker process found"
+    for v in workers:
+        v.kill()
+    assert p.wait(timeout=900) == 0, log3.read_text()[-3000:]
+    text = log3.read_text()
+    assert "teacher: cached" in text
+    # one "resumed" line per worker process that restored a checkpoint (log lines may repeat)
+    resumed = sorted({(int(pid), int(ep)) for pid, ep in re.findall(
+        r"RayTrainWorker pid=(\d+)\).*?resumed from the checkpoint of epoch (\d+)/3", text)})
+    resumed_at = [ep for _, ep in resumed]
+    assert resumed_at and min(resumed_at) < 3, "the driver kill came after training had ended"
+    assert len(resumed) >= 2, "the killed Ray Train worker was not restored from a checkpoint"
+
+    # same outputs as the uninterrupted run
+    a = json.loads((tmp_path / "runs-ref/tiny/results.json").read_text())
+    b = json.loads((out / "results.json").read_text())
+    assert a["accuracy"] == b["accuracy"]
+    assert b["students"]["kl"]["final_epoch_loss"] == pytest.approx(
+        a["students"]["kl"]["final_epoch_loss"], rel=1e-6, abs=1e-9)
+    ra = pd.read_parquet(tmp_path / "runs-ref/tiny/annotations.parquet")
+    rb = pd.read_parquet(out / "annotations.parquet")
+    assert ra["id"].tolist() == rb["id"].tolist()
+    np.testing.assert_array_equal(np.stack(ra["p_t"]), np.stack(rb["p_t"]))
+    np.testing.assert_array_equal(np.stack(ra["h_t"]), np.stack(rb["h_t"]))
+    print(f"killed after {kill_after}/{n_shards} shards; resumed at epochs {resumed_at}")
