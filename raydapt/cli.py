@@ -29,21 +29,44 @@ def _run(args: argparse.Namespace) -> int:
 
     cfg = load_job(args.job, args.overrides)
     if cfg.method == "simda":
-        from raydapt.recipes import simda
+        from raydapt.recipes import simda as recipe
+    elif cfg.method == "dallmi":
+        from raydapt.recipes import dallmi as recipe
+    elif cfg.method == "ntk_select":
+        from raydapt.recipes import ntk_select as recipe
+    else:  # pragma: no cover - JOB_TYPES and this list move together
+        raise RaydaptError(f"no recipe for method {cfg.method!r}")
+    recipe.run(cfg)
+    _log_plan_next_to_actuals(cfg)
+    return 0
 
-        simda.run(cfg)
-        return 0
-    if cfg.method == "dallmi":
-        from raydapt.recipes import dallmi
 
-        dallmi.run(cfg)
-        return 0
-    if cfg.method == "ntk_select":
-        from raydapt.recipes import ntk_select
+def _log_plan_next_to_actuals(cfg) -> None:
+    """After a local run: ``plan.*`` estimates (raydapt plan) and ``actual.<stage>.seconds`` on the
+    job's parent MLflow run. Submitted jobs get both from raydapt submit instead. Best effort."""
+    if not cfg.tracking.enabled or os.environ.get("RAYDAPT_PARENT_RUN_ID"):
+        return
+    try:
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
 
-        ntk_select.run(cfg)
-        return 0
-    raise RaydaptError(f"no recipe for method {cfg.method!r}")  # pragma: no cover
+        from raydapt.plan import make_plan, record_actuals
+        from raydapt.tracking import absolute_tracking_uri
+
+        uri = absolute_tracking_uri(cfg.tracking.uri)
+        cl = MlflowClient(tracking_uri=uri)
+        exp = cl.get_experiment_by_name(cfg.tracking.experiment)
+        runs = cl.search_runs([exp.experiment_id], max_results=20, order_by=["start_time DESC"],
+                              filter_string=f"tags.mlflow.runName = '{cfg.run.name}'")
+        parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+        params = [Param(k, str(v)[:500]) for k, v in make_plan(cfg).mlflow_params().items()
+                  if k not in parent.data.params]
+        for i in range(0, len(params), 100):
+            cl.log_batch(parent.info.run_id, params=params[i : i + 100])
+        record_actuals(uri, parent.info.run_id)
+    except Exception as exc:  # the run itself succeeded; this is bookkeeping
+        print(f"raydapt: note: plan estimates not logged next to the actuals: {exc}",
+              file=sys.stderr)
 
 
 def _sweep(args: argparse.Namespace) -> int:

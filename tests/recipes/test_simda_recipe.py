@@ -90,6 +90,10 @@ distill: {{variants: [source_only, kl_sim], epochs: 1, batch_size: 8, max_length
     arts = {a.path for a in client.list_artifacts(p.info.run_id)}
     assert {"config.yaml", "annotations.parquet", "results.json", "confusion.png"} <= arts
 
+    # raydapt plan's estimates sit next to the measured stage times on the parent run
+    assert int(p.data.params["plan.teacher.rows"]) > 0 and "plan.teacher.llm_tokens" in p.data.params
+    assert p.data.metrics["actual.teacher.seconds"] > 0
+
     # the planted secret is nowhere: params, tags, artifacts, outputs, cache keys, logs
     assert p.data.params["teacher.hf_token"] == "***"
     for r in runs:
