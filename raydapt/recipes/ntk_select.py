@@ -39,6 +39,7 @@ from raydapt.data.qa import QAFormat, chat_prefix, encode_pair, read_qa, render
 from raydapt.data.readers import DataError, fingerprint, split_and_subsample
 from raydapt.runtime import init_ray, seed_everything
 from raydapt.select.selectors import SELECTORS, SelectionInputs, knn_votes
+from raydapt.stages.common import pool_kwargs
 from raydapt.tracking import Tracker
 
 LETTERS = [chr(ord("A") + i) for i in range(10)]
@@ -46,22 +47,6 @@ LETTERS = [chr(ord("A") + i) for i in range(10)]
 
 def _say(msg: str) -> None:
     print(f"[ntk_select {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def _pool_kw(section) -> dict[str, Any]:
-    """map_batches kwargs for an actor pool section."""
-    import ray
-
-    c = section.concurrency
-    compute = (ray.data.ActorPoolStrategy(size=c) if isinstance(c, int)
-               else ray.data.ActorPoolStrategy(min_size=c[0], max_size=c[1]))
-    kw: dict[str, Any] = {"compute": compute, "num_cpus": section.num_cpus,
-                          "batch_size": section.batch_size, "batch_format": "pandas"}
-    if section.num_gpus:
-        kw["num_gpus"] = section.num_gpus
-    if section.resources:  # custom resources steer the pool to a node type (cluster/)
-        kw["resources"] = dict(section.resources)
-    return kw
 
 
 def _dataset(df: pd.DataFrame, rows_per_block: int = 32):
@@ -253,7 +238,7 @@ def stage1_embed(cfg: NTKSelectJob, cache: StageCache, tracker: Tracker, *, adap
         ds = _dataset(rows[["id", "input_ids", "response_mask"]]).map_batches(
             EmbedLM, fn_constructor_kwargs={"model": _actor_model(
                 cfg, str(adapter / "adapter"), cfg.select.embed_pool)},
-            **_pool_kw(cfg.select.embed_pool))
+            **pool_kwargs(cfg.select.embed_pool))
         out = _stream(ds, len(rows), "stage 1 embed")
         run_log.metrics({"rows": len(rows), "rows_per_s": len(rows) / (time.time() - t0)})
         out.to_parquet(d / "out.parquet")
@@ -279,7 +264,7 @@ def domain_grads(cfg: NTKSelectJob, cache: StageCache, tracker: Tracker, *, adap
                     objective=objective, proj_dim=s.proj_dim, proj_seed=s.proj_seed,
                     chunk_rows=s.proj_chunk_rows, vmap_chunk=s.vmap_chunk,
                     stage=f"grads-domain-{objective}"),
-                **_pool_kw(s.grad_pool))
+                **pool_kwargs(s.grad_pool))
             out = _stream(ds, len(rows), f"stage 2 domain gradients ({objective})")
             run_log.metrics({"rows": len(rows), "rows_per_s": len(rows) / (time.time() - t0)})
             out.to_parquet(d / "out.parquet")
@@ -343,7 +328,7 @@ def stage2_scores(cfg: NTKSelectJob, cache: StageCache, tracker: Tracker, *, ada
                     adam_state=str(adapter / "adam_exp_avg_sq.pt") if kind == "less" else None,
                     score_against=against, score_kind="less" if kind == "less" else s.score,
                     stage=f"scores-{kind}"),
-                **_pool_kw(s.grad_pool))
+                **pool_kwargs(s.grad_pool))
             n = int(sum(need.values()))
             _stream(ds, n, f"stage 2 {kind} scores", on_batch=on_batch)
             run_log.metrics({"rows": n, "rows_per_s": n / (time.time() - t0)})
@@ -374,7 +359,7 @@ def evaluate_mc(cfg: NTKSelectJob, cache: StageCache, tracker: Tracker, *, label
                     model=_actor_model(cfg, str(adapter / "adapter") if adapter else None,
                                        cfg.eval.pool),
                     letters=letters, max_length=cfg.eval.max_length, stage="eval"),
-                **_pool_kw(cfg.eval.pool))
+                **pool_kwargs(cfg.eval.pool))
             out = _stream(ds, len(prompts), f"eval {label}")
             run_log.metrics({"rows_per_s": len(prompts) / (time.time() - t0)})
             out.to_parquet(d / "out.parquet")

@@ -39,32 +39,13 @@ from raydapt.data.readers import (
 from raydapt.evaluate import accuracy, confusion_matrix
 from raydapt.runtime import init_ray, seed_everything
 from raydapt.stages.annotate import calibrate_domain_mean, mix
+from raydapt.stages.common import pool_kwargs
 from raydapt.stages.teacher import KnnSearch, TeacherScore, build_index, save_store
 from raydapt.tracking import Tracker
 
 
 def _say(msg: str) -> None:
     print(f"[simda {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def _pool(section) -> dict[str, Any]:
-    """map_batches kwargs for an actor pool section (fixed N or autoscaling [min, max])."""
-    import ray
-
-    c = section.concurrency
-    compute = (ray.data.ActorPoolStrategy(size=c) if isinstance(c, int)
-               else ray.data.ActorPoolStrategy(min_size=c[0], max_size=c[1]))
-    kw: dict[str, Any] = {"compute": compute, "num_cpus": section.num_cpus,
-                          "batch_size": section.batch_size, "batch_format": "pandas",
-                          # a dead actor is restarted and its batch retried, a bounded number
-                          # of times (Ray Data's default is forever)
-                          "max_restarts": section.max_restarts,
-                          "max_task_retries": section.max_task_retries}
-    if section.num_gpus:
-        kw["num_gpus"] = section.num_gpus
-    if section.resources:  # custom resources steer the pool to a node type (cluster/)
-        kw["resources"] = dict(section.resources)
-    return kw
 
 
 def _engine_kwargs(cfg: SimDAJob, *, need_hidden: bool = False) -> dict[str, Any]:
@@ -126,7 +107,7 @@ def _run_teacher(rows: pd.DataFrame, cfg: SimDAJob, *, keep_hidden: bool, stage:
             demo_template=cfg.teacher.demo_template, demo_max_tokens=cfg.teacher.demo_max_tokens,
             demo_texts=demo_texts, demo_labels=demo_labels, keep_hidden=keep_hidden, stage=stage,
             telemetry={"method": "simda", "run": cfg.run.name}),
-        **_pool(cfg.teacher.pool),
+        **pool_kwargs(cfg.teacher.pool),
     )
 
 

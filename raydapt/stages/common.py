@@ -69,3 +69,25 @@ class Timer:
 
     def __exit__(self, *exc: Any) -> None:
         self.seconds = time.perf_counter() - self.t0
+
+
+def pool_kwargs(section) -> dict[str, Any]:
+    """``map_batches`` kwargs for an :class:`~raydapt.config.ActorPoolSection`: a fixed pool of N
+    actors or an autoscaling [min, max] one, CPUs / GPUs / custom resources per actor, and a
+    bounded number of actor restarts and batch retries. Every recipe's actor pools use this."""
+    import ray
+
+    c = section.concurrency
+    compute = (ray.data.ActorPoolStrategy(size=c) if isinstance(c, int)
+               else ray.data.ActorPoolStrategy(min_size=c[0], max_size=c[1]))
+    kw: dict[str, Any] = {"compute": compute, "num_cpus": section.num_cpus,
+                          "batch_size": section.batch_size, "batch_format": "pandas",
+                          # a dead actor is restarted and its batch retried, a bounded number
+                          # of times (Ray Data's default is forever)
+                          "max_restarts": section.max_restarts,
+                          "max_task_retries": section.max_task_retries}
+    if section.num_gpus:
+        kw["num_gpus"] = section.num_gpus
+    if section.resources:  # custom resources steer the pool to a node type (cluster/)
+        kw["resources"] = dict(section.resources)
+    return kw

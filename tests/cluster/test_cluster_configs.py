@@ -319,7 +319,7 @@ def test_no_manifest_or_config_contains_a_literal_secret():
 
 def test_pool_sections_pass_custom_resources_to_ray_data():
     from raydapt.config import ActorPoolSection
-    from raydapt.recipes.simda import _pool
+    from raydapt.stages.common import pool_kwargs as _pool
 
     kw = _pool(ActorPoolSection(num_gpus=1, resources={"annotate_gpu": 1}))
     assert kw["resources"] == {"annotate_gpu": 1.0} and kw["num_gpus"] == 1

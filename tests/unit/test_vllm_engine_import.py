@@ -75,7 +75,8 @@ def test_gpu_job_autoscaling_vllm_pool_and_engine_kwargs():
     from pathlib import Path
 
     from raydapt.config import ConfigError, load_job
-    from raydapt.recipes.simda import _engine_kwargs, _pool
+    from raydapt.recipes.simda import _engine_kwargs
+    from raydapt.stages.common import pool_kwargs as _pool
 
     job = Path(__file__).resolve().parents[2] / "jobs" / "simda" / "amazon-mistral7b.gpu.yaml"
     cfg = load_job(job)
