@@ -75,7 +75,12 @@ def ray_head():
     # short path: Ray's unix sockets live under it (108-byte limit)
     temp_dir = tempfile.mkdtemp(prefix="rdsub-", dir="/tmp")
     gcs, dash, client, agent, agent_grpc, renv, metrics, nm, om = free_ports(9)
-    lo = 21000 + (os.getpid() % 200) * 100
+    # worker ports: 100 below the kernel's ephemeral range (where free_ports() and every other
+    # component port come from), stepping past any picked port so no two components collide
+    picked = {gcs, dash, client, agent, agent_grpc, renv, metrics, nm, om}
+    lo = 10000 + (os.getpid() % 100) * 100
+    while any(lo <= p < lo + 100 for p in picked):
+        lo += 100
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
            "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
