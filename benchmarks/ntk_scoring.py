@@ -1,13 +1,15 @@
-"""Per-sample-gradient scoring throughput: batched ``torch.func`` vs a batch-size-1 backward loop.
+"""Per-sample-gradient scoring throughput: batched implementations vs a batch-size-1 backward loop.
 
-Both paths compute g(x) = Π ∇_θ F(x) (Jacobian-free NTK objective, LoRA parameters, Rademacher
-projection) for the same samples on the same model; the loop is LESS's structure (one backward
-per sample). Reports samples/s (gradients + projection), the ratio batched/loop, and the maximum
-difference between the two paths' projected gradients, and writes
-``benchmarks/results/ntk-scoring-<device>.json``.
+Every path computes g(x) = Π ∇_θ F(x) (Jacobian-free NTK objective, LoRA parameters, Rademacher
+projection) for the same samples on the same model: ``hooks`` (the default: one batched
+forward/backward, per-sample LoRA gradients from saved activations and output gradients, no
+[B, T, V] logits), ``vmap`` (``torch.func``) and ``loop``, the baseline: LESS's structure, one
+backward per sample. Reports samples/s (gradients + projection), each batched path's ratio over
+the loop (also the median over paired batches, robust to load drift), and the maximum difference
+between the paths' projected gradients; writes ``benchmarks/results/ntk-scoring-<device>.json``.
 
-    python benchmarks/ntk_scoring.py --samples 32 --batch-size 8 --seq-len 128
-    python benchmarks/ntk_scoring.py --device cuda --samples 512 --batch-size 32
+    python benchmarks/ntk_scoring.py --samples 64 --batch-size 32 --micro-batch 8 --seq-len 128
+    python benchmarks/ntk_scoring.py --device cuda --samples 512 --batch-size 128 --micro-batch 32
     python benchmarks/ntk_scoring.py --model tiny --samples 16       # seconds, no weights needed
 """
 
@@ -35,8 +37,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="pkg:smollm2-135m-instruct",
                    help="model reference (pkg:/hf:/path) or 'tiny' (random 2-layer Llama)")
     p.add_argument("--samples", type=int, default=32, help="samples scored by each path")
-    p.add_argument("--batch-size", type=int, default=8,
-                   help="samples per batched call (and per projection call, both paths)")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="samples per projection call (every path)")
+    p.add_argument("--micro-batch", type=int, default=8,
+                   help="samples per batched gradient call (hooks, vmap); the loop does 1")
     p.add_argument("--seq-len", type=int, default=128, help="maximum (padded) sequence length")
     p.add_argument("--min-len", type=int, default=None,
                    help="random data: shortest sample (default seq_len // 2); lengths uniform")
@@ -58,6 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--attn-implementation", default=None,
                    help="transformers attention backend (default: the model's default)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--methods", default="hooks,vmap,loop",
+                   help="comma-separated; 'loop' (the baseline) is always run")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default torch's)")
     p.add_argument("--warmup", type=int, default=2, help="samples run once per path, untimed")
@@ -195,20 +201,26 @@ def main(argv: list[str] | None = None) -> dict:
     batches = [rows[i : i + args.batch_size] for i in range(0, len(rows), args.batch_size)]
 
     def run(method: str, batch: list[tuple[list[int], int]]) -> tuple[torch.Tensor, float, float]:
-        ids, am, rm = collate(batch, side=args.padding, pad_id=pad_id, device=device)
+        step = args.micro_batch if method != "loop" else len(batch)  # the loop goes 1 by 1 itself
         sync(device)
         t0 = time.perf_counter()
-        g = per_sample_grads(
-            model, ids, am, rm, params=params, objective=args.objective, method=method,
-            chunk_size=args.vmap_chunk if method == "vmap" else None,
-        )
+        parts = []
+        for i in range(0, len(batch), step):
+            ids, am, rm = collate(batch[i : i + step], side=args.padding, pad_id=pad_id,
+                                  device=device)
+            parts.append(per_sample_grads(
+                model, ids, am, rm, params=params, objective=args.objective, method=method,
+                chunk_size=args.vmap_chunk if method == "vmap" else None,
+            ))
+        g = torch.cat(parts)
         sync(device)
         t1 = time.perf_counter()
         pg = proj.project(g)
         sync(device)
         return pg.cpu(), t1 - t0, time.perf_counter() - t1
 
-    methods = ("vmap", "loop")
+    methods = tuple(dict.fromkeys([*args.methods.split(","), "loop"]))
+    batched = [m for m in methods if m != "loop"]
     load_before = os.getloadavg()
     for m in methods:  # untimed warm-up (allocator, kernels, lazy init)
         if warm:
@@ -230,13 +242,13 @@ def main(argv: list[str] | None = None) -> dict:
             timing[m]["proj_s"] += tp
             per_batch[-1][m] = {"grad_s": tg, "proj_s": tp}
             projected[m].append(pg)
-            print(f"batch {i + 1}/{len(batches)} {m:>4}: grads {tg:7.2f}s  projection {tp:6.2f}s",
+            print(f"batch {i + 1}/{len(batches)} {m:>5}: grads {tg:7.2f}s  projection {tp:6.2f}s",
                   flush=True)
     load_after = os.getloadavg()
 
-    gv, gl = torch.cat(projected["vmap"]), torch.cat(projected["loop"])
-    max_abs = float((gv - gl).abs().max())
+    gl = torch.cat(projected["loop"])
     scale = float(gl.abs().max())
+    max_abs = {m: float((torch.cat(projected[m]) - gl).abs().max()) for m in batched}
     n = len(rows)
     result_methods = {}
     for m in methods:
@@ -248,15 +260,22 @@ def main(argv: list[str] | None = None) -> dict:
             "projection_s": timing[m]["proj_s"],
             **({"cuda_peak_bytes": peak_mem[m]} if m in peak_mem else {}),
         }
-    ratio = result_methods["vmap"]["samples_per_s"] / result_methods["loop"]["samples_per_s"]
-    grad_ratio = (result_methods["vmap"]["grad_only_samples_per_s"]
-                  / result_methods["loop"]["grad_only_samples_per_s"])
-    # Same batch, back to back: the paired ratio is robust to load drifting between batches.
-    paired = [
-        (b["loop"]["grad_s"] + b["loop"]["proj_s"]) / (b["vmap"]["grad_s"] + b["vmap"]["proj_s"])
-        for b in per_batch
-    ]
-    paired_grad = [b["loop"]["grad_s"] / b["vmap"]["grad_s"] for b in per_batch]
+    ratios = {}
+    for m in batched:
+        # Same batch, back to back: the paired ratio is robust to load drifting between batches.
+        paired = [(b["loop"]["grad_s"] + b["loop"]["proj_s"]) / (b[m]["grad_s"] + b[m]["proj_s"])
+                  for b in per_batch]
+        paired_grad = [b["loop"]["grad_s"] / b[m]["grad_s"] for b in per_batch]
+        ratios[m] = {
+            "ratio_over_loop": result_methods[m]["samples_per_s"]
+            / result_methods["loop"]["samples_per_s"],
+            "ratio_grad_only": result_methods[m]["grad_only_samples_per_s"]
+            / result_methods["loop"]["grad_only_samples_per_s"],
+            "ratio_median_paired_batches": statistics.median(paired),
+            "ratio_grad_only_median_paired_batches": statistics.median(paired_grad),
+            "projected_max_abs_diff_vs_loop": max_abs[m],
+        }
+    head = batched[0]
     import peft
     import transformers
 
@@ -284,28 +303,27 @@ def main(argv: list[str] | None = None) -> dict:
         "samples_timed": n,
         "batches": len(batches),
         "methods": result_methods,
-        "ratio_batched_over_loop": ratio,
-        "ratio_grad_only": grad_ratio,
-        "ratio_median_paired_batches": statistics.median(paired),
-        "ratio_grad_only_median_paired_batches": statistics.median(paired_grad),
+        "headline_method": head,
+        "ratio_batched_over_loop": ratios[head]["ratio_over_loop"],
+        "ratio_grad_only": ratios[head]["ratio_grad_only"],
+        "ratios": ratios,
         "per_batch": per_batch,
-        "projected_max_abs_diff": max_abs,
         "projected_max_abs": scale,
-        "projected_rel_diff": max_abs / scale if scale else 0.0,
+        "projected_rel_diff": max(max_abs.values()) / scale if scale else 0.0,
     }
     out = Path(args.out) if args.out else RESULTS / f"ntk-scoring-{device.type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    v, lp = result_methods["vmap"], result_methods["loop"]
-    print(f"batched (vmap): {v['samples_per_s']:.3f} samples/s "
-          f"(grads only {v['grad_only_samples_per_s']:.3f})")
-    print(f"loop (bs=1):    {lp['samples_per_s']:.3f} samples/s "
-          f"(grads only {lp['grad_only_samples_per_s']:.3f})")
-    print(f"ratio batched/loop: {ratio:.2f}x (grads only {grad_ratio:.2f}x; median over paired "
-          f"batches {statistics.median(paired):.2f}x, grads only "
-          f"{statistics.median(paired_grad):.2f}x)")
-    print(f"agreement: "
-          f"max |Δ projected| = {max_abs:.3g} (max |g| {scale:.3g}); wrote {out}")
+    for m in methods:
+        r = result_methods[m]
+        extra = "" if m == "loop" else (
+            f"  {ratios[m]['ratio_over_loop']:.2f}x the loop (grads only "
+            f"{ratios[m]['ratio_grad_only']:.2f}x; paired-batch median "
+            f"{ratios[m]['ratio_median_paired_batches']:.2f}x); max |Δ| vs loop "
+            f"{max_abs[m]:.3g}")
+        print(f"{m:>5}: {r['samples_per_s']:.3f} samples/s (grads only "
+              f"{r['grad_only_samples_per_s']:.3f}){extra}")
+    print(f"max |g| {scale:.3g}; wrote {out}")
     return result
 
 

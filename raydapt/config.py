@@ -525,10 +525,16 @@ class NTKSelectSection(Section):
     proj_chunk_rows: int = Field(1024, ge=256, description="Projection chunk (memory knob).")
     score: Literal["inner", "cosine"] = Field("inner", description="NTK score s_j.")
     shard_rows: int = Field(64, ge=1, description="Candidates per stage-2 shard (resume unit).")
-    vmap_chunk: int | None = Field(None, ge=1, description="Samples vectorised at once.")
+    grad_method: Literal["hooks", "vmap", "loop"] = Field(
+        "hooks", description="Per-sample gradients: hooks (one batched backward + per-layer "
+        "outer products), vmap (torch.func) or loop (batch size 1); see per_sample_grads.")
+    grad_micro_batch: int | None = Field(
+        8, ge=1, description="Rows per per-sample-gradient call (activation memory); each "
+        "grad_pool batch is projected at once, so grad_pool.batch_size can be much larger.")
+    vmap_chunk: int | None = Field(None, ge=1, description="Samples vectorised at once (vmap).")
     embed_pool: ActorPoolSection = Field(default_factory=ActorPoolSection)
     grad_pool: ActorPoolSection = Field(
-        default_factory=lambda: ActorPoolSection(batch_size=4, threads=2))
+        default_factory=lambda: ActorPoolSection(batch_size=32, threads=2))
 
 
 class NTKEvalSection(Section):

@@ -212,7 +212,10 @@ def _fit(cfg: NTKSelectJob, cache: StageCache, tracker: Tracker, *, stage: str, 
             return d
         _say(f"{label}: LoRA on {len(rows)} rows, {train.epochs} epoch(s), {train.num_workers} "
              f"workers, ZeRO-{train.zero_stage}, {train.dtype}")
-        m = fit_lora(name=f"{cfg.run.name}-{label}", train_ds=_dataset(rows), n_rows=len(rows),
+        # the Ray Train run is named by content (the cache key), so a changed config or data
+        # never meets an earlier run's snapshot in the same storage folder
+        m = fit_lora(name=f"{cfg.run.name}-{label}-{d.name[:8]}", train_ds=_dataset(rows),
+                     n_rows=len(rows),
                      model=cfg.model, lora=cfg.lora.model_dump(mode="json"), train=tsec,
                      seed=cfg.run.seed, storage=str(storage), out_dir=d,
                      mlflow_uri=tracker.uri if cfg.tracking.enabled else None,
@@ -253,7 +256,8 @@ def domain_grads(cfg: NTKSelectJob, cache: StageCache, tracker: Tracker, *, adap
 
     s = cfg.select
     parts = {"adapter": adapter.name, "model": cfg.model, "ids": _ids_hash(rows["id"]),
-             "objective": objective, "p": s.proj_dim, "seed": s.proj_seed}
+             "objective": objective, "p": s.proj_dim, "seed": s.proj_seed,
+             "grad_method": s.grad_method}
     d, done = cache.get("grads-domain", parts)
     with tracker.child(f"stage2-{objective}-domain") as run_log:
         if not done:
@@ -263,6 +267,7 @@ def domain_grads(cfg: NTKSelectJob, cache: StageCache, tracker: Tracker, *, adap
                     model=_actor_model(cfg, str(adapter / "adapter"), s.grad_pool),
                     objective=objective, proj_dim=s.proj_dim, proj_seed=s.proj_seed,
                     chunk_rows=s.proj_chunk_rows, vmap_chunk=s.vmap_chunk,
+                    grad_method=s.grad_method, micro_batch=s.grad_micro_batch,
                     stage=f"grads-domain-{objective}"),
                 **pool_kwargs(s.grad_pool))
             out = _stream(ds, len(rows), f"stage 2 domain gradients ({objective})")
@@ -287,7 +292,7 @@ def stage2_scores(cfg: NTKSelectJob, cache: StageCache, tracker: Tracker, *, ada
     parts = {"adapter": adapter.name, "model": cfg.model, "ids": _ids_hash(rows["id"]),
              "kind": kind, "score": s.score, "p": s.proj_dim, "seed": s.proj_seed,
              "against": config_hash({"a": np.round(against.astype(np.float64), 6).tolist()}),
-             "shard_rows": s.shard_rows}
+             "shard_rows": s.shard_rows, "grad_method": s.grad_method}
     d, done = cache.get(f"scores-{kind}", parts, keep_partial=True)
     shards = ShardedOutput(d, len(rows), s.shard_rows)
     with tracker.child(f"stage2-{kind}") as run_log:
@@ -325,6 +330,7 @@ def stage2_scores(cfg: NTKSelectJob, cache: StageCache, tracker: Tracker, *, ada
                     model=_actor_model(cfg, str(adapter / "adapter"), s.grad_pool),
                     objective=objective, proj_dim=s.proj_dim, proj_seed=s.proj_seed,
                     chunk_rows=s.proj_chunk_rows, vmap_chunk=s.vmap_chunk,
+                    grad_method=s.grad_method, micro_batch=s.grad_micro_batch,
                     adam_state=str(adapter / "adam_exp_avg_sq.pt") if kind == "less" else None,
                     score_against=against, score_kind="less" if kind == "less" else s.score,
                     stage=f"scores-{kind}"),

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 Objective = Literal["logit_sum", "loss"]
-GradMethod = Literal["vmap", "loop"]
+GradMethod = Literal["hooks", "vmap", "loop"]
 ScoreKind = Literal["inner", "cosine"]
 
 __all__ = [
@@ -198,7 +198,7 @@ def per_sample_grads(
     *,
     params: Mapping[str, Tensor] | None = None,
     objective: Objective = "logit_sum",
-    method: GradMethod = "vmap",
+    method: GradMethod = "hooks",
     chunk_size: int | None = None,
 ) -> Tensor:
     """Flattened per-sample gradient of the objective w.r.t. the trainable parameters.
@@ -215,7 +215,19 @@ def per_sample_grads(
             buffers are the model's own, held fixed.
         objective: ``logit_sum`` (F, :func:`summed_logit_objective`, NTK-Selector) or ``loss``
             (:func:`response_loss_objective`, LESS).
-        method: ``vmap`` — batched with ``torch.func``: ``vmap(grad(F))`` over the samples with
+        method: ``hooks`` (default) — batched: one forward and one backward of the whole
+            batch (Σ_b F_b; the samples do not interact, so the gradient reaching sample b's
+            activations is ∂F_b/∂activations_b), with each trainable ``nn.Linear`` weight's
+            per-sample gradient rebuilt from its saved input x [B, T, in] and output gradient
+            δ [B, T, out] as ``einsum('bto,bti->boi', δ, x)`` (the LoRA A/B matrices are such
+            layers). Padding is moved to the right internally (exact: a sample's gradient does
+            not depend on its padding). The [B, T, V] logits are never materialised: for
+            ``logit_sum`` Σ_k logits_tk = h_t · Σ_k W_k (W the output embedding), so F comes
+            from the final hidden states h [B, T, H] and one H-vector; for ``loss`` the output
+            layer runs only on the positions that predict response tokens (models with logit
+            soft-capping or scaling, or a differentiated output layer, take the full logits). Needs every parameter in ``params`` to be the weight of an ``nn.Linear``
+            called once per forward (true for LoRA); ``vmap`` covers the rest.
+            ``vmap`` — batched with ``torch.func``: ``vmap(grad(F))`` over the samples with
             the parameters shared (``functional_call``); each sample runs as a [1, T] sequence
             with its own causal + padding bias and positions ``cumsum(mask) - 1``.
             ``loop`` — one forward/backward per sample (``autograd.grad``) on the sample with
@@ -249,6 +261,11 @@ def per_sample_grads(
     was_training = model.training
     model.eval()
     try:
+        if method == "hooks":
+            return _grads_hooks(
+                model, input_ids, attention_mask, response_mask,
+                params=params, names=names, objective=objective,
+            )
         if method == "vmap":
             return _grads_vmap(
                 model, input_ids, attention_mask, response_mask,
@@ -259,9 +276,145 @@ def per_sample_grads(
                 model, input_ids, attention_mask, response_mask,
                 params=params, names=names, objective=objective,
             )
-        raise ValueError(f"unknown method {method!r} (expected 'vmap' or 'loop')")
+        raise ValueError(f"unknown method {method!r} (expected 'hooks', 'vmap' or 'loop')")
     finally:
         model.train(was_training)
+
+
+def _linear_modules(model: nn.Module, names: list[str]) -> list[nn.Linear]:
+    """The ``nn.Linear`` owning each parameter name (as its ``weight``), or a clear error."""
+    mods = []
+    for n in names:
+        owner, _, leaf = n.rpartition(".")
+        mod = model.get_submodule(owner) if owner else model
+        if not isinstance(mod, nn.Linear) or leaf != "weight":
+            raise ValueError(
+                f"method='hooks' needs every differentiated parameter to be an nn.Linear weight; "
+                f"{n!r} is not (use method='vmap')"
+            )
+        mods.append(mod)
+    return mods
+
+
+def _right_pad(*rows: Tensor, attention_mask: Tensor) -> list[Tensor]:
+    """Move every row's real tokens to the front (stable), for tensors shaped like the mask."""
+    order = torch.argsort((attention_mask == 0).to(torch.int8), dim=1, stable=True)
+    return [r.gather(1, order) for r in rows]
+
+
+def _decoder_and_head(model: nn.Module, names: list[str]) -> tuple[nn.Module, nn.Linear] | None:
+    """(decoder, output layer) when logits = head(decoder(x).last_hidden_state) exactly (a plain
+    bias-free linear output layer that is not differentiated, no soft-capping or logit scaling),
+    so the objectives can touch only the vocabulary rows they need; else None."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    cfg = getattr(base, "config", None)
+    if not isinstance(head, nn.Linear) or head.bias is not None or cfg is None or \
+            not hasattr(base, "get_decoder"):
+        return None
+    if any(getattr(cfg, k, None) for k in ("final_logit_softcapping", "logit_scale",
+                                           "logits_scaling", "output_multiplier_scale")):
+        return None
+    head_params = {id(p) for p in head.parameters()}
+    named = dict(model.named_parameters())
+    if any(id(named[n]) in head_params for n in names if n in named):
+        return None
+    decoder = base.get_decoder()
+    return None if decoder is base else (decoder, head)
+
+
+def _objective_via_hidden(objective: Objective, h: Tensor, head: nn.Linear, ids: Tensor,
+                          rm: Tensor) -> Tensor:
+    """The objectives from final hidden states h [B, T, H] without the [B, T, V] logits.
+
+    ``logit_sum``: Σ_k logits_tk = h_t · Σ_k W_k, so F needs one H-vector.
+    ``loss``: the output layer runs only on the positions that predict a response token
+    (K rows instead of B·T); per-sample means by scatter-add. Both equal :func:`_objective`.
+    """
+    m = rm.to(torch.float32)
+    if objective == "logit_sum":
+        w = head.weight.detach().to(torch.float32).sum(dim=0)  # [H]
+        per_pos = h.to(torch.float32) @ w.to(h.device)  # [B, T]
+        return (per_pos * m).sum(-1) / m.sum(-1).clamp_min(1.0)
+    if objective == "loss":
+        keep = rm[:, 1:].bool()  # position t predicts token t+1
+        rows = torch.nonzero(keep, as_tuple=True)[0]  # [K] sample index of each kept position
+        logits = head(h[:, :-1][keep]).to(torch.float32)  # [K, V]
+        ce = F.cross_entropy(logits, ids[:, 1:][keep], reduction="none")  # [K]
+        tot = torch.zeros(h.shape[0], dtype=torch.float32, device=h.device).index_add(0, rows, ce)
+        return tot / m[:, 1:].sum(-1).clamp_min(1.0)
+    raise ValueError(f"unknown objective {objective!r} (expected 'logit_sum' or 'loss')")
+
+
+def _grads_hooks(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    response_mask: Tensor,
+    *,
+    params: Mapping[str, Tensor],
+    names: list[str],
+    objective: Objective,
+) -> Tensor:
+    """One batched forward/backward + per-layer outer products → [B, P]."""
+    mods = _linear_modules(model, names)
+    b = int(input_ids.shape[0])
+    out = torch.zeros(b, flat_dim(params), dtype=torch.float32, device=input_ids.device)
+    live = attention_mask.bool().any(dim=1)  # all-padding rows: F = 0, zero gradient
+    if not bool(live.any()):
+        return out
+    ids, am, rm = _right_pad(input_ids[live], attention_mask[live], response_mask[live],
+                             attention_mask=attention_mask[live])
+    rm = rm * am.to(rm.dtype)
+    saved: dict[int, list[Tensor]] = {}
+
+    def fwd(mod: nn.Module, inp: tuple[Tensor, ...], res: Tensor) -> None:
+        if id(mod) in saved:
+            raise RuntimeError("method='hooks': a differentiated nn.Linear ran twice in one "
+                               "forward (weight sharing); use method='vmap'")
+        saved[id(mod)] = [inp[0].detach()]
+        res.register_hook(lambda g, k=id(mod): saved[k].append(g.detach()))
+
+    # the layer outputs must carry gradients even when the weights are not leaves of interest
+    leaves = [params[n] for n in names]
+    req = [p.requires_grad for p in leaves]
+    handles = [m.register_forward_hook(fwd) for m in mods]
+    try:
+        for p in leaves:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            short = _decoder_and_head(model, names)
+            if short is not None:
+                decoder, head = short
+                h = decoder(input_ids=ids, attention_mask=am, use_cache=False).last_hidden_state
+                value = _objective_via_hidden(objective, h, head, ids, rm)
+            else:
+                logits = model(input_ids=ids, attention_mask=am, use_cache=False).logits
+                value = _objective(objective, logits, ids, rm)
+            # the summed gradient itself is not used: the output hooks capture δ per sample
+            torch.autograd.grad(value.sum(), leaves, allow_unused=True)
+    finally:
+        for hd in handles:
+            hd.remove()
+        for p, r in zip(leaves, req, strict=True):
+            p.requires_grad_(r)
+    cols, col = [], 0
+    for n, mod in zip(names, mods, strict=True):
+        if id(mod) not in saved:
+            raise RuntimeError(f"method='hooks': the layer of {n!r} did not run in the forward "
+                               "(merged or disabled adapter?)")
+        x, *gs = saved[id(mod)]
+        numel = int(params[n].numel())
+        if gs:  # no output gradient: the layer does not reach F (zero, like allow_unused)
+            g = torch.einsum("bto,bti->boi", gs[0].to(torch.float32), x.to(torch.float32))
+            cols.append((col, g.reshape(g.shape[0], -1)))
+        col += numel
+    rows = torch.zeros(int(live.sum()), flat_dim(params), dtype=torch.float32,
+                       device=input_ids.device)
+    for c, g in cols:
+        rows[:, c : c + g.shape[1]] = g
+    out[live] = rows
+    return out
 
 
 def _grads_vmap(

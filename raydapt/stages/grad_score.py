@@ -85,13 +85,17 @@ class GradProject:
             projecting (LESS); None = plain gradients.
         score_against: None → output ``g`` [p]; else a [p] mean domain gradient (score kind
             ``inner``/``cosine``) or a [Nd, p] matrix (``less``: max cosine), output ``score``.
-        vmap_chunk: samples vectorised at once (memory knob).
+        grad_method: ``hooks`` (default), ``vmap`` or ``loop`` (see ``per_sample_grads``).
+        micro_batch: rows per gradient computation (activation memory); the whole Ray Data
+            batch is projected at once (Π is expanded once per batch: make batches large).
+        vmap_chunk: samples vectorised at once (``vmap`` memory knob).
     """
 
     def __init__(self, *, model: dict[str, Any], objective: str, proj_dim: int, proj_seed: int,
                  chunk_rows: int = 1024, adam_state: str | None = None,
                  score_against: np.ndarray | None = None, score_kind: str = "inner",
-                 vmap_chunk: int | None = None, stage: str = "grad") -> None:
+                 vmap_chunk: int | None = None, grad_method: str = "hooks",
+                 micro_batch: int | None = None, stage: str = "grad") -> None:
         from raydapt.select.ntk import RademacherProjector, flat_dim, trainable_params
 
         self.net, self.tok, self.device = _load({**model, "trainable": True})
@@ -112,16 +116,27 @@ class GradProject:
             np.asarray(score_against, dtype=np.float32), device=self.device)
         self.score_kind = score_kind
         self.vmap_chunk = vmap_chunk
+        self.grad_method = grad_method
+        self.micro_batch = micro_batch
         self.stage = stage
         self.metrics = StageMetrics(stage)
 
     def _grads(self, batch: pd.DataFrame) -> pd.DataFrame:
         from raydapt.select.ntk import adam_precondition, less_scores, ntk_scores, per_sample_grads
 
-        b = _pad(batch, self.tok.pad_token_id, self.device)
-        g = per_sample_grads(self.net, b["input_ids"], b["attention_mask"], b["response_mask"],
-                             params=self.params, objective=self.objective, method="vmap",
-                             chunk_size=self.vmap_chunk)  # [B, P]
+        # gradients per length-sorted micro-batch (little padding), one projection per batch:
+        # the projection's cost is mostly fixed per call (expanding Π), so batches amortise it
+        order = np.argsort([len(a) for a in batch["input_ids"]], kind="stable")
+        g = torch.empty(len(batch), self.proj.in_dim, dtype=torch.float32, device=self.device)
+        step = self.micro_batch or len(batch)
+        for i in range(0, len(batch), step):
+            ix = order[i: i + step]
+            b = _pad(batch.iloc[ix], self.tok.pad_token_id, self.device)
+            g[torch.as_tensor(ix, device=self.device)] = per_sample_grads(
+                self.net, b["input_ids"], b["attention_mask"], b["response_mask"],
+                params=self.params, objective=self.objective,
+                method=self.grad_method,  # type: ignore[arg-type]
+                chunk_size=self.vmap_chunk)  # [b, P]
         if not torch.isfinite(g).all():
             raise FloatingPointError("non-finite gradient")
         if self.adam_v is not None:

@@ -119,10 +119,11 @@ def test_summed_logit_objective_by_hand() -> None:
     assert got[2].item() == 0.0
 
 
-def test_kernel_matches_explicit_loop(model) -> None:
+@pytest.mark.parametrize("method", ["hooks", "vmap"])
+def test_kernel_matches_explicit_loop(model, method: str) -> None:
     seqs, prompt = _samples([9, 6, 11, 7])
     ids, am, rm = _pad(seqs, prompt, side="right")
-    g = per_sample_grads(model, ids, am, rm)
+    g = per_sample_grads(model, ids, am, rm, method=method)
     assert g.shape == (4, flat_dim(trainable_params(model)))
     ref = _reference_grads(model, seqs, prompt, objective="logit_sum")
     k, k_ref = g @ g.T, ref @ ref.T  # Θ̃(x, x') = ⟨∇F(x), ∇F(x')⟩
@@ -135,19 +136,21 @@ def test_kernel_matches_explicit_loop(model) -> None:
 # -- (b) batched == per sample, padding included ----------------------------------------------
 
 
+@pytest.mark.parametrize("method", ["hooks", "vmap"])
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("objective", ["logit_sum", "loss"])
-def test_batched_equals_each_sample_alone(model, side: str, objective: str) -> None:
+def test_batched_equals_each_sample_alone(model, side: str, objective: str, method: str) -> None:
     seqs, prompt = _samples([10, 4, 7], seed=2)
     ids, am, rm = _pad(seqs, prompt, side=side)
-    batched = per_sample_grads(model, ids, am, rm, objective=objective)
+    batched = per_sample_grads(model, ids, am, rm, objective=objective, method=method)
     loop = per_sample_grads(model, ids, am, rm, objective=objective, method="loop")
     ref = _reference_grads(model, seqs, prompt, objective=objective)
     for i, s in enumerate(seqs):
         ones = torch.ones(1, len(s), dtype=torch.long)
         resp = ones.clone()
         resp[0, :prompt] = 0
-        alone = per_sample_grads(model, s[None], ones, resp, objective=objective)[0]
+        alone = per_sample_grads(model, s[None], ones, resp, objective=objective,
+                                 method=method)[0]
         assert _rel(batched[i], ref[i]) <= 1e-5
         assert _rel(batched[i], alone) <= 1e-5
         assert _rel(loop[i], ref[i]) <= 1e-5
@@ -167,12 +170,14 @@ def _tiny_gpt2_lora(*, seed: int = 0) -> torch.nn.Module:
     return peft.get_peft_model(transformers.GPT2LMHeadModel(cfg), lora).eval()
 
 
+@pytest.mark.parametrize("method", ["hooks", "vmap"])
 @pytest.mark.parametrize("arch", ["llama-eager", "llama-sdpa", "gpt2"])
-def test_padding_invariance_across_architectures(arch: str) -> None:
+def test_padding_invariance_across_architectures(arch: str, method: str) -> None:
     m = _tiny_gpt2_lora(seed=3) if arch == "gpt2" else _tiny_lora_lm(arch.split("-")[1], seed=3)
     seqs, prompt = _samples([8, 3, 12], seed=4)
-    left = per_sample_grads(m, *_pad(seqs, prompt, side="left"))
-    right = per_sample_grads(m, *_pad(seqs, prompt, side="right"), chunk_size=2)
+    left = per_sample_grads(m, *_pad(seqs, prompt, side="left"), method=method)
+    right = per_sample_grads(m, *_pad(seqs, prompt, side="right"), method=method,
+                             chunk_size=2 if method == "vmap" else None)
     ref = _reference_grads(m, seqs, prompt, objective="logit_sum")
     assert _rel(left, ref) <= 1e-5
     assert _rel(right, ref) <= 1e-5
@@ -198,10 +203,34 @@ def test_rows_without_response_or_tokens_have_zero_gradient(model) -> None:
     rm[1] = 0  # prompt only: F = 0 by definition
     am[2] = 0  # all padding
     rm[2] = 0
-    for method in ("vmap", "loop"):
+    for method in ("hooks", "vmap", "loop"):
         g = per_sample_grads(model, ids, am, rm, method=method)
         assert g[0].abs().sum() > 0
         assert torch.equal(g[1:], torch.zeros_like(g[1:]))
+
+
+def test_hooks_without_the_vocabulary_shortcut_and_bad_params() -> None:
+    """LoRA on the output layer too: Σ_k logits is no longer h · w̄ with a fixed w̄, so the
+    hooks path takes the full logits, and still equals the reference. A parameter that is not
+    an nn.Linear weight is refused with a clear message (vmap handles it)."""
+    torch.manual_seed(6)
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2,
+    )
+    lora = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "lm_head"],
+                           init_lora_weights=False)
+    m = peft.get_peft_model(transformers.LlamaForCausalLM(cfg), lora).eval()
+    assert any("lm_head" in n for n in trainable_params(m))
+    seqs, prompt = _samples([7, 10], seed=9)
+    g = per_sample_grads(m, *_pad(seqs, prompt, side="left"), method="hooks")
+    assert _rel(g, _reference_grads(m, seqs, prompt, objective="logit_sum")) <= 1e-5
+    emb = {n: p for n, p in m.named_parameters() if n.endswith("embed_tokens.weight")}
+    with pytest.raises(ValueError, match="nn.Linear weight.*method='vmap'"):
+        per_sample_grads(m, *_pad(seqs, prompt, side="right"), params=emb, method="hooks")
+    g_v = per_sample_grads(m, *_pad(seqs, prompt, side="right"), params=emb, method="vmap")
+    g_l = per_sample_grads(m, *_pad(seqs, prompt, side="right"), params=emb, method="loop")
+    assert _rel(g_v, g_l) <= 1e-5
 
 
 # -- (c) projection preserves inner products (Johnson–Lindenstrauss) --------------------------
