@@ -8,7 +8,7 @@ benchmarks/results/ntk-cpu.json with the machine described.
                                                            # (also a partial one: complete=false)
 
 The throughput part is read from benchmarks/results/ntk-scoring-cpu.json (written by
-benchmarks/ntk_scoring.py: batched torch.func per-sample gradients vs a batch-size-1 loop).
+benchmarks/ntk_scoring.py: batched per-sample gradients vs a batch-size-1 loop).
 """
 
 from __future__ import annotations
@@ -41,6 +41,11 @@ def run(argv: list[str] | None = None) -> dict:
         raise SystemExit("job failed")
     res = json.loads((Path(cfg.run.output_dir) / cfg.run.name / "results.json").read_text())
     acc = res["accuracy"]
+    if "majority_letter_from_D" not in res:  # results.json of an older recipe: recompute (no model)
+        from raydapt.recipes.ntk_select import majority_letter_accuracy, read_data
+
+        data = read_data(cfg)
+        res["majority_letter_from_D"] = majority_letter_accuracy(data["domain"], data["tests"])
     ref = acc.get("random", {}).get("mean")
     vs_random = {k: round(v["mean"] - ref, 4) for k, v in acc.items() if ref is not None}
     scoring = RESULTS / "ntk-scoring-cpu.json"
@@ -50,6 +55,7 @@ def run(argv: list[str] | None = None) -> dict:
         "machine": describe(), "model": res["model"], "complete": res.get("complete", True),
         "sizes": res["sizes"],
         "accuracy": acc, "mean_minus_random": vs_random,
+        "majority_letter_from_D": res["majority_letter_from_D"],
         "selected_sources": res["selected_sources"],
         "wall_seconds": None if args.collect else round(time.time() - t0, 1),
         "job_seconds": res["seconds"], "stage_seconds": res["stage_seconds"],

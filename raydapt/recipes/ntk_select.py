@@ -170,6 +170,53 @@ def encode_rows(rows: pd.DataFrame, tok, cfg: NTKSelectJob) -> tuple[pd.DataFram
             pd.DataFrame(bad, columns=["file", "id", "reason", "raw"]))
 
 
+def majority_letter_accuracy(domain: pd.DataFrame, tests: dict[str, pd.DataFrame]
+                             ) -> dict[str, float]:
+    """Accuracy of always answering the option letter most frequent among D's answers to the
+    same task (all of D for a task without domain rows): the letter prior a model can learn
+    from D alone, the floor a selection has to beat to show domain knowledge."""
+    acc = {}
+    for name, t in tests.items():
+        d = domain.loc[domain["task"] == name, "answer"]
+        d = d if len(d) else domain["answer"]
+        letter = d.value_counts().sort_index().idxmax()  # ties → the earliest letter
+        acc[name] = float((t["answer"] == letter).mean()) if len(t) else float("nan")
+    acc["mean"] = float(np.mean([v for k, v in acc.items()]))
+    return acc
+
+
+def calibrated_mc_metrics(m: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """Prior-free views of one variant's multiple-choice scores, per task (and their mean).
+
+    Args:
+        m: one row per test item: ``task``, ``gold`` (letter index) and ``letter_logp`` (the
+            item's option-letter log-probs [n_options], or None where scoring failed).
+
+    Returns:
+        ``calibrated``: accuracy after batch calibration — the option log-probs (normalised over
+        the options) minus their mean over the task's items, then argmax — so a model that
+        prefers one letter for every item gains nothing from it (Zhou et al. 2023, "Batch
+        Calibration"; label-free); ``gold_logprob``: mean log-prob of the gold option among the
+        options (continuous, less noisy than accuracy on small test sets). A failed item counts
+        as wrong and is left out of the mean log-prob.
+    """
+    cal, gold_lp = {}, {}
+    for task, g in m.groupby("task", sort=False):
+        ok = g[g["letter_logp"].map(lambda x: x is not None and len(x) > 0)]
+        if len(ok) == 0:
+            cal[task], gold_lp[task] = 0.0, float("nan")
+            continue
+        lp = np.stack([np.asarray(x, dtype=np.float64) for x in ok["letter_logp"]])  # [n, C]
+        lp = lp - np.logaddexp.reduce(lp, axis=1, keepdims=True)  # log-softmax over options
+        gold = ok["gold"].to_numpy().astype(int)
+        pred = np.argmax(lp - lp.mean(axis=0, keepdims=True), axis=1)
+        cal[task] = float((pred == gold).sum() / len(g))
+        gold_lp[task] = float(lp[np.arange(len(ok)), gold].mean())
+    for d in (cal, gold_lp):
+        d["mean"] = float(np.mean(list(d.values())))
+    return {"calibrated": cal, "gold_logprob": gold_lp}
+
+
 def mc_prompts(test: pd.DataFrame, tok, cfg: NTKSelectJob) -> pd.DataFrame:
     """Test items → id, prompt (chat prefix + answer prefix), n_options, gold (letter index)."""
     fmt = QAFormat(prompt=cfg.format.prompt, response=cfg.format.response,
@@ -347,9 +394,10 @@ def stage2_scores(cfg: NTKSelectJob, cache: StageCache, tracker: Tracker, *, ada
 
 
 def evaluate_mc(cfg: NTKSelectJob, cache: StageCache, tracker: Tracker, *, label: str,
-                adapter: Path | None, prompts: pd.DataFrame) -> tuple[dict[str, float],
-                                                                      pd.DataFrame]:
-    """Accuracy per task (and their mean) of one model variant; per-item predictions."""
+                adapter: Path | None, prompts: pd.DataFrame
+                ) -> tuple[dict[str, float], dict[str, dict[str, float]], pd.DataFrame]:
+    """Accuracy per task (and their mean) of one model variant, its calibrated accuracy and
+    gold-option log-prob (:func:`calibrated_mc_metrics`), and the per-item predictions."""
     from raydapt.stages.grad_score import MCScore
 
     parts = {"adapter": adapter.name if adapter else None, "model": cfg.model,
@@ -371,12 +419,16 @@ def evaluate_mc(cfg: NTKSelectJob, cache: StageCache, tracker: Tracker, *, label
             out.to_parquet(d / "out.parquet")
             cache.commit(d)
         out, _ = _split_errors(pd.read_parquet(d / "out.parquet"), "eval")
-        m = prompts.merge(out[["id", "pred"]], on="id", how="left")
+        m = prompts.merge(out[["id", "pred", "letter_logp"]], on="id", how="left")
+        m["letter_logp"] = m["letter_logp"].map(lambda x: None if x is None or (
+            isinstance(x, float) and np.isnan(x)) else list(map(float, x)))
         m["correct"] = (m["pred"] == m["gold"]).astype(float)  # a failed item counts as wrong
         acc = {t: float(g["correct"].mean()) for t, g in m.groupby("task", sort=False)}
         acc["mean"] = float(np.mean(list(acc.values())))
+        extra = calibrated_mc_metrics(m)
         run_log.metrics({f"acc.{k}": v for k, v in acc.items()})
-        return acc, m
+        run_log.metrics({f"{kind}.{k}": v for kind, d in extra.items() for k, v in d.items()})
+        return acc, extra, m
 
 
 # ---------------------------------------------------------------------------------------------
@@ -458,6 +510,8 @@ def run(cfg: NTKSelectJob) -> dict[str, Any]:
         # 4-7. per variant, in order: (stage-2 scores →) selection → fine-tune → evaluation, so
         # every finished variant is complete in results.json (written after each one) --------
         results: dict[str, dict[str, float]] = {}
+        results_extra: dict[str, dict[str, dict[str, float]]] = {"calibrated": {},
+                                                                  "gold_logprob": {}}
         preds: list[pd.DataFrame] = []
         selections: dict[str, pd.DataFrame] = {}
         by_id = pool.set_index("id")
@@ -487,19 +541,30 @@ def run(cfg: NTKSelectJob) -> dict[str, Any]:
 
         def evaluate(label: str, adapter: Path | None) -> None:
             t0 = time.time()
-            acc, m = evaluate_mc(cfg, cache, tracker, label=label, adapter=adapter,
-                                 prompts=prompts)
+            acc, extra, m = evaluate_mc(cfg, cache, tracker, label=label, adapter=adapter,
+                                        prompts=prompts)
             results[label] = acc
-            preds.append(m.assign(variant=label)[["variant", "task", "id", "gold", "pred"]])
+            for kind, d in extra.items():
+                results_extra[kind][label] = d
+            preds.append(m.assign(variant=label)[["variant", "task", "id", "gold", "pred",
+                                                  "letter_logp"]])
             timings[f"eval_{label}"] = time.time() - t0
             parent.metrics({f"acc.{label}.{k}": v for k, v in acc.items()})
-            _say(f"eval {label}: " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
+            parent.metrics({f"{kind}.{label}.{k}": v for kind, d in extra.items()
+                            for k, v in d.items()})
+            _say(f"eval {label}: " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items())
+                 + "; calibrated " + ", ".join(f"{k} {v:.3f}"
+                                               for k, v in extra["calibrated"].items()))
             write_summary(complete=False)
 
         def write_summary(*, complete: bool) -> dict[str, Any]:
             summary = {
                 "job": cfg.run.name, "model": cfg.model, "complete": complete,
                 "accuracy": results,
+                "accuracy_calibrated": results_extra["calibrated"],
+                "gold_option_logprob": results_extra["gold_logprob"],
+                "majority_letter_from_D": majority_letter_accuracy(data["domain"],
+                                                                   data["tests"]),
                 "sizes": {"D": len(dom), "pool": len(pool), "M": len(cand), "N": n,
                           "test": {k: len(v) for k, v in data["tests"].items()}},
                 "selected_sources": {

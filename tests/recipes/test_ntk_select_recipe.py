@@ -182,6 +182,8 @@ def test_ntk_select_end_to_end_and_shard_resume(ray_local, tmp_path):
     assert set(res["accuracy"]) == {"domain_only", "ntk"} and res["complete"] is True
     for acc in res["accuracy"].values():
         assert 0.0 <= acc["toyqa"] <= 1.0 and acc["mean"] == acc["toyqa"]
+    # D's answers: m0..m7 → A, B, C, A, B, C, A, B → A; the 6 test items m8..m13 → C A B C A B
+    assert res["majority_letter_from_D"] == {"toyqa": 2 / 6, "mean": 2 / 6}
     rej = pd.read_parquet(out / "rejects.parquet")
     reasons = " | ".join(rej["reason"])
     assert "invalid JSON" in reasons and "empty question" in reasons

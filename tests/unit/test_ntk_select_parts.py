@@ -169,3 +169,29 @@ def test_deepspeed_config_and_job_config():
     assert isinstance(job, NTKSelectJob) and job.select.n_factor == 9.0
     with pytest.raises(ConfigError, match="select.selectors"):
         validate_job({"method": "ntk_select", "select": {"selectors": ["dsir"]}})
+
+
+def test_majority_letter_accuracy_by_hand():
+    from raydapt.recipes.ntk_select import majority_letter_accuracy
+
+    domain = pd.DataFrame({"task": ["a", "a", "a", "b", "b"],
+                           "answer": ["C", "C", "A", "B", "A"]})  # a → C; b: tie A/B → A
+    tests = {"a": pd.DataFrame({"answer": ["C", "B", "C", "D"]}),  # 2/4
+             "b": pd.DataFrame({"answer": ["A", "B", "B"]}),  # 1/3
+             "c": pd.DataFrame({"answer": ["A", "A", "C"]})}  # not in D: all of D, A/C tie → A
+    acc = majority_letter_accuracy(domain, tests)
+    assert acc["a"] == 0.5 and acc["b"] == pytest.approx(1 / 3) and acc["c"] == pytest.approx(2 / 3)
+    assert acc["mean"] == pytest.approx((0.5 + 1 / 3 + 2 / 3) / 3)
+
+
+def test_calibrated_mc_metrics_by_hand():
+    """Both items prefer option 0 (raw accuracy 1/2); after removing the mean option log-prob
+    (batch calibration) item 2 picks its gold option 1. A failed item counts as wrong."""
+    from raydapt.recipes.ntk_select import calibrated_mc_metrics
+
+    m = pd.DataFrame({"task": ["t", "t", "t"], "gold": [0, 1, 0],
+                      "letter_logp": [list(np.log([0.6, 0.2])), list(np.log([0.5, 0.3])), None]})
+    out = calibrated_mc_metrics(m)
+    assert out["calibrated"] == {"t": pytest.approx(2 / 3), "mean": pytest.approx(2 / 3)}
+    # options renormalised: item 1 → [0.75, 0.25], item 2 → [0.625, 0.375]; gold 0.75, 0.375
+    assert out["gold_logprob"]["t"] == pytest.approx((np.log(0.75) + np.log(0.375)) / 2)
