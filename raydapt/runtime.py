@@ -34,6 +34,23 @@ def _local_gpus() -> int:
         return 0
 
 
+_NO_STATE_API = "Failed to query Ray Train Controller actor state"
+
+
+class _DropNoStateApi(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_NO_STATE_API)
+
+
+def quiet_worker_logs() -> None:
+    """Ray ``worker_process_setup_hook`` of local instances (started without the dashboard, so
+    without the State API): silences Ray Train's PlacementGroupCleaner warning that it cannot
+    query the controller (hundreds of lines per fit; the local instance goes away with the job,
+    so there is nothing for the cleaner to clean)."""
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner"
+                      ).addFilter(_DropNoStateApi())
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None,
              progress: bool = True) -> None:
     """Connect to ``address`` (or RAY_ADDRESS), else start a new local instance. Idempotent.
@@ -53,6 +70,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
             kw["address"] = "local"
             kw["num_cpus"] = num_cpus
             kw["include_dashboard"] = False
+            # no dashboard = no State API: Ray Train's placement-group cleaner then warns once a
+            # second per fit that it cannot query its controller; drop just that line
+            kw["runtime_env"] = {"worker_process_setup_hook":
+                                 "raydapt.runtime.quiet_worker_logs"}
             gpus = _local_gpus()
             if gpus:  # one machine plays every node type of cluster/
                 kw["resources"] = {r: float(gpus) for r in CLUSTER_RESOURCES}

@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from raydapt.train import say
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -178,9 +180,9 @@ def lora_sft_loop(cfg: dict[str, Any]) -> None:
             if rank == 0 and (step % cfg["log_every"] == 0 or step == total_micro):
                 rate = step / max(1e-9, time.time() - t0)
                 recent = float(np.mean(losses[-cfg["log_every"]:]))
-                print(f"[{cfg['name']}] epoch {epoch + 1}/{cfg['epochs']} step {step}/"
-                      f"{total_micro} loss {recent:.4f} {rate * micro * world:.2f} rows/s "
-                      f"ETA {(total_micro - step) / max(rate, 1e-9):.0f}s", flush=True)
+                say(f"[{cfg['name']}] epoch {epoch + 1}/{cfg['epochs']} step {step}/"
+                    f"{total_micro} loss {recent:.4f} {rate * micro * world:.2f} rows/s "
+                    f"ETA {(total_micro - step) / max(rate, 1e-9):.0f}s")
                 log.metrics({"train_loss": recent, "lr": engine.get_lr()[0]}, step)
     # second moments of Adam over the LoRA params (a collective under ZeRO: every rank calls it)
     vs = []

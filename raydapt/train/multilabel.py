@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from raydapt.evaluate import binarised_map, f1_scores, mean_average_precision
+from raydapt.train import say
 
 OBJECTIVES = ("bce", "dallmi", "aad")
 
@@ -291,18 +292,18 @@ def multilabel_loop(cfg: dict[str, Any]) -> dict[str, Any] | None:
                 rate = (step - start_epoch * steps_per_epoch) / max(1e-9, time.time() - t0)
                 eta = (total - step) / max(rate, 1e-9)
                 recent = float(np.mean(losses[-log_every:]))
-                print(f"[{cfg['name']}] epoch {epoch + 1}/{cfg['epochs']} step {step}/{total} "
-                      f"loss {recent:.4f} {rate:.2f} steps/s ({rate * cfg['batch_size']:.1f} "
-                      f"rows/s) ETA {eta:.0f}s", flush=True)
+                say(f"[{cfg['name']}] epoch {epoch + 1}/{cfg['epochs']} step {step}/{total} "
+                    f"loss {recent:.4f} {rate:.2f} steps/s ({rate * cfg['batch_size']:.1f} "
+                    f"rows/s) ETA {eta:.0f}s")
                 log.metrics({"train_loss": recent}, step)
         metrics: dict[str, Any] = {"epoch": epoch + 1, "loss": float(np.mean(losses or [0]))}
         metrics.update({k: float(np.mean(v)) for k, v in extra.items()})
         if rank == 0 and len(eval_texts):
             probs = predict_probs(model, tok, eval_texts, max_length=ML, device=device)
             metrics.update(multilabel_metrics(eval_y, probs, cfg["threshold"]))
-            print(f"[{cfg['name']}] epoch {epoch + 1}: eval mAP {metrics['map']:.4f} "
-                  f"binarised {metrics['map_bin']:.4f} micro-F1 {metrics['micro_f1']:.4f} "
-                  f"macro-F1 {metrics['macro_f1']:.4f}", flush=True)
+            say(f"[{cfg['name']}] epoch {epoch + 1}: eval mAP {metrics['map']:.4f} "
+                f"binarised {metrics['map_bin']:.4f} micro-F1 {metrics['micro_f1']:.4f} "
+                f"macro-F1 {metrics['macro_f1']:.4f}")
         log.metrics({k: v for k, v in metrics.items() if k != "epoch"}, epoch + 1)
         history.append(dict(metrics))
         if cfg.get("on_epoch"):  # in-process hook (Tune trials report per epoch)

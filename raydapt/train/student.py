@@ -24,6 +24,7 @@ import torch
 
 from raydapt.evaluate import confusion_matrix
 from raydapt.losses.distill import kl_distillation, pseudo_label_ce, similarity_alignment
+from raydapt.train import say
 
 OBJECTIVES = ("kl_sim", "kl", "ce", "supervised")
 
@@ -100,8 +101,8 @@ def student_loop(cfg: dict[str, Any]) -> None:
         start_epoch = int(state["epoch"]) + 1
         last_metrics = state.get("metrics")
         if rank == 0:
-            print(f"[{cfg['name']}] resumed from the checkpoint of epoch {start_epoch}/"
-                  f"{cfg['epochs']}", flush=True)
+            say(f"[{cfg['name']}] resumed from the checkpoint of epoch {start_epoch}/"
+                f"{cfg['epochs']}")
     log = RunLogger(cfg.get("mlflow_uri"), cfg.get("mlflow_run_id")) if rank == 0 else RunLogger(None, None)
     eval_rows = cfg["eval_rows"]
     cols = ["text", "y"] if cfg["objective"] == "supervised" else ["text", "p_t", "h_t"]
@@ -151,9 +152,9 @@ def student_loop(cfg: dict[str, Any]) -> None:
             if rank == 0 and (step % cfg["log_every"] == 0 or step == total):
                 rate = (step - start_epoch * steps_per_epoch) / max(1e-9, time.time() - t0)
                 eta = (total - step) / max(rate, 1e-9)
-                print(f"[{cfg['name']}] epoch {epoch + 1}/{cfg['epochs']} step {step}/{total} "
-                      f"loss {np.mean(losses[-cfg['log_every']:]):.4f} {rate:.2f} steps/s "
-                      f"ETA {eta:.0f}s", flush=True)
+                say(f"[{cfg['name']}] epoch {epoch + 1}/{cfg['epochs']} step {step}/{total} "
+                    f"loss {np.mean(losses[-cfg['log_every']:]):.4f} {rate:.2f} steps/s "
+                    f"ETA {eta:.0f}s")
                 log.metrics({"train_loss": float(np.mean(losses[-cfg['log_every']:]))}, step)
         cm = torch.as_tensor(_evaluate(model, tok, eval_rows, cfg, rank, world, C))
         if dist.is_available() and dist.is_initialized():
