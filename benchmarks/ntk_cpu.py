@@ -46,6 +46,7 @@ def run(argv: list[str] | None = None) -> dict:
 
         data = read_data(cfg)
         res["majority_letter_from_D"] = majority_letter_accuracy(data["domain"], data["tests"])
+    out_dir = Path(cfg.run.output_dir) / cfg.run.name
     ref = acc.get("random", {}).get("mean")
     vs_random = {k: round(v["mean"] - ref, 4) for k, v in acc.items() if ref is not None}
     scoring = RESULTS / "ntk-scoring-cpu.json"
@@ -55,7 +56,10 @@ def run(argv: list[str] | None = None) -> dict:
         "machine": describe(), "model": res["model"], "complete": res.get("complete", True),
         "sizes": res["sizes"],
         "accuracy": acc, "mean_minus_random": vs_random,
+        "accuracy_calibrated": res.get("accuracy_calibrated"),
+        "gold_option_logprob": res.get("gold_option_logprob"),
         "majority_letter_from_D": res["majority_letter_from_D"],
+        **selection_agreement(out_dir),
         "selected_sources": res["selected_sources"],
         "wall_seconds": None if args.collect else round(time.time() - t0, 1),
         "job_seconds": res["seconds"], "stage_seconds": res["stage_seconds"],
@@ -69,6 +73,31 @@ def run(argv: list[str] | None = None) -> dict:
     print(json.dumps(acc, indent=1))
     print(f"wrote {args.out}")
     return report
+
+
+def selection_agreement(out_dir: Path) -> dict:
+    """How much the selectors agree: |S_a ∩ S_b| for every pair of selections, and Spearman's ρ
+    between the stage-2 scores (ntk, less) and the stage-1 votes on the M candidates."""
+    import pandas as pd
+
+    sel = {p.stem.removeprefix("selected_"): set(pd.read_parquet(p)["id"])
+           for p in sorted(out_dir.glob("selected_*.parquet"))}
+    names = sorted(sel)
+    overlap = {f"{a}&{b}": len(sel[a] & sel[b]) for i, a in enumerate(names)
+               for b in names[i + 1:]}
+    cols = {p.stem.removeprefix("scores_"): pd.read_parquet(p).set_index("id")["score"]
+            for p in sorted(out_dir.glob("scores_*.parquet"))}
+    votes = out_dir / "stage1_votes.parquet"
+    if cols and votes.exists():
+        cols["votes"] = pd.read_parquet(votes).set_index("id")["votes"]
+    rho: dict[str, float] = {}
+    if len(cols) > 1:
+        frame = pd.DataFrame(cols).dropna()  # the M candidates: the rows every column scored
+        corr = frame.corr(method="spearman")
+        keys = list(frame.columns)
+        rho = {f"{a}~{b}": round(float(corr.loc[a, b]), 3) for i, a in enumerate(keys)
+               for b in keys[i + 1:]}
+    return {"selection_overlap": overlap, "score_spearman": rho}
 
 
 if __name__ == "__main__":
