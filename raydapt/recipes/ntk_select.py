@@ -179,8 +179,11 @@ def majority_letter_accuracy(domain: pd.DataFrame, tests: dict[str, pd.DataFrame
     for name, t in tests.items():
         d = domain.loc[domain["task"] == name, "answer"]
         d = d if len(d) else domain["answer"]
+        if not len(d) or not len(t):
+            acc[name] = float("nan")
+            continue
         letter = d.value_counts().sort_index().idxmax()  # ties → the earliest letter
-        acc[name] = float((t["answer"] == letter).mean()) if len(t) else float("nan")
+        acc[name] = float((t["answer"] == letter).mean())
     acc["mean"] = float(np.mean([v for k, v in acc.items()]))
     return acc
 
@@ -427,7 +430,8 @@ def evaluate_mc(cfg: NTKSelectJob, cache: StageCache, tracker: Tracker, *, label
         acc["mean"] = float(np.mean(list(acc.values())))
         extra = calibrated_mc_metrics(m)
         run_log.metrics({f"acc.{k}": v for k, v in acc.items()})
-        run_log.metrics({f"{kind}.{k}": v for kind, d in extra.items() for k, v in d.items()})
+        run_log.metrics({f"{kind}.{k}": v for kind, vals in extra.items()
+                         for k, v in vals.items()})
         return acc, extra, m
 
 

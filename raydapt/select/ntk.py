@@ -225,8 +225,9 @@ def per_sample_grads(
             ``logit_sum`` Σ_k logits_tk = h_t · Σ_k W_k (W the output embedding), so F comes
             from the final hidden states h [B, T, H] and one H-vector; for ``loss`` the output
             layer runs only on the positions that predict response tokens (models with logit
-            soft-capping or scaling, or a differentiated output layer, take the full logits). Needs every parameter in ``params`` to be the weight of an ``nn.Linear``
-            called once per forward (true for LoRA); ``vmap`` covers the rest.
+            soft-capping or scaling, or a differentiated output layer, take the full logits).
+            Needs every parameter in ``params`` to be the weight of an ``nn.Linear`` called
+            once per forward (true for LoRA); ``vmap`` covers the rest.
             ``vmap`` — batched with ``torch.func``: ``vmap(grad(F))`` over the samples with
             the parameters shared (``functional_call``); each sample runs as a [1, T] sequence
             with its own causal + padding bias and positions ``cumsum(mask) - 1``.

@@ -182,6 +182,9 @@ def test_majority_letter_accuracy_by_hand():
     acc = majority_letter_accuracy(domain, tests)
     assert acc["a"] == 0.5 and acc["b"] == pytest.approx(1 / 3) and acc["c"] == pytest.approx(2 / 3)
     assert acc["mean"] == pytest.approx((0.5 + 1 / 3 + 2 / 3) / 3)
+    # no domain answers at all (every task with domain_rows 0): no floor, not a crash
+    none = majority_letter_accuracy(domain.iloc[:0], tests)
+    assert all(np.isnan(v) for v in none.values())
 
 
 def test_calibrated_mc_metrics_by_hand():
