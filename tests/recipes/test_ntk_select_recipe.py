@@ -3,7 +3,7 @@
 - ``test_stage2_scores_sharded_resume`` (CI): the sharded stage-2 Ray Data pass on a tiny model
   with a random LoRA adapter: scores equal an in-process reference (per-sample gradients →
   projection → ⟨ḡ_D, g⟩), and a rerun after deleting one shard recomputes only that shard.
-- ``test_ntk_select_end_to_end_and_shard_resume`` (CI; 128 s on an idle 2-core machine, 294 s
+- ``test_ntk_select_end_to_end_and_shard_resume`` (CI; 128-147 s on an idle 2-core machine, 294 s
   with the cores shared by other jobs at load average ~40): the whole recipe with real Ray Data
   actor pools, Ray Train + DeepSpeed (ZeRO-2 over gloo), FAISS, MLflow; then a rerun that
   recomputes one deleted shard.
