@@ -39,14 +39,14 @@ def run(argv: list[str] | None = None) -> dict:
     t0 = time.time()
     if not args.collect and main(["run", args.job, *args.overrides]) != 0:
         raise SystemExit("job failed")
-    res = json.loads((Path(cfg.run.output_dir) / cfg.run.name / "results.json").read_text())
+    out_dir = Path(cfg.run.output_dir) / cfg.run.name
+    res = json.loads((out_dir / "results.json").read_text())
     acc = res["accuracy"]
     if "majority_letter_from_D" not in res:  # results.json of an older recipe: recompute (no model)
         from raydapt.recipes.ntk_select import majority_letter_accuracy, read_data
 
         data = read_data(cfg)
         res["majority_letter_from_D"] = majority_letter_accuracy(data["domain"], data["tests"])
-    out_dir = Path(cfg.run.output_dir) / cfg.run.name
     ref = acc.get("random", {}).get("mean")
     vs_random = {k: round(v["mean"] - ref, 4) for k, v in acc.items() if ref is not None}
     scoring = RESULTS / "ntk-scoring-cpu.json"

@@ -184,7 +184,7 @@ def majority_letter_accuracy(domain: pd.DataFrame, tests: dict[str, pd.DataFrame
             continue
         letter = d.value_counts().sort_index().idxmax()  # ties → the earliest letter
         acc[name] = float((t["answer"] == letter).mean())
-    acc["mean"] = float(np.mean([v for k, v in acc.items()]))
+    acc["mean"] = float(np.mean(list(acc.values())))
     return acc
 
 
@@ -516,6 +516,7 @@ def run(cfg: NTKSelectJob) -> dict[str, Any]:
         results: dict[str, dict[str, float]] = {}
         results_extra: dict[str, dict[str, dict[str, float]]] = {"calibrated": {},
                                                                   "gold_logprob": {}}
+        majority = majority_letter_accuracy(data["domain"], data["tests"])  # no model: once
         preds: list[pd.DataFrame] = []
         selections: dict[str, pd.DataFrame] = {}
         by_id = pool.set_index("id")
@@ -567,8 +568,7 @@ def run(cfg: NTKSelectJob) -> dict[str, Any]:
                 "accuracy": results,
                 "accuracy_calibrated": results_extra["calibrated"],
                 "gold_option_logprob": results_extra["gold_logprob"],
-                "majority_letter_from_D": majority_letter_accuracy(data["domain"],
-                                                                   data["tests"]),
+                "majority_letter_from_D": majority,
                 "sizes": {"D": len(dom), "pool": len(pool), "M": len(cand), "N": n,
                           "test": {k: len(v) for k, v in data["tests"].items()}},
                 "selected_sources": {
