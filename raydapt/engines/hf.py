@@ -61,6 +61,19 @@ class HFEngine(PromptFormatter):
         ).to(self.device).eval()
         self.model_ref = model
 
+    @classmethod
+    def from_model(cls, model, tokenizer, label_words: list[str], *, max_length: int = 512,
+                   chat: bool = False, answer_prefix: str = "", name: str = "in-memory"):
+        """An engine around an already-built causal LM and tokenizer (random-init benchmarks,
+        tests): runs on the model's device in the model's dtype, nothing is loaded."""
+        self = cls.__new__(cls)
+        self.device = str(next(model.parameters()).device)
+        self._init_text(tokenizer, label_words, model=name, chat=chat,
+                        answer_prefix=answer_prefix, max_length=max_length)
+        self.model = model.eval()
+        self.model_ref = name
+        return self
+
     @torch.inference_mode()
     def score(self, prompts: list[str]) -> EngineOutput:
         """[B] prompts -> hidden [B, H], label_logprobs [B, C], prompt_tokens [B]."""

@@ -66,13 +66,29 @@ def load_causal_lm(model_ref: str, *, dtype: str = "float32", device: str = "cpu
 
         model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
     elif lora is not None:
-        from peft import LoraConfig, get_peft_model
-
-        torch.manual_seed(seed)
-        model = get_peft_model(model, LoraConfig(
-            r=int(lora["r"]), lora_alpha=int(lora["alpha"]), lora_dropout=float(lora["dropout"]),
-            target_modules=list(lora["target_modules"]), task_type="CAUSAL_LM"))
+        model = add_lora(model, lora, seed=seed)
     return model.to(device), tok
+
+
+def add_lora(model, lora: dict[str, Any], *, seed: int = 0):
+    """Wrap a causal LM with a fresh LoRA adapter from ``lora`` {r, alpha, dropout,
+    target_modules}; the adapter is created on the model's device in its dtype (peft's own)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    return get_peft_model(model, LoraConfig(
+        r=int(lora["r"]), lora_alpha=int(lora["alpha"]), lora_dropout=float(lora["dropout"]),
+        target_modules=list(lora["target_modules"]), task_type="CAUSAL_LM"))
+
+
+def sft_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The SFT loss of one padded batch {input_ids, attention_mask, response_mask} ([B, T]
+    each, on the model's device): mean over samples of the response-token cross-entropy
+    (computed in fp32 whatever the model's dtype)."""
+    from raydapt.select.ntk import response_loss_objective
+
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    return response_loss_objective(out.logits, batch["input_ids"], batch["response_mask"]).mean()
 
 
 def deepspeed_config(*, micro_batch: int, grad_accum: int, world: int, lr: float,
@@ -129,7 +145,6 @@ def lora_sft_loop(cfg: dict[str, Any]) -> None:
     import ray.train
     from deepspeed.utils import safe_get_full_optimizer_state
 
-    from raydapt.select.ntk import response_loss_objective
     from raydapt.tracking import RunLogger
 
     ctx = ray.train.get_context()
@@ -170,8 +185,7 @@ def lora_sft_loop(cfg: dict[str, Any]) -> None:
             if n >= steps_per_epoch:  # equal step counts on every rank (ZeRO collectives)
                 break
             b = {k: v.to(device) for k, v in _collate(batch, tok.pad_token_id).items()}
-            out = engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
-            loss = response_loss_objective(out.logits, b["input_ids"], b["response_mask"]).mean()
+            loss = sft_loss(engine, b)
             engine.backward(loss)
             engine.step()
             n += 1
