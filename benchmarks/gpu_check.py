@@ -242,6 +242,7 @@ class Check:
                                        "sizes": self.p, "sections": {}}
         self.peak_tflops: float | None = None
         self._big: nn.Module | None = None
+        self._lora_model: nn.Module | None = None
 
     # -- bookkeeping ---------------------------------------------------------------------------
     def elapsed(self) -> float:
@@ -482,6 +483,7 @@ class Check:
         )
 
         model = with_lora(self.big())
+        self._lora_model = model  # the LoRA step reuses it (LoRA is injected in place)
         n_dec, _ = decoder_params(model)
         params = trainable_params(model)
         big_p = flat_dim(params)
@@ -569,13 +571,12 @@ class Check:
                           f"({hk.get('tflops', float('nan')):.1f} TFLOP/s, "
                           f"{(hk.get('frac_of_peak') or float('nan')):.1%} of peak), "
                           f"{res.get('hooks_over_loop', float('nan')):.2f}x the loop")
-        self._lora_model = model
         return res
 
     def lora_step(self) -> dict[str, Any]:
         from raydapt.train.lora import sft_loss
 
-        model = getattr(self, "_lora_model", None) or with_lora(self.big())
+        model = self._lora_model if self._lora_model is not None else with_lora(self.big())
         spec, t, bsz = self.p["llama"], self.p["seq"], self.p["lora_batch"]
         n_dec, n_head = decoder_params(model)
         params = [p for p in model.parameters() if p.requires_grad]
