@@ -445,7 +445,7 @@ class Check:
         rows = toks = 0
         total = 0.0
         for b in batches:
-            if self.left() < 5:
+            if rows and self.left() < 5:  # at least one timed batch, then stop at the budget
                 break
             o, s = timed(self.dev, lambda b=b: eng.score(b))
             total += s
@@ -598,7 +598,7 @@ class Check:
         reset_mem(self.dev)
         total, n, losses = 0.0, 0, []
         for b in batches:
-            if self.left() < 5:
+            if n and self.left() < 5:
                 break
             loss, s = timed(self.dev, lambda b=b: step(b))
             total += s
@@ -695,7 +695,7 @@ class Check:
         times: dict[str, float] = {"batched": 0.0, "per_label_loop": 0.0}
         n = 0
         for _ in range(self.p["dallmi_steps"]):
-            if self.left() < 5:
+            if n and self.left() < 5:
                 break
             for name, fn in (("batched", step_batched), ("per_label_loop", step_loop)):
                 times[name] += timed(self.dev, fn)[1]
