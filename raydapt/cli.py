@@ -7,7 +7,7 @@
     raydapt models prepare [REF ...]            resolve / de-quantise packaged models once
     raydapt cache ls | rm [--stage S]           list or remove cached stage outputs
     raydapt dashboards generate [--check]       regenerate dashboards/grafana/raydapt.json
-    raydapt submit | jobs | plan | runs         cluster scale (see raydapt/cli_cluster.py)
+    raydapt submit | jobs | plan | runs         cluster scale (see raydapt/ops/cli_cluster.py)
 
 User errors (bad config, missing data, missing model package) print one clear message and exit 2;
 no stack trace.
@@ -50,8 +50,8 @@ def _log_plan_next_to_actuals(cfg) -> None:
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
-        from raydapt.plan import make_plan, record_actuals
-        from raydapt.tracking import absolute_tracking_uri
+        from raydapt.core.tracking import absolute_tracking_uri
+        from raydapt.ops.plan import make_plan, record_actuals
 
         uri = absolute_tracking_uri(cfg.tracking.uri)
         cl = MlflowClient(tracking_uri=uri)
@@ -70,7 +70,7 @@ def _log_plan_next_to_actuals(cfg) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from raydapt.sweep import load_sweep, run_sweep
+    from raydapt.ops.sweep import load_sweep, run_sweep
 
     spec, base, cfg = load_sweep(args.sweep, args.overrides)
     run_sweep(spec, base, cfg)
@@ -90,7 +90,7 @@ def _config(args: argparse.Namespace) -> int:
 
 
 def _models(args: argparse.Namespace) -> int:
-    from raydapt.assets import PACKAGED, resolve_model
+    from raydapt.core.assets import PACKAGED, resolve_model
 
     refs = args.refs or [f"pkg:{a}" for a in ("all-minilm-l6-v2", "smollm2-135m-instruct")]
     if args.action == "list":
@@ -104,7 +104,7 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _cache(args: argparse.Namespace) -> int:
-    from raydapt.cache import StageCache
+    from raydapt.core.cache import StageCache
 
     cache = StageCache(args.dir)
     entries = [e for e in cache.entries() if args.stage in (None, e["stage"])]
@@ -145,10 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--dir", default=".raydapt/cache")
     k.add_argument("--stage", default=None)
     k.set_defaults(fn=_cache)
-    from raydapt.dashboards import add_command as add_dashboards
+    from raydapt.ops.dashboards import add_command as add_dashboards
 
     add_dashboards(sub)  # dashboards generate [--check]
-    from raydapt.cli_cluster import add_commands
+    from raydapt.ops.cli_cluster import add_commands
 
     add_commands(sub)  # submit, jobs, plan, runs compare
     return p

@@ -698,9 +698,9 @@ def config_hash(cfg: BaseModel | dict[str, Any]) -> str:
 
 
 def to_yaml(cfg: BaseModel, *, reveal_secrets: bool = False) -> str:
-    """The config as YAML, secrets masked (see :mod:`raydapt.secrets`) unless
+    """The config as YAML, secrets masked (see :mod:`raydapt.core.secrets`) unless
     ``reveal_secrets`` (only for handing the config to another process, never for logs)."""
-    from raydapt.secrets import redact
+    from raydapt.core.secrets import redact
 
     data = cfg.model_dump(mode="json")
     return yaml.safe_dump(data if reveal_secrets else redact(data), sort_keys=False)

@@ -31,7 +31,7 @@ def ray_local():
     """A local Ray instance shared by every test that needs one (start-up costs ~7 s)."""
     import ray
 
-    from raydapt.runtime import init_ray
+    from raydapt.core.runtime import init_ray
 
     init_ray(num_cpus=2, progress=False)
     yield ray

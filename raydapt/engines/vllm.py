@@ -89,7 +89,7 @@ from typing import Any
 import numpy as np
 
 from raydapt import RaydaptError
-from raydapt.assets import resolve_model
+from raydapt.core.assets import resolve_model
 from raydapt.engines.base import EngineOutput, PromptFormatter
 
 _INSTALL_HINT = (

@@ -36,13 +36,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from raydapt.cache import StageCache
 from raydapt.config import ConfigError, DALLMiJob, _expand_env, config_hash, to_yaml
+from raydapt.core.cache import StageCache
+from raydapt.core.runtime import init_ray, seed_everything
+from raydapt.core.tracking import RunLogger, Tracker
 from raydapt.data.labels import hide_labels, multi_hot
 from raydapt.data.multilabel import read_multilabel
 from raydapt.data.readers import DataError, fingerprint, split_and_subsample
-from raydapt.runtime import init_ray, seed_everything
-from raydapt.tracking import RunLogger, Tracker
 
 ADAPT_OBJECTIVE = {"bce_partial": ("bce", None), "bce_oracle": ("bce", None),
                    "aad": ("aad", None), "dallmi": ("dallmi", "norm"),
@@ -300,7 +300,7 @@ def run(cfg: DALLMiJob) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
-# sweep hooks (raydapt.sweep): shared set-up in the driver, one adaptation per trial
+# sweep hooks (raydapt.ops.sweep): shared set-up in the driver, one adaptation per trial
 # ---------------------------------------------------------------------------------------------
 
 

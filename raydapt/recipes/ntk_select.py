@@ -33,14 +33,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from raydapt.cache import ShardedOutput, StageCache
 from raydapt.config import NTKSelectJob, config_hash, to_yaml
+from raydapt.core.cache import ShardedOutput, StageCache
+from raydapt.core.runtime import init_ray, seed_everything
+from raydapt.core.tracking import Tracker
 from raydapt.data.qa import QAFormat, chat_prefix, encode_pair, read_qa, render
 from raydapt.data.readers import DataError, fingerprint, split_and_subsample
-from raydapt.runtime import init_ray, seed_everything
 from raydapt.select.selectors import SELECTORS, SelectionInputs, knn_votes
 from raydapt.stages.common import pool_kwargs
-from raydapt.tracking import Tracker
 
 LETTERS = [chr(ord("A") + i) for i in range(10)]
 
@@ -620,7 +620,7 @@ def run(cfg: NTKSelectJob) -> dict[str, Any]:
 def _tokenizer(model_ref: str):
     from transformers import AutoTokenizer
 
-    from raydapt.assets import resolve_model
+    from raydapt.core.assets import resolve_model
 
     rm = resolve_model(model_ref)
     tok = AutoTokenizer.from_pretrained(rm.path, revision=rm.revision)

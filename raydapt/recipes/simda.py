@@ -24,8 +24,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from raydapt.cache import ShardedOutput, StageCache
 from raydapt.config import SimDAJob, config_hash, to_yaml
+from raydapt.core.cache import ShardedOutput, StageCache
+from raydapt.core.runtime import init_ray, seed_everything
+from raydapt.core.tracking import Tracker
 from raydapt.data.readers import (
     DataError,
     Fields,
@@ -37,11 +39,9 @@ from raydapt.data.readers import (
     unit_hash,
 )
 from raydapt.evaluate import accuracy, confusion_matrix
-from raydapt.runtime import init_ray, seed_everything
 from raydapt.stages.annotate import calibrate_domain_mean, mix
 from raydapt.stages.common import pool_kwargs
 from raydapt.stages.teacher import KnnSearch, TeacherScore, build_index, save_store
-from raydapt.tracking import Tracker
 
 
 def _say(msg: str) -> None:
@@ -69,7 +69,7 @@ def check_verbalizer(cfg: SimDAJob) -> list[int]:
     """Fail fast, in the driver, if a label word is not one token for the teacher's tokenizer."""
     from transformers import AutoTokenizer
 
-    from raydapt.assets import resolve_model
+    from raydapt.core.assets import resolve_model
     from raydapt.engines.base import check_single_tokens
 
     rm = resolve_model(cfg.teacher.model)
@@ -268,7 +268,7 @@ def run(cfg: SimDAJob) -> dict[str, Any]:
         check_verbalizer(cfg)
 
         # 2. teacher pass: keys + p_LLM for source / target-train / target-test ---------------
-        from raydapt.assets import resolve_model
+        from raydapt.core.assets import resolve_model
 
         parts = {"teacher": cfg.teacher.model_dump(mode="json", exclude={"pool", "hf_token"}),
                  "weights": resolve_model(cfg.teacher.model).fingerprint,

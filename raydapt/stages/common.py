@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from raydapt.telemetry import StageTelemetry
+from raydapt.core.telemetry import StageTelemetry
 
 ERROR_COLUMN = "_error"
 
@@ -58,7 +58,7 @@ def _fill_array_columns(out: pd.DataFrame) -> pd.DataFrame:
 
 
 StageMetrics = StageTelemetry
-"""Ray metrics of a stage (:mod:`raydapt.telemetry`): rows processed / rejected, batch seconds,
+"""Ray metrics of a stage (:mod:`raydapt.core.telemetry`): rows processed / rejected, batch seconds,
 rows/s, tokens/s; a no-op outside Ray. The name the stages import."""
 
 

@@ -50,7 +50,7 @@ class TeacherScore:
             (id -> text) and ``demo_labels`` (id -> label word) and rendered before the query.
         keep_hidden: return the ``hidden`` column (the key / teacher representation).
         stage: name used in reject reasons and metrics.
-        telemetry: extra metric tags, ``{"method": ..., "run": ...}`` (see raydapt.telemetry).
+        telemetry: extra metric tags, ``{"method": ..., "run": ...}`` (see raydapt.core.telemetry).
     """
 
     def __init__(

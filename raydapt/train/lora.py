@@ -50,7 +50,7 @@ def load_causal_lm(model_ref: str, *, dtype: str = "float32", device: str = "cpu
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from raydapt.assets import resolve_model
+    from raydapt.core.assets import resolve_model
 
     rm = resolve_model(model_ref)
     tdtype = torch.bfloat16 if dtype == "auto" and device != "cpu" else _DTYPES.get(
@@ -129,8 +129,8 @@ def lora_sft_loop(cfg: dict[str, Any]) -> None:
     import ray.train
     from deepspeed.utils import safe_get_full_optimizer_state
 
+    from raydapt.core.tracking import RunLogger
     from raydapt.select.ntk import response_loss_objective
-    from raydapt.tracking import RunLogger
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

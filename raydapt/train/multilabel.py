@@ -84,7 +84,7 @@ def freeze_below(model, train_layers: int) -> None:
 def tokenizer(cfg: dict[str, Any]):
     from transformers import AutoTokenizer
 
-    from raydapt.assets import resolve_model
+    from raydapt.core.assets import resolve_model
 
     rm = resolve_model(cfg["encoder"])
     return AutoTokenizer.from_pretrained(rm.path, revision=rm.revision)
@@ -177,7 +177,7 @@ def binary_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: flo
 def multilabel_loop(cfg: dict[str, Any]) -> dict[str, Any] | None:
     """Per-worker training function. In-process it returns ``{"history", "state"}``; inside
     Ray Train it reports ``{epoch metrics..., "history"}`` per epoch (with a checkpoint)."""
-    from raydapt.tracking import RunLogger
+    from raydapt.core.tracking import RunLogger
     from raydapt.train.samplers import ClassCycleSampler
 
     in_process = bool(cfg.get("in_process"))

@@ -68,9 +68,9 @@ def student_loop(cfg: dict[str, Any]) -> None:
     import torch.distributed as dist
     from transformers import AutoTokenizer
 
-    from raydapt.assets import resolve_model
-    from raydapt.telemetry import StageTelemetry
-    from raydapt.tracking import RunLogger
+    from raydapt.core.assets import resolve_model
+    from raydapt.core.telemetry import StageTelemetry
+    from raydapt.core.tracking import RunLogger
     from raydapt.train.models import EncoderClassifier
 
     ctx = ray.train.get_context()
@@ -208,7 +208,7 @@ def fit_student(
         "scratch": str(Path(storage) / name / "scratch"),
         "log_every": max(1, math.ceil(n_rows / max(1, train["batch_size"]) / 4)),
         "threads": max(1, int(train.get("cpus_per_worker", 1))),
-        # Ray metric tags (stage, method, run) of this fit; see raydapt.telemetry
+        # Ray metric tags (stage, method, run) of this fit; see raydapt.core.telemetry
         "telemetry": dict(telemetry or {"stage": f"student-{objective}", "run": name}),
     }
     trainer = TorchTrainer(

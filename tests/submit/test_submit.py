@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from raydapt.cli import main
-from raydapt.submit import (
+from raydapt.ops.submit import (
     WORKING_DIR_EXCLUDES,
     build_runtime_env,
     pinned_requirements,
@@ -97,7 +97,7 @@ def test_submit_follow_succeeds_and_logs_under_parent(ray_head, tmp_path, data_d
 
     # jobs status / logs; a second submission of the same run name gets a suffixed id
     assert main(["jobs", "status", "sub-tiny", "--address", ray_head]) == 0
-    from raydapt.submit import client, unique_submission_id
+    from raydapt.ops.submit import client, unique_submission_id
 
     c = client(ray_head)
     assert c.get_job_info("sub-tiny").metadata["raydapt.mlflow_run_id"] == p.info.run_id

@@ -18,7 +18,7 @@ from raydapt.select.selectors import SELECTORS, SelectionInputs, knn_votes
 def tok():
     from transformers import AutoTokenizer
 
-    from raydapt.assets import resolve_model
+    from raydapt.core.assets import resolve_model
 
     t = AutoTokenizer.from_pretrained(resolve_model("pkg:smollm2-135m-instruct").path)
     if t.pad_token is None:

@@ -10,15 +10,15 @@ What :func:`submit` does, in order:
 2. picks the submission id: ``run.name``, or ``run.name-<6 hex>`` when a job with that id
    already exists on the cluster (Ray refuses to reuse a submission id);
 3. creates the MLflow parent run (name = submission id; tags: method, config hash, git sha,
-   submission id, address; params ``plan.*`` from :mod:`raydapt.plan` when a plan exists) so the
+   submission id, address; params ``plan.*`` from :mod:`raydapt.ops.plan` when a plan exists) so the
    job on the cluster logs *under* it: the job gets ``RAYDAPT_PARENT_RUN_ID``, which
-   :meth:`raydapt.tracking.Tracker.job` honours;
+   :meth:`raydapt.core.tracking.Tracker.job` honours;
 4. builds the runtime_env: ``working_dir`` = the project (minus ``.venv``, ``runs/``,
    ``mlruns*``, ``.raydapt/``, ``.git`` ...), ``pip`` = the direct dependencies pinned to their
    ``constraints.txt`` versions (ray itself excluded: the cluster's Ray must match its image;
    ``--no-pip`` where the image already has the stack), ``env_vars`` = tracking URI, experiment,
    parent run id and the job config;
-5. submits ``python -m raydapt.submit`` as the entrypoint. That entrypoint writes the shipped job
+5. submits ``python -m raydapt.ops.submit`` as the entrypoint. That entrypoint writes the shipped job
    YAML (overrides applied, ``${VAR}`` placeholders left for the cluster's environment; base64 in
    ``RAYDAPT_JOB_CONFIG_B64`` because Ray itself expands ``${VAR}`` in env_vars) to a temporary
    file and runs it with ``raydapt run``.
@@ -47,7 +47,7 @@ import yaml
 from raydapt import RaydaptError
 from raydapt.config import apply_overrides, config_hash, validate_job
 
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = Path(__file__).resolve().parents[2]
 
 #: Paths never uploaded as the working_dir (Ray's gitignore-style patterns; .gitignore is
 #: honoured too).
@@ -199,7 +199,7 @@ def _create_parent_run(cfg, submission_id: str, address: str, plan_params: dict[
     """Create the MLflow parent run the submitted job will attach to. Returns (uri, run id)."""
     from mlflow.tracking import MlflowClient
 
-    from raydapt.tracking import Tracker, git_sha
+    from raydapt.core.tracking import Tracker, git_sha
 
     tr = Tracker(enabled=True, uri=cfg.tracking.uri, experiment=cfg.tracking.experiment,
                  artifact_location=cfg.tracking.artifact_location)
@@ -249,7 +249,7 @@ def submit(job: str | Path, overrides: list[str], *, address: str | None, pip: b
 
     plan_params: dict[str, Any] = {}
     if plan:
-        from raydapt.plan import PlanError, make_plan
+        from raydapt.ops.plan import PlanError, make_plan
 
         try:
             plan_params = make_plan(cfg).mlflow_params()
@@ -285,7 +285,7 @@ def submit(job: str | Path, overrides: list[str], *, address: str | None, pip: b
     if entrypoint_num_gpus is not None:
         kw["entrypoint_num_gpus"] = entrypoint_num_gpus
     try:
-        cl.submit_job(entrypoint="python -m raydapt.submit", submission_id=sid,
+        cl.submit_job(entrypoint="python -m raydapt.ops.submit", submission_id=sid,
                       runtime_env=runtime_env, metadata=metadata, **kw)
     except Exception as exc:
         if run_id:
@@ -308,7 +308,7 @@ def _b64(raw: dict[str, Any]) -> str:
 
 
 def _git_sha() -> str | None:
-    from raydapt.tracking import git_sha
+    from raydapt.core.tracking import git_sha
 
     cwd = os.getcwd()
     try:
@@ -412,7 +412,7 @@ def jobs(action: str, sid: str, *, address: str | None, follow: bool = False) ->
 
 
 def main() -> int:
-    """``python -m raydapt.submit``: run the job YAML shipped in RAYDAPT_JOB_CONFIG_B64."""
+    """``python -m raydapt.ops.submit``: run the job YAML shipped in RAYDAPT_JOB_CONFIG_B64."""
     from raydapt.cli import main as cli_main
 
     text = os.environ.get(ENV_CONFIG)
@@ -433,7 +433,7 @@ def main() -> int:
         os.unlink(f.name)
     parent, uri = os.environ.get(ENV_PARENT), os.environ.get("MLFLOW_TRACKING_URI")
     if parent and uri:
-        from raydapt.plan import record_actuals
+        from raydapt.ops.plan import record_actuals
 
         try:  # stage wall times next to the plan.* estimates on the parent run
             record_actuals(uri, parent)

@@ -13,7 +13,7 @@ import json
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from raydapt.submit import submit
+    from raydapt.ops.submit import submit
 
     return submit(args.job, args.overrides, address=args.address, pip=not args.no_pip,
                   follow=args.follow, runtime_env_file=args.runtime_env, env=args.env,
@@ -23,14 +23,14 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _jobs(args: argparse.Namespace) -> int:
-    from raydapt.submit import jobs
+    from raydapt.ops.submit import jobs
 
     return jobs(args.action, args.id, address=args.address, follow=args.follow)
 
 
 def _plan(args: argparse.Namespace) -> int:
     from raydapt.config import load_job
-    from raydapt.plan import make_plan
+    from raydapt.ops.plan import make_plan
 
     plan = make_plan(load_job(args.job, args.overrides), gpu=args.gpu)
     print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.render())
@@ -38,7 +38,7 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _runs(args: argparse.Namespace) -> int:
-    from raydapt.compare import compare
+    from raydapt.ops.compare import compare
 
     compare(args.experiment, uri=args.tracking_uri, metric=args.metric, out=args.out,
             all_runs=args.all_runs)

@@ -32,7 +32,7 @@ def runs_table(experiment: str, *, uri: str | None = None, metric: str | None = 
     no run has."""
     from mlflow.tracking import MlflowClient
 
-    from raydapt.tracking import absolute_tracking_uri
+    from raydapt.core.tracking import absolute_tracking_uri
 
     uri = absolute_tracking_uri(uri or default_uri())
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():

@@ -3,7 +3,7 @@
 For every stage: the rows it processes (counted in the data files; cheap), the LLM prompt tokens
 (a sample of prompts rendered exactly as the engines do and tokenised with the teacher's
 tokenizer, extrapolated to all rows), GPU- (or CPU-) hours from the throughput table
-``raydapt/plan_table.yaml`` (its header says where each number comes from), and the Ray
+``raydapt/ops/plan_table.yaml`` (its header says where each number comes from), and the Ray
 resources the stage requests (from the config). Plus one rendered prompt.
 
 Methods register a planner with :func:`register`; a method without one fails with a clear
@@ -118,7 +118,7 @@ def make_plan(cfg, *, gpu: str = "h100", table: dict[str, Any] | None = None) ->
     fn = _PLANNERS.get(cfg.method)
     if fn is None:
         raise PlanError(f"no plan for method {cfg.method!r} yet (planners: {sorted(_PLANNERS)}); "
-                        "add one with raydapt.plan.register")
+                        "add one with raydapt.ops.plan.register")
     return fn(cfg, table, gpu)
 
 
@@ -243,7 +243,7 @@ class _TokenizerFormatter:
     def __init__(self, t) -> None:
         from transformers import AutoTokenizer
 
-        from raydapt.assets import resolve_model
+        from raydapt.core.assets import resolve_model
         from raydapt.engines.base import PromptFormatter
 
         rm = resolve_model(t.model)
@@ -371,7 +371,7 @@ def plan_simda(cfg, table: dict[str, Any], gpu: str) -> Plan:
 
 def record_actuals(uri: str, parent_run_id: str) -> dict[str, float]:
     """After a run: log ``actual.<stage>.seconds`` (each child run's wall time) on the parent run,
-    next to the ``plan.<stage>.*`` params :mod:`raydapt.submit` logged before it started."""
+    next to the ``plan.<stage>.*`` params :mod:`raydapt.ops.submit` logged before it started."""
     from mlflow.tracking import MlflowClient
 
     cl = MlflowClient(tracking_uri=uri)

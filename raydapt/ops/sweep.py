@@ -166,7 +166,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None
         sec, _, leaf = key.partition(".")
         if sec in plain and isinstance(plain[sec], dict) and plain[sec].get(leaf):
             plain[sec][leaf] = str(Path(plain[sec][leaf]).resolve())
-    from raydapt.tracking import absolute_tracking_uri
+    from raydapt.core.tracking import absolute_tracking_uri
 
     plain["tracking"]["uri"] = absolute_tracking_uri(plain["tracking"]["uri"])
     return spec, plain, base
@@ -209,7 +209,7 @@ def _trainable(config: dict[str, Any], *, base: dict[str, Any], parent_run_id: s
     """One Tune trial: validate its job config, open its child run, run the method's trial."""
     from ray import tune
 
-    from raydapt.tracking import RunLogger
+    from raydapt.core.tracking import RunLogger
 
     values = dict(config["params"])
     cfg = validate_job(apply_overrides(base, _overrides(values)))
@@ -274,8 +274,8 @@ def run_sweep(spec: SweepSpec, base: dict[str, Any], cfg: Section) -> dict[str, 
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import BasicVariantGenerator
 
-    from raydapt.runtime import init_ray
-    from raydapt.tracking import Tracker
+    from raydapt.core.runtime import init_ray
+    from raydapt.core.tracking import Tracker
 
     if cfg.method not in TRIALS:
         raise ConfigError(f"method {cfg.method!r} has no sweep trial; sweepable: "
@@ -288,7 +288,7 @@ def run_sweep(spec: SweepSpec, base: dict[str, Any], cfg: Section) -> dict[str, 
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     with tracker.job(f"sweep-{spec.name}", tags={"raydapt.method": cfg.method,
-                                                 "raydapt.sweep": spec.name}) as parent:
+                                                 "raydapt.ops.sweep": spec.name}) as parent:
         parent.params({"sweep": spec.model_dump(mode="json"), "job": base})
         if cfg.method in SETUPS:  # shared, cached work (e.g. the DALLMi source model) first
             SETUPS[cfg.method](cfg, tracker)
