@@ -26,6 +26,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from raydapt import RaydaptError
+from raydapt.core.secrets import redact
+from raydapt.methods import METHODS, config_classes
 
 
 class ConfigError(RaydaptError):
@@ -564,10 +566,6 @@ class NTKSelectJob(Section):
     eval: NTKEvalSection = Field(default_factory=NTKEvalSection)
 
 
-JOB_TYPES: dict[str, type[Section]] = {"simda": SimDAJob, "dallmi": DALLMiJob,
-                                      "ntk_select": NTKSelectJob}
-
-
 # --------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------
@@ -661,11 +659,11 @@ def validate_job(raw: dict[str, Any]) -> Section:
     if not isinstance(raw, dict):
         raise ConfigError(f"a job config must be a YAML mapping, got {type(raw).__name__}")
     method = raw.get("method")
-    if not isinstance(method, str) or method not in JOB_TYPES:
+    if not isinstance(method, str) or method not in METHODS:
         raise ConfigError(
-            f"method: must be one of {sorted(JOB_TYPES)} (got {method!r})"
+            f"method: must be one of {sorted(METHODS)} (got {method!r})"
         )
-    cls = JOB_TYPES[method]
+    cls = METHODS[method].load("config")
     try:
         return cls.model_validate(_expand_env(raw))
     except ValidationError as err:
@@ -700,8 +698,6 @@ def config_hash(cfg: BaseModel | dict[str, Any]) -> str:
 def to_yaml(cfg: BaseModel, *, reveal_secrets: bool = False) -> str:
     """The config as YAML, secrets masked (see :mod:`raydapt.core.secrets`) unless
     ``reveal_secrets`` (only for handing the config to another process, never for logs)."""
-    from raydapt.core.secrets import redact
-
     data = cfg.model_dump(mode="json")
     return yaml.safe_dump(data if reveal_secrets else redact(data), sort_keys=False)
 
@@ -709,10 +705,10 @@ def to_yaml(cfg: BaseModel, *, reveal_secrets: bool = False) -> str:
 def json_schema(method: str | None = None) -> dict[str, Any]:
     """JSON schema of one method's job config, or of all of them (a oneOf)."""
     if method is not None:
-        if method not in JOB_TYPES:
-            raise ConfigError(f"unknown method {method!r}; one of {sorted(JOB_TYPES)}")
-        return JOB_TYPES[method].model_json_schema()
-    types = tuple(JOB_TYPES.values())
+        if method not in METHODS:
+            raise ConfigError(f"unknown method {method!r}; one of {sorted(METHODS)}")
+        return METHODS[method].load("config").model_json_schema()
+    types = tuple(config_classes().values())
     if len(types) == 1:
         return types[0].model_json_schema()
     union = Annotated[Union[types], Field(discriminator="method")]  # noqa: UP007

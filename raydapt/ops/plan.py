@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,8 @@ from typing import Any
 import yaml
 
 from raydapt import RaydaptError
+from raydapt.core.assets import resolve_model
+from raydapt.methods import METHODS, names
 
 TABLE_PATH = Path(__file__).with_name("plan_table.yaml")
 
@@ -94,17 +95,6 @@ class Plan:
         return "\n".join(lines)
 
 
-_PLANNERS: dict[str, Callable[..., Plan]] = {}
-
-
-def register(method: str) -> Callable[[Callable[..., Plan]], Callable[..., Plan]]:
-    """Decorator: ``@register("dallmi") def plan_dallmi(cfg, table, gpu) -> Plan``."""
-    def deco(fn: Callable[..., Plan]) -> Callable[..., Plan]:
-        _PLANNERS[method] = fn
-        return fn
-    return deco
-
-
 def load_table(path: Path = TABLE_PATH) -> dict[str, Any]:
     return yaml.safe_load(path.read_text())
 
@@ -115,11 +105,11 @@ def make_plan(cfg, *, gpu: str = "h100", table: dict[str, Any] | None = None) ->
     if gpu not in table["devices"] or gpu == "cpu":
         raise PlanError(f"unknown GPU type {gpu!r}; the table knows "
                         f"{sorted(k for k in table['devices'] if k != 'cpu')}")
-    fn = _PLANNERS.get(cfg.method)
-    if fn is None:
-        raise PlanError(f"no plan for method {cfg.method!r} yet (planners: {sorted(_PLANNERS)}); "
-                        "add one with raydapt.ops.plan.register")
-    return fn(cfg, table, gpu)
+    method = METHODS.get(cfg.method)
+    if method is None or method.plan is None:
+        raise PlanError(f"no plan for method {cfg.method!r} yet (planners: {names('plan')}); "
+                        "add one to its entry in raydapt.methods")
+    return method.load("plan")(cfg, table, gpu)
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,7 +233,6 @@ class _TokenizerFormatter:
     def __init__(self, t) -> None:
         from transformers import AutoTokenizer
 
-        from raydapt.core.assets import resolve_model
         from raydapt.engines.base import PromptFormatter
 
         rm = resolve_model(t.model)
@@ -294,7 +283,6 @@ def formatter(teacher, notes: list[str]):
 # --------------------------------------------------------------------------------------------
 
 
-@register("simda")
 def plan_simda(cfg, table: dict[str, Any], gpu: str) -> Plan:
     from raydapt.stages.annotate import build_prompt
 
@@ -413,7 +401,6 @@ def _domain_counts(path: Path, field: str) -> dict[str, int] | None:
     return out
 
 
-@register("dallmi")
 def plan_dallmi(cfg, table: dict[str, Any], gpu: str) -> Plan:
     d, notes = cfg.data, []
     path = Path(d.root) / d.path
@@ -449,7 +436,6 @@ def plan_dallmi(cfg, table: dict[str, Any], gpu: str) -> Plan:
     return Plan("dallmi", gpu, stages, notes=notes)
 
 
-@register("ntk_select")
 def plan_ntk_select(cfg, table: dict[str, Any], gpu: str) -> Plan:
     d, s, f, notes = cfg.data, cfg.select, cfg.format, []
     root = Path(d.root)

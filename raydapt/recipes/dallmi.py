@@ -43,6 +43,7 @@ from raydapt.core.tracking import RunLogger, Tracker
 from raydapt.data.labels import hide_labels, multi_hot
 from raydapt.data.multilabel import read_multilabel
 from raydapt.data.readers import DataError, fingerprint, split_and_subsample
+from raydapt.train.multilabel import build_model, fit, multilabel_metrics, predict_probs, tokenizer
 
 ADAPT_OBJECTIVE = {"bce_partial": ("bce", None), "bce_oracle": ("bce", None),
                    "aad": ("aad", None), "dallmi": ("dallmi", "norm"),
@@ -117,8 +118,6 @@ def _needs_ray(cfg: DALLMiJob) -> bool:
 def prepare(cfg: DALLMiJob, tracker: Tracker, out: Path) -> Prepared:
     """Stages 1-4: read, split, hide, source fine-tune (cached)."""
     import torch
-
-    from raydapt.train.multilabel import fit, multilabel_metrics, predict_probs, tokenizer
 
     d = cfg.data
     path = Path(_expand_env(d.root)) / d.path  # defaults are not expanded at load time
@@ -196,8 +195,6 @@ def prepare(cfg: DALLMiJob, tracker: Tracker, out: Path) -> Prepared:
               "dropout": cfg.model.dropout, "num_labels": len(vocab), "seed": cfg.run.seed,
               "init_state": str(cdir / "model.pt"),
               "trust_remote_code": cfg.model.trust_remote_code}
-        from raydapt.train.multilabel import build_model
-
         probs = predict_probs(build_model(lc), tokenizer(lc), list(tgt_test["text"]),
                               max_length=cfg.adapt.max_length)
         src_metrics["target_test"] = multilabel_metrics(y_te, probs, cfg.threshold)
@@ -213,8 +210,6 @@ def adapt(cfg: DALLMiJob, prep: Prepared, method: str, *, out: Path,
           run_log: RunLogger | None = None, mlflow_uri: str | None = None,
           on_epoch: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Stage 5 for one method: fit from the source checkpoint; returns final metrics + history."""
-    from raydapt.train.multilabel import fit
-
     if method == "no_adapt":
         m = dict(prep.source_metrics["target_test"])
         if on_epoch:

@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from raydapt.config import NTKSelectJob, config_hash, to_yaml
+from raydapt.core.assets import resolve_model
 from raydapt.core.cache import ShardedOutput, StageCache
 from raydapt.core.runtime import init_ray, seed_everything
 from raydapt.core.tracking import Tracker
@@ -41,6 +42,8 @@ from raydapt.data.qa import QAFormat, chat_prefix, encode_pair, read_qa, render
 from raydapt.data.readers import DataError, fingerprint, split_and_subsample
 from raydapt.select.selectors import SELECTORS, SelectionInputs, knn_votes
 from raydapt.stages.common import pool_kwargs
+from raydapt.stages.grad_score import EmbedLM, GradProject, MCScore
+from raydapt.train.lora import fit_lora
 
 LETTERS = [chr(ord("A") + i) for i in range(10)]
 
@@ -248,8 +251,6 @@ def _actor_model(cfg: NTKSelectJob, adapter: str | None, pool) -> dict[str, Any]
 def _fit(cfg: NTKSelectJob, cache: StageCache, tracker: Tracker, *, stage: str, label: str,
          rows: pd.DataFrame, train, storage: Path) -> Path:
     """A cached LoRA fit (Ray Train + DeepSpeed) on pre-tokenised rows → output directory."""
-    from raydapt.train.lora import fit_lora
-
     tsec = train.model_dump(mode="json")
     parts = {"model": cfg.model, "lora": cfg.lora.model_dump(mode="json"), "train": tsec,
              "format": cfg.format.model_dump(mode="json"), "seed": cfg.run.seed,
@@ -278,8 +279,6 @@ def _fit(cfg: NTKSelectJob, cache: StageCache, tracker: Tracker, *, stage: str, 
 def stage1_embed(cfg: NTKSelectJob, cache: StageCache, tracker: Tracker, *, adapter: Path,
                  rows: pd.DataFrame) -> pd.DataFrame:
     """Mean-pooled final hidden states of ``rows`` (D and C) with the warmed-up model."""
-    from raydapt.stages.grad_score import EmbedLM
-
     parts = {"adapter": str(adapter.name), "model": cfg.model, "ids": _ids_hash(rows["id"]),
              "format": cfg.format.model_dump(mode="json")}
     d, done = cache.get("embed", parts)
@@ -302,8 +301,6 @@ def stage1_embed(cfg: NTKSelectJob, cache: StageCache, tracker: Tracker, *, adap
 def domain_grads(cfg: NTKSelectJob, cache: StageCache, tracker: Tracker, *, adapter: Path,
                  rows: pd.DataFrame, objective: str) -> np.ndarray:
     """Projected per-sample gradients of D → [Nd, p] (rows that failed are dropped)."""
-    from raydapt.stages.grad_score import GradProject
-
     s = cfg.select
     parts = {"adapter": adapter.name, "model": cfg.model, "ids": _ids_hash(rows["id"]),
              "objective": objective, "p": s.proj_dim, "seed": s.proj_seed,
@@ -335,8 +332,6 @@ def stage2_scores(cfg: NTKSelectJob, cache: StageCache, tracker: Tracker, *, ada
     """Score the candidates ``rows`` against the domain, sharded: shard i of ``shard_rows``
     candidates is written to ``part-0000i.parquet`` atomically when all its rows are back; a
     rerun (same inputs) computes only the missing shards. Returns id, score (+ _error)."""
-    from raydapt.stages.grad_score import GradProject
-
     s = cfg.select
     objective = "logit_sum" if kind == "ntk" else "loss"
     parts = {"adapter": adapter.name, "model": cfg.model, "ids": _ids_hash(rows["id"]),
@@ -401,8 +396,6 @@ def evaluate_mc(cfg: NTKSelectJob, cache: StageCache, tracker: Tracker, *, label
                 ) -> tuple[dict[str, float], dict[str, dict[str, float]], pd.DataFrame]:
     """Accuracy per task (and their mean) of one model variant, its calibrated accuracy and
     gold-option log-prob (:func:`calibrated_mc_metrics`), and the per-item predictions."""
-    from raydapt.stages.grad_score import MCScore
-
     parts = {"adapter": adapter.name if adapter else None, "model": cfg.model,
              "ids": _ids_hash(prompts["id"]), "format": cfg.format.model_dump(mode="json"),
              "max_length": cfg.eval.max_length}
@@ -619,8 +612,6 @@ def run(cfg: NTKSelectJob) -> dict[str, Any]:
 
 def _tokenizer(model_ref: str):
     from transformers import AutoTokenizer
-
-    from raydapt.core.assets import resolve_model
 
     rm = resolve_model(model_ref)
     tok = AutoTokenizer.from_pretrained(rm.path, revision=rm.revision)

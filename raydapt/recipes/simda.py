@@ -17,6 +17,7 @@ Stages, in order (each cached by content, each a child MLflow run):
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from raydapt.config import SimDAJob, config_hash, to_yaml
+from raydapt.core.assets import resolve_model
 from raydapt.core.cache import ShardedOutput, StageCache
 from raydapt.core.runtime import init_ray, seed_everything
 from raydapt.core.tracking import Tracker
@@ -38,10 +40,12 @@ from raydapt.data.readers import (
     split_and_subsample,
     unit_hash,
 )
+from raydapt.engines.base import check_single_tokens
 from raydapt.evaluate import accuracy, confusion_matrix
 from raydapt.stages.annotate import calibrate_domain_mean, mix
 from raydapt.stages.common import pool_kwargs
 from raydapt.stages.teacher import KnnSearch, TeacherScore, build_index, save_store
+from raydapt.train.student import fit_student
 
 
 def _say(msg: str) -> None:
@@ -68,9 +72,6 @@ def _engine_kwargs(cfg: SimDAJob, *, need_hidden: bool = False) -> dict[str, Any
 def check_verbalizer(cfg: SimDAJob) -> list[int]:
     """Fail fast, in the driver, if a label word is not one token for the teacher's tokenizer."""
     from transformers import AutoTokenizer
-
-    from raydapt.core.assets import resolve_model
-    from raydapt.engines.base import check_single_tokens
 
     rm = resolve_model(cfg.teacher.model)
     tok = AutoTokenizer.from_pretrained(rm.path, revision=cfg.teacher.revision or rm.revision,
@@ -268,8 +269,6 @@ def run(cfg: SimDAJob) -> dict[str, Any]:
         check_verbalizer(cfg)
 
         # 2. teacher pass: keys + p_LLM for source / target-train / target-test ---------------
-        from raydapt.core.assets import resolve_model
-
         parts = {"teacher": cfg.teacher.model_dump(mode="json", exclude={"pool", "hf_token"}),
                  "weights": resolve_model(cfg.teacher.model).fingerprint,
                  "data": fps, "ids": config_hash({"s": source["id"].tolist(),
@@ -398,8 +397,6 @@ def run(cfg: SimDAJob) -> dict[str, Any]:
         # 7. students on Ray Train -------------------------------------------------------------
         import ray
 
-        from raydapt.train.student import fit_student
-
         dcfg = cfg.distill
         loss_keys = {"beta", "temperature", "sim_tau", "sim_loss", "sim_center"}
         train_kw = dcfg.model_dump(mode="json", exclude={"student", "variants", *loss_keys})
@@ -466,3 +463,14 @@ def run(cfg: SimDAJob) -> dict[str, Any]:
             f"  {k:<{width}}  {v:.4f}" for k, v in results.items()))
         _say(f"done in {summary['seconds']:.0f}s; outputs in {out}")
         return summary
+
+
+def sweep_trial(cfg: SimDAJob, *, report, run_log) -> None:
+    """One ``raydapt sweep`` trial: rerun the recipe (the teacher stages come from the cache) with
+    its runs nested under the trial's child run; report the accuracies once."""
+    os.environ["RAYDAPT_PARENT_RUN_ID"] = run_log.run_id or ""
+    try:  # the recipe's own runs nest under this trial's child run
+        summary = run(cfg)
+    finally:
+        os.environ.pop("RAYDAPT_PARENT_RUN_ID", None)
+    report({k.replace(":", "."): v for k, v in summary["accuracy"].items()})

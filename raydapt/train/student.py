@@ -22,9 +22,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from raydapt.core.assets import resolve_model
+from raydapt.core.telemetry import StageTelemetry
+from raydapt.core.tracking import RunLogger
 from raydapt.evaluate import confusion_matrix
 from raydapt.losses.distill import kl_distillation, pseudo_label_ce, similarity_alignment
 from raydapt.train import say
+from raydapt.train.models import EncoderClassifier
 
 OBJECTIVES = ("kl_sim", "kl", "ce", "supervised")
 
@@ -67,11 +71,6 @@ def student_loop(cfg: dict[str, Any]) -> None:
     import ray.train
     import torch.distributed as dist
     from transformers import AutoTokenizer
-
-    from raydapt.core.assets import resolve_model
-    from raydapt.core.telemetry import StageTelemetry
-    from raydapt.core.tracking import RunLogger
-    from raydapt.train.models import EncoderClassifier
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
