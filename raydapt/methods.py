@@ -42,12 +42,12 @@ class Method:
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("simda", config="raydapt.config:SimDAJob", run="raydapt.recipes.simda:run",
+    Method("simda", config="raydapt.recipes.simda_config:SimDAJob", run="raydapt.recipes.simda:run",
            plan="raydapt.ops.plan:plan_simda", trial="raydapt.recipes.simda:sweep_trial"),
-    Method("dallmi", config="raydapt.config:DALLMiJob", run="raydapt.recipes.dallmi:run",
+    Method("dallmi", config="raydapt.recipes.dallmi_config:DALLMiJob", run="raydapt.recipes.dallmi:run",
            plan="raydapt.ops.plan:plan_dallmi", trial="raydapt.recipes.dallmi:trial",
            sweep_setup="raydapt.recipes.dallmi:prepare_for_sweep"),
-    Method("ntk_select", config="raydapt.config:NTKSelectJob",
+    Method("ntk_select", config="raydapt.recipes.ntk_select_config:NTKSelectJob",
            run="raydapt.recipes.ntk_select:run", plan="raydapt.ops.plan:plan_ntk_select"),
 )}
 

@@ -36,13 +36,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from raydapt.config import ConfigError, DALLMiJob, _expand_env, config_hash, to_yaml
+from raydapt.config import ConfigError, _expand_env, config_hash, to_yaml
 from raydapt.core.cache import StageCache
 from raydapt.core.runtime import init_ray, seed_everything
 from raydapt.core.tracking import RunLogger, Tracker
 from raydapt.data.labels import hide_labels, multi_hot
 from raydapt.data.multilabel import read_multilabel
 from raydapt.data.readers import DataError, fingerprint, split_and_subsample
+from raydapt.recipes.dallmi_config import DALLMiJob
 from raydapt.train.multilabel import build_model, fit, multilabel_metrics, predict_probs, tokenizer
 
 ADAPT_OBJECTIVE = {"bce_partial": ("bce", None), "bce_oracle": ("bce", None),

@@ -33,13 +33,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from raydapt.config import NTKSelectJob, config_hash, to_yaml
+from raydapt.config import config_hash, to_yaml
 from raydapt.core.assets import resolve_model
 from raydapt.core.cache import ShardedOutput, StageCache
 from raydapt.core.runtime import init_ray, seed_everything
 from raydapt.core.tracking import Tracker
 from raydapt.data.qa import QAFormat, chat_prefix, encode_pair, read_qa, render
 from raydapt.data.readers import DataError, fingerprint, split_and_subsample
+from raydapt.recipes.ntk_select_config import NTKSelectJob
 from raydapt.select.selectors import SELECTORS, SelectionInputs, knn_votes
 from raydapt.stages.common import pool_kwargs
 from raydapt.stages.grad_score import EmbedLM, GradProject, MCScore

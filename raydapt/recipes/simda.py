@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from raydapt.config import SimDAJob, config_hash, to_yaml
+from raydapt.config import config_hash, to_yaml
 from raydapt.core.assets import resolve_model
 from raydapt.core.cache import ShardedOutput, StageCache
 from raydapt.core.runtime import init_ray, seed_everything
@@ -42,6 +42,7 @@ from raydapt.data.readers import (
 )
 from raydapt.engines.base import check_single_tokens
 from raydapt.evaluate import accuracy, confusion_matrix
+from raydapt.recipes.simda_config import SimDAJob
 from raydapt.stages.annotate import calibrate_domain_mean, mix
 from raydapt.stages.common import pool_kwargs
 from raydapt.stages.teacher import KnnSearch, TeacherScore, build_index, save_store

@@ -151,7 +151,8 @@ def test_mc_letter_scoring_hand_built(tok):
 
 
 def test_deepspeed_config_and_job_config():
-    from raydapt.config import ConfigError, NTKSelectJob, validate_job
+    from raydapt.config import ConfigError, validate_job
+    from raydapt.recipes.ntk_select_config import NTKSelectJob
     from raydapt.train.lora import deepspeed_config
 
     c = deepspeed_config(micro_batch=4, grad_accum=2, world=2, lr=1e-4, weight_decay=0.0,
