@@ -16,8 +16,12 @@ DATA = Path(os.environ.get("RAYDAPT_DATA", REPO.parent / "shared" / "data"))
 
 
 def pytest_collection_modifyitems(config, items):
+    """``ray`` on every test that uses the ``ray_local`` fixture; ``gpu`` tests skip without CUDA."""
     import torch
 
+    for item in items:
+        if "ray_local" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

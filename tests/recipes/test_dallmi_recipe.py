@@ -57,6 +57,7 @@ methods: {methods}
     return str(job)
 
 
+@pytest.mark.e2e
 def test_dallmi_end_to_end(tmp_path, data_dir, tiny_encoder, capsys):
     from mlflow.tracking import MlflowClient
 

@@ -143,6 +143,7 @@ def test_stage2_scores_sharded_resume(ray_local, tmp_path):
     pd.testing.assert_frame_equal(again, got, rtol=1e-5)
 
 
+@pytest.mark.e2e
 @pytest.mark.timeout(900)
 def test_ntk_select_end_to_end_and_shard_resume(ray_local, tmp_path):
     from mlflow.tracking import MlflowClient

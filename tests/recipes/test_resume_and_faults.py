@@ -32,7 +32,7 @@ import pandas as pd
 import psutil
 import pytest
 
-pytestmark = [pytest.mark.timeout(1500)]
+pytestmark = [pytest.mark.timeout(1500), pytest.mark.e2e]
 
 SHARD_ROWS = 4
 N_SOURCE, N_TRAIN, N_TEST = 16, 24, 8

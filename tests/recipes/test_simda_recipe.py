@@ -11,7 +11,7 @@ import pytest
 
 from raydapt.cli import main
 
-pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.timeout(900), pytest.mark.e2e]
 
 
 SECRET = "hf_PlantedSecret_0d5c9e7a41"
