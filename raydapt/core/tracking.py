@@ -125,6 +125,13 @@ class RunLogger:
 class Tracker:
     """Parent run for a job; :meth:`child` opens nested runs for stages and students."""
 
+    @classmethod
+    def from_section(cls, t, *, enabled: bool | None = None, uri: str | None = None) -> Tracker:
+        """From a job's ``tracking`` section (enabled, uri, experiment, artifact_location)."""
+        return cls(enabled=t.enabled if enabled is None else enabled,
+                   uri=t.uri if uri is None else uri, experiment=t.experiment,
+                   artifact_location=t.artifact_location)
+
     def __init__(self, *, enabled: bool, uri: str, experiment: str, artifact_location: str) -> None:
         self.enabled = enabled
         self.uri = absolute_tracking_uri(uri)

@@ -198,8 +198,7 @@ def _create_parent_run(cfg, submission_id: str, address: str, plan_params: dict[
     """Create the MLflow parent run the submitted job will attach to. Returns (uri, run id)."""
     from mlflow.tracking import MlflowClient
 
-    tr = Tracker(enabled=True, uri=cfg.tracking.uri, experiment=cfg.tracking.experiment,
-                 artifact_location=cfg.tracking.artifact_location)
+    tr = Tracker.from_section(cfg.tracking, enabled=True)
     exp_id = tr._ensure_experiment()
     tags = {"mlflow.runName": submission_id, "raydapt.method": cfg.method,
             "raydapt.config_hash": config_hash(cfg), "raydapt.submission_id": submission_id,

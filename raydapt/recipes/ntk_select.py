@@ -33,24 +33,24 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from raydapt.config import config_hash, to_yaml
+from raydapt.config import config_hash
 from raydapt.core.assets import resolve_model
-from raydapt.core.cache import ShardedOutput, StageCache
-from raydapt.core.runtime import init_ray, seed_everything
+from raydapt.core.cache import StageCache
 from raydapt.core.tracking import Tracker
 from raydapt.data.qa import QAFormat, chat_prefix, encode_pair, read_qa, render
-from raydapt.data.readers import DataError, fingerprint, split_and_subsample
+from raydapt.data.readers import REJECT_COLUMNS, DataError, fingerprint, split_and_subsample
+from raydapt.job import job_context, speaker
 from raydapt.recipes.ntk_select_config import NTKSelectJob
 from raydapt.select.selectors import SELECTORS, SelectionInputs, knn_votes
-from raydapt.stages.common import pool_kwargs
+from raydapt.stages.common import concat_rejects, pool_kwargs, split_errors
 from raydapt.stages.grad_score import EmbedLM, GradProject, MCScore
+from raydapt.stages.sharded import sharded_pass, stream_rows
 from raydapt.train.lora import fit_lora
 
 LETTERS = [chr(ord("A") + i) for i in range(10)]
 
 
-def _say(msg: str) -> None:
-    print(f"[ntk_select {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+_say = speaker("ntk_select")
 
 
 def _dataset(df: pd.DataFrame, rows_per_block: int = 32):
@@ -63,29 +63,8 @@ def _dataset(df: pd.DataFrame, rows_per_block: int = 32):
                                  if len(ix)])
 
 
-def _stream(ds, total: int, label: str, on_batch=None, every_s: float = 10.0) -> pd.DataFrame:
-    """Iterate a dataset's output, printing rows done, rows/s and ETA; returns all rows."""
-    parts, done, t0, last = [], 0, time.time(), 0.0
-    for batch in ds.iter_batches(batch_format="pandas", batch_size=None):
-        parts.append(batch)
-        done += len(batch)
-        if on_batch is not None:
-            on_batch(batch)
-        now = time.time()
-        if now - last >= every_s or done >= total:
-            rate = done / max(now - t0, 1e-9)
-            _say(f"{label}: {done}/{total} rows, {rate:.2f} rows/s, "
-                 f"ETA {max(total - done, 0) / max(rate, 1e-9):.0f}s")
-            last = now
-    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["id", "_error"])
-
-
-def _split_errors(df: pd.DataFrame, stage: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    if "_error" not in df:
-        return df, pd.DataFrame(columns=["file", "id", "reason", "raw"])
-    bad = df[df["_error"] != ""]
-    rej = pd.DataFrame({"file": stage, "id": bad["id"], "reason": bad["_error"], "raw": ""})
-    return df[df["_error"] == ""].drop(columns="_error").reset_index(drop=True), rej
+def _stream(ds, total: int, label: str, on_batch=None) -> pd.DataFrame:
+    return stream_rows(ds, total, label, _say, on_batch=on_batch)
 
 
 def _ids_hash(ids) -> str:
@@ -147,8 +126,7 @@ def read_data(cfg: NTKSelectJob) -> dict[str, Any]:
     if overlap:
         raise DataError(f"{len(overlap)} ids occur in both the pool and D (e.g. "
                         f"{sorted(overlap)[:3]}); stages join on id")
-    rej = pd.concat([r for r in rejects if len(r)], ignore_index=True) if any(
-        len(r) for r in rejects) else pd.DataFrame(columns=["file", "id", "reason", "raw"])
+    rej = concat_rejects(rejects)
     return {"pool": pool.reset_index(drop=True), "domain": d, "tests": tests, "rejects": rej,
             "fingerprints": fps}
 
@@ -171,7 +149,7 @@ def encode_rows(rows: pd.DataFrame, tok, cfg: NTKSelectJob) -> tuple[pd.DataFram
         am.append(e["input_ids"])
         rm.append(e["response_mask"])
     return (pd.DataFrame({"id": ids, "input_ids": am, "response_mask": rm}),
-            pd.DataFrame(bad, columns=["file", "id", "reason", "raw"]))
+            pd.DataFrame(bad, columns=REJECT_COLUMNS))
 
 
 def majority_letter_accuracy(domain: pd.DataFrame, tests: dict[str, pd.DataFrame]
@@ -322,7 +300,7 @@ def domain_grads(cfg: NTKSelectJob, cache: StageCache, tracker: Tracker, *, adap
             run_log.metrics({"rows": len(rows), "rows_per_s": len(rows) / (time.time() - t0)})
             out.to_parquet(d / "out.parquet")
             cache.commit(d)
-        out, _ = _split_errors(pd.read_parquet(d / "out.parquet"), "grads-domain")
+        out, _ = split_errors(pd.read_parquet(d / "out.parquet"), "grads-domain")
     if len(out) == 0:
         raise DataError("no domain gradient could be computed (see rejects)")
     return np.stack(out["g"].to_numpy()).astype(np.float32)
@@ -339,57 +317,26 @@ def stage2_scores(cfg: NTKSelectJob, cache: StageCache, tracker: Tracker, *, ada
              "kind": kind, "score": s.score, "p": s.proj_dim, "seed": s.proj_seed,
              "against": config_hash({"a": np.round(against.astype(np.float64), 6).tolist()}),
              "shard_rows": s.shard_rows, "grad_method": s.grad_method}
-    d, done = cache.get(f"scores-{kind}", parts, keep_partial=True)
-    shards = ShardedOutput(d, len(rows), s.shard_rows)
-    with tracker.child(f"stage2-{kind}") as run_log:
-        todo = shards.missing() if not done else []
-        run_log.metrics({"shards": shards.n_shards, "shards_cached": shards.n_shards - len(todo)})
-        if todo:
-            _say(f"stage 2 {kind}: {len(todo)}/{shards.n_shards} shards to score "
-                 f"({shards.n_shards - len(todo)} finished before)")
-            frames = []
-            for i in todo:
-                f = rows.iloc[shards.rows(i)][["id", "input_ids", "response_mask"]].copy()
-                f["_shard"] = i
-                frames.append(f)
-            shard_of = pd.concat(frames).set_index("id")["_shard"]
-            need = shard_of.value_counts().to_dict()
-            got: dict[int, list[pd.DataFrame]] = {i: [] for i in todo}
 
-            def on_batch(batch: pd.DataFrame) -> None:
-                for i, part in batch.groupby(batch["id"].map(shard_of)):
-                    got[int(i)].append(part)
-                    if sum(len(p) for p in got[int(i)]) == need[int(i)]:
-                        order = rows.iloc[shards.rows(int(i))]["id"]
-                        sh = pd.concat(got[int(i)]).set_index("id").loc[order].reset_index()
-                        shards.write(int(i), sh)
-                        got[int(i)] = []
+    def make_ds(frames: list[pd.DataFrame]):
+        import ray
 
-            import ray
+        step = max(1, 2 * s.grad_pool.batch_size)  # small blocks: results stream back
+        blocks = [f.iloc[j: j + step] for f in frames for j in range(0, len(f), step)]
+        return ray.data.from_pandas(blocks).map_batches(
+            GradProject, fn_constructor_kwargs=dict(
+                model=_actor_model(cfg, str(adapter / "adapter"), s.grad_pool),
+                objective=objective, proj_dim=s.proj_dim, proj_seed=s.proj_seed,
+                chunk_rows=s.proj_chunk_rows, vmap_chunk=s.vmap_chunk,
+                grad_method=s.grad_method, micro_batch=s.grad_micro_batch,
+                adam_state=str(adapter / "adam_exp_avg_sq.pt") if kind == "less" else None,
+                score_against=against, score_kind="less" if kind == "less" else s.score,
+                stage=f"scores-{kind}"),
+            **pool_kwargs(s.grad_pool))
 
-            t0 = time.time()
-            step = max(1, 2 * s.grad_pool.batch_size)  # small blocks: results stream back
-            blocks = [f.drop(columns="_shard").iloc[j: j + step] for f in frames
-                      for j in range(0, len(f), step)]
-            ds = ray.data.from_pandas(blocks).map_batches(
-                GradProject, fn_constructor_kwargs=dict(
-                    model=_actor_model(cfg, str(adapter / "adapter"), s.grad_pool),
-                    objective=objective, proj_dim=s.proj_dim, proj_seed=s.proj_seed,
-                    chunk_rows=s.proj_chunk_rows, vmap_chunk=s.vmap_chunk,
-                    grad_method=s.grad_method, micro_batch=s.grad_micro_batch,
-                    adam_state=str(adapter / "adam_exp_avg_sq.pt") if kind == "less" else None,
-                    score_against=against, score_kind="less" if kind == "less" else s.score,
-                    stage=f"scores-{kind}"),
-                **pool_kwargs(s.grad_pool))
-            n = int(sum(need.values()))
-            _stream(ds, n, f"stage 2 {kind} scores", on_batch=on_batch)
-            run_log.metrics({"rows": n, "rows_per_s": n / (time.time() - t0)})
-            cache.commit(d)
-        elif done:
-            _say(f"stage 2 {kind}: cached ({d})")
-        else:
-            cache.commit(d)
-        return shards.read_all()
+    return sharded_pass(cache, tracker, f"scores-{kind}", parts,
+                        rows[["id", "input_ids", "response_mask"]], s.shard_rows, make_ds, _say,
+                        run_name=f"stage2-{kind}", label=f"stage 2 {kind} scores")
 
 
 def evaluate_mc(cfg: NTKSelectJob, cache: StageCache, tracker: Tracker, *, label: str,
@@ -415,7 +362,7 @@ def evaluate_mc(cfg: NTKSelectJob, cache: StageCache, tracker: Tracker, *, label
             run_log.metrics({"rows_per_s": len(prompts) / (time.time() - t0)})
             out.to_parquet(d / "out.parquet")
             cache.commit(d)
-        out, _ = _split_errors(pd.read_parquet(d / "out.parquet"), "eval")
+        out, _ = split_errors(pd.read_parquet(d / "out.parquet"), "eval")
         m = prompts.merge(out[["id", "pred", "letter_logp"]], on="id", how="left")
         m["letter_logp"] = m["letter_logp"].map(lambda x: None if x is None or (
             isinstance(x, float) and np.isnan(x)) else list(map(float, x)))
@@ -436,22 +383,10 @@ def evaluate_mc(cfg: NTKSelectJob, cache: StageCache, tracker: Tracker, *, label
 
 def run(cfg: NTKSelectJob) -> dict[str, Any]:
     """Run the NTK-Selector job; returns the results dict also written to results.json."""
-    seed_everything(cfg.run.seed)
-    out = Path(cfg.run.output_dir) / cfg.run.name
-    out.mkdir(parents=True, exist_ok=True)
-    cache = StageCache(cfg.run.cache_dir)
-    init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.progress)
-    tracker = Tracker(enabled=cfg.tracking.enabled, uri=cfg.tracking.uri,
-                      experiment=cfg.tracking.experiment,
-                      artifact_location=cfg.tracking.artifact_location)
     s = cfg.select
-    t_job = time.time()
     timings: dict[str, float] = {}
-    with tracker.job(cfg.run.name, tags={"raydapt.method": "ntk_select",
-                                         "raydapt.config_hash": config_hash(cfg)}) as parent:
-        parent.params(cfg.model_dump(mode="json"))
-        parent.text(to_yaml(cfg), "config.yaml")
-        _say(f"resolved config:\n{to_yaml(cfg)}")
+    with job_context(cfg) as ctx:
+        out, cache, tracker, parent, t_job = ctx.out, ctx.cache, ctx.tracker, ctx.parent, ctx.t_job
 
         # 1. read ------------------------------------------------------------------------------
         t0 = time.time()
@@ -488,7 +423,7 @@ def run(cfg: NTKSelectJob) -> dict[str, Any]:
             t0 = time.time()
             emb = stage1_embed(cfg, cache, tracker, adapter=warm,
                                rows=pd.concat([dom, pool], ignore_index=True))
-            emb, rej = _split_errors(emb, "embed")
+            emb, rej = split_errors(emb, "embed")
             rejects.append(rej)
             e = emb.set_index("id")
             pool_ok = pool[pool["id"].isin(e.index)].reset_index(drop=True)
@@ -522,7 +457,7 @@ def run(cfg: NTKSelectJob) -> dict[str, Any]:
             against = g_dom.mean(0) if kind == "ntk" else g_dom
             sc = stage2_scores(cfg, cache, tracker, adapter=warm, rows=cand, kind=kind,
                                against=against)
-            sc, rej = _split_errors(sc, f"scores-{kind}")
+            sc, rej = split_errors(sc, f"scores-{kind}")
             rejects.append(rej)
             sc.to_parquet(out / f"scores_{kind}.parquet")
             inputs.scores[kind] = sc.set_index("id")["score"]
@@ -570,7 +505,7 @@ def run(cfg: NTKSelectJob) -> dict[str, Any]:
                     .to_dict() for name, sel in selections.items()},
                 "counts": counts, "seconds": time.time() - t_job, "stage_seconds": timings,
             }
-            (out / "results.json").write_text(json.dumps(summary, indent=2))
+            ctx.write_results(summary)
             return summary
 
         if "base" in s.baselines:
@@ -593,13 +528,12 @@ def run(cfg: NTKSelectJob) -> dict[str, Any]:
             evaluate(name, ad)
 
         # report --------------------------------------------------------------------------------
-        rej_df = pd.concat([r for r in rejects if len(r)], ignore_index=True) if any(
-            len(r) for r in rejects) else pd.DataFrame(columns=["file", "id", "reason", "raw"])
+        rej_df = concat_rejects(rejects)
         rej_df.to_parquet(out / "rejects.parquet")
         pd.concat(preds, ignore_index=True).to_parquet(out / "predictions.parquet")
         summary = write_summary(complete=True)
         summary["rejects"] = len(rej_df)
-        (out / "results.json").write_text(json.dumps(summary, indent=2))
+        ctx.write_results(summary)
         parent.metrics({"seconds": summary["seconds"], "rejects": len(rej_df)})
         for f in ("results.json", "rejects.parquet", "predictions.parquet"):
             parent.artifact(out / f)

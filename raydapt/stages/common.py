@@ -1,4 +1,4 @@
-"""Shared pieces of Ray Data stages: row-level failure isolation and telemetry."""
+"""Shared pieces of Ray Data stages: row-level failure isolation, reject records, telemetry."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from raydapt.core.telemetry import StageTelemetry
+from raydapt.data.readers import REJECT_COLUMNS
 
 ERROR_COLUMN = "_error"
 
@@ -55,6 +56,22 @@ def _fill_array_columns(out: pd.DataFrame) -> pd.DataFrame:
             nan = np.full(first.shape, np.nan, dtype=np.result_type(first.dtype, np.float32))
             out[col] = [v if not b else nan.copy() for v, b in zip(out[col], bad)]
     return out
+
+
+def split_errors(df: pd.DataFrame, stage: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A stage's output -> (its good rows without the error column, reject records of the rows
+    that failed, ``file`` = the stage)."""
+    if ERROR_COLUMN not in df:
+        return df, pd.DataFrame(columns=REJECT_COLUMNS)
+    bad = df[df[ERROR_COLUMN] != ""]
+    rej = pd.DataFrame({"file": stage, "id": bad["id"], "reason": bad[ERROR_COLUMN], "raw": ""})
+    return df[df[ERROR_COLUMN] == ""].drop(columns=ERROR_COLUMN).reset_index(drop=True), rej
+
+
+def concat_rejects(rejects: list[pd.DataFrame]) -> pd.DataFrame:
+    """All reject records of a job in one frame (:data:`REJECT_COLUMNS`, empty if none)."""
+    return pd.concat([r for r in rejects if len(r)], ignore_index=True) if any(
+        len(r) for r in rejects) else pd.DataFrame(columns=REJECT_COLUMNS)
 
 
 StageMetrics = StageTelemetry

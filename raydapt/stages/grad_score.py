@@ -32,7 +32,7 @@ from raydapt.select.ntk import (
     per_sample_grads,
     trainable_params,
 )
-from raydapt.stages.common import StageMetrics, Timer, run_isolating_failures
+from raydapt.stages.common import ERROR_COLUMN, StageMetrics, Timer, run_isolating_failures
 from raydapt.train.lora import load_causal_lm
 
 
@@ -76,7 +76,7 @@ class EmbedLM:
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         with Timer() as t:
             out = run_isolating_failures(batch, self._embed, stage=self.stage)
-        self.metrics.record(rows=len(batch), rejected=int((out["_error"] != "").sum()),
+        self.metrics.record(rows=len(batch), rejected=int((out[ERROR_COLUMN] != "").sum()),
                             seconds=t.seconds)
         return out
 
@@ -158,7 +158,7 @@ class GradProject:
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         with Timer() as t:
             out = run_isolating_failures(batch, self._grads, stage=self.stage)
-        bad = int((out["_error"] != "").sum())
+        bad = int((out[ERROR_COLUMN] != "").sum())
         self.metrics.record(rows=len(batch), rejected=bad, seconds=t.seconds,
                             gradients=len(batch) - bad)
         return out
@@ -217,6 +217,6 @@ class MCScore:
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         with Timer() as t:
             out = run_isolating_failures(batch, self._score, stage=self.stage)
-        self.metrics.record(rows=len(batch), rejected=int((out["_error"] != "").sum()),
+        self.metrics.record(rows=len(batch), rejected=int((out[ERROR_COLUMN] != "").sum()),
                             seconds=t.seconds)
         return out

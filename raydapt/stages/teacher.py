@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from raydapt.stages.annotate import build_prompt, knn_distribution
-from raydapt.stages.common import StageMetrics, Timer, run_isolating_failures
+from raydapt.stages.common import ERROR_COLUMN, StageMetrics, Timer, run_isolating_failures
 
 
 def make_engine(engine: dict[str, Any], label_words: list[str]):
@@ -100,7 +100,7 @@ class TeacherScore:
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         with Timer() as t:
             out = run_isolating_failures(batch, self._score, stage=self.stage)
-        bad = int((out["_error"] != "").sum())
+        bad = int((out[ERROR_COLUMN] != "").sum())
         tokens = int(pd.to_numeric(out.get("prompt_tokens"), errors="coerce").fillna(0).sum())
         self.metrics.record_batch(rows=len(batch), rejected=bad, seconds=t.seconds,
                                   tokens=tokens)
@@ -182,6 +182,6 @@ class KnnSearch:
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         with Timer() as t:
             out = run_isolating_failures(batch, self._search, stage=self.stage)
-        self.metrics.record_batch(rows=len(batch), rejected=int((out["_error"] != "").sum()),
+        self.metrics.record_batch(rows=len(batch), rejected=int((out[ERROR_COLUMN] != "").sum()),
                                   seconds=t.seconds)
         return out
