@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from raydapt import RaydaptError
-from raydapt.core.assets import resolve_model
+from raydapt.core.assets import load_tokenizer
 from raydapt.methods import METHODS, names
 
 TABLE_PATH = Path(__file__).with_name("plan_table.yaml")
@@ -231,13 +231,9 @@ class _TokenizerFormatter:
     """The engines' PromptFormatter on a bare tokenizer (no model weights loaded)."""
 
     def __init__(self, t) -> None:
-        from transformers import AutoTokenizer
-
         from raydapt.engines.base import PromptFormatter
 
-        rm = resolve_model(t.model)
-        tok = AutoTokenizer.from_pretrained(rm.path, revision=t.revision or rm.revision,
-                                            trust_remote_code=t.trust_remote_code)
+        tok = load_tokenizer(t.model, revision=t.revision, trust_remote_code=t.trust_remote_code)
         self.fmt = PromptFormatter()
         self.fmt._init_text(tok, list(t.verbalizer.values()), model=t.model, chat=t.chat,
                             answer_prefix=t.answer_prefix, max_length=t.max_length)

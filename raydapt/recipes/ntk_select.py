@@ -34,11 +34,12 @@ import numpy as np
 import pandas as pd
 
 from raydapt.config import config_hash
-from raydapt.core.assets import resolve_model
+from raydapt.core.assets import load_tokenizer
 from raydapt.core.cache import StageCache
 from raydapt.core.tracking import Tracker
 from raydapt.data.qa import QAFormat, chat_prefix, encode_pair, read_qa, render
 from raydapt.data.readers import REJECT_COLUMNS, DataError, fingerprint, split_and_subsample
+from raydapt.evaluate import calibrated_mc_metrics, majority_letter_accuracy
 from raydapt.job import job_context, speaker
 from raydapt.recipes.ntk_select_config import NTKSelectJob
 from raydapt.select.selectors import SELECTORS, SelectionInputs, knn_votes
@@ -150,56 +151,6 @@ def encode_rows(rows: pd.DataFrame, tok, cfg: NTKSelectJob) -> tuple[pd.DataFram
         rm.append(e["response_mask"])
     return (pd.DataFrame({"id": ids, "input_ids": am, "response_mask": rm}),
             pd.DataFrame(bad, columns=REJECT_COLUMNS))
-
-
-def majority_letter_accuracy(domain: pd.DataFrame, tests: dict[str, pd.DataFrame]
-                             ) -> dict[str, float]:
-    """Accuracy of always answering the option letter most frequent among D's answers to the
-    same task (all of D for a task without domain rows): the letter prior a model can learn
-    from D alone, the floor a selection has to beat to show domain knowledge."""
-    acc = {}
-    for name, t in tests.items():
-        d = domain.loc[domain["task"] == name, "answer"]
-        d = d if len(d) else domain["answer"]
-        if not len(d) or not len(t):
-            acc[name] = float("nan")
-            continue
-        letter = d.value_counts().sort_index().idxmax()  # ties → the earliest letter
-        acc[name] = float((t["answer"] == letter).mean())
-    acc["mean"] = float(np.mean(list(acc.values())))
-    return acc
-
-
-def calibrated_mc_metrics(m: pd.DataFrame) -> dict[str, dict[str, float]]:
-    """Prior-free views of one variant's multiple-choice scores, per task (and their mean).
-
-    Args:
-        m: one row per test item: ``task``, ``gold`` (letter index) and ``letter_logp`` (the
-            item's option-letter log-probs [n_options], or None where scoring failed).
-
-    Returns:
-        ``calibrated``: accuracy after batch calibration — the option log-probs (normalised over
-        the options) minus their mean over the task's items, then argmax — so a model that
-        prefers one letter for every item gains nothing from it (Zhou et al. 2023, "Batch
-        Calibration"; label-free); ``gold_logprob``: mean log-prob of the gold option among the
-        options (continuous, less noisy than accuracy on small test sets). A failed item counts
-        as wrong and is left out of the mean log-prob.
-    """
-    cal, gold_lp = {}, {}
-    for task, g in m.groupby("task", sort=False):
-        ok = g[g["letter_logp"].map(lambda x: x is not None and len(x) > 0)]
-        if len(ok) == 0:
-            cal[task], gold_lp[task] = 0.0, float("nan")
-            continue
-        lp = np.stack([np.asarray(x, dtype=np.float64) for x in ok["letter_logp"]])  # [n, C]
-        lp = lp - np.logaddexp.reduce(lp, axis=1, keepdims=True)  # log-softmax over options
-        gold = ok["gold"].to_numpy().astype(int)
-        pred = np.argmax(lp - lp.mean(axis=0, keepdims=True), axis=1)
-        cal[task] = float((pred == gold).sum() / len(g))
-        gold_lp[task] = float(lp[np.arange(len(ok)), gold].mean())
-    for d in (cal, gold_lp):
-        d["mean"] = float(np.mean(list(d.values())))
-    return {"calibrated": cal, "gold_logprob": gold_lp}
 
 
 def mc_prompts(test: pd.DataFrame, tok, cfg: NTKSelectJob) -> pd.DataFrame:
@@ -546,10 +497,4 @@ def run(cfg: NTKSelectJob) -> dict[str, Any]:
 
 
 def _tokenizer(model_ref: str):
-    from transformers import AutoTokenizer
-
-    rm = resolve_model(model_ref)
-    tok = AutoTokenizer.from_pretrained(rm.path, revision=rm.revision)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
+    return load_tokenizer(model_ref, pad_to_eos=True)

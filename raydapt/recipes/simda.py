@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from raydapt.config import config_hash
-from raydapt.core.assets import resolve_model
+from raydapt.core.assets import load_tokenizer, resolve_model
 from raydapt.data.readers import (
     DataError,
     Fields,
@@ -37,7 +37,7 @@ from raydapt.data.readers import (
     unit_hash,
 )
 from raydapt.engines.base import check_single_tokens
-from raydapt.evaluate import accuracy, confusion_matrix
+from raydapt.evaluate import accuracy, confusion_matrix, plot_confusions
 from raydapt.job import JobContext, job_context, speaker
 from raydapt.recipes.simda_config import SimDAJob
 from raydapt.stages.annotate import calibrate_domain_mean, mix
@@ -68,12 +68,9 @@ def _engine_kwargs(cfg: SimDAJob, *, need_hidden: bool = False) -> dict[str, Any
 
 def check_verbalizer(cfg: SimDAJob) -> list[int]:
     """Fail fast, in the driver, if a label word is not one token for the teacher's tokenizer."""
-    from transformers import AutoTokenizer
-
-    rm = resolve_model(cfg.teacher.model)
-    tok = AutoTokenizer.from_pretrained(rm.path, revision=cfg.teacher.revision or rm.revision,
-                                        trust_remote_code=cfg.teacher.trust_remote_code,
-                                        token=cfg.teacher.hf_token)
+    tok = load_tokenizer(cfg.teacher.model, revision=cfg.teacher.revision,
+                         trust_remote_code=cfg.teacher.trust_remote_code,
+                         token=cfg.teacher.hf_token)
     words = {cfg.teacher.verbalizer[lab]: tok(cfg.teacher.verbalizer[lab],
                                               add_special_tokens=False)["input_ids"]
              for lab in cfg.data.labels}
@@ -123,28 +120,6 @@ def _p_llm(df: pd.DataFrame) -> np.ndarray:
     z = z - z.max(1, keepdims=True)
     p = np.exp(z)
     return p / p.sum(1, keepdims=True)
-
-
-def _plot_confusions(cms: dict[str, np.ndarray], labels: list[str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = len(cms)
-    fig, axes = plt.subplots(1, n, figsize=(2.6 * n, 2.8), squeeze=False)
-    for ax, (name, cm) in zip(axes[0], cms.items()):
-        ax.imshow(cm, cmap="Blues")
-        for (i, j), v in np.ndenumerate(cm):
-            ax.text(j, i, str(v), ha="center", va="center", fontsize=8)
-        ax.set_title(f"{name}\nacc {np.trace(cm) / max(1, cm.sum()):.3f}", fontsize=8)
-        ax.set_xticks(range(len(labels)), labels, fontsize=7)
-        ax.set_yticks(range(len(labels)), labels, fontsize=7)
-        ax.set_xlabel("predicted", fontsize=7)
-    axes[0][0].set_ylabel("true", fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def run(cfg: SimDAJob) -> dict[str, Any]:
@@ -436,7 +411,7 @@ def report(cfg: SimDAJob, ctx: JobContext, st: SimpleNamespace) -> dict[str, Any
         "teacher": cfg.teacher.model, "student": dcfg.student, "k": a.k, "lam": a.lam,
     }
     ctx.write_results(summary)
-    _plot_confusions(cms, labels, out / "confusion.png")
+    plot_confusions(cms, labels, out / "confusion.png")
     ctx.parent.metrics({f"acc.{k.replace(':', '.')}": v for k, v in results.items()})
     ctx.parent.metrics({"pseudo_label_accuracy": pseudo_acc, "rejects": len(rej_df),
                     "seconds": summary["seconds"]})

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from raydapt.core.assets import resolve_model
+from raydapt.core.assets import load_tokenizer, resolve_model
 from raydapt.core.tracking import RunLogger
 from raydapt.data.qa import pad_batch
 from raydapt.select.ntk import response_loss_objective
@@ -52,14 +52,12 @@ def load_causal_lm(model_ref: str, *, dtype: str = "float32", device: str = "cpu
     Returns:
         (model, tokenizer); the tokenizer has a pad token.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     rm = resolve_model(model_ref)
     tdtype = torch.bfloat16 if dtype == "auto" and device != "cpu" else _DTYPES.get(
         dtype, torch.float32)
-    tok = AutoTokenizer.from_pretrained(rm.path, revision=rm.revision)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+    tok = load_tokenizer(model_ref, pad_to_eos=True)
     model = AutoModelForCausalLM.from_pretrained(rm.path, revision=rm.revision, dtype=tdtype,
                                                  use_safetensors=True if rm.local else None)
     model.config.use_cache = False

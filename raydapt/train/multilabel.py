@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raydapt.core.assets import resolve_model
+from raydapt.core.assets import load_tokenizer
 from raydapt.core.tracking import RunLogger
 from raydapt.evaluate import binarised_map, f1_scores, mean_average_precision
 from raydapt.losses.pu import dallmi_loss
@@ -85,10 +85,7 @@ def freeze_below(model, train_layers: int) -> None:
 
 
 def tokenizer(cfg: dict[str, Any]):
-    from transformers import AutoTokenizer
-
-    rm = resolve_model(cfg["encoder"])
-    return AutoTokenizer.from_pretrained(rm.path, revision=rm.revision)
+    return load_tokenizer(cfg["encoder"])
 
 
 def _encode(tok, texts, max_length: int, device) -> tuple[torch.Tensor, torch.Tensor]:

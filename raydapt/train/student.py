@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from raydapt.core.assets import resolve_model
+from raydapt.core.assets import load_tokenizer
 from raydapt.core.telemetry import StageTelemetry
 from raydapt.core.tracking import RunLogger
 from raydapt.evaluate import confusion_matrix
@@ -70,7 +70,6 @@ def student_loop(cfg: dict[str, Any]) -> None:
     """Per-worker training function (runs inside each Ray Train worker)."""
     import ray.train
     import torch.distributed as dist
-    from transformers import AutoTokenizer
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -79,7 +78,7 @@ def student_loop(cfg: dict[str, Any]) -> None:
         torch.set_num_threads(cfg["threads"])
     C = cfg["num_classes"]
     model = EncoderClassifier(cfg["student"], C, pooling="mean")
-    tok = AutoTokenizer.from_pretrained(resolve_model(cfg["student"]).path)
+    tok = load_tokenizer(cfg["student"])  # at the reference's revision (hf: models)
     model = ray.train.torch.prepare_model(model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     n_rows = cfg["train_rows"]

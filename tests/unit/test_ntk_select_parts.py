@@ -173,7 +173,7 @@ def test_deepspeed_config_and_job_config():
 
 
 def test_majority_letter_accuracy_by_hand():
-    from raydapt.recipes.ntk_select import majority_letter_accuracy
+    from raydapt.evaluate import majority_letter_accuracy
 
     domain = pd.DataFrame({"task": ["a", "a", "a", "b", "b"],
                            "answer": ["C", "C", "A", "B", "A"]})  # a → C; b: tie A/B → A
@@ -191,7 +191,7 @@ def test_majority_letter_accuracy_by_hand():
 def test_calibrated_mc_metrics_by_hand():
     """Both items prefer option 0 (raw accuracy 1/2); after removing the mean option log-prob
     (batch calibration) item 2 picks its gold option 1. A failed item counts as wrong."""
-    from raydapt.recipes.ntk_select import calibrated_mc_metrics
+    from raydapt.evaluate import calibrated_mc_metrics
 
     m = pd.DataFrame({"task": ["t", "t", "t"], "gold": [0, 1, 0],
                       "letter_logp": [list(np.log([0.6, 0.2])), list(np.log([0.5, 0.3])), None]})
