@@ -40,7 +40,7 @@ from raydapt.core.tracking import Tracker
 from raydapt.data.qa import QAFormat, chat_prefix, encode_pair, read_qa, render
 from raydapt.data.readers import REJECT_COLUMNS, DataError, fingerprint, split_and_subsample
 from raydapt.evaluate import calibrated_mc_metrics, majority_letter_accuracy
-from raydapt.job import job_context, speaker
+from raydapt.job import JobContext, job_context, speaker
 from raydapt.recipes.ntk_select_config import NTKSelectJob
 from raydapt.select.selectors import SELECTORS, SelectionInputs, knn_votes
 from raydapt.stages.common import concat_rejects, pool_kwargs, split_errors
@@ -333,17 +333,44 @@ def evaluate_mc(cfg: NTKSelectJob, cache: StageCache, tracker: Tracker, *, label
 
 
 def run(cfg: NTKSelectJob) -> dict[str, Any]:
-    """Run the NTK-Selector job; returns the results dict also written to results.json."""
-    s = cfg.select
-    timings: dict[str, float] = {}
+    """Run the NTK-Selector job; returns the results dict also written to results.json. The
+    steps, in order (each a method of :class:`_Run`, which holds what they share). Per variant,
+    in order: (stage-2 scores →) selection → fine-tune → evaluation, so every finished variant
+    is complete in results.json (written after each one)."""
     with job_context(cfg) as ctx:
-        out, cache, tracker, parent, t_job = ctx.out, ctx.cache, ctx.tracker, ctx.parent, ctx.t_job
+        r = _Run(cfg, ctx)
+        r.read()
+        r.warmup()
+        r.stage1()
+        if "base" in cfg.select.baselines:
+            r.evaluate("base", None)
+        if "domain_only" in cfg.select.baselines:
+            r.domain_only()
+        for name in cfg.select.selectors:
+            r.selection(name)
+        return r.report()
 
-        # 1. read ------------------------------------------------------------------------------
+
+class _Run:
+    """One NTK-Selector run: its steps as methods, their shared state as attributes."""
+
+    def __init__(self, cfg: NTKSelectJob, ctx: JobContext) -> None:
+        self.cfg, self.ctx, self.s = cfg, ctx, cfg.select
+        self.cache, self.tracker, self.out = ctx.cache, ctx.tracker, ctx.out
+        self.timings: dict[str, float] = {}
+        self.results: dict[str, dict[str, float]] = {}
+        self.results_extra: dict[str, dict[str, dict[str, float]]] = {"calibrated": {},
+                                                                       "gold_logprob": {}}
+        self.preds: list[pd.DataFrame] = []
+        self.selections: dict[str, pd.DataFrame] = {}
+
+    def read(self) -> None:
+        """1. read: D, the pool, the test prompts; N and M."""
+        cfg, s = self.cfg, self.s
         t0 = time.time()
-        with tracker.child("read") as run_log:
+        with self.tracker.child("read") as run_log:
             data = read_data(cfg)
-            parent.params({"data_fingerprint": data["fingerprints"]})
+            self.ctx.parent.params({"data_fingerprint": data["fingerprints"]})
             tok = _tokenizer(cfg.model)
             dom, rej_d = encode_rows(data["domain"], tok, cfg)
             pool, rej_p = encode_rows(data["pool"], tok, cfg)
@@ -357,25 +384,32 @@ def run(cfg: NTKSelectJob) -> dict[str, Any]:
             _say(f"read: {counts}")
         n = min(len(pool), s.n or max(1, round(s.n_factor * len(dom))))
         m_cand = min(len(pool), max(n, math.ceil(s.m_factor * n)))
-        parent.params({"selection": {"N": n, "M": m_cand, "D": len(dom)}})
-        timings["read"] = time.time() - t0
+        self.ctx.parent.params({"selection": {"N": n, "M": m_cand, "D": len(dom)}})
+        self.timings["read"] = time.time() - t0
+        self.data, self.dom, self.pool, self.prompts = data, dom, pool, prompts
+        self.rejects, self.counts, self.n, self.m_cand = rejects, counts, n, m_cand
+        self.majority = majority_letter_accuracy(data["domain"], data["tests"])  # no model: once
+        self.by_id = pool.set_index("id")
 
-        # 2. warm-up ---------------------------------------------------------------------------
+    def warmup(self) -> None:
+        """2. warm-up LoRA on D."""
         t0 = time.time()
-        warm = _fit(cfg, cache, tracker, stage="lora", label="warmup", rows=dom,
-                    train=cfg.warmup, storage=out / "train")
-        timings["warmup"] = time.time() - t0
+        self.warm = _fit(self.cfg, self.cache, self.tracker, stage="lora", label="warmup",
+                         rows=self.dom, train=self.cfg.warmup, storage=self.out / "train")
+        self.timings["warmup"] = time.time() - t0
 
-        # 3. stage 1: embeddings + votes -------------------------------------------------------
+    def stage1(self) -> None:
+        """3. stage 1: embeddings + votes; keeps the top-M candidates."""
+        cfg, s, pool, dom, out = self.cfg, self.s, self.pool, self.dom, self.out
         inputs = SelectionInputs(pool_ids=pool["id"].to_numpy())
         need_stage1 = bool({"ntk", "less", "embedding"} & set(s.selectors))
         cand = pool
         if need_stage1:
             t0 = time.time()
-            emb = stage1_embed(cfg, cache, tracker, adapter=warm,
+            emb = stage1_embed(cfg, self.cache, self.tracker, adapter=self.warm,
                                rows=pd.concat([dom, pool], ignore_index=True))
             emb, rej = split_errors(emb, "embed")
-            rejects.append(rej)
+            self.rejects.append(rej)
             e = emb.set_index("id")
             pool_ok = pool[pool["id"].isin(e.index)].reset_index(drop=True)
             dom_ok = dom[dom["id"].isin(e.index)]
@@ -385,113 +419,114 @@ def run(cfg: NTKSelectJob) -> dict[str, Any]:
             full = pd.DataFrame({"id": pool["id"]}).merge(vs, on="id", how="left").fillna(0)
             inputs.votes = full["votes"].to_numpy().astype(np.int64)
             inputs.vote_sim = full["vote_sim"].to_numpy()
-            top_m = SELECTORS["embedding"](seed=cfg.run.seed).select(inputs, m_cand)
+            top_m = SELECTORS["embedding"](seed=cfg.run.seed).select(inputs, self.m_cand)
             cand = pool.set_index("id").loc[top_m["id"]].reset_index()
             vs.to_parquet(out / "stage1_votes.parquet")
             _say(f"stage 1: {int((votes > 0).sum())} pool samples got votes; kept M={len(cand)}")
-            timings["stage1"] = time.time() - t0
+            self.timings["stage1"] = time.time() - t0
+        self.inputs, self.cand = inputs, cand
 
-        # 4-7. per variant, in order: (stage-2 scores →) selection → fine-tune → evaluation, so
-        # every finished variant is complete in results.json (written after each one) --------
-        results: dict[str, dict[str, float]] = {}
-        results_extra: dict[str, dict[str, dict[str, float]]] = {"calibrated": {},
-                                                                  "gold_logprob": {}}
-        majority = majority_letter_accuracy(data["domain"], data["tests"])  # no model: once
-        preds: list[pd.DataFrame] = []
-        selections: dict[str, pd.DataFrame] = {}
-        by_id = pool.set_index("id")
+    def scores_for(self, kind: str) -> None:
+        """4. stage 2: projected-gradient scores of the candidates (ntk or less)."""
+        cfg, out = self.cfg, self.out
+        t0 = time.time()
+        g_dom = domain_grads(cfg, self.cache, self.tracker, adapter=self.warm, rows=self.dom,
+                             objective="logit_sum" if kind == "ntk" else "loss")
+        against = g_dom.mean(0) if kind == "ntk" else g_dom
+        sc = stage2_scores(cfg, self.cache, self.tracker, adapter=self.warm, rows=self.cand,
+                           kind=kind, against=against)
+        sc, rej = split_errors(sc, f"scores-{kind}")
+        self.rejects.append(rej)
+        sc.to_parquet(out / f"scores_{kind}.parquet")
+        self.inputs.scores[kind] = sc.set_index("id")["score"]
+        self.timings[f"stage2_{kind}"] = time.time() - t0
 
-        def scores_for(kind: str) -> None:
-            t0 = time.time()
-            g_dom = domain_grads(cfg, cache, tracker, adapter=warm, rows=dom,
-                                 objective="logit_sum" if kind == "ntk" else "loss")
-            against = g_dom.mean(0) if kind == "ntk" else g_dom
-            sc = stage2_scores(cfg, cache, tracker, adapter=warm, rows=cand, kind=kind,
-                               against=against)
-            sc, rej = split_errors(sc, f"scores-{kind}")
-            rejects.append(rej)
-            sc.to_parquet(out / f"scores_{kind}.parquet")
-            inputs.scores[kind] = sc.set_index("id")["score"]
-            timings[f"stage2_{kind}"] = time.time() - t0
+    def select(self, name: str) -> pd.DataFrame:
+        """5. selection: N samples by one selector."""
+        out = self.out
+        with self.tracker.child(f"select-{name}") as run_log:
+            sel = SELECTORS[name](seed=self.cfg.run.seed).select(self.inputs, self.n)
+            sel.to_parquet(out / f"selected_{name}.parquet")
+            run_log.artifact(out / f"selected_{name}.parquet", "selected")
+            by_src = self.data["pool"].set_index("id").loc[sel["id"], "source"].value_counts()
+            _say(f"select {name}: {len(sel)} samples; sources {by_src.head(8).to_dict()}")
+            run_log.metrics({"selected": len(sel)})
+        return sel
 
-        def select(name: str) -> pd.DataFrame:
-            with tracker.child(f"select-{name}") as run_log:
-                sel = SELECTORS[name](seed=cfg.run.seed).select(inputs, n)
-                sel.to_parquet(out / f"selected_{name}.parquet")
-                run_log.artifact(out / f"selected_{name}.parquet", "selected")
-                by_src = data["pool"].set_index("id").loc[sel["id"], "source"].value_counts()
-                _say(f"select {name}: {len(sel)} samples; sources {by_src.head(8).to_dict()}")
-                run_log.metrics({"selected": len(sel)})
-            return sel
+    def domain_only(self) -> None:
+        """Baseline: LoRA on D alone, evaluated."""
+        t0 = time.time()
+        ad = _fit(self.cfg, self.cache, self.tracker, stage="lora", label="finetune-domain_only",
+                  rows=self.dom, train=self.cfg.finetune, storage=self.out / "train")
+        self.timings["finetune_domain_only"] = time.time() - t0
+        self.evaluate("domain_only", ad)
 
-        def evaluate(label: str, adapter: Path | None) -> None:
-            t0 = time.time()
-            acc, extra, m = evaluate_mc(cfg, cache, tracker, label=label, adapter=adapter,
-                                        prompts=prompts)
-            results[label] = acc
-            for kind, d in extra.items():
-                results_extra[kind][label] = d
-            preds.append(m.assign(variant=label)[["variant", "task", "id", "gold", "pred",
-                                                  "letter_logp"]])
-            timings[f"eval_{label}"] = time.time() - t0
-            parent.metrics({f"acc.{label}.{k}": v for k, v in acc.items()})
-            parent.metrics({f"{kind}.{label}.{k}": v for kind, d in extra.items()
-                            for k, v in d.items()})
-            _say(f"eval {label}: " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items())
-                 + "; calibrated " + ", ".join(f"{k} {v:.3f}"
-                                               for k, v in extra["calibrated"].items()))
-            write_summary(complete=False)
+    def selection(self, name: str) -> None:
+        """4-7 for one selector: (stage-2 scores →) selection → fine-tune on D ∪ S → evaluation."""
+        if name in ("ntk", "less") and name not in self.inputs.scores:
+            self.scores_for(name)
+        self.selections[name] = sel = self.select(name)
+        t0 = time.time()
+        rows = pd.concat([self.dom, self.by_id.loc[sel["id"]].reset_index()], ignore_index=True)
+        ad = _fit(self.cfg, self.cache, self.tracker, stage="lora", label=f"finetune-{name}",
+                  rows=rows, train=self.cfg.finetune, storage=self.out / "train")
+        self.timings[f"finetune_{name}"] = time.time() - t0
+        self.evaluate(name, ad)
 
-        def write_summary(*, complete: bool) -> dict[str, Any]:
-            summary = {
-                "job": cfg.run.name, "model": cfg.model, "complete": complete,
-                "accuracy": results,
-                "accuracy_calibrated": results_extra["calibrated"],
-                "gold_option_logprob": results_extra["gold_logprob"],
-                "majority_letter_from_D": majority,
-                "sizes": {"D": len(dom), "pool": len(pool), "M": len(cand), "N": n,
-                          "test": {k: len(v) for k, v in data["tests"].items()}},
-                "selected_sources": {
-                    name: data["pool"].set_index("id").loc[sel["id"], "source"].value_counts()
-                    .to_dict() for name, sel in selections.items()},
-                "counts": counts, "seconds": time.time() - t_job, "stage_seconds": timings,
-            }
-            ctx.write_results(summary)
-            return summary
+    def evaluate(self, label: str, adapter: Path | None) -> None:
+        """7. evaluation: multiple-choice accuracy (+ calibrated views); results.json rewritten."""
+        parent = self.ctx.parent
+        t0 = time.time()
+        acc, extra, m = evaluate_mc(self.cfg, self.cache, self.tracker, label=label,
+                                    adapter=adapter, prompts=self.prompts)
+        self.results[label] = acc
+        for kind, d in extra.items():
+            self.results_extra[kind][label] = d
+        self.preds.append(m.assign(variant=label)[["variant", "task", "id", "gold", "pred",
+                                                   "letter_logp"]])
+        self.timings[f"eval_{label}"] = time.time() - t0
+        parent.metrics({f"acc.{label}.{k}": v for k, v in acc.items()})
+        parent.metrics({f"{kind}.{label}.{k}": v for kind, d in extra.items()
+                        for k, v in d.items()})
+        _say(f"eval {label}: " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items())
+             + "; calibrated " + ", ".join(f"{k} {v:.3f}"
+                                           for k, v in extra["calibrated"].items()))
+        self.write_summary(complete=False)
 
-        if "base" in s.baselines:
-            evaluate("base", None)
-        if "domain_only" in s.baselines:
-            t0 = time.time()
-            ad = _fit(cfg, cache, tracker, stage="lora", label="finetune-domain_only", rows=dom,
-                      train=cfg.finetune, storage=out / "train")
-            timings["finetune_domain_only"] = time.time() - t0
-            evaluate("domain_only", ad)
-        for name in s.selectors:
-            if name in ("ntk", "less") and name not in inputs.scores:
-                scores_for(name)
-            selections[name] = sel = select(name)
-            t0 = time.time()
-            rows = pd.concat([dom, by_id.loc[sel["id"]].reset_index()], ignore_index=True)
-            ad = _fit(cfg, cache, tracker, stage="lora", label=f"finetune-{name}", rows=rows,
-                      train=cfg.finetune, storage=out / "train")
-            timings[f"finetune_{name}"] = time.time() - t0
-            evaluate(name, ad)
+    def write_summary(self, *, complete: bool) -> dict[str, Any]:
+        data = self.data
+        summary = {
+            "job": self.cfg.run.name, "model": self.cfg.model, "complete": complete,
+            "accuracy": self.results,
+            "accuracy_calibrated": self.results_extra["calibrated"],
+            "gold_option_logprob": self.results_extra["gold_logprob"],
+            "majority_letter_from_D": self.majority,
+            "sizes": {"D": len(self.dom), "pool": len(self.pool), "M": len(self.cand),
+                      "N": self.n, "test": {k: len(v) for k, v in data["tests"].items()}},
+            "selected_sources": {
+                name: data["pool"].set_index("id").loc[sel["id"], "source"].value_counts()
+                .to_dict() for name, sel in self.selections.items()},
+            "counts": self.counts, "seconds": self.ctx.seconds(), "stage_seconds": self.timings,
+        }
+        self.ctx.write_results(summary)
+        return summary
 
-        # report --------------------------------------------------------------------------------
-        rej_df = concat_rejects(rejects)
+    def report(self) -> dict[str, Any]:
+        """8. report: rejects, predictions, the complete results.json, parent-run artifacts."""
+        out, parent = self.out, self.ctx.parent
+        rej_df = concat_rejects(self.rejects)
         rej_df.to_parquet(out / "rejects.parquet")
-        pd.concat(preds, ignore_index=True).to_parquet(out / "predictions.parquet")
-        summary = write_summary(complete=True)
+        pd.concat(self.preds, ignore_index=True).to_parquet(out / "predictions.parquet")
+        summary = self.write_summary(complete=True)
         summary["rejects"] = len(rej_df)
-        ctx.write_results(summary)
+        self.ctx.write_results(summary)
         parent.metrics({"seconds": summary["seconds"], "rejects": len(rej_df)})
         for f in ("results.json", "rejects.parquet", "predictions.parquet"):
             parent.artifact(out / f)
-        tasks = list(data["tests"]) + ["mean"]
+        tasks = list(self.data["tests"]) + ["mean"]
         _say("accuracy\n" + "\n".join(
             f"  {lab:<12} " + "  ".join(f"{t} {acc.get(t, float('nan')):.3f}" for t in tasks)
-            for lab, acc in results.items()))
+            for lab, acc in self.results.items()))
         _say(f"done in {summary['seconds']:.0f}s; outputs in {out}")
         return summary
 
