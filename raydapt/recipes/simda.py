@@ -37,6 +37,7 @@ from raydapt.data.readers import (
     unit_hash,
 )
 from raydapt.engines.base import check_single_tokens
+from raydapt.engines.factory import engine_kwargs
 from raydapt.evaluate import accuracy, confusion_matrix, plot_confusions
 from raydapt.job import JobContext, job_context, speaker
 from raydapt.recipes.simda_config import SimDAJob
@@ -47,23 +48,6 @@ from raydapt.stages.teacher import KnnSearch, TeacherScore, build_index, save_st
 from raydapt.train.student import fit_student
 
 _say = speaker("simda")
-
-
-def _engine_kwargs(cfg: SimDAJob, *, need_hidden: bool = False) -> dict[str, Any]:
-    """Engine kwargs for a pass. vLLM gives no hidden states, so a pass that needs keys /
-    teacher representations runs the same model on the hf engine (the documented switch)."""
-    t = cfg.teacher
-    backend = "hf" if (need_hidden and t.backend == "vllm") else t.backend
-    kw = {"backend": backend, "model": t.model, "max_length": t.max_length, "dtype": t.dtype,
-          "chat": t.chat, "answer_prefix": t.answer_prefix,
-          "trust_remote_code": t.trust_remote_code, "revision": t.revision,
-          "device": t.device,
-          "num_threads": t.pool.threads or max(1, int(round(t.pool.num_cpus)))}
-    if backend == "vllm":
-        kw["engine_kwargs"] = dict(t.vllm)
-    else:
-        kw["token"] = t.hf_token
-    return kw
 
 
 def check_verbalizer(cfg: SimDAJob) -> list[int]:
@@ -90,7 +74,7 @@ def _run_teacher(rows: pd.DataFrame, cfg: SimDAJob, *, keep_hidden: bool, stage:
     return ds.map_batches(
         TeacherScore,
         fn_constructor_kwargs=dict(
-            engine=_engine_kwargs(cfg, need_hidden=keep_hidden),
+            engine=engine_kwargs(cfg.teacher, need_hidden=keep_hidden),
             label_words=[cfg.teacher.verbalizer[lab] for lab in cfg.data.labels],
             template=cfg.teacher.template, text_max_tokens=cfg.teacher.text_max_tokens,
             demo_template=cfg.teacher.demo_template, demo_max_tokens=cfg.teacher.demo_max_tokens,

@@ -18,23 +18,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from raydapt.engines.factory import make_engine
 from raydapt.stages.annotate import build_prompt, knn_distribution
 from raydapt.stages.common import ERROR_COLUMN, StageMetrics, Timer, run_isolating_failures
-
-
-def make_engine(engine: dict[str, Any], label_words: list[str]):
-    """Build the engine a config section names (``backend: hf | vllm``)."""
-    kw = dict(engine)
-    backend = kw.pop("backend", "hf")
-    if backend == "hf":
-        from raydapt.engines.hf import HFEngine
-
-        return HFEngine(label_words=label_words, **kw)
-    if backend == "vllm":
-        from raydapt.engines.vllm import VLLMEngine
-
-        return VLLMEngine(label_words=label_words, **kw)
-    raise ValueError(f"unknown engine backend {backend!r}")
 
 
 class TeacherScore:
