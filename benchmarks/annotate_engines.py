@@ -95,9 +95,9 @@ def main() -> None:
     import vllm
     from machine import describe
 
-    from raydapt.config import TeacherSection
     from raydapt.engines.hf import HFEngine
     from raydapt.engines.vllm import VLLMEngine
+    from raydapt.recipes.simda_config import TeacherSection
 
     T = TeacherSection()
     words = [T.verbalizer["negative"], T.verbalizer["positive"]]

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     from transformers import AutoTokenizer
 
-    from raydapt.assets import resolve_model
+    from raydapt.core.assets import resolve_model
     from raydapt.data.labels import multi_hot
     from raydapt.train.models import EncoderClassifier
 

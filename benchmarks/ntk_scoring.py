@@ -92,7 +92,7 @@ def load_model(args: argparse.Namespace, device: torch.device) -> tuple[nn.Modul
         base = transformers.LlamaForCausalLM(cfg).to(dtype)
         desc = {"ref": "tiny", "config": "llama vocab=64 hidden=32 layers=2 heads=2"}
     else:
-        from raydapt.assets import resolve_model
+        from raydapt.core.assets import resolve_model
 
         rm = resolve_model(args.model)
         kw: dict[str, Any] = {"dtype": dtype}

@@ -7,7 +7,7 @@
     raydapt models prepare [REF ...]            resolve / de-quantise packaged models once
     raydapt cache ls | rm [--stage S]           list or remove cached stage outputs
     raydapt dashboards generate [--check]       regenerate dashboards/grafana/raydapt.json
-    raydapt submit | jobs | plan | runs         cluster scale (see raydapt/cli_cluster.py)
+    raydapt submit | jobs | plan | runs         cluster scale (see raydapt/ops/cli_cluster.py)
 
 User errors (bad config, missing data, missing model package) print one clear message and exit 2;
 no stack trace.
@@ -22,21 +22,19 @@ import shutil
 import sys
 
 from raydapt import RaydaptError
+from raydapt.config import json_schema, load_job, to_yaml
+from raydapt.core.assets import PACKAGED, resolve_model
+from raydapt.core.tracking import absolute_tracking_uri
+from raydapt.methods import METHODS
+from raydapt.ops.cli_cluster import add_commands as add_cluster_commands
+from raydapt.ops.dashboards import add_command as add_dashboards_command
+from raydapt.ops.plan import make_plan, record_actuals
+from raydapt.ops.sweep import load_sweep, run_sweep
 
 
 def _run(args: argparse.Namespace) -> int:
-    from raydapt.config import load_job
-
     cfg = load_job(args.job, args.overrides)
-    if cfg.method == "simda":
-        from raydapt.recipes import simda as recipe
-    elif cfg.method == "dallmi":
-        from raydapt.recipes import dallmi as recipe
-    elif cfg.method == "ntk_select":
-        from raydapt.recipes import ntk_select as recipe
-    else:  # pragma: no cover - JOB_TYPES and this list move together
-        raise RaydaptError(f"no recipe for method {cfg.method!r}")
-    recipe.run(cfg)
+    METHODS[cfg.method].load("run")(cfg)  # the recipe (imports torch / Ray now, not at start-up)
     _log_plan_next_to_actuals(cfg)
     return 0
 
@@ -49,9 +47,6 @@ def _log_plan_next_to_actuals(cfg) -> None:
     try:
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
-
-        from raydapt.plan import make_plan, record_actuals
-        from raydapt.tracking import absolute_tracking_uri
 
         uri = absolute_tracking_uri(cfg.tracking.uri)
         cl = MlflowClient(tracking_uri=uri)
@@ -70,16 +65,12 @@ def _log_plan_next_to_actuals(cfg) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from raydapt.sweep import load_sweep, run_sweep
-
     spec, base, cfg = load_sweep(args.sweep, args.overrides)
     run_sweep(spec, base, cfg)
     return 0
 
 
 def _config(args: argparse.Namespace) -> int:
-    from raydapt.config import json_schema, load_job, to_yaml
-
     if args.action == "schema":
         print(json.dumps(json_schema(args.method), indent=2))
     else:
@@ -90,8 +81,6 @@ def _config(args: argparse.Namespace) -> int:
 
 
 def _models(args: argparse.Namespace) -> int:
-    from raydapt.assets import PACKAGED, resolve_model
-
     refs = args.refs or [f"pkg:{a}" for a in ("all-minilm-l6-v2", "smollm2-135m-instruct")]
     if args.action == "list":
         for m in PACKAGED.values():
@@ -104,7 +93,7 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _cache(args: argparse.Namespace) -> int:
-    from raydapt.cache import StageCache
+    from raydapt.core.cache import StageCache
 
     cache = StageCache(args.dir)
     entries = [e for e in cache.entries() if args.stage in (None, e["stage"])]
@@ -145,12 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--dir", default=".raydapt/cache")
     k.add_argument("--stage", default=None)
     k.set_defaults(fn=_cache)
-    from raydapt.dashboards import add_command as add_dashboards
-
-    add_dashboards(sub)  # dashboards generate [--check]
-    from raydapt.cli_cluster import add_commands
-
-    add_commands(sub)  # submit, jobs, plan, runs compare
+    add_dashboards_command(sub)  # dashboards generate [--check]
+    add_cluster_commands(sub)  # submit, jobs, plan, runs compare
     return p
 
 

@@ -1,4 +1,5 @@
-"""Evaluation metrics: accuracy and confusion matrix (single-label), mAP and F1 (multi-label).
+"""Evaluation metrics: accuracy and confusion matrix (single-label), mAP and F1 (multi-label),
+multiple-choice QA views (majority-letter floor, batch-calibrated accuracy), the confusion plot.
 
 All functions take NumPy arrays and return plain floats / arrays. Shapes:
 
@@ -8,7 +9,10 @@ All functions take NumPy arrays and return plain floats / arrays. Shapes:
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import pandas as pd
 
 
 def accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
@@ -84,3 +88,79 @@ def f1_scores(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
             per.append(2 * tp[j] / d)
     macro = float(np.mean(per)) if per else 0.0
     return {"micro_f1": float(micro), "macro_f1": macro}
+
+
+# multiple-choice QA (NTK-Selector)
+
+
+def majority_letter_accuracy(domain: pd.DataFrame, tests: dict[str, pd.DataFrame]
+                             ) -> dict[str, float]:
+    """Accuracy of always answering the option letter most frequent among D's answers to the
+    same task (all of D for a task without domain rows): the letter prior a model can learn
+    from D alone, the floor a selection has to beat to show domain knowledge."""
+    acc = {}
+    for name, t in tests.items():
+        d = domain.loc[domain["task"] == name, "answer"]
+        d = d if len(d) else domain["answer"]
+        if not len(d) or not len(t):
+            acc[name] = float("nan")
+            continue
+        letter = d.value_counts().sort_index().idxmax()  # ties → the earliest letter
+        acc[name] = float((t["answer"] == letter).mean())
+    acc["mean"] = float(np.mean(list(acc.values())))
+    return acc
+
+
+def calibrated_mc_metrics(m: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """Prior-free views of one variant's multiple-choice scores, per task (and their mean).
+
+    Args:
+        m: one row per test item: ``task``, ``gold`` (letter index) and ``letter_logp`` (the
+            item's option-letter log-probs [n_options], or None where scoring failed).
+
+    Returns:
+        ``calibrated``: accuracy after batch calibration — the option log-probs (normalised over
+        the options) minus their mean over the task's items, then argmax — so a model that
+        prefers one letter for every item gains nothing from it (Zhou et al. 2023, "Batch
+        Calibration"; label-free); ``gold_logprob``: mean log-prob of the gold option among the
+        options (continuous, less noisy than accuracy on small test sets). A failed item counts
+        as wrong and is left out of the mean log-prob.
+    """
+    cal, gold_lp = {}, {}
+    for task, g in m.groupby("task", sort=False):
+        ok = g[g["letter_logp"].map(lambda x: x is not None and len(x) > 0)]
+        if len(ok) == 0:
+            cal[task], gold_lp[task] = 0.0, float("nan")
+            continue
+        lp = np.stack([np.asarray(x, dtype=np.float64) for x in ok["letter_logp"]])  # [n, C]
+        lp = lp - np.logaddexp.reduce(lp, axis=1, keepdims=True)  # log-softmax over options
+        gold = ok["gold"].to_numpy().astype(int)
+        pred = np.argmax(lp - lp.mean(axis=0, keepdims=True), axis=1)
+        cal[task] = float((pred == gold).sum() / len(g))
+        gold_lp[task] = float(lp[np.arange(len(ok)), gold].mean())
+    for d in (cal, gold_lp):
+        d["mean"] = float(np.mean(list(d.values())))
+    return {"calibrated": cal, "gold_logprob": gold_lp}
+
+
+def plot_confusions(cms: dict[str, np.ndarray], labels: list[str], path: Path) -> None:
+    """One confusion-matrix panel per predictor (title: its accuracy), saved as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(cms)
+    fig, axes = plt.subplots(1, n, figsize=(2.6 * n, 2.8), squeeze=False)
+    for ax, (name, cm) in zip(axes[0], cms.items()):
+        ax.imshow(cm, cmap="Blues")
+        for (i, j), v in np.ndenumerate(cm):
+            ax.text(j, i, str(v), ha="center", va="center", fontsize=8)
+        ax.set_title(f"{name}\nacc {np.trace(cm) / max(1, cm.sum()):.3f}", fontsize=8)
+        ax.set_xticks(range(len(labels)), labels, fontsize=7)
+        ax.set_yticks(range(len(labels)), labels, fontsize=7)
+        ax.set_xlabel("predicted", fontsize=7)
+    axes[0][0].set_ylabel("true", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import pytest
+import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -16,8 +18,12 @@ DATA = Path(os.environ.get("RAYDAPT_DATA", REPO.parent / "shared" / "data"))
 
 
 def pytest_collection_modifyitems(config, items):
+    """``ray`` on every test that uses the ``ray_local`` fixture; ``gpu`` tests skip without CUDA."""
     import torch
 
+    for item in items:
+        if "ray_local" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
@@ -31,7 +37,7 @@ def ray_local():
     """A local Ray instance shared by every test that needs one (start-up costs ~7 s)."""
     import ray
 
-    from raydapt.runtime import init_ray
+    from raydapt.core.runtime import init_ray
 
     init_ray(num_cpus=2, progress=False)
     yield ray
@@ -43,3 +49,46 @@ def data_dir() -> Path:
     if not (DATA / "amazon" / "books.jsonl").exists():
         pytest.skip(f"research data not found at {DATA} (set RAYDAPT_DATA)")
     return DATA
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+@pytest.fixture
+def tiny_simda_job(data_dir):
+    """Write a tiny SimDA job (books -> kitchen) and its data into a directory; returns the YAML.
+
+    ``make(d, source_rows=24, extra_source=[rows], target_rows=None | n, tag="", name="tiny",
+    **sections)``: the source is the first ``source_rows`` books reviews plus ``extra_source``;
+    the target is kitchen.jsonl linked whole (``target_rows=None``) or its first n rows copied;
+    run / tracking paths live under ``d`` (suffixed ``-tag``); ``sections`` (``teacher={...}``,
+    ``tracking={...}``, ``data={...}``, ...) are merged over that base."""
+    def make(d: Path, *, source_rows: int = 24, extra_source: list[dict] = (),
+             target_rows: int | None = None, tag: str = "", name: str = "tiny",
+             **sections) -> Path:
+        books = (data_dir / "amazon/books.jsonl").read_text().splitlines()[:source_rows]
+        (d / "src.jsonl").write_text(
+            "\n".join(books + [json.dumps(r) for r in extra_source]) + "\n")
+        if target_rows is None:
+            target = "kitchen.jsonl"
+            if not (d / target).exists():
+                (d / target).symlink_to(data_dir / "amazon/kitchen.jsonl")
+        else:
+            target = "tgt.jsonl"
+            rows = (data_dir / "amazon/kitchen.jsonl").read_text().splitlines()[:target_rows]
+            (d / target).write_text("\n".join(rows) + "\n")
+        sfx = f"-{tag}" if tag else ""
+        job = {"method": "simda",
+               "run": {"name": name, "output_dir": f"{d}/runs{sfx}", "cache_dir": f"{d}/cache{sfx}"},
+               "tracking": {"uri": f"sqlite:///{d}/mlruns{sfx}.db",
+                            "artifact_location": f"{d}/art{sfx}"},
+               "data": {"root": str(d), "source": {"path": "src.jsonl"},
+                        "target": {"path": target}}}
+        path = d / f"job{sfx}.yaml"
+        path.write_text(yaml.safe_dump(_merge(job, sections), sort_keys=False))
+        return path
+    return make

@@ -23,9 +23,8 @@ import numpy as np
 import pandas as pd
 
 from raydapt.data.labels import build_vocab
-from raydapt.data.readers import DataError, detect_format
+from raydapt.data.readers import REJECT_COLUMNS, DataError, detect_format
 
-REJECT_COLUMNS = ["file", "id", "reason", "raw"]
 _RAW_MAX = 500
 
 

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from raydapt.data.readers import DataError, detect_format
+from raydapt.data.readers import REJECT_COLUMNS, DataError, detect_format
 
 QA_COLUMNS = ["id", "source", "split", "question", "context", "options", "rationale", "answer"]
 
@@ -110,7 +110,7 @@ def normalise_qa(records: list[dict[str, Any]], *, file: str) -> tuple[pd.DataFr
             bad.append({"file": file, "id": None if rid is None else str(rid),
                         "reason": str(exc), "raw": raw})
     rows = pd.DataFrame(good, columns=QA_COLUMNS)
-    rej = pd.DataFrame(bad, columns=["file", "id", "reason", "raw"])
+    rej = pd.DataFrame(bad, columns=REJECT_COLUMNS)
     dup = rows["id"].duplicated(keep="first")
     if dup.any():
         rej = pd.concat([rej, pd.DataFrame({"file": file, "id": rows.loc[dup, "id"],

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from raydapt.assets import resolve_model
+from raydapt.core.assets import resolve_model
 from raydapt.engines.base import EngineOutput, PromptFormatter
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -15,7 +15,7 @@ What it gives, for a batch of B prompts and C verbalizer words:
 - ``prompt_tokens`` [B] int64: prompt length in tokens after left truncation;
 - ``hidden`` = None: vLLM's generate models return no hidden states. SimDA's keys q(x) and the
   teacher representations h_T(x) therefore come from the hf engine running the same model;
-  :func:`raydapt.recipes.simda._engine_kwargs` switches a pass that needs them to ``backend: hf``
+  :func:`raydapt.engines.factory.engine_kwargs` switches a pass that needs them to ``backend: hf``
   and uses vLLM for the passes that only read label log-probs (zero-shot, ICL, kNN-prompt).
   (vLLM's pooling runner would give last-token states, but as a second engine instance of the
   same model: twice the memory for one replica, for the one pass hf already serves well.)
@@ -89,7 +89,7 @@ from typing import Any
 import numpy as np
 
 from raydapt import RaydaptError
-from raydapt.assets import resolve_model
+from raydapt.core.assets import resolve_model
 from raydapt.engines.base import EngineOutput, PromptFormatter
 
 _INSTALL_HINT = (

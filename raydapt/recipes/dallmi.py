@@ -36,21 +36,23 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from raydapt.cache import StageCache
-from raydapt.config import ConfigError, DALLMiJob, _expand_env, config_hash, to_yaml
+from raydapt.config import ConfigError, _expand_env, config_hash
+from raydapt.core.cache import StageCache
+from raydapt.core.runtime import seed_everything
+from raydapt.core.tracking import RunLogger, Tracker
 from raydapt.data.labels import hide_labels, multi_hot
 from raydapt.data.multilabel import read_multilabel
 from raydapt.data.readers import DataError, fingerprint, split_and_subsample
-from raydapt.runtime import init_ray, seed_everything
-from raydapt.tracking import RunLogger, Tracker
+from raydapt.job import job_context, speaker
+from raydapt.recipes.dallmi_config import DALLMiJob
+from raydapt.train.multilabel import build_model, fit, multilabel_metrics, predict_probs, tokenizer
 
 ADAPT_OBJECTIVE = {"bce_partial": ("bce", None), "bce_oracle": ("bce", None),
                    "aad": ("aad", None), "dallmi": ("dallmi", "norm"),
                    "dallmi_log": ("dallmi", "log")}
 
 
-def _say(msg: str) -> None:
-    print(f"[dallmi {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+_say = speaker("dallmi")
 
 
 @dataclass
@@ -117,8 +119,6 @@ def _needs_ray(cfg: DALLMiJob) -> bool:
 def prepare(cfg: DALLMiJob, tracker: Tracker, out: Path) -> Prepared:
     """Stages 1-4: read, split, hide, source fine-tune (cached)."""
     import torch
-
-    from raydapt.train.multilabel import fit, multilabel_metrics, predict_probs, tokenizer
 
     d = cfg.data
     path = Path(_expand_env(d.root)) / d.path  # defaults are not expanded at load time
@@ -196,8 +196,6 @@ def prepare(cfg: DALLMiJob, tracker: Tracker, out: Path) -> Prepared:
               "dropout": cfg.model.dropout, "num_labels": len(vocab), "seed": cfg.run.seed,
               "init_state": str(cdir / "model.pt"),
               "trust_remote_code": cfg.model.trust_remote_code}
-        from raydapt.train.multilabel import build_model
-
         probs = predict_probs(build_model(lc), tokenizer(lc), list(tgt_test["text"]),
                               max_length=cfg.adapt.max_length)
         src_metrics["target_test"] = multilabel_metrics(y_te, probs, cfg.threshold)
@@ -213,8 +211,6 @@ def adapt(cfg: DALLMiJob, prep: Prepared, method: str, *, out: Path,
           run_log: RunLogger | None = None, mlflow_uri: str | None = None,
           on_epoch: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Stage 5 for one method: fit from the source checkpoint; returns final metrics + history."""
-    from raydapt.train.multilabel import fit
-
     if method == "no_adapt":
         m = dict(prep.source_metrics["target_test"])
         if on_epoch:
@@ -243,20 +239,8 @@ def adapt(cfg: DALLMiJob, prep: Prepared, method: str, *, out: Path,
 
 def run(cfg: DALLMiJob) -> dict[str, Any]:
     """Run the DALLMi job; returns the results dict also written to results.json."""
-    seed_everything(cfg.run.seed)
-    out = Path(cfg.run.output_dir) / cfg.run.name
-    out.mkdir(parents=True, exist_ok=True)
-    if _needs_ray(cfg):
-        init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.progress)
-    tracker = Tracker(enabled=cfg.tracking.enabled, uri=cfg.tracking.uri,
-                      experiment=cfg.tracking.experiment,
-                      artifact_location=cfg.tracking.artifact_location)
-    t_job = time.time()
-    with tracker.job(cfg.run.name, tags={"raydapt.method": "dallmi",
-                                         "raydapt.config_hash": config_hash(cfg)}) as parent:
-        parent.params(cfg.model_dump(mode="json"))
-        parent.text(to_yaml(cfg), "config.yaml")
-        _say(f"resolved config:\n{to_yaml(cfg)}")
+    with job_context(cfg, ray=_needs_ray(cfg)) as ctx:
+        tracker, parent, out = ctx.tracker, ctx.parent, ctx.out
         prep = prepare(cfg, tracker, out)
         parent.params({"data_fingerprint": prep.fingerprints})
         results: dict[str, Any] = {}
@@ -283,9 +267,9 @@ def run(cfg: DALLMiJob) -> dict[str, Any]:
             "target_train_positives": prep.y_train.sum(0).astype(int).tolist(),
             "target_train_observed": prep.observed.sum(0).astype(int).tolist(),
             "source": prep.source_metrics,
-            "methods": results, "seconds": round(time.time() - t_job, 1),
+            "methods": results, "seconds": round(ctx.seconds(), 1),
         }
-        (out / "results.json").write_text(json.dumps(summary, indent=2))
+        ctx.write_results(summary)
         for k, r in results.items():
             parent.metrics({f"{m}.{k}": r[m] for m in ("map", "map_bin", "micro_f1", "macro_f1")})
         parent.metrics({"seconds": summary["seconds"]})
@@ -300,7 +284,7 @@ def run(cfg: DALLMiJob) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
-# sweep hooks (raydapt.sweep): shared set-up in the driver, one adaptation per trial
+# sweep hooks (raydapt.ops.sweep): shared set-up in the driver, one adaptation per trial
 # ---------------------------------------------------------------------------------------------
 
 
@@ -328,8 +312,7 @@ def trial(cfg: DALLMiJob, *, report: Callable[[dict[str, Any]], None],
     seed_everything(cfg.run.seed)
     out = Path(cfg.run.output_dir) / cfg.run.name
     out.mkdir(parents=True, exist_ok=True)
-    quiet = Tracker(enabled=False, uri=cfg.tracking.uri, experiment=cfg.tracking.experiment,
-                    artifact_location=cfg.tracking.artifact_location)
+    quiet = Tracker.from_section(cfg.tracking, enabled=False)
     prep = prepare(cfg, quiet, out)
     live = cfg.adapt.in_process
 

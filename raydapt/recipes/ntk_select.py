@@ -33,20 +33,25 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from raydapt.cache import ShardedOutput, StageCache
-from raydapt.config import NTKSelectJob, config_hash, to_yaml
+from raydapt.config import config_hash
+from raydapt.core.assets import load_tokenizer
+from raydapt.core.cache import StageCache
+from raydapt.core.tracking import Tracker
 from raydapt.data.qa import QAFormat, chat_prefix, encode_pair, read_qa, render
-from raydapt.data.readers import DataError, fingerprint, split_and_subsample
-from raydapt.runtime import init_ray, seed_everything
+from raydapt.data.readers import REJECT_COLUMNS, DataError, fingerprint, split_and_subsample
+from raydapt.evaluate import calibrated_mc_metrics, majority_letter_accuracy
+from raydapt.job import JobContext, job_context, speaker
+from raydapt.recipes.ntk_select_config import NTKSelectJob
 from raydapt.select.selectors import SELECTORS, SelectionInputs, knn_votes
-from raydapt.stages.common import pool_kwargs
-from raydapt.tracking import Tracker
+from raydapt.stages.common import concat_rejects, pool_kwargs, split_errors
+from raydapt.stages.grad_score import EmbedLM, GradProject, MCScore
+from raydapt.stages.sharded import sharded_pass, stream_rows
+from raydapt.train.lora import fit_lora
 
 LETTERS = [chr(ord("A") + i) for i in range(10)]
 
 
-def _say(msg: str) -> None:
-    print(f"[ntk_select {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+_say = speaker("ntk_select")
 
 
 def _dataset(df: pd.DataFrame, rows_per_block: int = 32):
@@ -59,29 +64,8 @@ def _dataset(df: pd.DataFrame, rows_per_block: int = 32):
                                  if len(ix)])
 
 
-def _stream(ds, total: int, label: str, on_batch=None, every_s: float = 10.0) -> pd.DataFrame:
-    """Iterate a dataset's output, printing rows done, rows/s and ETA; returns all rows."""
-    parts, done, t0, last = [], 0, time.time(), 0.0
-    for batch in ds.iter_batches(batch_format="pandas", batch_size=None):
-        parts.append(batch)
-        done += len(batch)
-        if on_batch is not None:
-            on_batch(batch)
-        now = time.time()
-        if now - last >= every_s or done >= total:
-            rate = done / max(now - t0, 1e-9)
-            _say(f"{label}: {done}/{total} rows, {rate:.2f} rows/s, "
-                 f"ETA {max(total - done, 0) / max(rate, 1e-9):.0f}s")
-            last = now
-    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["id", "_error"])
-
-
-def _split_errors(df: pd.DataFrame, stage: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    if "_error" not in df:
-        return df, pd.DataFrame(columns=["file", "id", "reason", "raw"])
-    bad = df[df["_error"] != ""]
-    rej = pd.DataFrame({"file": stage, "id": bad["id"], "reason": bad["_error"], "raw": ""})
-    return df[df["_error"] == ""].drop(columns="_error").reset_index(drop=True), rej
+def _stream(ds, total: int, label: str, on_batch=None) -> pd.DataFrame:
+    return stream_rows(ds, total, label, _say, on_batch=on_batch)
 
 
 def _ids_hash(ids) -> str:
@@ -143,8 +127,7 @@ def read_data(cfg: NTKSelectJob) -> dict[str, Any]:
     if overlap:
         raise DataError(f"{len(overlap)} ids occur in both the pool and D (e.g. "
                         f"{sorted(overlap)[:3]}); stages join on id")
-    rej = pd.concat([r for r in rejects if len(r)], ignore_index=True) if any(
-        len(r) for r in rejects) else pd.DataFrame(columns=["file", "id", "reason", "raw"])
+    rej = concat_rejects(rejects)
     return {"pool": pool.reset_index(drop=True), "domain": d, "tests": tests, "rejects": rej,
             "fingerprints": fps}
 
@@ -167,57 +150,7 @@ def encode_rows(rows: pd.DataFrame, tok, cfg: NTKSelectJob) -> tuple[pd.DataFram
         am.append(e["input_ids"])
         rm.append(e["response_mask"])
     return (pd.DataFrame({"id": ids, "input_ids": am, "response_mask": rm}),
-            pd.DataFrame(bad, columns=["file", "id", "reason", "raw"]))
-
-
-def majority_letter_accuracy(domain: pd.DataFrame, tests: dict[str, pd.DataFrame]
-                             ) -> dict[str, float]:
-    """Accuracy of always answering the option letter most frequent among D's answers to the
-    same task (all of D for a task without domain rows): the letter prior a model can learn
-    from D alone, the floor a selection has to beat to show domain knowledge."""
-    acc = {}
-    for name, t in tests.items():
-        d = domain.loc[domain["task"] == name, "answer"]
-        d = d if len(d) else domain["answer"]
-        if not len(d) or not len(t):
-            acc[name] = float("nan")
-            continue
-        letter = d.value_counts().sort_index().idxmax()  # ties → the earliest letter
-        acc[name] = float((t["answer"] == letter).mean())
-    acc["mean"] = float(np.mean(list(acc.values())))
-    return acc
-
-
-def calibrated_mc_metrics(m: pd.DataFrame) -> dict[str, dict[str, float]]:
-    """Prior-free views of one variant's multiple-choice scores, per task (and their mean).
-
-    Args:
-        m: one row per test item: ``task``, ``gold`` (letter index) and ``letter_logp`` (the
-            item's option-letter log-probs [n_options], or None where scoring failed).
-
-    Returns:
-        ``calibrated``: accuracy after batch calibration — the option log-probs (normalised over
-        the options) minus their mean over the task's items, then argmax — so a model that
-        prefers one letter for every item gains nothing from it (Zhou et al. 2023, "Batch
-        Calibration"; label-free); ``gold_logprob``: mean log-prob of the gold option among the
-        options (continuous, less noisy than accuracy on small test sets). A failed item counts
-        as wrong and is left out of the mean log-prob.
-    """
-    cal, gold_lp = {}, {}
-    for task, g in m.groupby("task", sort=False):
-        ok = g[g["letter_logp"].map(lambda x: x is not None and len(x) > 0)]
-        if len(ok) == 0:
-            cal[task], gold_lp[task] = 0.0, float("nan")
-            continue
-        lp = np.stack([np.asarray(x, dtype=np.float64) for x in ok["letter_logp"]])  # [n, C]
-        lp = lp - np.logaddexp.reduce(lp, axis=1, keepdims=True)  # log-softmax over options
-        gold = ok["gold"].to_numpy().astype(int)
-        pred = np.argmax(lp - lp.mean(axis=0, keepdims=True), axis=1)
-        cal[task] = float((pred == gold).sum() / len(g))
-        gold_lp[task] = float(lp[np.arange(len(ok)), gold].mean())
-    for d in (cal, gold_lp):
-        d["mean"] = float(np.mean(list(d.values())))
-    return {"calibrated": cal, "gold_logprob": gold_lp}
+            pd.DataFrame(bad, columns=REJECT_COLUMNS))
 
 
 def mc_prompts(test: pd.DataFrame, tok, cfg: NTKSelectJob) -> pd.DataFrame:
@@ -248,8 +181,6 @@ def _actor_model(cfg: NTKSelectJob, adapter: str | None, pool) -> dict[str, Any]
 def _fit(cfg: NTKSelectJob, cache: StageCache, tracker: Tracker, *, stage: str, label: str,
          rows: pd.DataFrame, train, storage: Path) -> Path:
     """A cached LoRA fit (Ray Train + DeepSpeed) on pre-tokenised rows → output directory."""
-    from raydapt.train.lora import fit_lora
-
     tsec = train.model_dump(mode="json")
     parts = {"model": cfg.model, "lora": cfg.lora.model_dump(mode="json"), "train": tsec,
              "format": cfg.format.model_dump(mode="json"), "seed": cfg.run.seed,
@@ -278,8 +209,6 @@ def _fit(cfg: NTKSelectJob, cache: StageCache, tracker: Tracker, *, stage: str, 
 def stage1_embed(cfg: NTKSelectJob, cache: StageCache, tracker: Tracker, *, adapter: Path,
                  rows: pd.DataFrame) -> pd.DataFrame:
     """Mean-pooled final hidden states of ``rows`` (D and C) with the warmed-up model."""
-    from raydapt.stages.grad_score import EmbedLM
-
     parts = {"adapter": str(adapter.name), "model": cfg.model, "ids": _ids_hash(rows["id"]),
              "format": cfg.format.model_dump(mode="json")}
     d, done = cache.get("embed", parts)
@@ -302,8 +231,6 @@ def stage1_embed(cfg: NTKSelectJob, cache: StageCache, tracker: Tracker, *, adap
 def domain_grads(cfg: NTKSelectJob, cache: StageCache, tracker: Tracker, *, adapter: Path,
                  rows: pd.DataFrame, objective: str) -> np.ndarray:
     """Projected per-sample gradients of D → [Nd, p] (rows that failed are dropped)."""
-    from raydapt.stages.grad_score import GradProject
-
     s = cfg.select
     parts = {"adapter": adapter.name, "model": cfg.model, "ids": _ids_hash(rows["id"]),
              "objective": objective, "p": s.proj_dim, "seed": s.proj_seed,
@@ -324,7 +251,7 @@ def domain_grads(cfg: NTKSelectJob, cache: StageCache, tracker: Tracker, *, adap
             run_log.metrics({"rows": len(rows), "rows_per_s": len(rows) / (time.time() - t0)})
             out.to_parquet(d / "out.parquet")
             cache.commit(d)
-        out, _ = _split_errors(pd.read_parquet(d / "out.parquet"), "grads-domain")
+        out, _ = split_errors(pd.read_parquet(d / "out.parquet"), "grads-domain")
     if len(out) == 0:
         raise DataError("no domain gradient could be computed (see rejects)")
     return np.stack(out["g"].to_numpy()).astype(np.float32)
@@ -335,65 +262,32 @@ def stage2_scores(cfg: NTKSelectJob, cache: StageCache, tracker: Tracker, *, ada
     """Score the candidates ``rows`` against the domain, sharded: shard i of ``shard_rows``
     candidates is written to ``part-0000i.parquet`` atomically when all its rows are back; a
     rerun (same inputs) computes only the missing shards. Returns id, score (+ _error)."""
-    from raydapt.stages.grad_score import GradProject
-
     s = cfg.select
     objective = "logit_sum" if kind == "ntk" else "loss"
     parts = {"adapter": adapter.name, "model": cfg.model, "ids": _ids_hash(rows["id"]),
              "kind": kind, "score": s.score, "p": s.proj_dim, "seed": s.proj_seed,
              "against": config_hash({"a": np.round(against.astype(np.float64), 6).tolist()}),
              "shard_rows": s.shard_rows, "grad_method": s.grad_method}
-    d, done = cache.get(f"scores-{kind}", parts, keep_partial=True)
-    shards = ShardedOutput(d, len(rows), s.shard_rows)
-    with tracker.child(f"stage2-{kind}") as run_log:
-        todo = shards.missing() if not done else []
-        run_log.metrics({"shards": shards.n_shards, "shards_cached": shards.n_shards - len(todo)})
-        if todo:
-            _say(f"stage 2 {kind}: {len(todo)}/{shards.n_shards} shards to score "
-                 f"({shards.n_shards - len(todo)} finished before)")
-            frames = []
-            for i in todo:
-                f = rows.iloc[shards.rows(i)][["id", "input_ids", "response_mask"]].copy()
-                f["_shard"] = i
-                frames.append(f)
-            shard_of = pd.concat(frames).set_index("id")["_shard"]
-            need = shard_of.value_counts().to_dict()
-            got: dict[int, list[pd.DataFrame]] = {i: [] for i in todo}
 
-            def on_batch(batch: pd.DataFrame) -> None:
-                for i, part in batch.groupby(batch["id"].map(shard_of)):
-                    got[int(i)].append(part)
-                    if sum(len(p) for p in got[int(i)]) == need[int(i)]:
-                        order = rows.iloc[shards.rows(int(i))]["id"]
-                        sh = pd.concat(got[int(i)]).set_index("id").loc[order].reset_index()
-                        shards.write(int(i), sh)
-                        got[int(i)] = []
+    def make_ds(frames: list[pd.DataFrame]):
+        import ray
 
-            import ray
+        step = max(1, 2 * s.grad_pool.batch_size)  # small blocks: results stream back
+        blocks = [f.iloc[j: j + step] for f in frames for j in range(0, len(f), step)]
+        return ray.data.from_pandas(blocks).map_batches(
+            GradProject, fn_constructor_kwargs=dict(
+                model=_actor_model(cfg, str(adapter / "adapter"), s.grad_pool),
+                objective=objective, proj_dim=s.proj_dim, proj_seed=s.proj_seed,
+                chunk_rows=s.proj_chunk_rows, vmap_chunk=s.vmap_chunk,
+                grad_method=s.grad_method, micro_batch=s.grad_micro_batch,
+                adam_state=str(adapter / "adam_exp_avg_sq.pt") if kind == "less" else None,
+                score_against=against, score_kind="less" if kind == "less" else s.score,
+                stage=f"scores-{kind}"),
+            **pool_kwargs(s.grad_pool))
 
-            t0 = time.time()
-            step = max(1, 2 * s.grad_pool.batch_size)  # small blocks: results stream back
-            blocks = [f.drop(columns="_shard").iloc[j: j + step] for f in frames
-                      for j in range(0, len(f), step)]
-            ds = ray.data.from_pandas(blocks).map_batches(
-                GradProject, fn_constructor_kwargs=dict(
-                    model=_actor_model(cfg, str(adapter / "adapter"), s.grad_pool),
-                    objective=objective, proj_dim=s.proj_dim, proj_seed=s.proj_seed,
-                    chunk_rows=s.proj_chunk_rows, vmap_chunk=s.vmap_chunk,
-                    grad_method=s.grad_method, micro_batch=s.grad_micro_batch,
-                    adam_state=str(adapter / "adam_exp_avg_sq.pt") if kind == "less" else None,
-                    score_against=against, score_kind="less" if kind == "less" else s.score,
-                    stage=f"scores-{kind}"),
-                **pool_kwargs(s.grad_pool))
-            n = int(sum(need.values()))
-            _stream(ds, n, f"stage 2 {kind} scores", on_batch=on_batch)
-            run_log.metrics({"rows": n, "rows_per_s": n / (time.time() - t0)})
-            cache.commit(d)
-        elif done:
-            _say(f"stage 2 {kind}: cached ({d})")
-        else:
-            cache.commit(d)
-        return shards.read_all()
+    return sharded_pass(cache, tracker, f"scores-{kind}", parts,
+                        rows[["id", "input_ids", "response_mask"]], s.shard_rows, make_ds, _say,
+                        run_name=f"stage2-{kind}", label=f"stage 2 {kind} scores")
 
 
 def evaluate_mc(cfg: NTKSelectJob, cache: StageCache, tracker: Tracker, *, label: str,
@@ -401,8 +295,6 @@ def evaluate_mc(cfg: NTKSelectJob, cache: StageCache, tracker: Tracker, *, label
                 ) -> tuple[dict[str, float], dict[str, dict[str, float]], pd.DataFrame]:
     """Accuracy per task (and their mean) of one model variant, its calibrated accuracy and
     gold-option log-prob (:func:`calibrated_mc_metrics`), and the per-item predictions."""
-    from raydapt.stages.grad_score import MCScore
-
     parts = {"adapter": adapter.name if adapter else None, "model": cfg.model,
              "ids": _ids_hash(prompts["id"]), "format": cfg.format.model_dump(mode="json"),
              "max_length": cfg.eval.max_length}
@@ -421,7 +313,7 @@ def evaluate_mc(cfg: NTKSelectJob, cache: StageCache, tracker: Tracker, *, label
             run_log.metrics({"rows_per_s": len(prompts) / (time.time() - t0)})
             out.to_parquet(d / "out.parquet")
             cache.commit(d)
-        out, _ = _split_errors(pd.read_parquet(d / "out.parquet"), "eval")
+        out, _ = split_errors(pd.read_parquet(d / "out.parquet"), "eval")
         m = prompts.merge(out[["id", "pred", "letter_logp"]], on="id", how="left")
         m["letter_logp"] = m["letter_logp"].map(lambda x: None if x is None or (
             isinstance(x, float) and np.isnan(x)) else list(map(float, x)))
@@ -441,29 +333,44 @@ def evaluate_mc(cfg: NTKSelectJob, cache: StageCache, tracker: Tracker, *, label
 
 
 def run(cfg: NTKSelectJob) -> dict[str, Any]:
-    """Run the NTK-Selector job; returns the results dict also written to results.json."""
-    seed_everything(cfg.run.seed)
-    out = Path(cfg.run.output_dir) / cfg.run.name
-    out.mkdir(parents=True, exist_ok=True)
-    cache = StageCache(cfg.run.cache_dir)
-    init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.progress)
-    tracker = Tracker(enabled=cfg.tracking.enabled, uri=cfg.tracking.uri,
-                      experiment=cfg.tracking.experiment,
-                      artifact_location=cfg.tracking.artifact_location)
-    s = cfg.select
-    t_job = time.time()
-    timings: dict[str, float] = {}
-    with tracker.job(cfg.run.name, tags={"raydapt.method": "ntk_select",
-                                         "raydapt.config_hash": config_hash(cfg)}) as parent:
-        parent.params(cfg.model_dump(mode="json"))
-        parent.text(to_yaml(cfg), "config.yaml")
-        _say(f"resolved config:\n{to_yaml(cfg)}")
+    """Run the NTK-Selector job; returns the results dict also written to results.json. The
+    steps, in order (each a method of :class:`_Run`, which holds what they share). Per variant,
+    in order: (stage-2 scores →) selection → fine-tune → evaluation, so every finished variant
+    is complete in results.json (written after each one)."""
+    with job_context(cfg) as ctx:
+        r = _Run(cfg, ctx)
+        r.read()
+        r.warmup()
+        r.stage1()
+        if "base" in cfg.select.baselines:
+            r.evaluate("base", None)
+        if "domain_only" in cfg.select.baselines:
+            r.domain_only()
+        for name in cfg.select.selectors:
+            r.selection(name)
+        return r.report()
 
-        # 1. read ------------------------------------------------------------------------------
+
+class _Run:
+    """One NTK-Selector run: its steps as methods, their shared state as attributes."""
+
+    def __init__(self, cfg: NTKSelectJob, ctx: JobContext) -> None:
+        self.cfg, self.ctx, self.s = cfg, ctx, cfg.select
+        self.cache, self.tracker, self.out = ctx.cache, ctx.tracker, ctx.out
+        self.timings: dict[str, float] = {}
+        self.results: dict[str, dict[str, float]] = {}
+        self.results_extra: dict[str, dict[str, dict[str, float]]] = {"calibrated": {},
+                                                                       "gold_logprob": {}}
+        self.preds: list[pd.DataFrame] = []
+        self.selections: dict[str, pd.DataFrame] = {}
+
+    def read(self) -> None:
+        """1. read: D, the pool, the test prompts; N and M."""
+        cfg, s = self.cfg, self.s
         t0 = time.time()
-        with tracker.child("read") as run_log:
+        with self.tracker.child("read") as run_log:
             data = read_data(cfg)
-            parent.params({"data_fingerprint": data["fingerprints"]})
+            self.ctx.parent.params({"data_fingerprint": data["fingerprints"]})
             tok = _tokenizer(cfg.model)
             dom, rej_d = encode_rows(data["domain"], tok, cfg)
             pool, rej_p = encode_rows(data["pool"], tok, cfg)
@@ -477,25 +384,32 @@ def run(cfg: NTKSelectJob) -> dict[str, Any]:
             _say(f"read: {counts}")
         n = min(len(pool), s.n or max(1, round(s.n_factor * len(dom))))
         m_cand = min(len(pool), max(n, math.ceil(s.m_factor * n)))
-        parent.params({"selection": {"N": n, "M": m_cand, "D": len(dom)}})
-        timings["read"] = time.time() - t0
+        self.ctx.parent.params({"selection": {"N": n, "M": m_cand, "D": len(dom)}})
+        self.timings["read"] = time.time() - t0
+        self.data, self.dom, self.pool, self.prompts = data, dom, pool, prompts
+        self.rejects, self.counts, self.n, self.m_cand = rejects, counts, n, m_cand
+        self.majority = majority_letter_accuracy(data["domain"], data["tests"])  # no model: once
+        self.by_id = pool.set_index("id")
 
-        # 2. warm-up ---------------------------------------------------------------------------
+    def warmup(self) -> None:
+        """2. warm-up LoRA on D."""
         t0 = time.time()
-        warm = _fit(cfg, cache, tracker, stage="lora", label="warmup", rows=dom,
-                    train=cfg.warmup, storage=out / "train")
-        timings["warmup"] = time.time() - t0
+        self.warm = _fit(self.cfg, self.cache, self.tracker, stage="lora", label="warmup",
+                         rows=self.dom, train=self.cfg.warmup, storage=self.out / "train")
+        self.timings["warmup"] = time.time() - t0
 
-        # 3. stage 1: embeddings + votes -------------------------------------------------------
+    def stage1(self) -> None:
+        """3. stage 1: embeddings + votes; keeps the top-M candidates."""
+        cfg, s, pool, dom, out = self.cfg, self.s, self.pool, self.dom, self.out
         inputs = SelectionInputs(pool_ids=pool["id"].to_numpy())
         need_stage1 = bool({"ntk", "less", "embedding"} & set(s.selectors))
         cand = pool
         if need_stage1:
             t0 = time.time()
-            emb = stage1_embed(cfg, cache, tracker, adapter=warm,
+            emb = stage1_embed(cfg, self.cache, self.tracker, adapter=self.warm,
                                rows=pd.concat([dom, pool], ignore_index=True))
-            emb, rej = _split_errors(emb, "embed")
-            rejects.append(rej)
+            emb, rej = split_errors(emb, "embed")
+            self.rejects.append(rej)
             e = emb.set_index("id")
             pool_ok = pool[pool["id"].isin(e.index)].reset_index(drop=True)
             dom_ok = dom[dom["id"].isin(e.index)]
@@ -505,125 +419,117 @@ def run(cfg: NTKSelectJob) -> dict[str, Any]:
             full = pd.DataFrame({"id": pool["id"]}).merge(vs, on="id", how="left").fillna(0)
             inputs.votes = full["votes"].to_numpy().astype(np.int64)
             inputs.vote_sim = full["vote_sim"].to_numpy()
-            top_m = SELECTORS["embedding"](seed=cfg.run.seed).select(inputs, m_cand)
+            top_m = SELECTORS["embedding"](seed=cfg.run.seed).select(inputs, self.m_cand)
             cand = pool.set_index("id").loc[top_m["id"]].reset_index()
             vs.to_parquet(out / "stage1_votes.parquet")
             _say(f"stage 1: {int((votes > 0).sum())} pool samples got votes; kept M={len(cand)}")
-            timings["stage1"] = time.time() - t0
+            self.timings["stage1"] = time.time() - t0
+        self.inputs, self.cand = inputs, cand
 
-        # 4-7. per variant, in order: (stage-2 scores →) selection → fine-tune → evaluation, so
-        # every finished variant is complete in results.json (written after each one) --------
-        results: dict[str, dict[str, float]] = {}
-        results_extra: dict[str, dict[str, dict[str, float]]] = {"calibrated": {},
-                                                                  "gold_logprob": {}}
-        majority = majority_letter_accuracy(data["domain"], data["tests"])  # no model: once
-        preds: list[pd.DataFrame] = []
-        selections: dict[str, pd.DataFrame] = {}
-        by_id = pool.set_index("id")
+    def scores_for(self, kind: str) -> None:
+        """4. stage 2: projected-gradient scores of the candidates (ntk or less)."""
+        cfg, out = self.cfg, self.out
+        t0 = time.time()
+        g_dom = domain_grads(cfg, self.cache, self.tracker, adapter=self.warm, rows=self.dom,
+                             objective="logit_sum" if kind == "ntk" else "loss")
+        against = g_dom.mean(0) if kind == "ntk" else g_dom
+        sc = stage2_scores(cfg, self.cache, self.tracker, adapter=self.warm, rows=self.cand,
+                           kind=kind, against=against)
+        sc, rej = split_errors(sc, f"scores-{kind}")
+        self.rejects.append(rej)
+        sc.to_parquet(out / f"scores_{kind}.parquet")
+        self.inputs.scores[kind] = sc.set_index("id")["score"]
+        self.timings[f"stage2_{kind}"] = time.time() - t0
 
-        def scores_for(kind: str) -> None:
-            t0 = time.time()
-            g_dom = domain_grads(cfg, cache, tracker, adapter=warm, rows=dom,
-                                 objective="logit_sum" if kind == "ntk" else "loss")
-            against = g_dom.mean(0) if kind == "ntk" else g_dom
-            sc = stage2_scores(cfg, cache, tracker, adapter=warm, rows=cand, kind=kind,
-                               against=against)
-            sc, rej = _split_errors(sc, f"scores-{kind}")
-            rejects.append(rej)
-            sc.to_parquet(out / f"scores_{kind}.parquet")
-            inputs.scores[kind] = sc.set_index("id")["score"]
-            timings[f"stage2_{kind}"] = time.time() - t0
+    def select(self, name: str) -> pd.DataFrame:
+        """5. selection: N samples by one selector."""
+        out = self.out
+        with self.tracker.child(f"select-{name}") as run_log:
+            sel = SELECTORS[name](seed=self.cfg.run.seed).select(self.inputs, self.n)
+            sel.to_parquet(out / f"selected_{name}.parquet")
+            run_log.artifact(out / f"selected_{name}.parquet", "selected")
+            by_src = self.data["pool"].set_index("id").loc[sel["id"], "source"].value_counts()
+            _say(f"select {name}: {len(sel)} samples; sources {by_src.head(8).to_dict()}")
+            run_log.metrics({"selected": len(sel)})
+        return sel
 
-        def select(name: str) -> pd.DataFrame:
-            with tracker.child(f"select-{name}") as run_log:
-                sel = SELECTORS[name](seed=cfg.run.seed).select(inputs, n)
-                sel.to_parquet(out / f"selected_{name}.parquet")
-                run_log.artifact(out / f"selected_{name}.parquet", "selected")
-                by_src = data["pool"].set_index("id").loc[sel["id"], "source"].value_counts()
-                _say(f"select {name}: {len(sel)} samples; sources {by_src.head(8).to_dict()}")
-                run_log.metrics({"selected": len(sel)})
-            return sel
+    def domain_only(self) -> None:
+        """Baseline: LoRA on D alone, evaluated."""
+        t0 = time.time()
+        ad = _fit(self.cfg, self.cache, self.tracker, stage="lora", label="finetune-domain_only",
+                  rows=self.dom, train=self.cfg.finetune, storage=self.out / "train")
+        self.timings["finetune_domain_only"] = time.time() - t0
+        self.evaluate("domain_only", ad)
 
-        def evaluate(label: str, adapter: Path | None) -> None:
-            t0 = time.time()
-            acc, extra, m = evaluate_mc(cfg, cache, tracker, label=label, adapter=adapter,
-                                        prompts=prompts)
-            results[label] = acc
-            for kind, d in extra.items():
-                results_extra[kind][label] = d
-            preds.append(m.assign(variant=label)[["variant", "task", "id", "gold", "pred",
-                                                  "letter_logp"]])
-            timings[f"eval_{label}"] = time.time() - t0
-            parent.metrics({f"acc.{label}.{k}": v for k, v in acc.items()})
-            parent.metrics({f"{kind}.{label}.{k}": v for kind, d in extra.items()
-                            for k, v in d.items()})
-            _say(f"eval {label}: " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items())
-                 + "; calibrated " + ", ".join(f"{k} {v:.3f}"
-                                               for k, v in extra["calibrated"].items()))
-            write_summary(complete=False)
+    def selection(self, name: str) -> None:
+        """4-7 for one selector: (stage-2 scores →) selection → fine-tune on D ∪ S → evaluation."""
+        if name in ("ntk", "less") and name not in self.inputs.scores:
+            self.scores_for(name)
+        self.selections[name] = sel = self.select(name)
+        t0 = time.time()
+        rows = pd.concat([self.dom, self.by_id.loc[sel["id"]].reset_index()], ignore_index=True)
+        ad = _fit(self.cfg, self.cache, self.tracker, stage="lora", label=f"finetune-{name}",
+                  rows=rows, train=self.cfg.finetune, storage=self.out / "train")
+        self.timings[f"finetune_{name}"] = time.time() - t0
+        self.evaluate(name, ad)
 
-        def write_summary(*, complete: bool) -> dict[str, Any]:
-            summary = {
-                "job": cfg.run.name, "model": cfg.model, "complete": complete,
-                "accuracy": results,
-                "accuracy_calibrated": results_extra["calibrated"],
-                "gold_option_logprob": results_extra["gold_logprob"],
-                "majority_letter_from_D": majority,
-                "sizes": {"D": len(dom), "pool": len(pool), "M": len(cand), "N": n,
-                          "test": {k: len(v) for k, v in data["tests"].items()}},
-                "selected_sources": {
-                    name: data["pool"].set_index("id").loc[sel["id"], "source"].value_counts()
-                    .to_dict() for name, sel in selections.items()},
-                "counts": counts, "seconds": time.time() - t_job, "stage_seconds": timings,
-            }
-            (out / "results.json").write_text(json.dumps(summary, indent=2))
-            return summary
+    def evaluate(self, label: str, adapter: Path | None) -> None:
+        """7. evaluation: multiple-choice accuracy (+ calibrated views); results.json rewritten."""
+        parent = self.ctx.parent
+        t0 = time.time()
+        acc, extra, m = evaluate_mc(self.cfg, self.cache, self.tracker, label=label,
+                                    adapter=adapter, prompts=self.prompts)
+        self.results[label] = acc
+        for kind, d in extra.items():
+            self.results_extra[kind][label] = d
+        self.preds.append(m.assign(variant=label)[["variant", "task", "id", "gold", "pred",
+                                                   "letter_logp"]])
+        self.timings[f"eval_{label}"] = time.time() - t0
+        parent.metrics({f"acc.{label}.{k}": v for k, v in acc.items()})
+        parent.metrics({f"{kind}.{label}.{k}": v for kind, d in extra.items()
+                        for k, v in d.items()})
+        _say(f"eval {label}: " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items())
+             + "; calibrated " + ", ".join(f"{k} {v:.3f}"
+                                           for k, v in extra["calibrated"].items()))
+        self.write_summary(complete=False)
 
-        if "base" in s.baselines:
-            evaluate("base", None)
-        if "domain_only" in s.baselines:
-            t0 = time.time()
-            ad = _fit(cfg, cache, tracker, stage="lora", label="finetune-domain_only", rows=dom,
-                      train=cfg.finetune, storage=out / "train")
-            timings["finetune_domain_only"] = time.time() - t0
-            evaluate("domain_only", ad)
-        for name in s.selectors:
-            if name in ("ntk", "less") and name not in inputs.scores:
-                scores_for(name)
-            selections[name] = sel = select(name)
-            t0 = time.time()
-            rows = pd.concat([dom, by_id.loc[sel["id"]].reset_index()], ignore_index=True)
-            ad = _fit(cfg, cache, tracker, stage="lora", label=f"finetune-{name}", rows=rows,
-                      train=cfg.finetune, storage=out / "train")
-            timings[f"finetune_{name}"] = time.time() - t0
-            evaluate(name, ad)
+    def write_summary(self, *, complete: bool) -> dict[str, Any]:
+        data = self.data
+        summary = {
+            "job": self.cfg.run.name, "model": self.cfg.model, "complete": complete,
+            "accuracy": self.results,
+            "accuracy_calibrated": self.results_extra["calibrated"],
+            "gold_option_logprob": self.results_extra["gold_logprob"],
+            "majority_letter_from_D": self.majority,
+            "sizes": {"D": len(self.dom), "pool": len(self.pool), "M": len(self.cand),
+                      "N": self.n, "test": {k: len(v) for k, v in data["tests"].items()}},
+            "selected_sources": {
+                name: data["pool"].set_index("id").loc[sel["id"], "source"].value_counts()
+                .to_dict() for name, sel in self.selections.items()},
+            "counts": self.counts, "seconds": self.ctx.seconds(), "stage_seconds": self.timings,
+        }
+        self.ctx.write_results(summary)
+        return summary
 
-        # report --------------------------------------------------------------------------------
-        rej_df = pd.concat([r for r in rejects if len(r)], ignore_index=True) if any(
-            len(r) for r in rejects) else pd.DataFrame(columns=["file", "id", "reason", "raw"])
+    def report(self) -> dict[str, Any]:
+        """8. report: rejects, predictions, the complete results.json, parent-run artifacts."""
+        out, parent = self.out, self.ctx.parent
+        rej_df = concat_rejects(self.rejects)
         rej_df.to_parquet(out / "rejects.parquet")
-        pd.concat(preds, ignore_index=True).to_parquet(out / "predictions.parquet")
-        summary = write_summary(complete=True)
+        pd.concat(self.preds, ignore_index=True).to_parquet(out / "predictions.parquet")
+        summary = self.write_summary(complete=True)
         summary["rejects"] = len(rej_df)
-        (out / "results.json").write_text(json.dumps(summary, indent=2))
+        self.ctx.write_results(summary)
         parent.metrics({"seconds": summary["seconds"], "rejects": len(rej_df)})
         for f in ("results.json", "rejects.parquet", "predictions.parquet"):
             parent.artifact(out / f)
-        tasks = list(data["tests"]) + ["mean"]
+        tasks = list(self.data["tests"]) + ["mean"]
         _say("accuracy\n" + "\n".join(
             f"  {lab:<12} " + "  ".join(f"{t} {acc.get(t, float('nan')):.3f}" for t in tasks)
-            for lab, acc in results.items()))
+            for lab, acc in self.results.items()))
         _say(f"done in {summary['seconds']:.0f}s; outputs in {out}")
         return summary
 
 
 def _tokenizer(model_ref: str):
-    from transformers import AutoTokenizer
-
-    from raydapt.assets import resolve_model
-
-    rm = resolve_model(model_ref)
-    tok = AutoTokenizer.from_pretrained(rm.path, revision=rm.revision)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
+    return load_tokenizer(model_ref, pad_to_eos=True)

@@ -1,4 +1,4 @@
-"""Shared pieces of Ray Data stages: row-level failure isolation and telemetry."""
+"""Shared pieces of Ray Data stages: row-level failure isolation, reject records, telemetry."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from raydapt.telemetry import StageTelemetry
+from raydapt.core.telemetry import StageTelemetry
+from raydapt.data.readers import REJECT_COLUMNS
 
 ERROR_COLUMN = "_error"
 
@@ -57,8 +58,24 @@ def _fill_array_columns(out: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def split_errors(df: pd.DataFrame, stage: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A stage's output -> (its good rows without the error column, reject records of the rows
+    that failed, ``file`` = the stage)."""
+    if ERROR_COLUMN not in df:
+        return df, pd.DataFrame(columns=REJECT_COLUMNS)
+    bad = df[df[ERROR_COLUMN] != ""]
+    rej = pd.DataFrame({"file": stage, "id": bad["id"], "reason": bad[ERROR_COLUMN], "raw": ""})
+    return df[df[ERROR_COLUMN] == ""].drop(columns=ERROR_COLUMN).reset_index(drop=True), rej
+
+
+def concat_rejects(rejects: list[pd.DataFrame]) -> pd.DataFrame:
+    """All reject records of a job in one frame (:data:`REJECT_COLUMNS`, empty if none)."""
+    return pd.concat([r for r in rejects if len(r)], ignore_index=True) if any(
+        len(r) for r in rejects) else pd.DataFrame(columns=REJECT_COLUMNS)
+
+
 StageMetrics = StageTelemetry
-"""Ray metrics of a stage (:mod:`raydapt.telemetry`): rows processed / rejected, batch seconds,
+"""Ray metrics of a stage (:mod:`raydapt.core.telemetry`): rows processed / rejected, batch seconds,
 rows/s, tokens/s; a no-op outside Ray. The name the stages import."""
 
 

@@ -21,12 +21,22 @@ import numpy as np
 import pandas as pd
 import torch
 
-from raydapt.stages.common import StageMetrics, Timer, run_isolating_failures
+from raydapt.data.qa import pad_batch
+from raydapt.engines.base import check_single_tokens
+from raydapt.select.ntk import (
+    RademacherProjector,
+    adam_precondition,
+    flat_dim,
+    less_scores,
+    ntk_scores,
+    per_sample_grads,
+    trainable_params,
+)
+from raydapt.stages.common import ERROR_COLUMN, StageMetrics, Timer, run_isolating_failures
+from raydapt.train.lora import load_causal_lm
 
 
 def _load(model: dict[str, Any]):
-    from raydapt.train.lora import load_causal_lm
-
     if model.get("threads"):
         torch.set_num_threads(int(model["threads"]))
     device = model.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -36,8 +46,6 @@ def _load(model: dict[str, Any]):
 
 
 def _pad(batch: pd.DataFrame, pad_id: int, device: str, side: str = "right"):
-    from raydapt.data.qa import pad_batch
-
     encs = [{"input_ids": list(a), "response_mask": list(m)}
             for a, m in zip(batch["input_ids"], batch["response_mask"])]
     return {k: v.to(device) for k, v in pad_batch(encs, pad_id=pad_id, side=side).items()}
@@ -68,7 +76,7 @@ class EmbedLM:
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         with Timer() as t:
             out = run_isolating_failures(batch, self._embed, stage=self.stage)
-        self.metrics.record(rows=len(batch), rejected=int((out["_error"] != "").sum()),
+        self.metrics.record(rows=len(batch), rejected=int((out[ERROR_COLUMN] != "").sum()),
                             seconds=t.seconds)
         return out
 
@@ -96,8 +104,6 @@ class GradProject:
                  score_against: np.ndarray | None = None, score_kind: str = "inner",
                  vmap_chunk: int | None = None, grad_method: str = "hooks",
                  micro_batch: int | None = None, stage: str = "grad") -> None:
-        from raydapt.select.ntk import RademacherProjector, flat_dim, trainable_params
-
         self.net, self.tok, self.device = _load({**model, "trainable": True})
         for n, p in self.net.named_parameters():  # LoRA parameters are the θ of the kernel
             p.requires_grad_("lora_" in n)
@@ -122,8 +128,6 @@ class GradProject:
         self.metrics = StageMetrics(stage)
 
     def _grads(self, batch: pd.DataFrame) -> pd.DataFrame:
-        from raydapt.select.ntk import adam_precondition, less_scores, ntk_scores, per_sample_grads
-
         # gradients per length-sorted micro-batch (little padding), one projection per batch:
         # the projection's cost is mostly fixed per call (expanding Π), so batches amortise it
         order = np.argsort([len(a) for a in batch["input_ids"]], kind="stable")
@@ -154,7 +158,7 @@ class GradProject:
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         with Timer() as t:
             out = run_isolating_failures(batch, self._grads, stage=self.stage)
-        bad = int((out["_error"] != "").sum())
+        bad = int((out[ERROR_COLUMN] != "").sum())
         self.metrics.record(rows=len(batch), rejected=bad, seconds=t.seconds,
                             gradients=len(batch) - bad)
         return out
@@ -194,8 +198,6 @@ class MCScore:
 
     def __init__(self, *, model: dict[str, Any], letters: list[str], max_length: int,
                  stage: str = "eval") -> None:
-        from raydapt.engines.base import check_single_tokens
-
         self.net, self.tok, self.device = _load(model)
         words = {f" {x}": self.tok(f" {x}", add_special_tokens=False)["input_ids"]
                  for x in letters}
@@ -215,6 +217,6 @@ class MCScore:
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         with Timer() as t:
             out = run_isolating_failures(batch, self._score, stage=self.stage)
-        self.metrics.record(rows=len(batch), rejected=int((out["_error"] != "").sum()),
+        self.metrics.record(rows=len(batch), rejected=int((out[ERROR_COLUMN] != "").sum()),
                             seconds=t.seconds)
         return out

@@ -18,23 +18,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from raydapt.engines.factory import make_engine
 from raydapt.stages.annotate import build_prompt, knn_distribution
-from raydapt.stages.common import StageMetrics, Timer, run_isolating_failures
-
-
-def make_engine(engine: dict[str, Any], label_words: list[str]):
-    """Build the engine a config section names (``backend: hf | vllm``)."""
-    kw = dict(engine)
-    backend = kw.pop("backend", "hf")
-    if backend == "hf":
-        from raydapt.engines.hf import HFEngine
-
-        return HFEngine(label_words=label_words, **kw)
-    if backend == "vllm":
-        from raydapt.engines.vllm import VLLMEngine
-
-        return VLLMEngine(label_words=label_words, **kw)
-    raise ValueError(f"unknown engine backend {backend!r}")
+from raydapt.stages.common import ERROR_COLUMN, StageMetrics, Timer, run_isolating_failures
 
 
 class TeacherScore:
@@ -50,7 +36,7 @@ class TeacherScore:
             (id -> text) and ``demo_labels`` (id -> label word) and rendered before the query.
         keep_hidden: return the ``hidden`` column (the key / teacher representation).
         stage: name used in reject reasons and metrics.
-        telemetry: extra metric tags, ``{"method": ..., "run": ...}`` (see raydapt.telemetry).
+        telemetry: extra metric tags, ``{"method": ..., "run": ...}`` (see raydapt.core.telemetry).
     """
 
     def __init__(
@@ -100,7 +86,7 @@ class TeacherScore:
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         with Timer() as t:
             out = run_isolating_failures(batch, self._score, stage=self.stage)
-        bad = int((out["_error"] != "").sum())
+        bad = int((out[ERROR_COLUMN] != "").sum())
         tokens = int(pd.to_numeric(out.get("prompt_tokens"), errors="coerce").fillna(0).sum())
         self.metrics.record_batch(rows=len(batch), rejected=bad, seconds=t.seconds,
                                   tokens=tokens)
@@ -182,6 +168,6 @@ class KnnSearch:
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         with Timer() as t:
             out = run_isolating_failures(batch, self._search, stage=self.stage)
-        self.metrics.record_batch(rows=len(batch), rejected=int((out["_error"] != "").sum()),
+        self.metrics.record_batch(rows=len(batch), rejected=int((out[ERROR_COLUMN] != "").sum()),
                                   seconds=t.seconds)
         return out

@@ -29,6 +29,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from raydapt.core.assets import load_tokenizer, resolve_model
+from raydapt.core.tracking import RunLogger
+from raydapt.data.qa import pad_batch
+from raydapt.select.ntk import response_loss_objective
 from raydapt.train import say
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -48,16 +52,12 @@ def load_causal_lm(model_ref: str, *, dtype: str = "float32", device: str = "cpu
     Returns:
         (model, tokenizer); the tokenizer has a pad token.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from raydapt.assets import resolve_model
+    from transformers import AutoModelForCausalLM
 
     rm = resolve_model(model_ref)
     tdtype = torch.bfloat16 if dtype == "auto" and device != "cpu" else _DTYPES.get(
         dtype, torch.float32)
-    tok = AutoTokenizer.from_pretrained(rm.path, revision=rm.revision)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+    tok = load_tokenizer(model_ref, pad_to_eos=True)
     model = AutoModelForCausalLM.from_pretrained(rm.path, revision=rm.revision, dtype=tdtype,
                                                  use_safetensors=True if rm.local else None)
     model.config.use_cache = False
@@ -130,8 +130,6 @@ def deepspeed_config(*, micro_batch: int, grad_accum: int, world: int, lr: float
 
 
 def _collate(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, torch.Tensor]:
-    from raydapt.data.qa import pad_batch
-
     encs = [{"input_ids": list(a), "response_mask": list(m)}
             for a, m in zip(batch["input_ids"], batch["response_mask"])]
     return pad_batch(encs, pad_id=pad_id, side="right")
@@ -144,8 +142,6 @@ def lora_sft_loop(cfg: dict[str, Any]) -> None:
     import deepspeed
     import ray.train
     from deepspeed.utils import safe_get_full_optimizer_state
-
-    from raydapt.tracking import RunLogger
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from raydapt.assets import resolve_model
+from raydapt.core.assets import resolve_model
 
 
 class EncoderClassifier(nn.Module):

@@ -42,8 +42,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from raydapt.core.assets import load_tokenizer
+from raydapt.core.tracking import RunLogger
 from raydapt.evaluate import binarised_map, f1_scores, mean_average_precision
+from raydapt.losses.pu import dallmi_loss
 from raydapt.train import say
+from raydapt.train.models import EncoderClassifier
+from raydapt.train.samplers import ClassCycleSampler
 
 OBJECTIVES = ("bce", "dallmi", "aad")
 
@@ -55,8 +60,6 @@ OBJECTIVES = ("bce", "dallmi", "aad")
 
 def build_model(cfg: dict[str, Any]):
     """EncoderClassifier with ``num_labels`` sigmoid outputs; loads ``init_state`` if given."""
-    from raydapt.train.models import EncoderClassifier
-
     torch.manual_seed(cfg["seed"])  # same head init on every worker
     model = EncoderClassifier(cfg["encoder"], cfg["num_labels"], pooling=cfg["pooling"],
                               dropout=cfg["dropout"],
@@ -82,12 +85,7 @@ def freeze_below(model, train_layers: int) -> None:
 
 
 def tokenizer(cfg: dict[str, Any]):
-    from transformers import AutoTokenizer
-
-    from raydapt.assets import resolve_model
-
-    rm = resolve_model(cfg["encoder"])
-    return AutoTokenizer.from_pretrained(rm.path, revision=rm.revision)
+    return load_tokenizer(cfg["encoder"])
 
 
 def _encode(tok, texts, max_length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,9 +175,6 @@ def binary_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: flo
 def multilabel_loop(cfg: dict[str, Any]) -> dict[str, Any] | None:
     """Per-worker training function. In-process it returns ``{"history", "state"}``; inside
     Ray Train it reports ``{epoch metrics..., "history"}`` per epoch (with a checkpoint)."""
-    from raydapt.tracking import RunLogger
-    from raydapt.train.samplers import ClassCycleSampler
-
     in_process = bool(cfg.get("in_process"))
     if in_process:
         rank, world, device = 0, 1, torch.device("cuda" if cfg.get("use_gpu") else "cpu")
@@ -325,8 +320,6 @@ def multilabel_loop(cfg: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _dallmi(model, ids, mask, y, cfg, gen):
-    from raydapt.losses.pu import dallmi_loss
-
     return dallmi_loss(
         model, ids, mask, y, generator=gen, lam=cfg["lam"], alpha=cfg["alpha"], beta=cfg["beta"],
         level=cfg["mixup_level"], positive_reduction=cfg["positive_reduction"],

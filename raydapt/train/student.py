@@ -22,9 +22,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from raydapt.core.assets import load_tokenizer
+from raydapt.core.telemetry import StageTelemetry
+from raydapt.core.tracking import RunLogger
 from raydapt.evaluate import confusion_matrix
 from raydapt.losses.distill import kl_distillation, pseudo_label_ce, similarity_alignment
 from raydapt.train import say
+from raydapt.train.models import EncoderClassifier
 
 OBJECTIVES = ("kl_sim", "kl", "ce", "supervised")
 
@@ -66,12 +70,6 @@ def student_loop(cfg: dict[str, Any]) -> None:
     """Per-worker training function (runs inside each Ray Train worker)."""
     import ray.train
     import torch.distributed as dist
-    from transformers import AutoTokenizer
-
-    from raydapt.assets import resolve_model
-    from raydapt.telemetry import StageTelemetry
-    from raydapt.tracking import RunLogger
-    from raydapt.train.models import EncoderClassifier
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -80,7 +78,7 @@ def student_loop(cfg: dict[str, Any]) -> None:
         torch.set_num_threads(cfg["threads"])
     C = cfg["num_classes"]
     model = EncoderClassifier(cfg["student"], C, pooling="mean")
-    tok = AutoTokenizer.from_pretrained(resolve_model(cfg["student"]).path)
+    tok = load_tokenizer(cfg["student"])  # at the reference's revision (hf: models)
     model = ray.train.torch.prepare_model(model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     n_rows = cfg["train_rows"]
@@ -208,7 +206,7 @@ def fit_student(
         "scratch": str(Path(storage) / name / "scratch"),
         "log_every": max(1, math.ceil(n_rows / max(1, train["batch_size"]) / 4)),
         "threads": max(1, int(train.get("cpus_per_worker", 1))),
-        # Ray metric tags (stage, method, run) of this fit; see raydapt.telemetry
+        # Ray metric tags (stage, method, run) of this fit; see raydapt.core.telemetry
         "telemetry": dict(telemetry or {"stage": f"student-{objective}", "run": name}),
     }
     trainer = TorchTrainer(

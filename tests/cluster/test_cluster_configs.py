@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from raydapt.config import load_job
-from raydapt.runtime import CLUSTER_RESOURCES
+from raydapt.core.runtime import CLUSTER_RESOURCES
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "cluster"

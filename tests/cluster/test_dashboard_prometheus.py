@@ -35,8 +35,8 @@ _SCRIPT = textwrap.dedent("""
     from pathlib import Path
     import numpy as np, pandas as pd, ray
     from raydapt.stages.teacher import KnnSearch, build_index, save_store
-    from raydapt.telemetry import StageTelemetry
-    from raydapt.tracking import Tracker
+    from raydapt.core.telemetry import StageTelemetry
+    from raydapt.core.tracking import Tracker
 
     work, dashboard = Path(sys.argv[1]), json.loads(Path(sys.argv[2]).read_text())
     rng = np.random.default_rng(0)

@@ -19,8 +19,8 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 pytest.importorskip("vllm", reason="vllm is not installed (pip install 'raydapt[vllm]')")
 
-from raydapt.config import TeacherSection  # noqa: E402
 from raydapt.engines.base import renormalise  # noqa: E402
+from raydapt.recipes.simda_config import TeacherSection  # noqa: E402
 from raydapt.stages.annotate import build_prompt  # noqa: E402
 
 pytestmark = pytest.mark.gpu

@@ -20,7 +20,7 @@ def tiny_encoder(tmp_path_factory):
     """A random-init 2-layer BERT saved as a local checkpoint, with MiniLM's tokenizer."""
     from transformers import AutoTokenizer
 
-    from raydapt.assets import resolve_model
+    from raydapt.core.assets import resolve_model
     from raydapt.train.models import tiny_bert
 
     d = tmp_path_factory.mktemp("tiny-bert")
@@ -57,6 +57,7 @@ methods: {methods}
     return str(job)
 
 
+@pytest.mark.e2e
 def test_dallmi_end_to_end(tmp_path, data_dir, tiny_encoder, capsys):
     from mlflow.tracking import MlflowClient
 

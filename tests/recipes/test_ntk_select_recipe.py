@@ -31,7 +31,7 @@ def _tiny_model(d: Path) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from raydapt.assets import resolve_model
+    from raydapt.core.assets import resolve_model
 
     tok = AutoTokenizer.from_pretrained(resolve_model("pkg:smollm2-135m-instruct").path)
     torch.manual_seed(0)
@@ -90,11 +90,11 @@ def test_stage2_scores_sharded_resume(ray_local, tmp_path):
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from raydapt.cache import StageCache
+    from raydapt.core.cache import StageCache
+    from raydapt.core.tracking import Tracker
     from raydapt.data.qa import pad_batch
     from raydapt.recipes.ntk_select import stage2_scores
     from raydapt.select.ntk import RademacherProjector, per_sample_grads, trainable_params
-    from raydapt.tracking import Tracker
     from raydapt.train.lora import load_causal_lm
 
     model = _tiny_model(tmp_path / "tiny")
@@ -143,6 +143,7 @@ def test_stage2_scores_sharded_resume(ray_local, tmp_path):
     pd.testing.assert_frame_equal(again, got, rtol=1e-5)
 
 
+@pytest.mark.e2e
 @pytest.mark.timeout(900)
 def test_ntk_select_end_to_end_and_shard_resume(ray_local, tmp_path):
     from mlflow.tracking import MlflowClient

@@ -32,36 +32,21 @@ import pandas as pd
 import psutil
 import pytest
 
-pytestmark = [pytest.mark.timeout(1500)]
+pytestmark = [pytest.mark.timeout(1500), pytest.mark.e2e]
 
 SHARD_ROWS = 4
 N_SOURCE, N_TRAIN, N_TEST = 16, 24, 8
 
 
-def _job(tmp: Path, data_dir: Path, tag: str) -> Path:
-    books = (data_dir / "amazon/books.jsonl").read_text().splitlines()[:N_SOURCE]
-    (tmp / "src.jsonl").write_text("\n".join(books) + "\n")
-    if not (tmp / "kitchen.jsonl").exists():
-        (tmp / "kitchen.jsonl").symlink_to(data_dir / "amazon/kitchen.jsonl")
-    job = tmp / f"job-{tag}.yaml"
-    job.write_text(f"""
-method: simda
-run: {{name: tiny, output_dir: {tmp}/runs-{tag}, cache_dir: {tmp}/cache-{tag}}}
-tracking: {{uri: "sqlite:///{tmp}/mlruns-{tag}.db", artifact_location: {tmp}/art-{tag}}}
-ray: {{num_cpus: 2, progress: false}}
-data:
-  root: {tmp}
-  source: {{path: src.jsonl}}
-  target: {{path: kitchen.jsonl}}
-  max_target_train_rows: {N_TRAIN}
-  max_target_test_rows: {N_TEST}
-teacher: {{text_max_tokens: 32, pool: {{concurrency: 1, num_cpus: 1, batch_size: 4,
-          shard_rows: {SHARD_ROWS}, max_restarts: 2, max_task_retries: 2}}}}
-annotate: {{k: 8, baselines: [zero_shot, knn]}}
-distill: {{variants: [kl], epochs: 3, batch_size: 8, max_length: 32, num_workers: 1,
-          cpus_per_worker: 1, max_failures: 2}}
-""")
-    return job
+def _job(make, tmp: Path, tag: str) -> Path:
+    return make(tmp, source_rows=N_SOURCE, tag=tag, ray={"num_cpus": 2, "progress": False},
+                data={"max_target_train_rows": N_TRAIN, "max_target_test_rows": N_TEST},
+                teacher={"text_max_tokens": 32, "pool": {
+                    "concurrency": 1, "num_cpus": 1, "batch_size": 4, "shard_rows": SHARD_ROWS,
+                    "max_restarts": 2, "max_task_retries": 2}},
+                annotate={"k": 8, "baselines": ["zero_shot", "knn"]},
+                distill={"variants": ["kl"], "epochs": 3, "batch_size": 8, "max_length": 32,
+                         "num_workers": 1, "cpus_per_worker": 1, "max_failures": 2})
 
 
 def _start(job: Path, log: Path) -> subprocess.Popen:
@@ -130,12 +115,12 @@ def _snapshot_has_checkpoint(out: Path) -> bool:
     return False
 
 
-def test_killed_runs_resume_to_the_same_outputs(tmp_path, data_dir):
+def test_killed_runs_resume_to_the_same_outputs(tmp_path, tiny_simda_job):
     seed = int(os.environ.get("RAYDAPT_KILL_SEED", random.randrange(10**6)))
     print(f"RAYDAPT_KILL_SEED={seed}")
     rng = random.Random(seed)
 
-    ref_job, job = _job(tmp_path, data_dir, "ref"), _job(tmp_path, data_dir, "k")
+    ref_job, job = _job(tiny_simda_job, tmp_path, "ref"), _job(tiny_simda_job, tmp_path, "k")
     ref = _start(ref_job, tmp_path / "ref.log")
     assert ref.wait(timeout=900) == 0, (tmp_path / "ref.log").read_text()[-3000:]
 

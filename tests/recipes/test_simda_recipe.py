@@ -11,7 +11,7 @@ import pytest
 
 from raydapt.cli import main
 
-pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.timeout(900), pytest.mark.e2e]
 
 
 SECRET = "hf_PlantedSecret_0d5c9e7a41"
@@ -21,35 +21,22 @@ def _files_containing(root, needle: str) -> list[str]:
     return [str(f) for f in root.rglob("*") if f.is_file() and needle.encode() in f.read_bytes()]
 
 
-def test_simda_end_to_end(tmp_path, data_dir, capsys, monkeypatch):
+def test_simda_end_to_end(tmp_path, capsys, monkeypatch, tiny_simda_job):
     # a planted secret, as a user would have it: in the environment and referenced by the config
     monkeypatch.setenv("HF_TOKEN", SECRET)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET + "_aws")
-    books = [json.loads(x) for x in (data_dir / "amazon/books.jsonl").read_text().splitlines()]
-    src = tmp_path / "src.jsonl"
     bad = [{"id": "bad-1", "text": "", "label": "positive"},
            {"id": "bad-2", "text": "ok text", "label": "neutral"}]
-    src.write_text("\n".join(json.dumps(r) for r in books[:40] + bad) + "\n")
-    (tmp_path / "kitchen.jsonl").symlink_to(data_dir / "amazon/kitchen.jsonl")
     db = tmp_path / "mlruns.db"
-    job = tmp_path / "job.yaml"
-    job.write_text(f"""
-method: simda
-run: {{name: tiny, output_dir: {tmp_path}/runs, cache_dir: {tmp_path}/cache}}
-tracking: {{uri: "sqlite:///{db}", artifact_location: {tmp_path}/art, experiment: t}}
-data:
-  root: {tmp_path}
-  source: {{path: src.jsonl}}
-  target: {{path: kitchen.jsonl}}
-  max_target_train_rows: 24
-  max_target_test_rows: 24
-teacher: {{text_max_tokens: 32, demo_max_tokens: 12, hf_token: "${{HF_TOKEN}}",
-          pool: {{concurrency: 1, num_cpus: 1, batch_size: 16}}}}
-annotate: {{k: 8, prompt_k: 2, baselines: [zero_shot, knn, icl_random, icl_nearest, knn_prompt],
-           baseline_max_rows: 6}}
-distill: {{variants: [source_only, kl_sim], epochs: 1, batch_size: 8, max_length: 32,
-          num_workers: 2, cpus_per_worker: 0.9}}
-""")
+    job = tiny_simda_job(
+        tmp_path, source_rows=40, extra_source=bad, tracking={"experiment": "t"},
+        data={"max_target_train_rows": 24, "max_target_test_rows": 24},
+        teacher={"text_max_tokens": 32, "demo_max_tokens": 12, "hf_token": "${HF_TOKEN}",
+                 "pool": {"concurrency": 1, "num_cpus": 1, "batch_size": 16}},
+        annotate={"k": 8, "prompt_k": 2, "baseline_max_rows": 6,
+                  "baselines": ["zero_shot", "knn", "icl_random", "icl_nearest", "knn_prompt"]},
+        distill={"variants": ["source_only", "kl_sim"], "epochs": 1, "batch_size": 8,
+                 "max_length": 32, "num_workers": 2, "cpus_per_worker": 0.9})
     assert main(["run", str(job)]) == 0
     logged = capsys.readouterr()
     out = tmp_path / "runs/tiny"

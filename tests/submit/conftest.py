@@ -67,7 +67,7 @@ def ray_head():
         pytest.skip(f"no ray CLI next to {sys.executable}")
     # `ray start --head` with token auth needs an existing token (unlike ray.init(), it does
     # not create one): make the default one on a fresh machine, as a first ray.init() would.
-    from raydapt.submit import _token_available
+    from raydapt.ops.submit import _token_available
 
     if not _token_available():
         subprocess.run([str(ray_bin), "get-auth-token", "--generate"], check=True,

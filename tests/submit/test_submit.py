@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from raydapt.cli import main
-from raydapt.submit import (
+from raydapt.ops.submit import (
     WORKING_DIR_EXCLUDES,
     build_runtime_env,
     pinned_requirements,
@@ -21,25 +21,13 @@ from raydapt.submit import (
 pytestmark = pytest.mark.timeout(300)
 
 
-def _tiny_job(tmp_path, data_dir, name="sub-tiny"):
-    books = (data_dir / "amazon/books.jsonl").read_text().splitlines()[:24]
-    kitchen = (data_dir / "amazon/kitchen.jsonl").read_text().splitlines()[:24]
-    (tmp_path / "src.jsonl").write_text("\n".join(books) + "\n")
-    (tmp_path / "tgt.jsonl").write_text("\n".join(kitchen) + "\n")
-    job = tmp_path / "job.yaml"
-    job.write_text(f"""
-method: simda
-run: {{name: {name}, output_dir: {tmp_path}/runs, cache_dir: {tmp_path}/cache}}
-tracking: {{uri: "sqlite:///{tmp_path}/mlruns.db", artifact_location: {tmp_path}/art,
-           experiment: sub}}
-ray: {{progress: false}}
-data: {{root: "{tmp_path}", source: {{path: src.jsonl}}, target: {{path: tgt.jsonl}},
-       max_target_train_rows: 8, max_target_test_rows: 8}}
-teacher: {{text_max_tokens: 24, pool: {{concurrency: 1, num_cpus: 1, threads: 1, batch_size: 32}}}}
-annotate: {{k: 4, baselines: [zero_shot, knn]}}
-distill: {{variants: []}}
-""")
-    return job
+def _tiny_job(make, tmp_path, name="sub-tiny"):
+    return make(tmp_path, target_rows=24, name=name, tracking={"experiment": "sub"},
+                ray={"progress": False}, data={"max_target_train_rows": 8,
+                                               "max_target_test_rows": 8},
+                teacher={"text_max_tokens": 24, "pool": {"concurrency": 1, "num_cpus": 1,
+                                                         "threads": 1, "batch_size": 32}},
+                annotate={"k": 4, "baselines": ["zero_shot", "knn"]}, distill={"variants": []})
 
 
 def test_runtime_env_pins_and_excludes():
@@ -55,8 +43,8 @@ def test_runtime_env_pins_and_excludes():
     assert set(WORKING_DIR_EXCLUDES) == set(env["excludes"])
 
 
-def test_bad_override_fails_before_contacting_a_cluster(tmp_path, data_dir, capsys):
-    job = _tiny_job(tmp_path, data_dir)
+def test_bad_override_fails_before_contacting_a_cluster(tmp_path, tiny_simda_job, capsys):
+    job = _tiny_job(tiny_simda_job, tmp_path)
     # no cluster listens on this address: the config error must come first
     rc = main(["submit", str(job), "teacher.pool.concurency=2", "--address", "http://127.0.0.1:9"])
     assert rc == 2
@@ -66,8 +54,8 @@ def test_bad_override_fails_before_contacting_a_cluster(tmp_path, data_dir, caps
     assert cfg.run.name == "x" and raw["annotate"]["k"] == 5
 
 
-def test_submit_follow_succeeds_and_logs_under_parent(ray_head, tmp_path, data_dir):
-    job = _tiny_job(tmp_path, data_dir)
+def test_submit_follow_succeeds_and_logs_under_parent(ray_head, tmp_path, tiny_simda_job):
+    job = _tiny_job(tiny_simda_job, tmp_path)
     cmd = [sys.executable, "-m", "raydapt.cli", "submit", str(job), "annotate.k=5",
            "--address", ray_head, "--no-pip", "--follow"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
@@ -97,7 +85,7 @@ def test_submit_follow_succeeds_and_logs_under_parent(ray_head, tmp_path, data_d
 
     # jobs status / logs; a second submission of the same run name gets a suffixed id
     assert main(["jobs", "status", "sub-tiny", "--address", ray_head]) == 0
-    from raydapt.submit import client, unique_submission_id
+    from raydapt.ops.submit import client, unique_submission_id
 
     c = client(ray_head)
     assert c.get_job_info("sub-tiny").metadata["raydapt.mlflow_run_id"] == p.info.run_id
@@ -105,10 +93,11 @@ def test_submit_follow_succeeds_and_logs_under_parent(ray_head, tmp_path, data_d
     assert sid.startswith("sub-tiny-") and len(sid) == len("sub-tiny-") + 6
 
 
-def test_failed_job_exit_code_and_stop(ray_head, tmp_path, data_dir, monkeypatch, capsys):
+def test_failed_job_exit_code_and_stop(ray_head, tmp_path, tiny_simda_job, monkeypatch,
+                                       capsys):
     """${VAR} placeholders are resolved on the cluster: a variable set only on the client
     validates here and fails there, fast -> exit code 1 and the parent run marked FAILED."""
-    job = _tiny_job(tmp_path, data_dir, name="sub-bad")
+    job = _tiny_job(tiny_simda_job, tmp_path, name="sub-bad")
     job.write_text(job.read_text().replace(str(tmp_path) + '", source', '${RAYDAPT_ONLY_HERE}", source'))
     monkeypatch.setenv("RAYDAPT_ONLY_HERE", str(tmp_path))
     rc = main(["submit", str(job), "--address", ray_head, "--no-pip", "--follow", "--no-plan"])

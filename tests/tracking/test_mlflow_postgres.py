@@ -124,23 +124,14 @@ def mlflow_server(postgres_uri, tmp_path_factory):
 
 
 def test_tiny_job_logs_to_mlflow_server_on_postgres(mlflow_server, postgres_uri, tmp_path,
-                                                     data_dir):
-    books = (data_dir / "amazon/books.jsonl").read_text().splitlines()[:24]
-    kitchen = (data_dir / "amazon/kitchen.jsonl").read_text().splitlines()[:24]
-    (tmp_path / "src.jsonl").write_text("\n".join(books) + "\n")
-    (tmp_path / "tgt.jsonl").write_text("\n".join(kitchen) + "\n")
-    job = tmp_path / "job.yaml"
-    job.write_text(f"""
-method: simda
-run: {{name: pg-tiny, output_dir: "{tmp_path}/runs", cache_dir: "{tmp_path}/cache"}}
-tracking: {{uri: "{mlflow_server}", artifact_location: "{tmp_path}/art", experiment: pg}}
-ray: {{progress: false}}
-data: {{root: "{tmp_path}", source: {{path: src.jsonl}}, target: {{path: tgt.jsonl}},
-       max_target_train_rows: 8, max_target_test_rows: 8}}
-teacher: {{text_max_tokens: 24, pool: {{concurrency: 1, num_cpus: 1, threads: 1, batch_size: 32}}}}
-annotate: {{k: 4, baselines: [zero_shot, knn]}}
-distill: {{variants: []}}
-""")
+                                                     tiny_simda_job):
+    job = tiny_simda_job(
+        tmp_path, target_rows=24, name="pg-tiny", ray={"progress": False},
+        tracking={"uri": mlflow_server, "artifact_location": f"{tmp_path}/art", "experiment": "pg"},
+        data={"max_target_train_rows": 8, "max_target_test_rows": 8},
+        teacher={"text_max_tokens": 24, "pool": {"concurrency": 1, "num_cpus": 1, "threads": 1,
+                                                 "batch_size": 32}},
+        annotate={"k": 4, "baselines": ["zero_shot", "knn"]}, distill={"variants": []})
     assert main(["run", str(job)]) == 0
 
     from mlflow.tracking import MlflowClient

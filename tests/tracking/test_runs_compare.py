@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from raydapt.cli import main
-from raydapt.tracking import Tracker
+from raydapt.core.tracking import Tracker
 
 
 def _log_runs(uri: str, tmp_path) -> dict[str, dict[str, float]]:

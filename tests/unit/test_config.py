@@ -91,7 +91,7 @@ def test_cli_schema_and_clean_error(capsys, tmp_path):
 
 
 def test_relative_tracking_uris_become_absolute(tmp_path, monkeypatch):
-    from raydapt.tracking import absolute_tracking_uri
+    from raydapt.core.tracking import absolute_tracking_uri
 
     monkeypatch.chdir(tmp_path)
     assert absolute_tracking_uri("sqlite:///mlruns.db") == f"sqlite:///{tmp_path}/mlruns.db"

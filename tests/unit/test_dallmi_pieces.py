@@ -127,7 +127,7 @@ SWEEPS = sorted((REPO / "jobs").rglob("*.sweep.yaml"))
 
 @pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
 def test_every_sweep_file_loads_and_starts_with_a_comment(path):
-    from raydapt.sweep import load_sweep
+    from raydapt.ops.sweep import load_sweep
 
     assert path.read_text().startswith("# raydapt sweep ")
     spec, base, cfg = load_sweep(path)
@@ -137,7 +137,7 @@ def test_every_sweep_file_loads_and_starts_with_a_comment(path):
 
 
 def test_sweep_overrides_split_between_sweep_and_job():
-    from raydapt.sweep import load_sweep
+    from raydapt.ops.sweep import load_sweep
 
     spec, base, _ = load_sweep(REPO / "jobs/dallmi/pubmed.sweep.yaml",
                                ["num_samples=3", "scheduler.max_t=2", "hide.keep_ratio=0.1"])
@@ -148,7 +148,7 @@ def test_sweep_overrides_split_between_sweep_and_job():
 def test_search_space_parsing_and_errors(tmp_path):
     from ray import tune
 
-    from raydapt.sweep import build_space, load_sweep
+    from raydapt.ops.sweep import build_space, load_sweep
 
     space = build_space({"a": {"uniform": [0.1, 1.0]}, "b": {"loguniform": [0.1, 10]},
                          "c": {"choice": [8, 16]}, "d": {"randint": [1, 4]},

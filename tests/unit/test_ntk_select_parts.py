@@ -18,7 +18,7 @@ from raydapt.select.selectors import SELECTORS, SelectionInputs, knn_votes
 def tok():
     from transformers import AutoTokenizer
 
-    from raydapt.assets import resolve_model
+    from raydapt.core.assets import resolve_model
 
     t = AutoTokenizer.from_pretrained(resolve_model("pkg:smollm2-135m-instruct").path)
     if t.pad_token is None:
@@ -151,7 +151,8 @@ def test_mc_letter_scoring_hand_built(tok):
 
 
 def test_deepspeed_config_and_job_config():
-    from raydapt.config import ConfigError, NTKSelectJob, validate_job
+    from raydapt.config import ConfigError, validate_job
+    from raydapt.recipes.ntk_select_config import NTKSelectJob
     from raydapt.train.lora import deepspeed_config
 
     c = deepspeed_config(micro_batch=4, grad_accum=2, world=2, lr=1e-4, weight_decay=0.0,
@@ -172,7 +173,7 @@ def test_deepspeed_config_and_job_config():
 
 
 def test_majority_letter_accuracy_by_hand():
-    from raydapt.recipes.ntk_select import majority_letter_accuracy
+    from raydapt.evaluate import majority_letter_accuracy
 
     domain = pd.DataFrame({"task": ["a", "a", "a", "b", "b"],
                            "answer": ["C", "C", "A", "B", "A"]})  # a → C; b: tie A/B → A
@@ -190,7 +191,7 @@ def test_majority_letter_accuracy_by_hand():
 def test_calibrated_mc_metrics_by_hand():
     """Both items prefer option 0 (raw accuracy 1/2); after removing the mean option log-prob
     (batch calibration) item 2 picks its gold option 1. A failed item counts as wrong."""
-    from raydapt.recipes.ntk_select import calibrated_mc_metrics
+    from raydapt.evaluate import calibrated_mc_metrics
 
     m = pd.DataFrame({"task": ["t", "t", "t"], "gold": [0, 1, 0],
                       "letter_logp": [list(np.log([0.6, 0.2])), list(np.log([0.5, 0.3])), None]})

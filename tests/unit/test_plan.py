@@ -10,7 +10,7 @@ import pytest
 
 from raydapt.cli import main
 from raydapt.config import validate_job
-from raydapt.plan import PlanError, count_rows, load_table, make_plan, model_params
+from raydapt.ops.plan import PlanError, count_rows, load_table, make_plan, model_params
 
 
 def _job(tmp_path, n_src=30, n_tgt=40, **over):

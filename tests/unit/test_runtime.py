@@ -1,10 +1,10 @@
-"""raydapt.runtime: the local Ray instance's worker set-up hook."""
+"""raydapt.core.runtime: the local Ray instance's worker set-up hook."""
 
 from __future__ import annotations
 
 import logging
 
-from raydapt.runtime import quiet_worker_logs
+from raydapt.core.runtime import quiet_worker_logs
 
 CLEANER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 NOISE = ("Failed to query Ray Train Controller actor state. State API may be temporarily "

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from raydapt import dashboards, telemetry
-from raydapt.telemetry import METRICS
+from raydapt.core import telemetry
+from raydapt.core.telemetry import METRICS
+from raydapt.ops import dashboards
 
 REPO = Path(__file__).resolve().parents[2]
 PKG = REPO / "raydapt"
@@ -99,7 +100,7 @@ def test_every_dashboard_metric_is_in_the_spec_and_emitted_by_a_stage():
     used = {s for e in exprs for s in _series(e)}
     assert used, "no metric found in the dashboard"
     unknown = used - set(exported)
-    assert not unknown, f"dashboard names metrics outside raydapt/telemetry.py: {unknown}"
+    assert not unknown, f"dashboard names metrics outside raydapt/core/telemetry.py: {unknown}"
     not_emitted = {exported[s] for s in used} - emitted_metrics()
     assert not not_emitted, f"dashboard uses metrics no stage emits: {not_emitted}"
     assert {exported[s] for s in used} >= {"raydapt_rows_processed", "raydapt_rows_rejected",
@@ -127,8 +128,8 @@ _AGENT_SCRIPT = textwrap.dedent("""
     import json, logging, os, sys, time, urllib.request
     import numpy as np, pandas as pd, ray
     from raydapt.stages.teacher import KnnSearch, build_index, save_store
-    from raydapt.telemetry import StageTelemetry, emit, timed_stage
-    from raydapt.tracking import Tracker
+    from raydapt.core.telemetry import StageTelemetry, emit, timed_stage
+    from raydapt.core.tracking import Tracker
 
     # 1. without Ray every emitter is a no-op (and starts no Ray)
     tags = {"stage": "t", "method": "m", "run": "r"}

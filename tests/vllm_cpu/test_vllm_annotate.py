@@ -58,7 +58,7 @@ def rows(data_dir):
     import pandas as pd
     from transformers import AutoTokenizer
 
-    from raydapt.assets import resolve_model
+    from raydapt.core.assets import resolve_model
 
     tok = AutoTokenizer.from_pretrained(resolve_model(MODEL).path)
     lines = (data_dir / "amazon" / "kitchen.jsonl").read_text().splitlines()[:600]

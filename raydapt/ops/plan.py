@@ -3,7 +3,7 @@
 For every stage: the rows it processes (counted in the data files; cheap), the LLM prompt tokens
 (a sample of prompts rendered exactly as the engines do and tokenised with the teacher's
 tokenizer, extrapolated to all rows), GPU- (or CPU-) hours from the throughput table
-``raydapt/plan_table.yaml`` (its header says where each number comes from), and the Ray
+``raydapt/ops/plan_table.yaml`` (its header says where each number comes from), and the Ray
 resources the stage requests (from the config). Plus one rendered prompt.
 
 Methods register a planner with :func:`register`; a method without one fails with a clear
@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,8 @@ from typing import Any
 import yaml
 
 from raydapt import RaydaptError
+from raydapt.core.assets import load_tokenizer
+from raydapt.methods import METHODS, names
 
 TABLE_PATH = Path(__file__).with_name("plan_table.yaml")
 
@@ -94,17 +95,6 @@ class Plan:
         return "\n".join(lines)
 
 
-_PLANNERS: dict[str, Callable[..., Plan]] = {}
-
-
-def register(method: str) -> Callable[[Callable[..., Plan]], Callable[..., Plan]]:
-    """Decorator: ``@register("dallmi") def plan_dallmi(cfg, table, gpu) -> Plan``."""
-    def deco(fn: Callable[..., Plan]) -> Callable[..., Plan]:
-        _PLANNERS[method] = fn
-        return fn
-    return deco
-
-
 def load_table(path: Path = TABLE_PATH) -> dict[str, Any]:
     return yaml.safe_load(path.read_text())
 
@@ -115,11 +105,11 @@ def make_plan(cfg, *, gpu: str = "h100", table: dict[str, Any] | None = None) ->
     if gpu not in table["devices"] or gpu == "cpu":
         raise PlanError(f"unknown GPU type {gpu!r}; the table knows "
                         f"{sorted(k for k in table['devices'] if k != 'cpu')}")
-    fn = _PLANNERS.get(cfg.method)
-    if fn is None:
-        raise PlanError(f"no plan for method {cfg.method!r} yet (planners: {sorted(_PLANNERS)}); "
-                        "add one with raydapt.plan.register")
-    return fn(cfg, table, gpu)
+    method = METHODS.get(cfg.method)
+    if method is None or method.plan is None:
+        raise PlanError(f"no plan for method {cfg.method!r} yet (planners: {names('plan')}); "
+                        "add one to its entry in raydapt.methods")
+    return method.load("plan")(cfg, table, gpu)
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,14 +231,9 @@ class _TokenizerFormatter:
     """The engines' PromptFormatter on a bare tokenizer (no model weights loaded)."""
 
     def __init__(self, t) -> None:
-        from transformers import AutoTokenizer
-
-        from raydapt.assets import resolve_model
         from raydapt.engines.base import PromptFormatter
 
-        rm = resolve_model(t.model)
-        tok = AutoTokenizer.from_pretrained(rm.path, revision=t.revision or rm.revision,
-                                            trust_remote_code=t.trust_remote_code)
+        tok = load_tokenizer(t.model, revision=t.revision, trust_remote_code=t.trust_remote_code)
         self.fmt = PromptFormatter()
         self.fmt._init_text(tok, list(t.verbalizer.values()), model=t.model, chat=t.chat,
                             answer_prefix=t.answer_prefix, max_length=t.max_length)
@@ -294,7 +279,6 @@ def formatter(teacher, notes: list[str]):
 # --------------------------------------------------------------------------------------------
 
 
-@register("simda")
 def plan_simda(cfg, table: dict[str, Any], gpu: str) -> Plan:
     from raydapt.stages.annotate import build_prompt
 
@@ -371,7 +355,7 @@ def plan_simda(cfg, table: dict[str, Any], gpu: str) -> Plan:
 
 def record_actuals(uri: str, parent_run_id: str) -> dict[str, float]:
     """After a run: log ``actual.<stage>.seconds`` (each child run's wall time) on the parent run,
-    next to the ``plan.<stage>.*`` params :mod:`raydapt.submit` logged before it started."""
+    next to the ``plan.<stage>.*`` params :mod:`raydapt.ops.submit` logged before it started."""
     from mlflow.tracking import MlflowClient
 
     cl = MlflowClient(tracking_uri=uri)
@@ -413,7 +397,6 @@ def _domain_counts(path: Path, field: str) -> dict[str, int] | None:
     return out
 
 
-@register("dallmi")
 def plan_dallmi(cfg, table: dict[str, Any], gpu: str) -> Plan:
     d, notes = cfg.data, []
     path = Path(d.root) / d.path
@@ -449,7 +432,6 @@ def plan_dallmi(cfg, table: dict[str, Any], gpu: str) -> Plan:
     return Plan("dallmi", gpu, stages, notes=notes)
 
 
-@register("ntk_select")
 def plan_ntk_select(cfg, table: dict[str, Any], gpu: str) -> Plan:
     d, s, f, notes = cfg.data, cfg.select, cfg.format, []
     root = Path(d.root)

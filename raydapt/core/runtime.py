@@ -73,7 +73,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
             # no dashboard = no State API: Ray Train's placement-group cleaner then warns once a
             # second per fit that it cannot query its controller; drop just that line
             kw["runtime_env"] = {"worker_process_setup_hook":
-                                 "raydapt.runtime.quiet_worker_logs"}
+                                 "raydapt.core.runtime.quiet_worker_logs"}
             gpus = _local_gpus()
             if gpus:  # one machine plays every node type of cluster/
                 kw["resources"] = {r: float(gpus) for r in CLUSTER_RESOURCES}

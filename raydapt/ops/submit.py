@@ -10,15 +10,15 @@ What :func:`submit` does, in order:
 2. picks the submission id: ``run.name``, or ``run.name-<6 hex>`` when a job with that id
    already exists on the cluster (Ray refuses to reuse a submission id);
 3. creates the MLflow parent run (name = submission id; tags: method, config hash, git sha,
-   submission id, address; params ``plan.*`` from :mod:`raydapt.plan` when a plan exists) so the
+   submission id, address; params ``plan.*`` from :mod:`raydapt.ops.plan` when a plan exists) so the
    job on the cluster logs *under* it: the job gets ``RAYDAPT_PARENT_RUN_ID``, which
-   :meth:`raydapt.tracking.Tracker.job` honours;
+   :meth:`raydapt.core.tracking.Tracker.job` honours;
 4. builds the runtime_env: ``working_dir`` = the project (minus ``.venv``, ``runs/``,
    ``mlruns*``, ``.raydapt/``, ``.git`` ...), ``pip`` = the direct dependencies pinned to their
    ``constraints.txt`` versions (ray itself excluded: the cluster's Ray must match its image;
    ``--no-pip`` where the image already has the stack), ``env_vars`` = tracking URI, experiment,
    parent run id and the job config;
-5. submits ``python -m raydapt.submit`` as the entrypoint. That entrypoint writes the shipped job
+5. submits ``python -m raydapt.ops.entrypoint`` as the entrypoint. That entrypoint writes the shipped job
    YAML (overrides applied, ``${VAR}`` placeholders left for the cluster's environment; base64 in
    ``RAYDAPT_JOB_CONFIG_B64`` because Ray itself expands ``${VAR}`` in env_vars) to a temporary
    file and runs it with ``raydapt run``.
@@ -37,7 +37,6 @@ import os
 import re
 import secrets
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -45,9 +44,11 @@ from typing import Any
 import yaml
 
 from raydapt import RaydaptError
-from raydapt.config import apply_overrides, config_hash, validate_job
+from raydapt.config import ConfigError, apply_overrides, config_hash, validate_job
+from raydapt.core.tracking import Tracker, git_sha
+from raydapt.ops.plan import PlanError, make_plan
 
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = Path(__file__).resolve().parents[2]
 
 #: Paths never uploaded as the working_dir (Ray's gitignore-style patterns; .gitignore is
 #: honoured too).
@@ -181,8 +182,6 @@ def build_runtime_env(*, env_vars: dict[str, str], pip: bool = True,
 def prepare(job: str | Path, overrides: list[str]) -> tuple[Any, dict[str, Any]]:
     """Validate locally; returns (resolved config, raw mapping with the overrides applied and
     ``${VAR}`` placeholders kept for the cluster side)."""
-    from raydapt.config import ConfigError
-
     p = Path(job)
     if not p.is_file():
         raise ConfigError(f"job file not found: {p}")
@@ -199,10 +198,7 @@ def _create_parent_run(cfg, submission_id: str, address: str, plan_params: dict[
     """Create the MLflow parent run the submitted job will attach to. Returns (uri, run id)."""
     from mlflow.tracking import MlflowClient
 
-    from raydapt.tracking import Tracker, git_sha
-
-    tr = Tracker(enabled=True, uri=cfg.tracking.uri, experiment=cfg.tracking.experiment,
-                 artifact_location=cfg.tracking.artifact_location)
+    tr = Tracker.from_section(cfg.tracking, enabled=True)
     exp_id = tr._ensure_experiment()
     tags = {"mlflow.runName": submission_id, "raydapt.method": cfg.method,
             "raydapt.config_hash": config_hash(cfg), "raydapt.submission_id": submission_id,
@@ -249,8 +245,6 @@ def submit(job: str | Path, overrides: list[str], *, address: str | None, pip: b
 
     plan_params: dict[str, Any] = {}
     if plan:
-        from raydapt.plan import PlanError, make_plan
-
         try:
             plan_params = make_plan(cfg).mlflow_params()
         except PlanError as exc:
@@ -285,7 +279,7 @@ def submit(job: str | Path, overrides: list[str], *, address: str | None, pip: b
     if entrypoint_num_gpus is not None:
         kw["entrypoint_num_gpus"] = entrypoint_num_gpus
     try:
-        cl.submit_job(entrypoint="python -m raydapt.submit", submission_id=sid,
+        cl.submit_job(entrypoint="python -m raydapt.ops.entrypoint", submission_id=sid,
                       runtime_env=runtime_env, metadata=metadata, **kw)
     except Exception as exc:
         if run_id:
@@ -308,8 +302,6 @@ def _b64(raw: dict[str, Any]) -> str:
 
 
 def _git_sha() -> str | None:
-    from raydapt.tracking import git_sha
-
     cwd = os.getcwd()
     try:
         os.chdir(PROJECT)
@@ -404,43 +396,3 @@ def jobs(action: str, sid: str, *, address: str | None, follow: bool = False) ->
             _terminate_parent(cl.get_job_info(sid).metadata or {}, "KILLED")
         return 0
     raise RaydaptError(f"unknown jobs action {action!r}")  # pragma: no cover
-
-
-# --------------------------------------------------------------------------------------------
-# The entrypoint that runs on the cluster
-# --------------------------------------------------------------------------------------------
-
-
-def main() -> int:
-    """``python -m raydapt.submit``: run the job YAML shipped in RAYDAPT_JOB_CONFIG_B64."""
-    from raydapt.cli import main as cli_main
-
-    text = os.environ.get(ENV_CONFIG)
-    if text:
-        text = base64.b64decode(text).decode()
-    if not text:
-        print(f"raydapt: error: {ENV_CONFIG} is not set (this entrypoint runs jobs sent by "
-              "`raydapt submit`)", file=sys.stderr)
-        return 2
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="raydapt-job-",
-                                     delete=False) as f:
-        f.write(text)
-    print(f"raydapt: running submitted job {os.environ.get('RAYDAPT_SUBMISSION_ID', '?')} "
-          f"(parent MLflow run {os.environ.get(ENV_PARENT, '-')})", flush=True)
-    try:
-        rc = cli_main(["run", f.name])
-    finally:
-        os.unlink(f.name)
-    parent, uri = os.environ.get(ENV_PARENT), os.environ.get("MLFLOW_TRACKING_URI")
-    if parent and uri:
-        from raydapt.plan import record_actuals
-
-        try:  # stage wall times next to the plan.* estimates on the parent run
-            record_actuals(uri, parent)
-        except Exception as exc:
-            print(f"raydapt: warning: could not log actual stage seconds: {exc}", flush=True)
-    return rc
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -19,12 +19,23 @@ from typing import Any
 
 import pandas as pd
 
-# Bump a stage's version when its code changes what it writes.
-STAGE_VERSIONS: dict[str, int] = {"read": 1, "teacher": 3, "store": 1, "knn": 1, "prompted": 3}
+# Every cached stage of every method, with its code version: bump a stage's version when its code
+# changes what it writes (old entries are then recomputed). A stage missing here is an error.
+STAGE_VERSIONS: dict[str, int] = {
+    # SimDA (read / store / knn are not cached today; their versions only name them)
+    "read": 1, "teacher": 3, "store": 1, "knn": 1, "prompted": 3,
+    # DALLMi
+    "dallmi_source": 1,
+    # NTK-Selector
+    "lora": 1, "embed": 1, "grads-domain": 1, "scores-ntk": 1, "scores-less": 1, "eval": 1,
+}
 
 
 def stage_key(stage: str, parts: dict[str, Any]) -> str:
-    blob = json.dumps({"stage": stage, "v": STAGE_VERSIONS.get(stage, 1), **parts},
+    if stage not in STAGE_VERSIONS:
+        raise KeyError(f"stage {stage!r} has no code version; add it to "
+                       "raydapt.core.cache.STAGE_VERSIONS")
+    blob = json.dumps({"stage": stage, "v": STAGE_VERSIONS[stage], **parts},
                       sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 

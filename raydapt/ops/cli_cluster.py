@@ -11,10 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 
+from raydapt.config import load_job
+from raydapt.ops.plan import make_plan
+from raydapt.ops.submit import jobs, submit
+
 
 def _submit(args: argparse.Namespace) -> int:
-    from raydapt.submit import submit
-
     return submit(args.job, args.overrides, address=args.address, pip=not args.no_pip,
                   follow=args.follow, runtime_env_file=args.runtime_env, env=args.env,
                   entrypoint_num_cpus=args.entrypoint_num_cpus,
@@ -23,22 +25,17 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _jobs(args: argparse.Namespace) -> int:
-    from raydapt.submit import jobs
-
     return jobs(args.action, args.id, address=args.address, follow=args.follow)
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from raydapt.config import load_job
-    from raydapt.plan import make_plan
-
     plan = make_plan(load_job(args.job, args.overrides), gpu=args.gpu)
     print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.render())
     return 0
 
 
 def _runs(args: argparse.Namespace) -> int:
-    from raydapt.compare import compare
+    from raydapt.ops.compare import compare
 
     compare(args.experiment, uri=args.tracking_uri, metric=args.metric, out=args.out,
             all_runs=args.all_runs)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from raydapt import RaydaptError
+from raydapt.core.tracking import absolute_tracking_uri
 
 ID_COLUMNS = ["run", "method", "status", "start", "run_id"]
 
@@ -31,8 +32,6 @@ def runs_table(experiment: str, *, uri: str | None = None, metric: str | None = 
     Returns (table, metric columns). Raises RaydaptError for an unknown experiment or a metric
     no run has."""
     from mlflow.tracking import MlflowClient
-
-    from raydapt.tracking import absolute_tracking_uri
 
     uri = absolute_tracking_uri(uri or default_uri())
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():

@@ -3,7 +3,7 @@
 Every metric a stage emits is declared once in :data:`METRICS` (name, type, description, tag
 keys). Stages emit through :class:`StageTelemetry`, which creates the ``ray.util.metrics``
 objects lazily (once per process) and records with the tags ``stage``, ``method`` and ``run``.
-The Grafana dashboard (:mod:`raydapt.dashboards`) is generated from the same spec.
+The Grafana dashboard (:mod:`raydapt.ops.dashboards`) is generated from the same spec.
 
 How Ray 2.60 exports them to Prometheus (measured on the metrics agent's ``/metrics``
 endpoint): every custom metric gets the prefix ``ray_``; a counter also gets the suffix
@@ -18,7 +18,7 @@ metrics layer is swallowed after one warning.
 
 Use from a stage (a Ray Data actor class, a Ray Train loop, a recipe step)::
 
-    from raydapt.telemetry import StageTelemetry, timed_stage
+    from raydapt.core.telemetry import StageTelemetry, timed_stage
 
     tm = StageTelemetry("annotate", method="dallmi", run=cfg.run.name)   # once, in __init__
     tm.record_batch(rows=len(batch), rejected=n_bad, seconds=t, tokens=n_prompt_tokens)

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 # secrets never reach MLflow: params are redacted, tags and text artifacts scrubbed
-from raydapt.secrets import redact, scrub  # re-exported
-from raydapt.telemetry import timed_stage
+from raydapt.core.secrets import redact, scrub  # re-exported
+from raydapt.core.telemetry import timed_stage
 
 __all__ = ["RunLogger", "Tracker", "absolute_tracking_uri", "flatten", "redact", "scrub"]
 
@@ -125,6 +125,13 @@ class RunLogger:
 class Tracker:
     """Parent run for a job; :meth:`child` opens nested runs for stages and students."""
 
+    @classmethod
+    def from_section(cls, t, *, enabled: bool | None = None, uri: str | None = None) -> Tracker:
+        """From a job's ``tracking`` section (enabled, uri, experiment, artifact_location)."""
+        return cls(enabled=t.enabled if enabled is None else enabled,
+                   uri=t.uri if uri is None else uri, experiment=t.experiment,
+                   artifact_location=t.artifact_location)
+
     def __init__(self, *, enabled: bool, uri: str, experiment: str, artifact_location: str) -> None:
         self.enabled = enabled
         self.uri = absolute_tracking_uri(uri)
@@ -176,7 +183,7 @@ class Tracker:
     @contextmanager
     def child(self, name: str, *, tags: dict[str, str] | None = None) -> Iterator[RunLogger]:
         """A child run for one stage; its wall time also goes to the Ray metric
-        ``raydapt_stage_seconds{stage=name}`` (raydapt.telemetry), tracking on or off."""
+        ``raydapt_stage_seconds{stage=name}`` (raydapt.core.telemetry), tracking on or off."""
         with timed_stage(name, **self._job_tags), self._child_run(name, tags=tags) as log:
             yield log
 

@@ -18,7 +18,7 @@ Distributions: ``uniform [lo, hi]``, ``loguniform [lo, hi]``, ``quniform [lo, hi
 ``randint [lo, hi)``, ``choice [...]``, ``grid [...]`` (every value, times num_samples).
 
 Each trial validates its own job config (base + overrides + sampled values) and runs the method's
-trial function from :data:`TRIALS`: DALLMi runs one adaptation from the cached source checkpoint
+trial function (its ``trial`` in :mod:`raydapt.methods`): DALLMi runs one adaptation from the cached source checkpoint
 and reports per epoch (ASHA stops weak trials early when the loop runs in-trial,
 ``adapt.in_process: true``; with a TorchTrainer per trial the epochs are reported after the fit);
 SimDA reruns its recipe, reusing the cached teacher stages, so only kNN / annotation / students
@@ -29,7 +29,6 @@ run, and reports once. The best trial's values are printed and logged to the par
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -45,6 +44,8 @@ from raydapt.config import (
     format_validation_error,
     validate_job,
 )
+from raydapt.core.tracking import RunLogger, Tracker, absolute_tracking_uri
+from raydapt.methods import METHODS, names
 
 DISTRIBUTIONS = ("uniform", "loguniform", "quniform", "randint", "choice", "grid")
 
@@ -166,50 +167,14 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None
         sec, _, leaf = key.partition(".")
         if sec in plain and isinstance(plain[sec], dict) and plain[sec].get(leaf):
             plain[sec][leaf] = str(Path(plain[sec][leaf]).resolve())
-    from raydapt.tracking import absolute_tracking_uri
-
     plain["tracking"]["uri"] = absolute_tracking_uri(plain["tracking"]["uri"])
     return spec, plain, base
-
-
-# ---------------------------------------------------------------------------------------------
-# method trial functions: (cfg, report, run_log) -> None; report(dict) once per epoch
-# ---------------------------------------------------------------------------------------------
-
-
-def _dallmi_trial(cfg, report, run_log) -> None:
-    from raydapt.recipes import dallmi
-
-    dallmi.trial(cfg, report=report, run_log=run_log)
-
-
-def _simda_trial(cfg, report, run_log) -> None:
-    from raydapt.recipes import simda
-
-    os.environ["RAYDAPT_PARENT_RUN_ID"] = run_log.run_id or ""
-    try:  # the recipe's own runs nest under this trial's child run
-        summary = simda.run(cfg)
-    finally:
-        os.environ.pop("RAYDAPT_PARENT_RUN_ID", None)
-    report({k.replace(":", "."): v for k, v in summary["accuracy"].items()})
-
-
-def _dallmi_setup(cfg, tracker) -> None:
-    from raydapt.recipes import dallmi
-
-    dallmi.prepare_for_sweep(cfg, tracker)
-
-
-TRIALS = {"dallmi": _dallmi_trial, "simda": _simda_trial}
-SETUPS = {"dallmi": _dallmi_setup}
 
 
 def _trainable(config: dict[str, Any], *, base: dict[str, Any], parent_run_id: str | None,
                experiment_id: str | None) -> None:
     """One Tune trial: validate its job config, open its child run, run the method's trial."""
     from ray import tune
-
-    from raydapt.tracking import RunLogger
 
     values = dict(config["params"])
     cfg = validate_job(apply_overrides(base, _overrides(values)))
@@ -237,7 +202,7 @@ def _trainable(config: dict[str, Any], *, base: dict[str, Any], parent_run_id: s
 
     status = "FAILED"
     try:
-        TRIALS[cfg.method](cfg, report, log)
+        METHODS[cfg.method].load("trial")(cfg, report=report, run_log=log)
         status = "FINISHED"
     finally:
         if client is not None:
@@ -274,12 +239,11 @@ def run_sweep(spec: SweepSpec, base: dict[str, Any], cfg: Section) -> dict[str, 
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import BasicVariantGenerator
 
-    from raydapt.runtime import init_ray
-    from raydapt.tracking import Tracker
-
-    if cfg.method not in TRIALS:
+    from raydapt.core.runtime import init_ray
+    method = METHODS[cfg.method]
+    if method.trial is None:
         raise ConfigError(f"method {cfg.method!r} has no sweep trial; sweepable: "
-                          f"{sorted(TRIALS)}")
+                          f"{names('trial')}")
     init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.progress)
     t = cfg.tracking
     tracker = Tracker(enabled=t.enabled, uri=base["tracking"]["uri"], experiment=t.experiment,
@@ -288,10 +252,10 @@ def run_sweep(spec: SweepSpec, base: dict[str, Any], cfg: Section) -> dict[str, 
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     with tracker.job(f"sweep-{spec.name}", tags={"raydapt.method": cfg.method,
-                                                 "raydapt.sweep": spec.name}) as parent:
+                                                 "raydapt.ops.sweep": spec.name}) as parent:
         parent.params({"sweep": spec.model_dump(mode="json"), "job": base})
-        if cfg.method in SETUPS:  # shared, cached work (e.g. the DALLMi source model) first
-            SETUPS[cfg.method](cfg, tracker)
+        if method.sweep_setup:  # shared, cached work (e.g. the DALLMi source model) first
+            method.load("sweep_setup")(cfg, tracker)
         sched = None
         if spec.scheduler.type == "asha":
             sched = ASHAScheduler(time_attr="training_iteration", max_t=spec.scheduler.max_t,

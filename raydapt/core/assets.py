@@ -169,3 +169,16 @@ def resolve_model(ref: str) -> ResolvedModel:
         f"model reference {ref!r} is neither pkg:<alias> ({', '.join(sorted(PACKAGED))}), "
         "hf:<repo id>, nor a directory with a config.json"
     )
+
+
+def load_tokenizer(ref: str, *, revision: str | None = None, pad_to_eos: bool = False, **kwargs):
+    """The tokenizer of a model reference (``pkg:``, ``hf:``, a directory) at ``revision`` (default:
+    the reference's own); ``pad_to_eos`` pads with EOS where the tokenizer has no pad token.
+    ``kwargs`` go to ``AutoTokenizer.from_pretrained`` (``trust_remote_code``, ``token``)."""
+    from transformers import AutoTokenizer
+
+    rm = resolve_model(ref)
+    tok = AutoTokenizer.from_pretrained(rm.path, revision=revision or rm.revision, **kwargs)
+    if pad_to_eos and tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
