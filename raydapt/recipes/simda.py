@@ -38,7 +38,7 @@ from raydapt.data.readers import (
 )
 from raydapt.evaluate import accuracy, confusion_matrix
 from raydapt.runtime import init_ray, seed_everything
-from raydapt.stages.annotate import calibrate_domain_mean, mix
+from raydapt.stages.annotate import calibrator, mix
 from raydapt.stages.common import pool_kwargs
 from raydapt.stages.teacher import KnnSearch, TeacherScore, build_index, save_store
 from raydapt.tracking import Tracker
@@ -104,6 +104,7 @@ def _run_teacher(rows: pd.DataFrame, cfg: SimDAJob, *, keep_hidden: bool, stage:
             engine=_engine_kwargs(cfg, need_hidden=keep_hidden),
             label_words=[cfg.teacher.verbalizer[lab] for lab in cfg.data.labels],
             template=cfg.teacher.template, text_max_tokens=cfg.teacher.text_max_tokens,
+            text_truncation=cfg.teacher.text_truncation,
             demo_template=cfg.teacher.demo_template, demo_max_tokens=cfg.teacher.demo_max_tokens,
             demo_texts=demo_texts, demo_labels=demo_labels, keep_hidden=keep_hidden, stage=stage,
             telemetry={"method": "simda", "run": cfg.run.name}),
@@ -174,6 +175,31 @@ def _frame_hash(df: pd.DataFrame) -> str:
         else:
             h.update(pd.util.hash_pandas_object(df[col], index=False).to_numpy().tobytes())
     return h.hexdigest()
+
+
+def matched_steps(rows: int, batch_size: int, workers: int, epochs: int) -> int:
+    """Optimiser steps of ``epochs`` passes over ``rows`` (per worker batch_size // workers,
+    equal slices, last partial batch dropped), as :func:`raydapt.train.student.student_loop`
+    counts them: the budget every step-matched student gets."""
+    per_worker = max(1, batch_size // workers)
+    return max(1, (rows // workers) // per_worker) * epochs
+
+
+def results_table(results: dict[str, float], students: dict[str, dict[str, Any]]) -> str:
+    """method -> target-test accuracy, teacher read-outs first; students with rows and steps."""
+    lines = []
+    width = max(len(k) for k in results)
+    for k in sorted(results, key=lambda k: (not k.startswith("teacher:"), k)):
+        st = students.get(k.split(":", 1)[1], {}) if k.startswith("student:") else {}
+        extra = f"  ({st['rows']} rows, {st['steps']} steps)" if st.get("steps") else ""
+        lines.append(f"  {k:<{width}}  {results[k]:.4f}{extra}")
+    return "\n".join(lines)
+
+
+def _by_length(rows: pd.DataFrame) -> pd.DataFrame:
+    """Rows ordered by text length (stable), so a teacher batch pads little."""
+    return rows.iloc[np.argsort(rows["text"].str.len().to_numpy(), kind="stable")].reset_index(
+        drop=True)
 
 
 def _p_llm(df: pd.DataFrame) -> np.ndarray:
@@ -275,8 +301,8 @@ def run(cfg: SimDAJob) -> dict[str, Any]:
                  "data": fps, "ids": config_hash({"s": source["id"].tolist(),
                                                   "tr": tgt_train["id"].tolist(),
                                                   "te": tgt_test["id"].tolist()})}
-        allrows = pd.concat([source[["id", "text"]], tgt_train[["id", "text"]],
-                             tgt_test[["id", "text"]]], ignore_index=True)
+        allrows = _by_length(pd.concat([source[["id", "text"]], tgt_train[["id", "text"]],
+                                        tgt_test[["id", "text"]]], ignore_index=True))
         scored = _cached_pass(
             cache, tracker, "teacher", parts, allrows, cfg.teacher.pool.shard_rows,
             lambda r: _run_teacher(r, cfg, keep_hidden=True, stage="teacher"))
@@ -334,7 +360,7 @@ def run(cfg: SimDAJob) -> dict[str, Any]:
                 "demo_ids": [list(knn.loc[i, "nbr_ids"][:pk]) for i in tgt_train["id"]]}))
         prompted = pd.DataFrame(columns=["id", "llm_logp"])
         if jobs:
-            rows = pd.concat(jobs, ignore_index=True)
+            rows = _by_length(pd.concat(jobs, ignore_index=True))
             parts = {**parts, "annotate": cfg.annotate.model_dump(mode="json"),
                      "jobs": config_hash({"ids": rows["id"].tolist(),
                                           "demos": [list(x) for x in rows["demo_ids"]]})}
@@ -348,13 +374,17 @@ def run(cfg: SimDAJob) -> dict[str, Any]:
 
         # 6. annotation: p_T for the target-train rows ----------------------------------------
         a = cfg.annotate
+
+        def cal_on(ref: np.ndarray):  # label-free calibration fitted on unlabelled rows
+            return calibrator(a.calibrate_llm, ref, a.calibrate_prior)
+
         p_llm_tr = _p_llm(by_id.loc[tgt_train["id"]])
-        llm_mean = p_llm_tr.mean(0)
+        cal = cal_on(p_llm_tr)  # fitted on the target-train rows, applied to the test rows too
         if a.teacher_prompt == "knn_prompt":
             p_llm_tr = _p_llm(prompted.loc["knn_prompt:" + tgt_train["id"]])
-            llm_mean = p_llm_tr.mean(0)
-        if a.calibrate_llm == "domain_mean":
-            p_llm_tr = calibrate_domain_mean(p_llm_tr, llm_mean)
+            p_llm_tr = cal_on(p_llm_tr)(p_llm_tr)
+        else:
+            p_llm_tr = cal(p_llm_tr)
         p_knn_tr = np.stack(knn.loc[tgt_train["id"], "p_knn"].to_numpy())
         p_t = mix(p_knn_tr, p_llm_tr, a.lam)
         ann = pd.DataFrame({
@@ -372,9 +402,10 @@ def run(cfg: SimDAJob) -> dict[str, Any]:
         # teacher read-outs evaluated directly on the test split
         y_te = tgt_test["y"].to_numpy()
         p_zs_raw = _p_llm(by_id.loc[tgt_test["id"]])
-        cal = (lambda p, m=None: calibrate_domain_mean(p, m)) if a.calibrate_llm == "domain_mean" \
-            else (lambda p, m=None: p)
-        p_zs = cal(p_zs_raw, _p_llm(by_id.loc[tgt_train["id"]]).mean(0))
+        p_zs = cal(p_zs_raw)
+
+        def cal_self(p: np.ndarray) -> np.ndarray:  # prompted baselines: fitted on their rows
+            return cal_on(p)(p)
         p_knn_te = np.stack(knn.loc[tgt_test["id"], "p_knn"].to_numpy())
         teacher_preds: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         if "zero_shot" in base:
@@ -384,10 +415,11 @@ def run(cfg: SimDAJob) -> dict[str, Any]:
             teacher_preds["knn"] = (y_te, p_knn_te.argmax(1))
         yb = test_b["y"].to_numpy()
         if "icl_random" in base:
-            teacher_preds["icl_random"] = (yb, cal(_p_llm(prompted.loc["icl_random:" + test_b["id"]])).argmax(1))
+            teacher_preds["icl_random"] = (
+                yb, cal_self(_p_llm(prompted.loc["icl_random:" + test_b["id"]])).argmax(1))
         p_near = None
         if {"icl_nearest", "knn_prompt"} & set(base):
-            p_near = cal(_p_llm(prompted.loc["icl_nearest:" + test_b["id"]]))
+            p_near = cal_self(_p_llm(prompted.loc["icl_nearest:" + test_b["id"]]))
             if "icl_nearest" in base:
                 teacher_preds["icl_nearest"] = (yb, p_near.argmax(1))
             if "knn_prompt" in base:
@@ -406,6 +438,9 @@ def run(cfg: SimDAJob) -> dict[str, Any]:
         extra = {**dcfg.model_dump(include=loss_keys), "min_confidence": a.min_confidence}
         distill_df = pd.DataFrame({"text": tgt_train["text"], "p_t": list(p_t),
                                    "h_t": list(by_id.loc[tgt_train["id"], "hidden"])})
+        # every student but the source_only_all reference trains the same number of steps
+        steps = dcfg.steps or matched_steps(len(distill_df), dcfg.batch_size, dcfg.num_workers,
+                                            dcfg.epochs)
         results: dict[str, Any] = {}
         students: dict[str, dict[str, Any]] = {}
         cms: dict[str, np.ndarray] = {}
@@ -414,28 +449,36 @@ def run(cfg: SimDAJob) -> dict[str, Any]:
                 ds, objective = ray.data.from_pandas(distill_df), variant
             elif variant == "source_only":
                 ds, objective = ray.data.from_pandas(source[["text", "y"]]), "supervised"
+            elif variant == "source_only_all":  # reference: every source row, `epochs` passes
+                ds, objective = ray.data.from_pandas(src_df[["text", "y"]]), "supervised"
             else:  # oracle: gold target labels (upper bound)
                 ds, objective = ray.data.from_pandas(tgt_train[tgt_train["y"] >= 0][["text", "y"]]), "supervised"
-            _say(f"student {variant}: {objective} on {ds.count()} rows, {dcfg.epochs} epochs, "
-                 f"{dcfg.num_workers} workers")
+            kw = {**train_kw, "steps": None if variant == "source_only_all" else steps}
+            _say(f"student {variant}: {objective} on {ds.count()} rows, "
+                 + (f"{dcfg.epochs} epochs" if kw["steps"] is None else f"{steps} steps")
+                 + f", {dcfg.num_workers} workers")
             with tracker.child(f"student-{variant}", tags={"raydapt.variant": variant}) as run_log:
-                run_log.params({"variant": variant, "objective": objective, **train_kw, **extra})
+                run_log.params({"variant": variant, "objective": objective, **kw, **extra})
                 # same name = same training: Ray Train then resumes it from its last checkpoint
-                key = config_hash({"v": variant, "train": train_kw, "extra": extra,
+                key = config_hash({"v": variant, "train": kw, "extra": extra,
                                    "student": dcfg.student, "seed": cfg.run.seed,
                                    "data": _frame_hash(ds.to_pandas()),
                                    "eval": _frame_hash(tgt_test[["text", "y"]])})
                 m = fit_student(
                     name=f"{cfg.run.name}-{variant}-{key[:10]}", objective=objective, train_ds=ds,
-                    eval_df=tgt_test, num_classes=C, student=dcfg.student, train=train_kw,
+                    eval_df=tgt_test, num_classes=C, student=dcfg.student, train=kw,
                     seed=cfg.run.seed, storage=str(out / "train"), extra=extra,
                     mlflow_uri=tracker.uri if cfg.tracking.enabled else None,
                     mlflow_run_id=run_log.run_id,
                     telemetry={"stage": f"student-{variant}", "method": "simda",
                                "run": cfg.run.name})
             students[variant] = {"accuracy": m["accuracy"], "final_epoch_loss": m["loss"],
-                                 "epochs": m["epoch"], "resumed_finished_run": bool(
-                                     m.get("resumed", False))}
+                                 "epochs": m["epoch"], "rows": int(m.get("rows", ds.count())),
+                                 "steps": m.get("steps"),
+                                 "resumed_finished_run": bool(m.get("resumed", False))}
+            if variant in ("kl_sim", "kl", "ce") and (tgt_train["y"] >= 0).all():
+                # how far the student stays under the teacher it learns from
+                students[variant]["gap_to_pseudo_labels"] = m["accuracy"] - pseudo_acc
             cms[f"student:{variant}"] = np.asarray(m["confusion"])
             results[f"student:{variant}"] = m["accuracy"]
             _say(f"student {variant}: target-test accuracy {m['accuracy']:.4f}")
@@ -444,6 +487,9 @@ def run(cfg: SimDAJob) -> dict[str, Any]:
         for name, (yt, yp) in teacher_preds.items():
             results[f"teacher:{name}"] = accuracy(yt, yp)
             cms[f"teacher:{name}"] = confusion_matrix(yt, yp, C)
+        for v, st in students.items():  # distilled student vs its teacher p_T on the test split
+            if v in ("kl_sim", "kl", "ce"):
+                st["gap_to_teacher"] = st["accuracy"] - results["teacher:teacher"]
         rej_df = pd.concat([r for r in rejects if len(r)], ignore_index=True) if any(
             len(r) for r in rejects) else pd.DataFrame(columns=["file", "id", "reason", "raw"])
         rej_df.to_parquet(out / "rejects.parquet")
@@ -461,8 +507,8 @@ def run(cfg: SimDAJob) -> dict[str, Any]:
                         "seconds": summary["seconds"]})
         for f in ("annotations.parquet", "rejects.parquet", "results.json", "confusion.png"):
             parent.artifact(out / f)
-        width = max(len(k) for k in results)
-        _say("target-test accuracy\n" + "\n".join(
-            f"  {k:<{width}}  {v:.4f}" for k, v in results.items()))
+        _say("target-test accuracy\n" + results_table(results, students))
         _say(f"done in {summary['seconds']:.0f}s; outputs in {out}")
+        if cfg.tracking.enabled:
+            _say(f"browse the runs: mlflow ui --backend-store-uri {tracker.uri}")
         return summary
