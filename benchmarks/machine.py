@@ -36,3 +36,25 @@ def describe() -> dict:
     except ImportError:
         pass
     return info
+
+
+def matmul_peak(dtype: str = "float32", threads: int | None = None, n: int = 1024,
+                reps: int = 20) -> float:
+    """Measured matrix-multiply rate in FLOP/s: the best of ``reps`` [n, n] @ [n, n] products
+    (the best, not the mean, so that other load on a shared machine counts as little as it can)
+    with torch in ``dtype`` on ``threads`` threads."""
+    import time
+
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    dt = getattr(torch, dtype)
+    a, b = torch.randn(n, n).to(dt), torch.randn(n, n).to(dt)
+    torch.matmul(a, b)  # warm-up (oneDNN kernel choice)
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        torch.matmul(a, b)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best

@@ -273,6 +273,13 @@ class AnnotateSection(Section):
     min_confidence: float = Field(
         0.0, ge=0, le=1, description="Drop pseudo-labels below this confidence from distillation."
     )
+    select_on_source: bool = Field(
+        False, description="Choose k, tau and lam on the labelled source rows (leave-one-out "
+        "kNN over the source store + the source rows' calibrated p_LLM; target labels never "
+        "used) instead of the configured values; the curve is logged to MLflow.")
+    k_grid: list[int] = Field(default_factory=lambda: [4, 8, 16, 32, 64])
+    tau_grid: list[float] = Field(default_factory=lambda: [0.1, 0.3, 1.0, 3.0])
+    lam_grid: list[float] = Field(default_factory=lambda: [i / 10 for i in range(11)])
 
 
 class DistillSection(TrainSection):
@@ -297,6 +304,10 @@ class DistillSection(TrainSection):
         "step-matched; source_only_all: every row of the source file, `epochs` passes over "
         "them, a reference that is not step-matched).",
     )
+    seed: int | None = Field(
+        None, description="Seed of the student fits (None = run.seed). Changing it repeats "
+        "the students on the same split and cached teacher outputs (run.seed also draws the "
+        "data subsample).")
     steps: int | None = Field(
         None, ge=1, description="Optimiser steps of every student but source_only_all (the "
         "same for distilled students and baselines). None = `epochs` passes over the "

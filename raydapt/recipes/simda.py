@@ -185,6 +185,36 @@ def matched_steps(rows: int, batch_size: int, workers: int, epochs: int) -> int:
     return max(1, (rows // workers) // per_worker) * epochs
 
 
+def _select_on_source(cfg: SimDAJob, keys: np.ndarray, source: pd.DataFrame,
+                      p_llm_src: np.ndarray, tracker: Tracker, out: Path) -> SimDAJob:
+    """k, tau, lam chosen on the labelled source rows: leave-one-out neighbours in the source
+    store, the source rows' p_LLM calibrated on the source rows (as the target's is on the
+    target rows). Returns the config with them set; logs the curve."""
+    from raydapt.stages.annotate import select_on_source
+    from raydapt.stages.teacher import loo_neighbours
+
+    a = cfg.annotate
+    d, idx = loo_neighbours(keys, max(a.k_grid), kind=a.index)
+    y = source["y"].to_numpy()
+    p = calibrator(a.calibrate_llm, p_llm_src, a.calibrate_prior)(p_llm_src)
+    best, curve = select_on_source(d, y[idx], p, y, ks=a.k_grid, taus=a.tau_grid,
+                                   lams=a.lam_grid, distance_norm=a.distance_norm)
+    with tracker.child("select-on-source") as run_log:
+        run_log.params({"chosen": best, "rows": len(source)})
+        for r in curve:  # one series per (k, tau), stepped by lam in percent
+            run_log.metrics({f"source_acc.k{r['k']}.tau{r['tau']}": r["accuracy"]},
+                            int(round(r["lam"] * 100)))
+        run_log.metrics({"best_source_accuracy": best["accuracy"]})
+        (out / "select-on-source.json").write_text(json.dumps({"best": best, "curve": curve}))
+        run_log.artifact(out / "select-on-source.json")
+    _say(f"select on source ({len(source)} labelled rows, leave-one-out): k={best['k']} "
+         f"tau={best['tau']} lam={best['lam']} (source accuracy {best['accuracy']:.4f}; "
+         f"lam=0: {max(r['accuracy'] for r in curve if r['lam'] == 0):.4f}, lam=1 best: "
+         f"{max(r['accuracy'] for r in curve if r['lam'] == 1):.4f})")
+    return cfg.model_copy(update={"annotate": a.model_copy(
+        update={k: best[k] for k in ("k", "tau", "lam")})})
+
+
 def results_table(results: dict[str, float], students: dict[str, dict[str, Any]]) -> str:
     """method -> target-test accuracy, teacher read-outs first; students with rows and steps."""
     lines = []
@@ -319,6 +349,9 @@ def run(cfg: SimDAJob) -> dict[str, Any]:
         save_store(store, build_index(keys, kind=cfg.annotate.index), source["id"].tolist(),
                    source["y"].to_numpy())
         _say(f"store: {len(source)} keys of width {keys.shape[1]} ({cfg.annotate.index})")
+        if cfg.annotate.select_on_source:
+            cfg = _select_on_source(cfg, keys, source, _p_llm(by_id.loc[source["id"]]), tracker,
+                                    out)
 
         # 4. kNN for the target rows ----------------------------------------------------------
         import ray
@@ -434,7 +467,9 @@ def run(cfg: SimDAJob) -> dict[str, Any]:
 
         dcfg = cfg.distill
         loss_keys = {"beta", "temperature", "sim_tau", "sim_loss", "sim_center"}
-        train_kw = dcfg.model_dump(mode="json", exclude={"student", "variants", *loss_keys})
+        train_kw = dcfg.model_dump(mode="json", exclude={"student", "variants", "seed",
+                                                         *loss_keys})
+        sseed = cfg.run.seed if dcfg.seed is None else dcfg.seed
         extra = {**dcfg.model_dump(include=loss_keys), "min_confidence": a.min_confidence}
         distill_df = pd.DataFrame({"text": tgt_train["text"], "p_t": list(p_t),
                                    "h_t": list(by_id.loc[tgt_train["id"], "hidden"])})
@@ -461,13 +496,13 @@ def run(cfg: SimDAJob) -> dict[str, Any]:
                 run_log.params({"variant": variant, "objective": objective, **kw, **extra})
                 # same name = same training: Ray Train then resumes it from its last checkpoint
                 key = config_hash({"v": variant, "train": kw, "extra": extra,
-                                   "student": dcfg.student, "seed": cfg.run.seed,
+                                   "student": dcfg.student, "seed": sseed,
                                    "data": _frame_hash(ds.to_pandas()),
                                    "eval": _frame_hash(tgt_test[["text", "y"]])})
                 m = fit_student(
                     name=f"{cfg.run.name}-{variant}-{key[:10]}", objective=objective, train_ds=ds,
                     eval_df=tgt_test, num_classes=C, student=dcfg.student, train=kw,
-                    seed=cfg.run.seed, storage=str(out / "train"), extra=extra,
+                    seed=sseed, storage=str(out / "train"), extra=extra,
                     mlflow_uri=tracker.uri if cfg.tracking.enabled else None,
                     mlflow_run_id=run_log.run_id,
                     telemetry={"stage": f"student-{variant}", "method": "simda",
@@ -499,6 +534,7 @@ def run(cfg: SimDAJob) -> dict[str, Any]:
             "counts": counts,
             "rejects": len(rej_df), "icl_test_rows": len(test_b), "seconds": time.time() - t_job,
             "teacher": cfg.teacher.model, "student": dcfg.student, "k": a.k, "lam": a.lam,
+            "student_seed": sseed,
         }
         (out / "results.json").write_text(json.dumps(summary, indent=2))
         _plot_confusions(cms, labels, out / "confusion.png")

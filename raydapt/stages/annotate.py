@@ -155,3 +155,30 @@ def fit_demos(query_tokens: int, demo_tokens: list[int], max_length: int) -> lis
         kept.append(i)
         room -= t
     return kept[::-1]
+
+
+def select_on_source(
+    nbr_dist: np.ndarray, nbr_labels: np.ndarray, p_llm: np.ndarray, y: np.ndarray, *,
+    ks: list[int], taus: list[float], lams: list[float], distance_norm: str = "median",
+) -> tuple[dict[str, float], list[dict[str, float]]]:
+    """Choose k, tau and lam on labelled SOURCE rows (target labels never used).
+
+    ``nbr_dist`` / ``nbr_labels`` [N, >= max(ks)]: each source row's leave-one-out neighbours in
+    the source store (itself excluded), nearest first; ``p_llm`` [N, C] its (calibrated) LLM
+    distribution; ``y`` [N] its gold label. Every (k, tau, lam) is scored by the accuracy of
+    argmax(lam * p_kNN + (1 - lam) * p_LLM); returns the best (first in grid order on ties) and
+    the whole curve. Source accuracy flatters kNN (same-domain neighbours), so the chosen lam is
+    an upper end for the target."""
+    curve = []
+    y = np.asarray(y)
+    C = p_llm.shape[1]
+    for k in ks:
+        for tau in taus:
+            pk = knn_distribution(nbr_dist[:, :k], nbr_labels[:, :k], C, tau=tau,
+                                  distance_norm=distance_norm)
+            for lam in lams:
+                acc = float((mix(pk, p_llm, lam).argmax(1) == y).mean())
+                curve.append({"k": k, "tau": tau, "lam": lam, "accuracy": acc})
+    best = max(curve, key=lambda r: r["accuracy"])  # max keeps the first of equal values
+    return best, curve
+

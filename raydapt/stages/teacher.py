@@ -163,6 +163,19 @@ def save_store(path: Path, index, ids: list[str], labels: np.ndarray) -> None:
         path / "values.parquet")
 
 
+def loo_neighbours(keys: np.ndarray, k: int, *, kind: str = "flat"
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Leave-one-out search of a store with its own keys [N, H]: each row's k nearest OTHER rows.
+    Returns distances [N, k] (float32, as the store reports them) and row indices [N, k]."""
+    index = build_index(keys, kind=kind)
+    k = min(k, len(keys) - 1)
+    d, idx = index.search(np.ascontiguousarray(keys, dtype=np.float32), k + 1)
+    keep = idx != np.arange(len(keys))[:, None]
+    keep[keep.sum(1) > k, -1] = False  # self not found among k + 1 (duplicates): drop the last
+    return (np.stack([r[m][:k] for r, m in zip(d, keep)]),
+            np.stack([r[m][:k] for r, m in zip(idx, keep)]))
+
+
 class KnnSearch:
     """Retrieve k nearest source keys for each row's ``hidden`` and form p_kNN."""
 
