@@ -217,6 +217,12 @@ class TeacherSection(EngineSection):
         "demonstrations): its start, its end, or half of each (reviews often end with the "
         "verdict).")
     demo_max_tokens: int = Field(48, gt=4, description="Tokens kept per demonstration text.")
+    templates: list[str] = Field(
+        default_factory=list, description="Candidate templates: when given, each is scored "
+        "zero-shot (calibrated as annotate.calibrate_llm) on template_select_rows labelled "
+        "SOURCE rows and the best replaces `template` (choice and accuracies logged).")
+    template_select_rows: int = Field(200, ge=2, description="Source rows that score the "
+                                      "candidate templates.")
     chat: bool = Field(False, description="Wrap prompts in the model's chat template (off: a "
                        "plain completion; the tokenizer adds only its own special tokens, none "
                        "for SmolLM2).")

@@ -185,6 +185,41 @@ def matched_steps(rows: int, batch_size: int, workers: int, epochs: int) -> int:
     return max(1, (rows // workers) // per_worker) * epochs
 
 
+def _select_template(cfg: SimDAJob, source: pd.DataFrame, cache: StageCache, tracker: Tracker,
+                     fps: dict[str, str], out: Path) -> SimDAJob:
+    """Score each of ``teacher.templates`` zero-shot on a seeded subset of labelled SOURCE rows
+    (p_LLM calibrated on those rows as the target's will be) and return the config with the
+    best as ``teacher.template``. Target labels are never used."""
+    from raydapt.assets import resolve_model
+
+    t, a = cfg.teacher, cfg.annotate
+    rows = source.head(t.template_select_rows)  # source is already a seeded shuffle
+    accs = []
+    for i, tpl in enumerate(t.templates):
+        c = cfg.model_copy(update={"teacher": t.model_copy(update={"template": tpl})})
+        parts = {"teacher": c.teacher.model_dump(mode="json", exclude={"pool", "hf_token"}),
+                 "weights": resolve_model(t.model).fingerprint, "data": fps,
+                 "ids": config_hash(rows["id"].tolist())}
+        got = _cached_pass(cache, tracker, f"template-{i}", parts,
+                           _by_length(rows[["id", "text"]]), t.pool.shard_rows,
+                           lambda r, c=c, i=i: _run_teacher(r, c, keep_hidden=False,
+                                                       stage=f"template-{i}"))
+        got, _ = _split_errors(got, f"template-{i}")
+        y = rows.set_index("id").loc[got["id"], "y"].to_numpy()
+        p = _p_llm(got)
+        accs.append(accuracy(y, calibrator(a.calibrate_llm, p, a.calibrate_prior)(p).argmax(1)))
+    best = int(np.argmax(accs))
+    with tracker.child("select-template") as run_log:
+        run_log.params({"chosen": best, "template": t.templates[best], "rows": len(rows),
+                        **{f"template_{i}": tpl for i, tpl in enumerate(t.templates)}})
+        run_log.metrics({f"source_acc.template_{i}": v for i, v in enumerate(accs)})
+    (out / "select-template.json").write_text(json.dumps(
+        {"chosen": t.templates[best], "source_accuracy": dict(zip(t.templates, accs))}, indent=2))
+    _say(f"template chosen on {len(rows)} source rows: #{best} {t.templates[best]!r} "
+         f"(source accuracies {[round(x, 4) for x in accs]})")
+    return cfg.model_copy(update={"teacher": t.model_copy(update={"template": t.templates[best]})})
+
+
 def _select_on_source(cfg: SimDAJob, keys: np.ndarray, source: pd.DataFrame,
                       p_llm_src: np.ndarray, tracker: Tracker, out: Path) -> SimDAJob:
     """k, tau, lam chosen on the labelled source rows: leave-one-out neighbours in the source
@@ -322,6 +357,8 @@ def run(cfg: SimDAJob) -> dict[str, Any]:
                                 "labels and data.target_test_fraction")
 
         check_verbalizer(cfg)
+        if cfg.teacher.templates:
+            cfg = _select_template(cfg, source, cache, tracker, fps, out)
 
         # 2. teacher pass: keys + p_LLM for source / target-train / target-test ---------------
         from raydapt.assets import resolve_model
