@@ -1,11 +1,16 @@
-"""SimDA at CPU scale on several Amazon transfer pairs: target-test accuracy of every teacher
-read-out and student, written to benchmarks/results/simda-cpu.json with the machine described.
+"""SimDA at CPU scale on Amazon transfer pairs: target-test accuracy of every teacher read-out
+and student, with the source-only and KL + sim students over several student seeds, written to
+benchmarks/results/simda-cpu.json with the machine described.
 
-    python benchmarks/simda_cpu.py --pairs books:kitchen dvd:electronics [key=value ...]
+    python benchmarks/simda_cpu.py [--pairs books:kitchen dvd:electronics kitchen:books \
+        electronics:dvd] [--seeds 0 1 2] [key=value ...]
 
-Each pair runs the CPU job (jobs/simda/amazon-books-to-kitchen.cpu.yaml by default) with the
-source/target paths overridden; ~15 min per pair on 2 cores. The headline comparison is the
-distilled student (student:kl_sim) against the source-only student, measured in the same run.
+Each pair runs the benchmark job (jobs/simda/amazon-benchmark.cpu.yaml: every teacher row and
+student, student seed = first of --seeds), then reruns only the source-only and KL + sim students
+for the other seeds (distill.seed; same split and cached teacher outputs, so a rerun costs two
+student fits). Pairs run in the order given and the file is rewritten after each, so an
+interrupted benchmark keeps the pairs it finished. The headline is kl_sim - source_only, mean ±
+std over the seeds, per pair and over the pairs.
 """
 
 from __future__ import annotations
@@ -16,44 +21,74 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import describe  # noqa: E402
 
 from raydapt.cli import main  # noqa: E402
 from raydapt.config import load_job  # noqa: E402
 
+PAIRS = ["books:kitchen", "dvd:electronics", "kitchen:books", "electronics:dvd"]
+SEEDED = ["source_only", "kl_sim"]
+
+
+def _ms(xs: list[float]) -> dict:
+    a = np.asarray(xs, dtype=float)
+    return {"mean": round(float(a.mean()), 4), "std": round(float(a.std(ddof=1)), 4)
+            if len(a) > 1 else None, "n": len(a), "values": [round(float(x), 4) for x in a]}
+
+
+def _run(job: str, ov: list[str], collect: bool) -> dict:
+    cfg = load_job(job, ov)
+    if not collect and main(["run", job, *ov]) != 0:
+        raise SystemExit(f"job failed: {job} {ov}")
+    return json.loads((Path(cfg.run.output_dir) / cfg.run.name / "results.json").read_text())
+
 
 def run(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--job", default="jobs/simda/amazon-books-to-kitchen.cpu.yaml")
-    ap.add_argument("--pairs", nargs="+", default=["books:kitchen", "dvd:electronics"])
+    ap.add_argument("--job", default="jobs/simda/amazon-benchmark.cpu.yaml")
+    ap.add_argument("--pairs", nargs="+", default=PAIRS)
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--out", default="benchmarks/results/simda-cpu.json")
     ap.add_argument("--collect", action="store_true",
-                    help="do not run: collect the pairs' existing results.json files")
+                    help="do not run: collect the runs' existing results.json files")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
-    pairs = {}
+    pairs: dict[str, dict] = {}
+    report: dict = {"benchmark": "simda-cpu", "job": args.job, "overrides": args.overrides,
+                    "seeds": args.seeds, "machine": describe(), "pairs": pairs}
     for pair in args.pairs:
         src, tgt = pair.split(":")
-        ov = [f"data.source.path={src}.jsonl", f"data.target.path={tgt}.jsonl",
-              f"run.name={src}-to-{tgt}", *args.overrides]
-        cfg = load_job(args.job, ov)
+        base = [f"data.source.path={src}.jsonl", f"data.target.path={tgt}.jsonl",
+                f"run.name={src}-to-{tgt}", *args.overrides]
         t0 = time.time()
-        if not args.collect and main(["run", args.job, *ov]) != 0:
-            raise SystemExit(f"job failed for {pair}")
-        res = json.loads((Path(cfg.run.output_dir) / cfg.run.name / "results.json").read_text())
+        res = _run(args.job, [*base, f"distill.seed={args.seeds[0]}"], args.collect)
+        seeded = {v: [res["accuracy"][f"student:{v}"]] for v in SEEDED
+                  if f"student:{v}" in res["accuracy"]}
+        for s in args.seeds[1:]:
+            r = _run(args.job, [*base, f"run.name={src}-to-{tgt}-s{s}", f"distill.seed={s}",
+                                f"distill.variants=[{','.join(seeded)}]",
+                                "annotate.baselines=[zero_shot,knn]"], args.collect)
+            for v in seeded:
+                seeded[v].append(r["accuracy"][f"student:{v}"])
+        entry = {**res, "student_seeds": {v: _ms(x) for v, x in seeded.items()}}
+        if len(seeded) == 2:
+            entry["kl_sim_minus_source_only"] = _ms(
+                [a - b for a, b in zip(seeded["kl_sim"], seeded["source_only"])])
         if not args.collect:
-            res["wall_seconds"] = round(time.time() - t0, 1)
-        pairs[f"{src}->{tgt}"] = res
-        print(json.dumps({pair: res["accuracy"]}, indent=1), flush=True)
-    acc = {p: r["accuracy"] for p, r in pairs.items()}
-    gain = {p: round(a["student:kl_sim"] - a["student:source_only"], 4) for p, a in acc.items()
-            if "student:kl_sim" in a and "student:source_only" in a}
-    report = {"benchmark": "simda-cpu", "job": args.job, "overrides": args.overrides,
-              "machine": describe(), "kl_sim_minus_source_only": gain, "pairs": pairs}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}; kl_sim - source_only: {gain}")
+            entry["wall_seconds"] = round(time.time() - t0, 1)
+        pairs[f"{src}->{tgt}"] = entry
+        gains = [p["kl_sim_minus_source_only"]["mean"] for p in pairs.values()
+                 if "kl_sim_minus_source_only" in p]
+        report["kl_sim_minus_source_only_mean_over_pairs"] = (
+            round(float(np.mean(gains)), 4) if gains else None)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        print(json.dumps({pair: {"accuracy": res["accuracy"],
+                                 "seeds": entry["student_seeds"]}}, indent=1), flush=True)
+    print(f"wrote {args.out}")
     return report
 
 

@@ -46,8 +46,9 @@ class Engine(Protocol):
     def count_tokens(self, texts: list[str]) -> list[int]:
         ...
 
-    def truncate(self, text: str, max_tokens: int) -> str:
-        """The text cut to at most ``max_tokens`` tokens (decoded back to a string)."""
+    def truncate(self, text: str, max_tokens: int, side: str = "head") -> str:
+        """The text cut to at most ``max_tokens`` tokens (decoded back to a string), keeping its
+        head, tail or both (``side``)."""
         ...
 
 
@@ -113,6 +114,24 @@ class PromptFormatter:
     def count_tokens(self, texts: list[str]) -> list[int]:
         return [len(x) for x in self.tok(texts, add_special_tokens=False)["input_ids"]]
 
-    def truncate(self, text: str, max_tokens: int) -> str:
+    def prompt_tokens(self, prompt: str) -> int:
+        """Tokens of one prompt as :meth:`tokenize` makes it (template, prefix, special tokens),
+        before truncation to ``max_length``."""
+        return len(self.tok(self.format(prompt), add_special_tokens=not self.chat)["input_ids"])
+
+    def truncate(self, text: str, max_tokens: int, side: str = "head") -> str:
+        """The text cut to at most ~``max_tokens`` tokens: ``head`` keeps its start, ``tail`` its
+        end, ``head_tail`` the first and last halves joined by " ... " (reviews often give the
+        verdict at the end)."""
         ids = self.tok(text, add_special_tokens=False)["input_ids"]
-        return text if len(ids) <= max_tokens else self.tok.decode(ids[:max_tokens])
+        if len(ids) <= max_tokens:
+            return text
+        if side == "head":
+            return self.tok.decode(ids[:max_tokens])
+        if side == "tail":
+            return self.tok.decode(ids[-max_tokens:])
+        if side == "head_tail":
+            h = max_tokens // 2
+            return (self.tok.decode(ids[:h]).rstrip() + " ... "
+                    + self.tok.decode(ids[len(ids) - (max_tokens - h):]).lstrip())
+        raise ValueError(f"unknown truncation side {side!r} (head, tail, head_tail)")

@@ -244,8 +244,8 @@ class _TokenizerFormatter:
     def n_tokens(self, prompts: list[str]) -> list[int]:
         return [len(x) for x in self.fmt.tokenize(prompts)["input_ids"]]
 
-    def truncate(self, text: str, n: int) -> str:
-        return self.fmt.truncate(text, n)
+    def truncate(self, text: str, n: int, side: str = "head") -> str:
+        return self.fmt.truncate(text, n, side)
 
 
 class _CharFormatter:
@@ -261,8 +261,11 @@ class _CharFormatter:
     def n_tokens(self, prompts: list[str]) -> list[int]:
         return [min(self.t.max_length, math.ceil(len(self.render(p)) / 4)) for p in prompts]
 
-    def truncate(self, text: str, n: int) -> str:
-        return text[: 4 * n]
+    def truncate(self, text: str, n: int, side: str = "head") -> str:
+        if len(text) <= 4 * n:
+            return text
+        return {"head": text[: 4 * n], "tail": text[-4 * n:]}.get(
+            side, text[: 2 * n] + " ... " + text[-2 * n:])
 
 
 def formatter(teacher, notes: list[str]):
@@ -310,9 +313,10 @@ def plan_simda(cfg, table: dict[str, Any], gpu: str) -> Plan:
         sample_texts(root / d.target.path, d.target.text_field, fmt=d.target.format) or \
         ["An example review text."]
     words = [w.strip() for w in t.verbalizer.values()]
-    plain = [build_prompt(t.template, fmt.truncate(x, t.text_max_tokens)) for x in texts]
+    plain = [build_prompt(t.template, fmt.truncate(x, t.text_max_tokens, t.text_truncation))
+             for x in texts]
     k = a.prompt_k
-    demo = [build_prompt(t.template, fmt.truncate(x, t.text_max_tokens),
+    demo = [build_prompt(t.template, fmt.truncate(x, t.text_max_tokens, t.text_truncation),
                          demos=[(fmt.truncate(texts[(i + j + 1) % len(texts)], t.demo_max_tokens),
                                  words[(i + j) % len(words)]) for j in range(k)],
                          demo_template=t.demo_template) for i, x in enumerate(texts)]
@@ -345,8 +349,14 @@ def plan_simda(cfg, table: dict[str, Any], gpu: str) -> Plan:
                                 gpu=gpu))
     s_params, s_how = model_params(dist.student, table)
     for v in dist.variants:
-        rows = n_src if v == "source_only" else n_tr
-        ex = None if rows is None else rows * dist.epochs
+        # step-matched students see what the distilled ones see (distill.steps or epochs over
+        # the target-train rows); source_only_all makes `epochs` passes over the source rows
+        if v == "source_only_all":
+            ex = None if n_src is None else n_src * dist.epochs
+        elif dist.steps:
+            ex = dist.steps * dist.batch_size
+        else:
+            ex = None if n_tr is None else n_tr * dist.epochs
         stages.append(train_stage(f"student-{v}", examples=ex, tokens_per_example=dist.max_length,
                                   params=s_params, train=dist, table=table, gpu=gpu))
     notes.append(f"student {dist.student}: {s_params:.3g} parameters ({s_how})")

@@ -16,6 +16,7 @@ Stages, in order (each cached by content, each a child MLflow run):
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from types import SimpleNamespace
@@ -41,7 +42,7 @@ from raydapt.engines.factory import engine_kwargs
 from raydapt.evaluate import accuracy, confusion_matrix, plot_confusions
 from raydapt.job import JobContext, job_context, speaker
 from raydapt.recipes.simda_config import SimDAJob
-from raydapt.stages.annotate import calibrate_domain_mean, mix
+from raydapt.stages.annotate import calibrator, mix
 from raydapt.stages.common import concat_rejects, pool_kwargs, split_errors
 from raydapt.stages.sharded import sharded_pass
 from raydapt.stages.teacher import KnnSearch, TeacherScore, build_index, save_store
@@ -77,6 +78,7 @@ def _run_teacher(rows: pd.DataFrame, cfg: SimDAJob, *, keep_hidden: bool, stage:
             engine=engine_kwargs(cfg.teacher, need_hidden=keep_hidden),
             label_words=[cfg.teacher.verbalizer[lab] for lab in cfg.data.labels],
             template=cfg.teacher.template, text_max_tokens=cfg.teacher.text_max_tokens,
+            text_truncation=cfg.teacher.text_truncation,
             demo_template=cfg.teacher.demo_template, demo_max_tokens=cfg.teacher.demo_max_tokens,
             demo_texts=demo_texts, demo_labels=demo_labels, keep_hidden=keep_hidden, stage=stage,
             telemetry={"method": "simda", "run": cfg.run.name}),
@@ -99,6 +101,94 @@ def _frame_hash(df: pd.DataFrame) -> str:
     return h.hexdigest()
 
 
+def matched_steps(rows: int, batch_size: int, workers: int, epochs: int) -> int:
+    """Optimiser steps of ``epochs`` passes over ``rows`` (per worker batch_size // workers,
+    equal slices, last partial batch dropped), as :func:`raydapt.train.student.student_loop`
+    counts them: the budget every step-matched student gets."""
+    per_worker = max(1, batch_size // workers)
+    return max(1, (rows // workers) // per_worker) * epochs
+
+
+def select_template(cfg: SimDAJob, ctx: JobContext, st: SimpleNamespace) -> SimDAJob:
+    """Score each of ``teacher.templates`` zero-shot on a seeded subset of labelled SOURCE rows
+    (p_LLM calibrated on those rows as the target's will be) and return the config with the
+    best as ``teacher.template``. Target labels are never used."""
+    t, a = cfg.teacher, cfg.annotate
+    rows = st.source.head(t.template_select_rows)  # source is already a seeded shuffle
+    accs = []
+    for i, tpl in enumerate(t.templates):
+        c = cfg.model_copy(update={"teacher": t.model_copy(update={"template": tpl})})
+        parts = {"teacher": c.teacher.model_dump(mode="json", exclude={"pool", "hf_token"}),
+                 "weights": resolve_model(t.model).fingerprint, "data": st.fps,
+                 "ids": config_hash(rows["id"].tolist())}
+        got = sharded_pass(
+            ctx.cache, ctx.tracker, f"template-{i}", parts, _by_length(rows[["id", "text"]]),
+            t.pool.shard_rows,
+            lambda shards, c=c, i=i: _run_teacher(pd.concat(shards), c, keep_hidden=False,
+                                                  stage=f"template-{i}"), _say)
+        got, _ = split_errors(got, f"template-{i}")
+        y = rows.set_index("id").loc[got["id"], "y"].to_numpy()
+        p = _p_llm(got)
+        accs.append(accuracy(y, calibrator(a.calibrate_llm, p, a.calibrate_prior)(p).argmax(1)))
+    best = int(np.argmax(accs))
+    with ctx.tracker.child("select-template") as run_log:
+        run_log.params({"chosen": best, "template": t.templates[best], "rows": len(rows),
+                        **{f"template_{i}": tpl for i, tpl in enumerate(t.templates)}})
+        run_log.metrics({f"source_acc.template_{i}": v for i, v in enumerate(accs)})
+    (ctx.out / "select-template.json").write_text(json.dumps(
+        {"chosen": t.templates[best], "source_accuracy": dict(zip(t.templates, accs))}, indent=2))
+    _say(f"template chosen on {len(rows)} source rows: #{best} {t.templates[best]!r} "
+         f"(source accuracies {[round(x, 4) for x in accs]})")
+    return cfg.model_copy(update={"teacher": t.model_copy(update={"template": t.templates[best]})})
+
+
+def select_on_source(cfg: SimDAJob, ctx: JobContext, st: SimpleNamespace) -> SimDAJob:
+    """k, tau, lam chosen on the labelled source rows: leave-one-out neighbours in the source
+    store, the source rows' p_LLM calibrated on the source rows (as the target's is on the
+    target rows). Returns the config with them set; logs the curve."""
+    from raydapt.stages.annotate import select_on_source as choose
+    from raydapt.stages.teacher import loo_neighbours
+
+    a, source, out = cfg.annotate, st.source, ctx.out
+    p_llm_src = _p_llm(st.by_id.loc[source["id"]])
+    d, idx = loo_neighbours(st.keys, max(a.k_grid), kind=a.index)
+    y = source["y"].to_numpy()
+    p = calibrator(a.calibrate_llm, p_llm_src, a.calibrate_prior)(p_llm_src)
+    best, curve = choose(d, y[idx], p, y, ks=a.k_grid, taus=a.tau_grid,
+                         lams=a.lam_grid, distance_norm=a.distance_norm)
+    with ctx.tracker.child("select-on-source") as run_log:
+        run_log.params({"chosen": best, "rows": len(source)})
+        for r in curve:  # one series per (k, tau), stepped by lam in percent
+            run_log.metrics({f"source_acc.k{r['k']}.tau{r['tau']}": r["accuracy"]},
+                            int(round(r["lam"] * 100)))
+        run_log.metrics({"best_source_accuracy": best["accuracy"]})
+        (out / "select-on-source.json").write_text(json.dumps({"best": best, "curve": curve}))
+        run_log.artifact(out / "select-on-source.json")
+    _say(f"select on source ({len(source)} labelled rows, leave-one-out): k={best['k']} "
+         f"tau={best['tau']} lam={best['lam']} (source accuracy {best['accuracy']:.4f}; "
+         f"lam=0: {max(r['accuracy'] for r in curve if r['lam'] == 0):.4f}, lam=1 best: "
+         f"{max(r['accuracy'] for r in curve if r['lam'] == 1):.4f})")
+    return cfg.model_copy(update={"annotate": a.model_copy(
+        update={k: best[k] for k in ("k", "tau", "lam")})})
+
+
+def results_table(results: dict[str, float], students: dict[str, dict[str, Any]]) -> str:
+    """method -> target-test accuracy, teacher read-outs first; students with rows and steps."""
+    lines = []
+    width = max(len(k) for k in results)
+    for k in sorted(results, key=lambda k: (not k.startswith("teacher:"), k)):
+        st = students.get(k.split(":", 1)[1], {}) if k.startswith("student:") else {}
+        extra = f"  ({st['rows']} rows, {st['steps']} steps)" if st.get("steps") else ""
+        lines.append(f"  {k:<{width}}  {results[k]:.4f}{extra}")
+    return "\n".join(lines)
+
+
+def _by_length(rows: pd.DataFrame) -> pd.DataFrame:
+    """Rows ordered by text length (stable), so a teacher batch pads little."""
+    return rows.iloc[np.argsort(rows["text"].str.len().to_numpy(), kind="stable")].reset_index(
+        drop=True)
+
+
 def _p_llm(df: pd.DataFrame) -> np.ndarray:
     z = np.stack(df["llm_logp"].to_numpy()).astype(np.float64)
     z = z - z.max(1, keepdims=True)
@@ -113,8 +203,12 @@ def run(cfg: SimDAJob) -> dict[str, Any]:
         st = SimpleNamespace(labels=cfg.data.labels, C=len(cfg.data.labels))
         read(cfg, ctx, st)
         check_verbalizer(cfg)
+        if cfg.teacher.templates:
+            cfg = select_template(cfg, ctx, st)
         teacher_pass(cfg, ctx, st)
         data_store(cfg, ctx, st)
+        if cfg.annotate.select_on_source:
+            cfg = select_on_source(cfg, ctx, st)
         knn_pass(cfg, ctx, st)
         prompted_passes(cfg, ctx, st)
         annotate(cfg, ctx, st)
@@ -166,6 +260,7 @@ def read(cfg: SimDAJob, ctx: JobContext, st: SimpleNamespace) -> None:
             raise DataError("the target train or test split is empty: check data.target, its "
                             "labels and data.target_test_fraction")
     st.fps, st.source, st.tgt_train, st.tgt_test = fps, source, tgt_train, tgt_test
+    st.src_df = src_df  # every usable source row (the source_only_all reference student)
     st.rejects, st.counts = rejects, counts
 
 
@@ -178,8 +273,8 @@ def teacher_pass(cfg: SimDAJob, ctx: JobContext, st: SimpleNamespace) -> None:
              "data": fps, "ids": config_hash({"s": source["id"].tolist(),
                                               "tr": tgt_train["id"].tolist(),
                                               "te": tgt_test["id"].tolist()})}
-    allrows = pd.concat([source[["id", "text"]], tgt_train[["id", "text"]],
-                         tgt_test[["id", "text"]]], ignore_index=True)
+    allrows = _by_length(pd.concat([source[["id", "text"]], tgt_train[["id", "text"]],
+                                    tgt_test[["id", "text"]]], ignore_index=True))
     scored = sharded_pass(
         ctx.cache, ctx.tracker, "teacher", parts, allrows, cfg.teacher.pool.shard_rows,
         lambda shards: _run_teacher(pd.concat(shards), cfg, keep_hidden=True, stage="teacher"),
@@ -202,7 +297,7 @@ def data_store(cfg: SimDAJob, ctx: JobContext, st: SimpleNamespace) -> None:
     save_store(store, build_index(keys, kind=cfg.annotate.index), source["id"].tolist(),
                source["y"].to_numpy())
     _say(f"store: {len(source)} keys of width {keys.shape[1]} ({cfg.annotate.index})")
-    st.store = store
+    st.store, st.keys = store, keys
 
 
 def knn_pass(cfg: SimDAJob, ctx: JobContext, st: SimpleNamespace) -> None:
@@ -254,7 +349,7 @@ def prompted_passes(cfg: SimDAJob, ctx: JobContext, st: SimpleNamespace) -> None
             "demo_ids": [list(knn.loc[i, "nbr_ids"][:pk]) for i in tgt_train["id"]]}))
     prompted = pd.DataFrame(columns=["id", "llm_logp"])
     if jobs:
-        rows = pd.concat(jobs, ignore_index=True)
+        rows = _by_length(pd.concat(jobs, ignore_index=True))
         parts = {**parts, "annotate": cfg.annotate.model_dump(mode="json"),
                  "jobs": config_hash({"ids": rows["id"].tolist(),
                                       "demos": [list(x) for x in rows["demo_ids"]]})}
@@ -274,12 +369,14 @@ def annotate(cfg: SimDAJob, ctx: JobContext, st: SimpleNamespace) -> None:
     by_id, knn, prompted, tgt_train = st.by_id, st.knn, st.prompted, st.tgt_train
     a = cfg.annotate
     p_llm_tr = _p_llm(by_id.loc[tgt_train["id"]])
-    llm_mean = p_llm_tr.mean(0)
+    # label-free calibration fitted on the unlabelled target-train rows, applied to the test
+    # rows too (teacher_readouts)
+    st.cal = calibrator(a.calibrate_llm, p_llm_tr, a.calibrate_prior)
     if a.teacher_prompt == "knn_prompt":
         p_llm_tr = _p_llm(prompted.loc["knn_prompt:" + tgt_train["id"]])
-        llm_mean = p_llm_tr.mean(0)
-    if a.calibrate_llm == "domain_mean":
-        p_llm_tr = calibrate_domain_mean(p_llm_tr, llm_mean)
+        p_llm_tr = calibrator(a.calibrate_llm, p_llm_tr, a.calibrate_prior)(p_llm_tr)
+    else:
+        p_llm_tr = st.cal(p_llm_tr)
     p_knn_tr = np.stack(knn.loc[tgt_train["id"], "p_knn"].to_numpy())
     p_t = mix(p_knn_tr, p_llm_tr, a.lam)
     ann = pd.DataFrame({
@@ -300,12 +397,14 @@ def teacher_readouts(cfg: SimDAJob, ctx: JobContext, st: SimpleNamespace) -> Non
     """Teacher read-outs evaluated directly on the test split."""
     a, base, test_b = cfg.annotate, st.base, st.test_b
     by_id, knn, prompted = st.by_id, st.knn, st.prompted
-    tgt_train, tgt_test = st.tgt_train, st.tgt_test
+    tgt_test = st.tgt_test
     y_te = tgt_test["y"].to_numpy()
     p_zs_raw = _p_llm(by_id.loc[tgt_test["id"]])
-    cal = (lambda p, m=None: calibrate_domain_mean(p, m)) if a.calibrate_llm == "domain_mean" \
-        else (lambda p, m=None: p)
-    p_zs = cal(p_zs_raw, _p_llm(by_id.loc[tgt_train["id"]]).mean(0))
+    p_zs = st.cal(p_zs_raw)
+
+    def cal_self(p: np.ndarray) -> np.ndarray:  # prompted baselines: fitted on their own rows
+        return calibrator(a.calibrate_llm, p, a.calibrate_prior)(p)
+
     p_knn_te = np.stack(knn.loc[tgt_test["id"], "p_knn"].to_numpy())
     teacher_preds: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     if "zero_shot" in base:
@@ -315,10 +414,11 @@ def teacher_readouts(cfg: SimDAJob, ctx: JobContext, st: SimpleNamespace) -> Non
         teacher_preds["knn"] = (y_te, p_knn_te.argmax(1))
     yb = test_b["y"].to_numpy()
     if "icl_random" in base:
-        teacher_preds["icl_random"] = (yb, cal(_p_llm(prompted.loc["icl_random:" + test_b["id"]])).argmax(1))
+        teacher_preds["icl_random"] = (
+            yb, cal_self(_p_llm(prompted.loc["icl_random:" + test_b["id"]])).argmax(1))
     p_near = None
     if {"icl_nearest", "knn_prompt"} & set(base):
-        p_near = cal(_p_llm(prompted.loc["icl_nearest:" + test_b["id"]]))
+        p_near = cal_self(_p_llm(prompted.loc["icl_nearest:" + test_b["id"]]))
         if "icl_nearest" in base:
             teacher_preds["icl_nearest"] = (yb, p_near.argmax(1))
         if "knn_prompt" in base:
@@ -336,10 +436,15 @@ def train_students(cfg: SimDAJob, ctx: JobContext, st: SimpleNamespace) -> None:
 
     dcfg = cfg.distill
     loss_keys = {"beta", "temperature", "sim_tau", "sim_loss", "sim_center"}
-    train_kw = dcfg.model_dump(mode="json", exclude={"student", "variants", *loss_keys})
+    train_kw = dcfg.model_dump(mode="json", exclude={"student", "variants", "seed",
+                                                     *loss_keys})
+    sseed = cfg.run.seed if dcfg.seed is None else dcfg.seed
     extra = {**dcfg.model_dump(include=loss_keys), "min_confidence": a.min_confidence}
     distill_df = pd.DataFrame({"text": tgt_train["text"], "p_t": list(p_t),
                                "h_t": list(by_id.loc[tgt_train["id"], "hidden"])})
+    # every student but the source_only_all reference trains the same number of steps
+    steps = dcfg.steps or matched_steps(len(distill_df), dcfg.batch_size, dcfg.num_workers,
+                                        dcfg.epochs)
     results: dict[str, Any] = {}
     students: dict[str, dict[str, Any]] = {}
     cms: dict[str, np.ndarray] = {}
@@ -348,32 +453,40 @@ def train_students(cfg: SimDAJob, ctx: JobContext, st: SimpleNamespace) -> None:
             ds, objective = ray.data.from_pandas(distill_df), variant
         elif variant == "source_only":
             ds, objective = ray.data.from_pandas(source[["text", "y"]]), "supervised"
+        elif variant == "source_only_all":  # reference: every source row, `epochs` passes
+            ds, objective = ray.data.from_pandas(st.src_df[["text", "y"]]), "supervised"
         else:  # oracle: gold target labels (upper bound)
             ds, objective = ray.data.from_pandas(tgt_train[tgt_train["y"] >= 0][["text", "y"]]), "supervised"
-        _say(f"student {variant}: {objective} on {ds.count()} rows, {dcfg.epochs} epochs, "
-             f"{dcfg.num_workers} workers")
+        kw = {**train_kw, "steps": None if variant == "source_only_all" else steps}
+        _say(f"student {variant}: {objective} on {ds.count()} rows, "
+             + (f"{dcfg.epochs} epochs" if kw["steps"] is None else f"{steps} steps")
+             + f", {dcfg.num_workers} workers")
         with ctx.tracker.child(f"student-{variant}", tags={"raydapt.variant": variant}) as run_log:
-            run_log.params({"variant": variant, "objective": objective, **train_kw, **extra})
+            run_log.params({"variant": variant, "objective": objective, **kw, **extra})
             # same name = same training: Ray Train then resumes it from its last checkpoint
-            key = config_hash({"v": variant, "train": train_kw, "extra": extra,
-                               "student": dcfg.student, "seed": cfg.run.seed,
+            key = config_hash({"v": variant, "train": kw, "extra": extra,
+                               "student": dcfg.student, "seed": sseed,
                                "data": _frame_hash(ds.to_pandas()),
                                "eval": _frame_hash(tgt_test[["text", "y"]])})
             m = fit_student(
                 name=f"{cfg.run.name}-{variant}-{key[:10]}", objective=objective, train_ds=ds,
-                eval_df=tgt_test, num_classes=C, student=dcfg.student, train=train_kw,
-                seed=cfg.run.seed, storage=str(ctx.out / "train"), extra=extra,
+                eval_df=tgt_test, num_classes=C, student=dcfg.student, train=kw,
+                seed=sseed, storage=str(ctx.out / "train"), extra=extra,
                 mlflow_uri=ctx.tracker.uri if cfg.tracking.enabled else None,
                 mlflow_run_id=run_log.run_id,
                 telemetry={"stage": f"student-{variant}", "method": "simda",
                            "run": cfg.run.name})
         students[variant] = {"accuracy": m["accuracy"], "final_epoch_loss": m["loss"],
-                             "epochs": m["epoch"], "resumed_finished_run": bool(
-                                 m.get("resumed", False))}
+                             "epochs": m["epoch"], "rows": int(m.get("rows", ds.count())),
+                             "steps": m.get("steps"),
+                             "resumed_finished_run": bool(m.get("resumed", False))}
+        if variant in ("kl_sim", "kl", "ce") and (tgt_train["y"] >= 0).all():
+            # how far the student stays under the teacher it learns from
+            students[variant]["gap_to_pseudo_labels"] = m["accuracy"] - st.pseudo_acc
         cms[f"student:{variant}"] = np.asarray(m["confusion"])
         results[f"student:{variant}"] = m["accuracy"]
         _say(f"student {variant}: target-test accuracy {m['accuracy']:.4f}")
-    st.results, st.students, st.cms = results, students, cms
+    st.results, st.students, st.cms, st.student_seed = results, students, cms, sseed
 
 
 def report(cfg: SimDAJob, ctx: JobContext, st: SimpleNamespace) -> dict[str, Any]:
@@ -385,6 +498,9 @@ def report(cfg: SimDAJob, ctx: JobContext, st: SimpleNamespace) -> dict[str, Any
     for name, (yt, yp) in teacher_preds.items():
         results[f"teacher:{name}"] = accuracy(yt, yp)
         cms[f"teacher:{name}"] = confusion_matrix(yt, yp, C)
+    for v, s in students.items():  # distilled student vs its teacher p_T on the test split
+        if v in ("kl_sim", "kl", "ce"):
+            s["gap_to_teacher"] = s["accuracy"] - results["teacher:teacher"]
     rej_df = concat_rejects(rejects)
     rej_df.to_parquet(out / "rejects.parquet")
     summary = {
@@ -393,6 +509,7 @@ def report(cfg: SimDAJob, ctx: JobContext, st: SimpleNamespace) -> dict[str, Any
         "counts": counts,
         "rejects": len(rej_df), "icl_test_rows": len(test_b), "seconds": ctx.seconds(),
         "teacher": cfg.teacher.model, "student": dcfg.student, "k": a.k, "lam": a.lam,
+        "student_seed": st.student_seed,
     }
     ctx.write_results(summary)
     plot_confusions(cms, labels, out / "confusion.png")
@@ -401,10 +518,10 @@ def report(cfg: SimDAJob, ctx: JobContext, st: SimpleNamespace) -> dict[str, Any
                     "seconds": summary["seconds"]})
     for f in ("annotations.parquet", "rejects.parquet", "results.json", "confusion.png"):
         ctx.parent.artifact(out / f)
-    width = max(len(k) for k in results)
-    _say("target-test accuracy\n" + "\n".join(
-        f"  {k:<{width}}  {v:.4f}" for k, v in results.items()))
+    _say("target-test accuracy\n" + results_table(results, students))
     _say(f"done in {summary['seconds']:.0f}s; outputs in {out}")
+    if cfg.tracking.enabled:
+        _say(f"browse the runs: mlflow ui --backend-store-uri {ctx.tracker.uri}")
     return summary
 
 

@@ -55,22 +55,40 @@ class SimDAData(Section):
 class TeacherSection(EngineSection):
     """The LLM that builds the data store and annotates target text."""
 
+    # Default read-out: a cloze completion with the chat template off. Measured on books ->
+    # kitchen with SmolLM2-135M-Instruct (README, SimDA): the chat + question + "The sentiment
+    # is" read-out scored 0.70 calibrated zero-shot, this one 0.85.
+    max_length: int = Field(512, gt=8, description="Prompt tokens kept: the query is never "
+                            "cut; demonstrations that do not fit are dropped, farthest first.")
     template: str = Field(
-        "Review: {text}\nIs the sentiment of this review positive or negative? "
-        "Answer with one word.",
-        description="Prompt T(x) (the user turn when chat is on); {text} is the input.",
+        "Review: {text}\nThe sentiment of this review is",
+        description="Prompt T(x) (the user turn when chat is on); {text} is the input. The "
+        "label word is read as the next token (after answer_prefix).",
     )
     answer_prefix: str = Field(
-        "The sentiment is",
-        description="Appended after the (chat-formatted) prompt; the label word comes next.",
+        "",
+        description="Appended after the (chat-formatted) prompt; the label word comes next. "
+        "With chat on, e.g. 'The sentiment is'.",
     )
     demo_template: str = Field(
-        "Review: {text}\nSentiment: {label}\n\n",
+        "Review: {text}\nThe sentiment of this review is {label}.\n\n",
         description="One demonstration in ICL / kNN-augmented prompts ({text}, {label}).",
     )
-    text_max_tokens: int = Field(128, gt=4, description="Tokens of the input text kept.")
+    text_max_tokens: int = Field(160, gt=4, description="Tokens of the input text kept.")
+    text_truncation: Literal["head", "tail", "head_tail"] = Field(
+        "head_tail", description="Which tokens of a long text are kept (query and "
+        "demonstrations): its start, its end, or half of each (reviews often end with the "
+        "verdict).")
     demo_max_tokens: int = Field(48, gt=4, description="Tokens kept per demonstration text.")
-    chat: bool = Field(True, description="Wrap prompts in the model's chat template.")
+    templates: list[str] = Field(
+        default_factory=list, description="Candidate templates: when given, each is scored "
+        "zero-shot (calibrated as annotate.calibrate_llm) on template_select_rows labelled "
+        "SOURCE rows and the best replaces `template` (choice and accuracies logged).")
+    template_select_rows: int = Field(200, ge=2, description="Source rows that score the "
+                                      "candidate templates.")
+    chat: bool = Field(False, description="Wrap prompts in the model's chat template (off: a "
+                       "plain completion; the tokenizer adds only its own special tokens, none "
+                       "for SmolLM2).")
     verbalizer: dict[str, str] = Field(
         default_factory=lambda: {"negative": " negative", "positive": " positive"},
         description="Label -> word; each must be ONE token (leading space included).",
@@ -96,11 +114,17 @@ class AnnotateSection(Section):
         "median", description="Divide distances by the median neighbour distance first."
     )
     lam: float = Field(0.5, ge=0, le=1, description="Weight of p_kNN (1 = pure kNN).")
-    calibrate_llm: Literal["none", "domain_mean"] = Field(
-        "domain_mean",
-        description="domain_mean divides p_LLM by its mean over the target rows (label-prior "
-        "correction, no labels used) before mixing; none keeps the raw distribution.",
+    calibrate_llm: Literal["none", "domain_mean", "median", "prior"] = Field(
+        "prior",
+        description="Label-free calibration of p_LLM, fitted on the target-train rows, before "
+        "mixing: prior = per-class log-biases so that the argmax over the target rows matches "
+        "calibrate_prior (uniform by default; for two classes a threshold at the median "
+        "margin); median = the same, two classes only; domain_mean divides p_LLM by its mean "
+        "over the target rows; none keeps the raw distribution.",
     )
+    calibrate_prior: list[float] | None = Field(
+        None, description="Class prior for calibrate_llm=prior, in label order (None = "
+        "uniform). Must not come from target labels.")
     index: Literal["flat", "ivf", "hnsw"] = Field("flat", description="FAISS index type.")
     teacher_prompt: Literal["knn_prob", "knn_prompt"] = Field(
         "knn_prob",
@@ -118,6 +142,13 @@ class AnnotateSection(Section):
     min_confidence: float = Field(
         0.0, ge=0, le=1, description="Drop pseudo-labels below this confidence from distillation."
     )
+    select_on_source: bool = Field(
+        False, description="Choose k, tau and lam on the labelled source rows (leave-one-out "
+        "kNN over the source store + the source rows' calibrated p_LLM; target labels never "
+        "used) instead of the configured values; the curve is logged to MLflow.")
+    k_grid: list[int] = Field(default_factory=lambda: [4, 8, 16, 32, 64])
+    tau_grid: list[float] = Field(default_factory=lambda: [0.1, 0.3, 1.0, 3.0])
+    lam_grid: list[float] = Field(default_factory=lambda: [i / 10 for i in range(11)])
 
 
 class DistillSection(TrainSection):
@@ -134,10 +165,22 @@ class DistillSection(TrainSection):
     sim_center: bool = Field(
         True, description="Centre teacher/student representations on the batch mean before "
         "the cosines (LLM states are anisotropic; without it the student collapses).")
-    variants: list[Literal["kl_sim", "kl", "ce", "source_only", "oracle"]] = Field(
+    variants: list[Literal["kl_sim", "kl", "ce", "source_only", "oracle",
+                           "source_only_all"]] = Field(
         default_factory=lambda: ["source_only", "kl_sim", "kl", "ce", "oracle"],
-        description="Students to train: distilled (kl_sim, kl, ce) and baselines.",
+        description="Students to train: distilled (kl_sim, kl, ce) and baselines "
+        "(source_only on the job's source rows, oracle on gold target-train labels: both "
+        "step-matched; source_only_all: every row of the source file, `epochs` passes over "
+        "them, a reference that is not step-matched).",
     )
+    seed: int | None = Field(
+        None, description="Seed of the student fits (None = run.seed). Changing it repeats "
+        "the students on the same split and cached teacher outputs (run.seed also draws the "
+        "data subsample).")
+    steps: int | None = Field(
+        None, ge=1, description="Optimiser steps of every student but source_only_all (the "
+        "same for distilled students and baselines). None = `epochs` passes over the "
+        "target-train rows.")
 
 
 class SimDAJob(JobBase):
@@ -158,4 +201,11 @@ class SimDAJob(JobBase):
                 f"teacher.verbalizer must map exactly data.labels {self.data.labels}; "
                 f"missing {missing}, not a label {extra}"
             )
+        a, C = self.annotate, len(self.data.labels)
+        if a.calibrate_llm == "median" and C != 2:
+            raise ValueError(f"annotate.calibrate_llm=median needs 2 labels, got {C}: use prior")
+        if a.calibrate_prior is not None and (len(a.calibrate_prior) != C or min(
+                a.calibrate_prior) < 0 or sum(a.calibrate_prior) <= 0):
+            raise ValueError(f"annotate.calibrate_prior must be {C} non-negative weights "
+                             f"(label order {self.data.labels}), got {a.calibrate_prior}")
         return self

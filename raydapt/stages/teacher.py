@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from raydapt.engines.factory import make_engine
-from raydapt.stages.annotate import build_prompt, knn_distribution
+from raydapt.stages.annotate import build_prompt, fit_demos, knn_distribution
 from raydapt.stages.common import ERROR_COLUMN, StageMetrics, Timer, run_isolating_failures
 
 
@@ -31,9 +31,12 @@ class TeacherScore:
         label_words: verbalizer words in label order.
         template: query prompt with ``{text}``.
         text_max_tokens: tokens of the query text kept.
+        text_truncation: which tokens of a long text (query or demonstration) are kept:
+            ``head``, ``tail`` or ``head_tail``.
         demo_template / demo_max_tokens / demo_texts / demo_labels: when the batch has a
-            ``demo_ids`` column, each row's demonstrations are looked up in ``demo_texts``
-            (id -> text) and ``demo_labels`` (id -> label word) and rendered before the query.
+            ``demo_ids`` column (nearest first), each row's demonstrations are looked up in
+            ``demo_texts`` (id -> text) and ``demo_labels`` (id -> label word), each truncated
+            to ``demo_max_tokens`` and fitted before the query (see :meth:`prompts`).
         keep_hidden: return the ``hidden`` column (the key / teacher representation).
         stage: name used in reject reasons and metrics.
         telemetry: extra metric tags, ``{"method": ..., "run": ...}`` (see raydapt.core.telemetry).
@@ -42,6 +45,7 @@ class TeacherScore:
     def __init__(
         self, *, engine: dict[str, Any], label_words: list[str], template: str,
         text_max_tokens: int, demo_template: str = "", demo_max_tokens: int = 64,
+        text_truncation: str = "head",
         demo_texts: dict[str, str] | None = None, demo_labels: dict[str, str] | None = None,
         keep_hidden: bool = True, stage: str = "teacher",
         telemetry: dict[str, str] | None = None,
@@ -49,28 +53,42 @@ class TeacherScore:
         self.engine = make_engine(engine, label_words)
         self.template = template
         self.text_max_tokens = text_max_tokens
+        self.text_truncation = text_truncation
         self.demo_template = demo_template
         self.demo_max_tokens = demo_max_tokens
         self.demo_texts = demo_texts or {}
         self.demo_labels = demo_labels or {}
-        self._demo_cache: dict[str, str] = {}
+        self._demo_cache: dict[str, tuple[str, int]] = {}
         self.keep_hidden = keep_hidden
         self.stage = stage
         self.metrics = StageMetrics(stage, **(telemetry or {}))
 
-    def _demo(self, did: str) -> tuple[str, str]:
+    def _demo(self, did: str) -> tuple[str, int]:
+        """One demonstration, its text truncated on its own, rendered; and its token count."""
         if did not in self._demo_cache:
-            self._demo_cache[did] = self.engine.truncate(self.demo_texts[did], self.demo_max_tokens)
-        return self._demo_cache[did], self.demo_labels[did]
+            text = self.engine.truncate(self.demo_texts[did], self.demo_max_tokens,
+                                        self.text_truncation)
+            d = build_prompt("", "", demos=[(text, self.demo_labels[did])],
+                             demo_template=self.demo_template)
+            self._demo_cache[did] = (d, self.engine.count_tokens([d])[0])
+        return self._demo_cache[did]
 
     def prompts(self, batch: pd.DataFrame) -> list[str]:
+        """The prompt of each row. With demonstrations (``demo_ids``, nearest first) the query
+        (instruction + truncated text + answer cue) is never cut: demonstrations are added
+        nearest first while they fit in the engine's ``max_length`` and rendered farthest first,
+        so the nearest sits next to the query (:func:`~raydapt.stages.annotate.fit_demos`)."""
         out = []
         has_demos = "demo_ids" in batch.columns
         for i, text in enumerate(batch["text"].tolist()):
-            demos = [self._demo(str(d)) for d in batch["demo_ids"].iloc[i]] if has_demos else []
-            out.append(build_prompt(
-                self.template, self.engine.truncate(text, self.text_max_tokens), demos=demos,
-                demo_template=self.demo_template))
+            query = build_prompt(self.template, self.engine.truncate(
+                text, self.text_max_tokens, self.text_truncation))
+            if has_demos:
+                demos = [self._demo(str(d)) for d in batch["demo_ids"].iloc[i]]
+                keep = fit_demos(self.engine.prompt_tokens(query), [t for _, t in demos],
+                                 self.engine.max_length)
+                query = "".join(demos[j][0] for j in keep) + query
+            out.append(query)
         return out
 
     def _score(self, batch: pd.DataFrame) -> pd.DataFrame:
@@ -129,6 +147,19 @@ def save_store(path: Path, index, ids: list[str], labels: np.ndarray) -> None:
     faiss.write_index(index, str(path / "index.faiss"))
     pd.DataFrame({"id": ids, "y": np.asarray(labels, dtype=np.int64)}).to_parquet(
         path / "values.parquet")
+
+
+def loo_neighbours(keys: np.ndarray, k: int, *, kind: str = "flat"
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Leave-one-out search of a store with its own keys [N, H]: each row's k nearest OTHER rows.
+    Returns distances [N, k] (float32, as the store reports them) and row indices [N, k]."""
+    index = build_index(keys, kind=kind)
+    k = min(k, len(keys) - 1)
+    d, idx = index.search(np.ascontiguousarray(keys, dtype=np.float32), k + 1)
+    keep = idx != np.arange(len(keys))[:, None]
+    keep[keep.sum(1) > k, -1] = False  # self not found among k + 1 (duplicates): drop the last
+    return (np.stack([r[m][:k] for r, m in zip(d, keep)]),
+            np.stack([r[m][:k] for r, m in zip(idx, keep)]))
 
 
 class KnnSearch:

@@ -85,7 +85,6 @@ def sft_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The SFT loss of one padded batch {input_ids, attention_mask, response_mask} ([B, T]
     each, on the model's device): mean over samples of the response-token cross-entropy
     (computed in fp32 whatever the model's dtype)."""
-    from raydapt.select.ntk import response_loss_objective
 
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     return response_loss_objective(out.logits, batch["input_ids"], batch["response_mask"]).mean()

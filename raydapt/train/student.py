@@ -84,7 +84,10 @@ def student_loop(cfg: dict[str, Any]) -> None:
     n_rows = cfg["train_rows"]
     per_worker = max(1, cfg["batch_size"] // world)
     steps_per_epoch = max(1, (n_rows // world) // per_worker)
-    total = steps_per_epoch * cfg["epochs"]
+    # a fixed step budget (cfg["steps"]) makes baselines and distilled students comparable
+    # whatever their row counts: the data is cycled for ceil(steps / steps_per_epoch) epochs
+    total = int(cfg.get("steps") or steps_per_epoch * cfg["epochs"])
+    n_epochs = math.ceil(total / steps_per_epoch)
     warm = int(cfg["warmup_ratio"] * total)
     sched = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, then linear decay to 0
         opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / max(1, total - warm)))
@@ -100,7 +103,7 @@ def student_loop(cfg: dict[str, Any]) -> None:
         last_metrics = state.get("metrics")
         if rank == 0:
             say(f"[{cfg['name']}] resumed from the checkpoint of epoch {start_epoch}/"
-                f"{cfg['epochs']}")
+                f"{n_epochs}")
     log = RunLogger(cfg.get("mlflow_uri"), cfg.get("mlflow_run_id")) if rank == 0 else RunLogger(None, None)
     eval_rows = cfg["eval_rows"]
     cols = ["text", "y"] if cfg["objective"] == "supervised" else ["text", "p_t", "h_t"]
@@ -119,10 +122,10 @@ def student_loop(cfg: dict[str, Any]) -> None:
     step = start_epoch * steps_per_epoch
     t0 = time.time()
     tm = StageTelemetry(**{"stage": "student", **cfg.get("telemetry", {})})  # Ray metrics
-    if start_epoch >= cfg["epochs"]:  # restored a finished run: report its final metrics again
+    if start_epoch >= n_epochs:  # restored a finished run: report its final metrics again
         ray.train.report({**(last_metrics or {}), "resumed": True})
         return
-    for epoch in range(start_epoch, cfg["epochs"]):
+    for epoch in range(start_epoch, n_epochs):
         # RNG from (seed, epoch, rank): a run resumed at epoch e draws what an uninterrupted one does
         torch.manual_seed(cfg["seed"] * 100_003 + epoch * 101 + rank)
         # train mode every epoch: from_pretrained returns the encoder in eval mode (dropout off),
@@ -132,6 +135,8 @@ def student_loop(cfg: dict[str, Any]) -> None:
         order = np.random.default_rng(cfg["seed"] + epoch).permutation(n_data)
         mine = order[rank::world][: n_data // world]  # equal slices: DDP steps in lockstep
         for s in range(len(mine) // per_worker):  # drop_last
+            if step >= total:
+                break
             t_batch = time.perf_counter()
             ix = mine[s * per_worker : (s + 1) * per_worker]
             batch = {c: data[c][ix] for c in cols}
@@ -150,7 +155,7 @@ def student_loop(cfg: dict[str, Any]) -> None:
             if rank == 0 and (step % cfg["log_every"] == 0 or step == total):
                 rate = (step - start_epoch * steps_per_epoch) / max(1e-9, time.time() - t0)
                 eta = (total - step) / max(rate, 1e-9)
-                say(f"[{cfg['name']}] epoch {epoch + 1}/{cfg['epochs']} step {step}/{total} "
+                say(f"[{cfg['name']}] epoch {epoch + 1}/{n_epochs} step {step}/{total} "
                     f"loss {np.mean(losses[-cfg['log_every']:]):.4f} {rate:.2f} steps/s "
                     f"ETA {eta:.0f}s")
                 log.metrics({"train_loss": float(np.mean(losses[-cfg['log_every']:]))}, step)
@@ -160,7 +165,7 @@ def student_loop(cfg: dict[str, Any]) -> None:
         cm = cm.numpy()
         acc = float(np.trace(cm) / max(1, cm.sum()))
         metrics = {"epoch": epoch + 1, "accuracy": acc, "loss": float(np.mean(losses or [0])),
-                   "confusion": cm.tolist()}
+                   "confusion": cm.tolist(), "steps": step, "rows": n_rows}
         log.metrics({"accuracy": acc, "epoch_loss": metrics["loss"]}, epoch + 1)
         checkpoint = None
         if rank == 0 and cfg.get("checkpoint", True):
@@ -182,7 +187,8 @@ def fit_student(
 ) -> dict[str, Any]:
     """Fit one student with :class:`ray.train.torch.TorchTrainer`; returns the final metrics.
 
-    ``train`` holds the DistillSection fields (num_workers, epochs, lr, ...); ``extra`` the loss
+    ``train`` holds the DistillSection fields (num_workers, epochs, steps, lr, ...): ``steps``
+    (if set) is the number of optimiser steps whatever the row count; ``extra`` the loss
     knobs (beta, temperature, sim_tau, sim_loss, min_confidence).
 
     Resume: the Ray Train run is named ``name`` under ``storage``, and Ray Train restores the

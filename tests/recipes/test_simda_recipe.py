@@ -46,6 +46,11 @@ def test_simda_end_to_end(tmp_path, capsys, monkeypatch, tiny_simda_job):
     assert want <= set(res["accuracy"])
     assert all(0.0 <= v <= 1.0 for v in res["accuracy"].values())
     assert res["counts"]["source_rows"] == 40 and res["counts"]["target_test_rows"] == 24
+    # step-matched baselines: 24 target-train rows, batch 8 on 2 workers, 1 epoch = 3 steps for
+    # the distilled student, and source-only gets those 3 steps too although it has 40 rows
+    st = res["students"]
+    assert (st["kl_sim"]["rows"], st["source_only"]["rows"]) == (24, 40)
+    assert st["kl_sim"]["steps"] == st["source_only"]["steps"] == 3
 
     ann = pd.read_parquet(out / "annotations.parquet")
     assert len(ann) == 24 and ann["id"].is_unique

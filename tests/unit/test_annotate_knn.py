@@ -8,7 +8,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from raydapt.stages.annotate import build_prompt, calibrate_domain_mean, knn_distribution, mix
+from raydapt.stages.annotate import (
+    apply_log_bias,
+    build_prompt,
+    calibrate_domain_mean,
+    calibrator,
+    fit_demos,
+    knn_distribution,
+    mix,
+    rank_calibration_bias,
+)
 from raydapt.stages.teacher import KnnSearch, build_index, save_store
 
 
@@ -53,6 +62,55 @@ def test_build_prompt_renders_demos_then_query():
     s = build_prompt("Q: {text}", "hello", demos=[("a", "pos"), ("b", "neg")],
                      demo_template="[{text}={label}]")
     assert s == "[a=pos][b=neg]Q: hello"
+
+
+def _two_class(margins):
+    """Rows whose log p_1 - log p_0 equals each margin."""
+    m = np.asarray(margins, dtype=np.float64)
+    p1 = 1 / (1 + np.exp(-m))
+    return np.stack([1 - p1, p1], axis=1)
+
+
+def test_median_calibration_hand_value():
+    # margins 3, 1, -1, 0.5: median 0.75 -> rows 0 and 1 positive, p_1 = sigmoid(margin - 0.75)
+    p = _two_class([3.0, 1.0, -1.0, 0.5])
+    q = calibrator("median", p)(p)
+    assert q.argmax(1).tolist() == [1, 1, 0, 0]
+    np.testing.assert_allclose(q[:, 1], 1 / (1 + np.exp(-(np.array([3, 1, -1, 0.5]) - 0.75))),
+                               rtol=1e-5)
+    # fitted on these rows, applied to others: threshold stays 0.75
+    q = calibrator("median", p)(_two_class([0.7, 0.8]))
+    assert q.argmax(1).tolist() == [0, 1]
+    # uniform prior = median for two classes; a 3:1 prior moves the threshold to (-1 + 0.5) / 2
+    b = rank_calibration_bias(p)
+    assert b[1] - b[0] == pytest.approx(-0.75)
+    b = rank_calibration_bias(p, np.array([0.25, 0.75]))
+    assert b[1] - b[0] == pytest.approx(0.25)
+    assert apply_log_bias(p, b).argmax(1).tolist() == [1, 1, 0, 1]
+    with pytest.raises(ValueError, match="two classes"):
+        calibrator("median", np.full((3, 3), 1 / 3))
+
+
+def test_prior_calibration_three_classes_matches_counts_and_best_assignment():
+    # every row prefers class 0; a uniform prior gives each class one row. Of the 6 one-to-one
+    # assignments the best total log p is row0->0, row1->2, row2->1 (-1.5; next best -2).
+    logp = np.array([[0.0, -1.0, -2.0], [0.0, -2.0, -1.0], [0.0, -0.5, -3.0]])
+    p = np.exp(logp) / np.exp(logp).sum(1, keepdims=True)
+    q = calibrator("prior", p)(p)
+    assert q.argmax(1).tolist() == [0, 2, 1]
+    np.testing.assert_allclose(q.sum(1), 1.0, rtol=1e-6)
+    # a prior (2, 1, 0) of 3 rows: rows 0 and 2 keep class 0? best with counts (2, 1, 0):
+    # {0,1}->0, 2->1: -0.5; {0,2}->0, 1->1: -2; {1,2}->0, 0->1: -1 -> [0, 0, 1]
+    q = calibrator("prior", p, [2 / 3, 1 / 3, 0.0])(p)
+    assert q.argmax(1).tolist() == [0, 0, 1]
+    assert calibrator("none", p)(p).argmax(1).tolist() == [0, 0, 0]
+
+
+def test_fit_demos_drops_farthest_and_puts_nearest_last():
+    # budget 100, query 40: demos (nearest first) 25, 25, 25 -> the first two fit, farthest first
+    assert fit_demos(40, [25, 25, 25], 100) == [1, 0]
+    assert fit_demos(40, [70, 5], 100) == []  # the nearest does not fit: none is used
+    assert fit_demos(40, [10, 10], 100) == [1, 0]
 
 
 @pytest.mark.parametrize("kind", ["flat", "hnsw"])

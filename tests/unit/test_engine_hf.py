@@ -54,3 +54,64 @@ def test_multi_token_verbalizer_is_rejected():
 
     with pytest.raises(VerbalizerError, match="extraordinarily"):
         HFEngine("pkg:smollm2-135m-instruct", [" negative", " extraordinarilyfabulous"])
+
+
+def test_truncation_sides(engine):
+    text = " ".join(f"w{i}" for i in range(200))
+    n = engine.count_tokens([text])[0]
+    assert n > 40
+    head = engine.truncate(text, 40, "head")
+    tail = engine.truncate(text, 40, "tail")
+    both = engine.truncate(text, 40, "head_tail")
+    assert head.startswith("w0 w1") and not head.endswith("w199")
+    assert tail.endswith("w199") and "w0 " not in tail
+    assert both.startswith("w0 w1") and both.endswith("w199") and " ... " in both
+    # each half is cut to 20 tokens; the joint adds at most the " ..." tokens
+    assert engine.count_tokens([both])[0] <= 40 + 2
+    assert engine.truncate("short text", 40, "head_tail") == "short text"
+
+
+def test_completion_readout_adds_no_special_tokens():
+    """Chat off: SmolLM2's bos_token is '<|im_start|>' (a chat-turn marker), and the tokenizer
+    must not put it (or anything) before a plain completion prompt."""
+    from raydapt.engines.hf import HFEngine
+
+    eng = HFEngine("pkg:smollm2-135m-instruct", [" negative", " positive"], max_length=64,
+                   chat=False, num_threads=2)
+    prompt = "Review: great pan\nThe sentiment of this review is"
+    ids = eng.tokenize([prompt])["input_ids"][0]
+    assert ids == eng.tok(prompt, add_special_tokens=False)["input_ids"]
+    assert eng.tok.bos_token_id not in ids and eng.prompt_tokens(prompt) == len(ids)
+
+
+def test_demonstration_layout_of_a_long_case():
+    """Four long demonstrations and a long query at max_length 160: the instruction and the
+    whole (truncated) query stay; each demonstration is cut on its own; whole demonstrations are
+    dropped farthest first; the nearest sits right before the query."""
+    import pandas as pd
+
+    from raydapt.stages.teacher import TeacherScore
+
+    long = " ".join(f"x{i}" for i in range(300))
+    demos = {f"d{j}": f"DEMO{j} " + long for j in range(4)}  # d0 nearest ... d3 farthest
+    ts = TeacherScore(
+        engine={"backend": "hf", "model": "pkg:smollm2-135m-instruct", "max_length": 160,
+                "chat": False, "num_threads": 2},
+        label_words=[" negative", " positive"],
+        template="Review: {text}\nThe sentiment of this review is", text_max_tokens=60,
+        text_truncation="head_tail", demo_template="Review: {text}\nSentiment: {label}\n\n",
+        demo_max_tokens=30, demo_texts=demos, demo_labels={d: "positive" for d in demos})
+    batch = pd.DataFrame({"id": ["q"], "text": ["QUERY " + long + " FINAL"],
+                          "demo_ids": [["d0", "d1", "d2", "d3"]]})
+    prompt = ts.prompts(batch)[0]
+    eng = ts.engine
+    n = eng.prompt_tokens(prompt)
+    assert n <= 160  # nothing left for the engine's left truncation to cut
+    # layout: [d1][d0][query]: each demo ~30 + 7 tokens, query ~60 + 10 -> two demos fit
+    assert prompt.index("DEMO1") < prompt.index("DEMO0") < prompt.index("QUERY")
+    assert "DEMO2" not in prompt and "DEMO3" not in prompt
+    assert prompt.endswith("FINAL\nThe sentiment of this review is")  # query kept whole
+    for block in prompt.split("\n\n")[:-1]:  # each demonstration truncated on its own
+        assert eng.count_tokens([block])[0] <= 30 + 10
+    # and the engine scores exactly this prompt (no left truncation)
+    assert int(eng.score([prompt]).prompt_tokens[0]) == n

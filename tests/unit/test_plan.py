@@ -38,7 +38,8 @@ def test_plan_rows_tokens_hours_resources(tmp_path):
     # source 30; target 40 -> 20 train, min(20, 10) = 10 test; ICL on min(10, 6) = 6 rows
     assert st["read"].rows == 70 and st["teacher"].rows == 30 + 20 + 10
     assert st["knn"].rows == 30 and st["prompted"].rows == 6
-    assert st["student-source_only"].rows == 30 * 2 and st["student-kl"].rows == 20 * 2
+    # step-matched: source-only sees as many examples as the distilled student
+    assert st["student-source_only"].rows == 20 * 2 and st["student-kl"].rows == 20 * 2
     # hours by hand from the table: 2*N*tokens / rate + model load per replica (max 2)
     n, _ = model_params(cfg.teacher.model, table)
     tok = st["teacher"].llm_tokens
@@ -47,7 +48,7 @@ def test_plan_rows_tokens_hours_resources(tmp_path):
     assert st["teacher"].device == "gpu" and st["teacher"].hours == pytest.approx(want)
     assert st["prompted"].llm_tokens / 6 > tok / 60  # demonstrations make prompts longer
     ns, _ = model_params(cfg.distill.student, table)
-    wall = 6 * ns * 60 * 64 / (table["devices"]["a100"]["train"] * 4) + \
+    wall = 6 * ns * 40 * 64 / (table["devices"]["a100"]["train"] * 4) + \
         table["fixed_seconds"]["train_fit"]["gpu"]
     assert st["student-source_only"].hours == pytest.approx(wall * 4 / 3600)
     assert st["teacher"].resources == {"actors": "1-2", "CPU/actor": 2.0, "GPU/actor": 1.0,
@@ -55,8 +56,9 @@ def test_plan_rows_tokens_hours_resources(tmp_path):
     assert st["student-kl"].resources["workers"] == 4
     assert p.total_hours("gpu") == pytest.approx(sum(s.hours or 0 for s in p.stages
                                                      if s.device == "gpu"))
-    # the prompt the teacher sees: chat template, query, answer prefix
-    assert "<|im_start|>user" in p.prompt and p.prompt.endswith("The sentiment is")
+    # the prompt the teacher sees: the default cloze read-out, no chat template
+    assert "<|im_start|>" not in p.prompt
+    assert p.prompt.endswith("\nThe sentiment of this review is")
     assert "review number 0" in p.prompt
     params = p.mlflow_params()
     assert params["plan.teacher.rows"] == "60" and params["plan.gpu"] == "a100"
