@@ -36,7 +36,10 @@ def _run(args: argparse.Namespace) -> int:
         from raydapt.recipes import ntk_select as recipe
     else:  # pragma: no cover - JOB_TYPES and this list move together
         raise RaydaptError(f"no recipe for method {cfg.method!r}")
-    recipe.run(cfg)
+    from raydapt.preflight import checked_job
+
+    with checked_job(cfg):
+        recipe.run(cfg)
     _log_plan_next_to_actuals(cfg)
     return 0
 
@@ -73,7 +76,10 @@ def _sweep(args: argparse.Namespace) -> int:
     from raydapt.sweep import load_sweep, run_sweep
 
     spec, base, cfg = load_sweep(args.sweep, args.overrides)
-    run_sweep(spec, base, cfg)
+    from raydapt.preflight import checked_job
+
+    with checked_job(cfg):
+        run_sweep(spec, base, cfg)
     return 0
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from raydapt.data.labels import build_vocab
-from raydapt.data.readers import DataError, detect_format
+from raydapt.data.readers import DataError, NoUsableRows, check_not_empty, detect_format
 
 REJECT_COLUMNS = ["file", "id", "reason", "raw"]
 _RAW_MAX = 500
@@ -93,6 +93,7 @@ def read_multilabel(
     p = Path(path)
     if not p.is_file():
         raise DataError(f"data file not found: {path}")
+    check_not_empty(p)
     fmt = detect_format(p, fmt)
     df = _load_table(p, fmt)
     needed = [id_field, text_field, domain_field]
@@ -160,6 +161,8 @@ def read_multilabel(
                         "reason": "duplicate id (the first row with this id is kept)",
                         "raw": r["text"][:_RAW_MAX]})
     out = out[~dup].reset_index(drop=True)
+    if out.empty and rejects:
+        raise NoUsableRows(path, pd.DataFrame(rejects, columns=REJECT_COLUMNS))
     if vocab is None:
         vocab = build_vocab(out["labels"])
     order = {lab: i for i, lab in enumerate(vocab)}

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from raydapt.data.readers import DataError, detect_format
+from raydapt.data.readers import DataError, NoUsableRows, check_not_empty, detect_format
 
 QA_COLUMNS = ["id", "source", "split", "question", "context", "options", "rationale", "answer"]
 
@@ -126,6 +126,7 @@ def read_qa(path: str | Path, *, fmt: str = "auto") -> tuple[pd.DataFrame, pd.Da
     p = Path(path)
     if not p.is_file():
         raise DataError(f"QA file not found: {p}")
+    check_not_empty(p)
     kind = detect_format(p, fmt)
     records: list[Any] = []
     bad: list[dict[str, Any]] = []
@@ -149,7 +150,10 @@ def read_qa(path: str | Path, *, fmt: str = "auto") -> tuple[pd.DataFrame, pd.Da
     if records and missing:
         raise DataError(f"{p}: missing column(s) {sorted(missing)}; the file has {sorted(cols)}")
     rows, rej = normalise_qa(records, file=str(p))
-    return rows, pd.concat([pd.DataFrame(bad, columns=rej.columns), rej], ignore_index=True)
+    rej = pd.concat([pd.DataFrame(bad, columns=rej.columns), rej], ignore_index=True)
+    if rows.empty and len(rej):
+        raise NoUsableRows(p, rej)
+    return rows, rej
 
 
 def render(row: dict[str, Any] | pd.Series, fmt: QAFormat) -> tuple[str, str]:

@@ -35,6 +35,25 @@ class DataError(RaydaptError):
     """A data file that cannot be read as asked (missing file or column, unknown format)."""
 
 
+class NoUsableRows(DataError):
+    """Every row of a file was rejected. Carries the rejects, so the job can write them (to
+    ``rejects.parquet``) before it stops: see :func:`raydapt.preflight.checked_job`."""
+
+    def __init__(self, file: str | Path, rejects: pd.DataFrame) -> None:
+        self.file, self.rejects = str(file), rejects
+        super().__init__(f"no usable rows in {file}: {len(rejects)} rejected")
+
+
+def check_not_empty(path: str | Path) -> None:
+    """Raise :class:`DataError` for a local file with no bytes but whitespace (not "columns
+    found: []" later)."""
+    p = Path(path)
+    if "://" in str(path) or not p.is_file():
+        return
+    if p.stat().st_size == 0 or (p.stat().st_size < 1 << 16 and not p.read_bytes().strip()):
+        raise DataError(f"{path}: file is empty")
+
+
 @dataclass(frozen=True)
 class Fields:
     """Which columns of a file hold the id, text and label."""
@@ -227,6 +246,7 @@ def read_rows(
     p = Path(path)
     if "://" not in str(path) and not p.exists():
         raise DataError(f"data file not found: {path}")
+    check_not_empty(path)
     fmt = detect_format(path, fmt)
     needed = {fields.id, fields.text} | ({fields.label} if require_label else set())
     if "://" not in str(path):
@@ -268,12 +288,16 @@ def read_rows(
     rows = ds.filter(lambda r: r["_reject"] == "").drop_columns(["_reject"]).materialize()
     rejects = ds.filter(lambda r: r["_reject"] != "").map(
         lambda r: json.loads(r["_reject"])).materialize()
+    if rows.count() == 0:
+        raise NoUsableRows(path, pd.DataFrame(rejects.take_all(), columns=REJECT_COLUMNS))
     return rows, rejects
 
 
 def drop_duplicate_ids(df: pd.DataFrame, *, file: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Keep the first row of each id; later rows with the same id become rejects (stages join
     on ``id``, so a duplicate would silently corrupt them). Returns (rows, rejects)."""
+    if "id" not in df.columns:  # no rows at all (Ray gives an empty frame without columns)
+        df = pd.DataFrame(columns=ROW_COLUMNS)
     dup = df["id"].duplicated(keep="first")
     rej = pd.DataFrame({"file": file, "id": df.loc[dup, "id"],
                         "reason": "duplicate id (the first row with this id is kept)",
