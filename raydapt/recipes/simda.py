@@ -434,7 +434,8 @@ def run(cfg: SimDAJob) -> dict[str, Any]:
                     telemetry={"stage": f"student-{variant}", "method": "simda",
                                "run": cfg.run.name})
             students[variant] = {"accuracy": m["accuracy"], "final_epoch_loss": m["loss"],
-                                 "epochs": m["epoch"], "resumed_finished_run": bool(
+                                 "epochs": m["epoch"], "steps": m.get("steps"),
+                                 "resumed_finished_run": bool(
                                      m.get("resumed", False))}
             cms[f"student:{variant}"] = np.asarray(m["confusion"])
             results[f"student:{variant}"] = m["accuracy"]

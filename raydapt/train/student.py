@@ -24,7 +24,7 @@ import torch
 
 from raydapt.evaluate import confusion_matrix
 from raydapt.losses.distill import kl_distillation, pseudo_label_ce, similarity_alignment
-from raydapt.train import say
+from raydapt.train import say, steps_per_epoch
 
 OBJECTIVES = ("kl_sim", "kl", "ce", "supervised")
 
@@ -162,8 +162,8 @@ def student_loop(cfg: dict[str, Any]) -> None:
         cm = cm.numpy()
         acc = float(np.trace(cm) / max(1, cm.sum()))
         metrics = {"epoch": epoch + 1, "accuracy": acc, "loss": float(np.mean(losses or [0])),
-                   "confusion": cm.tolist()}
-        log.metrics({"accuracy": acc, "epoch_loss": metrics["loss"]}, epoch + 1)
+                   "steps": step, "confusion": cm.tolist()}
+        log.metrics({"accuracy": acc, "epoch_loss": metrics["loss"], "steps": step}, epoch + 1)
         checkpoint = None
         if rank == 0 and cfg.get("checkpoint", True):
             d = Path(cfg["scratch"]) / f"ckpt-{epoch}"
@@ -200,6 +200,9 @@ def fit_student(
         raise ValueError(f"objective must be one of {OBJECTIVES}")
     n_rows = train_ds.count()
     workers = int(train["num_workers"])
+    # fail before Ray Train starts if no optimiser step would run (was: 0 steps, loss 0.0)
+    steps_per_epoch(n_rows, workers=workers, name=name,
+                    per_worker_batch=max(1, int(train["batch_size"]) // workers))
     cfg = {
         **train, **(extra or {}), "name": name, "objective": objective, "seed": seed,
         "student": student, "num_classes": num_classes, "train_rows": n_rows,

@@ -59,6 +59,9 @@ distill: {{variants: [source_only, kl_sim], epochs: 1, batch_size: 8, max_length
     assert want <= set(res["accuracy"])
     assert all(0.0 <= v <= 1.0 for v in res["accuracy"].values())
     assert res["counts"]["source_rows"] == 40 and res["counts"]["target_test_rows"] == 24
+    # steps taken per student: 24 distillation rows / 2 workers = 12 per worker, batches of 4
+    assert res["students"]["kl_sim"]["steps"] == 3
+    assert res["students"]["source_only"]["steps"] == (40 // 2) // 4
 
     ann = pd.read_parquet(out / "annotations.parquet")
     assert len(ann) == 24 and ann["id"].is_unique

@@ -1,0 +1,31 @@
+"""A student that would take no optimiser step is an error, never a silent 'loss 0.0' (issue 16)."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from raydapt import RaydaptError
+from raydapt.train import steps_per_epoch
+
+
+def test_steps_per_epoch_counts_full_per_worker_batches():
+    assert steps_per_epoch(100, workers=2, per_worker_batch=8, name="s") == 6  # 50 // 8
+    assert steps_per_epoch(16, workers=2, per_worker_batch=8, name="s") == 1
+    with pytest.raises(RaydaptError, match=r"s: 15 training rows over 2 worker\(s\) .* 7 per "
+                                           r"worker.* batch of 8.*no optimiser step"):
+        steps_per_epoch(15, workers=2, per_worker_batch=8, name="s")
+
+
+@pytest.mark.timeout(300)
+def test_fit_student_with_fewer_rows_than_a_batch_fails_before_training(ray_local, tmp_path):
+    from raydapt.train.student import fit_student
+
+    df = pd.DataFrame({"text": [f"t{i}" for i in range(6)], "y": [0, 1] * 3})
+    with pytest.raises(RaydaptError, match="no optimiser step"):
+        fit_student(name="tiny", objective="supervised", train_ds=ray_local.data.from_pandas(df),
+                    eval_df=df, num_classes=2, student="pkg:all-minilm-l6-v2",
+                    train={"num_workers": 1, "batch_size": 8, "epochs": 1, "lr": 1e-3,
+                           "weight_decay": 0.0, "warmup_ratio": 0.0, "max_length": 16},
+                    seed=0, storage=str(tmp_path))
+    assert not (tmp_path / "tiny").exists()  # no Ray Train run was started
