@@ -212,7 +212,11 @@ def _check_hub_repo(ref: str, repo: str, rev: str | None, token: str | None) -> 
                 "download it first (huggingface-cli download) or unset HF_HUB_OFFLINE")
         return f"hub cache {hit}"
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     try:
         HfApi().model_info(repo, revision=rev, token=token or None, timeout=10)

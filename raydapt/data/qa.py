@@ -27,7 +27,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from raydapt.data.readers import DataError, NoUsableRows, check_not_empty, detect_format
+from raydapt.data.readers import (
+    DataError,
+    NoUsableRows,
+    check_not_empty,
+    detect_format,
+    read_csv_table,
+)
 
 QA_COLUMNS = ["id", "source", "split", "question", "context", "options", "rationale", "answer"]
 
@@ -143,7 +149,7 @@ def read_qa(path: str | Path, *, fmt: str = "auto") -> tuple[pd.DataFrame, pd.Da
                 bad.append({"file": str(p), "id": None, "reason": f"line {n}: invalid JSON ({exc})",
                             "raw": raw[:300].decode("utf-8", "replace")})
     else:
-        df = pd.read_parquet(p) if kind == "parquet" else pd.read_csv(p)
+        df = pd.read_parquet(p) if kind == "parquet" else read_csv_table(p)
         records = df.to_dict("records")
     cols = set().union(*(r.keys() for r in records[:50] if isinstance(r, dict))) if records else set()
     missing = {"id", "question", "answer"} - cols
