@@ -13,6 +13,7 @@ Datasets handed to the trainer:
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -198,6 +199,10 @@ def fit_student(
 
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}")
+    # a finished fit of the same name (= same training) is not started again
+    final = Path(storage) / name / "final_metrics.json"
+    if final.exists():
+        return {**json.loads(final.read_text()), "resumed": True}
     n_rows = train_ds.count()
     workers = int(train["num_workers"])
     # fail before Ray Train starts if no optimiser step would run (was: 0 steps, loss 0.0)
@@ -234,4 +239,9 @@ def fit_student(
     result = trainer.fit()
     if result.error:
         raise result.error
-    return dict(result.metrics)
+    metrics = dict(result.metrics)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_suffix(".tmp")
+    tmp.write_text(json.dumps({k: v for k, v in metrics.items() if k != "resumed"}, default=float))
+    os.replace(tmp, final)  # atomic: written only once the fit has finished
+    return metrics
