@@ -131,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run a job YAML")
     r.add_argument("job")
     r.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    r.add_argument("--verbose", action="store_true",
+                   help="show Ray's full console stream (INFO logs, progress bars, warnings)")
     r.set_defaults(fn=_run)
     w = sub.add_parser("sweep", help="Ray Tune sweep over a job's keys (search space in YAML)")
     w.add_argument("sweep")
@@ -163,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
+    if getattr(args, "verbose", False):
+        os.environ["RAYDAPT_VERBOSE"] = "1"  # raydapt.runtime: Ray's full stream
     try:
         return args.fn(args)
     except RaydaptError as exc:

@@ -41,7 +41,7 @@ from raydapt.config import ConfigError, DALLMiJob, _expand_env, config_hash, to_
 from raydapt.data.labels import hide_labels, multi_hot
 from raydapt.data.multilabel import read_multilabel
 from raydapt.data.readers import DataError, fingerprint, split_and_subsample
-from raydapt.runtime import init_ray, seed_everything
+from raydapt.runtime import config_note, init_ray, seed_everything
 from raydapt.tracking import RunLogger, Tracker
 
 ADAPT_OBJECTIVE = {"bce_partial": ("bce", None), "bce_oracle": ("bce", None),
@@ -256,7 +256,7 @@ def run(cfg: DALLMiJob) -> dict[str, Any]:
                                          "raydapt.config_hash": config_hash(cfg)}) as parent:
         parent.params(cfg.model_dump(mode="json"))
         parent.text(to_yaml(cfg), "config.yaml")
-        _say(f"resolved config:\n{to_yaml(cfg)}")
+        _say(f"resolved config: {config_note(cfg, out)}")
         prep = prepare(cfg, tracker, out)
         parent.params({"data_fingerprint": prep.fingerprints})
         results: dict[str, Any] = {}

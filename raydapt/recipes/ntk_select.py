@@ -37,7 +37,7 @@ from raydapt.cache import ShardedOutput, StageCache
 from raydapt.config import NTKSelectJob, config_hash, to_yaml
 from raydapt.data.qa import QAFormat, chat_prefix, encode_pair, read_qa, render
 from raydapt.data.readers import DataError, fingerprint, split_and_subsample
-from raydapt.runtime import init_ray, seed_everything
+from raydapt.runtime import config_note, init_ray, seed_everything
 from raydapt.select.selectors import SELECTORS, SelectionInputs, knn_votes
 from raydapt.stages.common import pool_kwargs
 from raydapt.tracking import Tracker
@@ -457,7 +457,7 @@ def run(cfg: NTKSelectJob) -> dict[str, Any]:
                                          "raydapt.config_hash": config_hash(cfg)}) as parent:
         parent.params(cfg.model_dump(mode="json"))
         parent.text(to_yaml(cfg), "config.yaml")
-        _say(f"resolved config:\n{to_yaml(cfg)}")
+        _say(f"resolved config: {config_note(cfg, out)}")
 
         # 1. read ------------------------------------------------------------------------------
         t0 = time.time()

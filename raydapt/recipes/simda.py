@@ -37,7 +37,7 @@ from raydapt.data.readers import (
     unit_hash,
 )
 from raydapt.evaluate import accuracy, confusion_matrix
-from raydapt.runtime import init_ray, seed_everything
+from raydapt.runtime import config_note, init_ray, seed_everything
 from raydapt.stages.annotate import calibrate_domain_mean, mix
 from raydapt.stages.common import pool_kwargs
 from raydapt.stages.teacher import KnnSearch, TeacherScore, build_index, save_store
@@ -222,7 +222,7 @@ def run(cfg: SimDAJob) -> dict[str, Any]:
                                          "raydapt.config_hash": config_hash(cfg)}) as parent:
         parent.params(cfg.model_dump(mode="json"))
         parent.text(to_yaml(cfg), "config.yaml")
-        _say(f"resolved config:\n{to_yaml(cfg)}")
+        _say(f"resolved config: {config_note(cfg, out)}")
 
         # 1. read ------------------------------------------------------------------------------
         root = Path(cfg.data.root)
