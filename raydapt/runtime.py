@@ -134,6 +134,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
 
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     quiet = not verbose()
+    if not sys.stdout.isatty():  # no colour codes around worker-line prefixes in a log file
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     if quiet:
         import ray.data  # noqa: F401 - configures the ray.data logger, which we then quieten
 

@@ -59,7 +59,7 @@ def _dataset(df: pd.DataFrame, rows_per_block: int = 32):
                                  if len(ix)])
 
 
-def _stream(ds, total: int, label: str, on_batch=None, every_s: float = 10.0) -> pd.DataFrame:
+def _stream(ds, total: int, label: str, on_batch=None, every_s: float = 60.0) -> pd.DataFrame:
     """Iterate a dataset's output, printing rows done, rows/s and ETA; returns all rows."""
     parts, done, t0, last = [], 0, time.time(), 0.0
     for batch in ds.iter_batches(batch_format="pandas", batch_size=None):

@@ -112,7 +112,7 @@ def _run_teacher(rows: pd.DataFrame, cfg: SimDAJob, *, keep_hidden: bool, stage:
 
 
 def _cached_pass(cache: StageCache, tracker: Tracker, stage: str, parts: dict[str, Any],
-                 rows: pd.DataFrame, shard_rows: int, make_ds, every_s: float = 10.0
+                 rows: pd.DataFrame, shard_rows: int, make_ds, every_s: float = 60.0
                  ) -> pd.DataFrame:
     """A sharded, resumable pass: reuse a finished output with the same key; otherwise stream
     ``make_ds(pending_rows)`` and write each shard of ``shard_rows`` input rows the moment all its

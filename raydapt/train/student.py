@@ -148,7 +148,7 @@ def student_loop(cfg: dict[str, Any]) -> None:
             opt.step()
             sched.step()
             step += 1
-            losses.append(float(loss))
+            losses.append(loss.item())
             tm.record_batch(rows=len(batch["text"]), seconds=time.perf_counter() - t_batch)
             if rank == 0 and (step % cfg["log_every"] == 0 or step == total):
                 rate = (step - start_epoch * steps_per_epoch) / max(1e-9, time.time() - t0)
