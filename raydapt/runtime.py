@@ -111,7 +111,9 @@ def quiet_process() -> None:
     except Exception:  # pragma: no cover - sqlalchemy comes with mlflow
         pass
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # also transformers' bars
-    logging.getLogger("ray.data").addFilter(_DropBarsDisabled())
+    for h in logging.getLogger("ray.data").handlers:  # handler filters see propagated records
+        if not any(isinstance(f, _DropBarsDisabled) for f in h.filters):
+            h.addFilter(_DropBarsDisabled())
     for name in _QUIET_LOGGERS:
         lg = logging.getLogger(name)
         if name != "ray.data":  # ray.data: DEBUG to its file handler, see below
