@@ -34,7 +34,10 @@ from raydapt.ops.sweep import load_sweep, run_sweep
 
 def _run(args: argparse.Namespace) -> int:
     cfg = load_job(args.job, args.overrides)
-    METHODS[cfg.method].load("run")(cfg)  # the recipe (imports torch / Ray now, not at start-up)
+    from raydapt.preflight import checked_job
+
+    with checked_job(cfg):
+        METHODS[cfg.method].load("run")(cfg)  # the recipe (imports torch / Ray now)
     _log_plan_next_to_actuals(cfg)
     return 0
 
@@ -66,7 +69,10 @@ def _log_plan_next_to_actuals(cfg) -> None:
 
 def _sweep(args: argparse.Namespace) -> int:
     spec, base, cfg = load_sweep(args.sweep, args.overrides)
-    run_sweep(spec, base, cfg)
+    from raydapt.preflight import checked_job
+
+    with checked_job(cfg):
+        run_sweep(spec, base, cfg)
     return 0
 
 
@@ -114,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run a job YAML")
     r.add_argument("job")
     r.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    r.add_argument("--verbose", action="store_true",
+                   help="show Ray's full console stream (INFO logs, progress bars, warnings)")
     r.set_defaults(fn=_run)
     w = sub.add_parser("sweep", help="Ray Tune sweep over a job's keys (search space in YAML)")
     w.add_argument("sweep")
@@ -142,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
+    if getattr(args, "verbose", False):
+        os.environ["RAYDAPT_VERBOSE"] = "1"  # raydapt.core.runtime: Ray's full stream
     try:
         return args.fn(args)
     except RaydaptError as exc:

@@ -182,3 +182,63 @@ def load_tokenizer(ref: str, *, revision: str | None = None, pad_to_eos: bool = 
     if pad_to_eos and tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+def check_model_ref(ref: str, *, revision: str | None = None, token: str | None = None) -> str:
+    """Check, cheaply, that a model reference can be resolved here — without loading weights or
+    de-quantising: a packaged model's package is installed, a local directory has a
+    ``config.json``, a hub repo (and revision) exists (or, offline, is in the local hub cache).
+
+    Returns what was checked (for the log). Raises :class:`ModelNotAvailable`. A hub that cannot
+    be reached while online is not an error here (the run will say so when it loads the model).
+    """
+    if ref.startswith("pkg:"):
+        alias = ref[4:]
+        if alias not in PACKAGED:
+            raise ModelNotAvailable(
+                f"unknown packaged model {ref!r}; known: "
+                + ", ".join(f"pkg:{a}" for a in sorted(PACKAGED)))
+        return f"package {PACKAGED[alias].dist} ({_packaged_file(PACKAGED[alias])})"
+    if ref.startswith("hf:"):
+        repo, _, rev = ref[3:].partition("@")
+        rev = revision or rev or None
+        if not repo or repo.count("/") > 1 or any(c.isspace() for c in repo):
+            raise ModelNotAvailable(f"{ref!r}: expected hf:<repo id>[@revision]")
+        return _check_hub_repo(ref, repo, rev, token)
+    p = Path(ref).expanduser()
+    if p.is_dir() and (p / "config.json").exists():
+        return f"local checkpoint {p}"
+    why = "has no config.json" if p.is_dir() else "does not exist"
+    raise ModelNotAvailable(
+        f"model reference {ref!r} is neither pkg:<alias> ({', '.join(sorted(PACKAGED))}), "
+        f"hf:<repo id>, nor a directory with a config.json ({p} {why})")
+
+
+def _check_hub_repo(ref: str, repo: str, rev: str | None, token: str | None) -> str:
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE:
+        hit = try_to_load_from_cache(repo, "config.json", revision=rev)
+        if not isinstance(hit, str):
+            raise ModelNotAvailable(
+                f"{ref!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: "
+                "download it first (huggingface-cli download) or unset HF_HUB_OFFLINE")
+        return f"hub cache {hit}"
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        HfApi().model_info(repo, revision=rev, token=token or None, timeout=10)
+    except GatedRepoError:
+        raise ModelNotAvailable(f"{ref!r} is a gated repo: accept its terms on the Hub and set "
+                                "HF_TOKEN (teacher.hf_token)") from None
+    except RevisionNotFoundError:
+        raise ModelNotAvailable(f"{ref!r}: revision {rev!r} not found on the Hub") from None
+    except RepositoryNotFoundError:
+        raise ModelNotAvailable(f"{ref!r}: no such model on the Hugging Face Hub (or it is "
+                                "private and no token was given)") from None
+    except Exception as exc:  # no network: not a verdict on the reference
+        return f"hub not reachable ({type(exc).__name__}); not checked"
+    return f"hub repo {repo}@{rev or 'main'}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import sys
 
 import numpy as np
 
@@ -42,13 +43,86 @@ class _DropNoStateApi(logging.Filter):
         return not str(record.msg).startswith(_NO_STATE_API)
 
 
+class _DropBarsDisabled(logging.Filter):
+    """Ray Data warns once per process that its bars are off: we turned them off."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Progress bars disabled")
+
+
 def quiet_worker_logs() -> None:
     """Ray ``worker_process_setup_hook`` of local instances (started without the dashboard, so
     without the State API): silences Ray Train's PlacementGroupCleaner warning that it cannot
     query the controller (hundreds of lines per fit; the local instance goes away with the job,
-    so there is nothing for the cleaner to clean)."""
+    so there is nothing for the cleaner to clean), and, unless RAYDAPT_VERBOSE is set, the
+    per-process noise a worker forwards to the driver's console (deprecation warnings, Ray
+    Data's INFO lines)."""
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner"
                       ).addFilter(_DropNoStateApi())
+    _drop_cleaner_thread_crash()
+    if not verbose():
+        quiet_process()
+
+
+_CLEANER_THREAD = "PlacementGroupCleanerMonitor"
+
+
+def _drop_cleaner_thread_crash() -> None:
+    """With several Ray instances on one machine (other jobs, other users) the cleaner's State
+    API client cannot pick one ("Found multiple active Ray instances") and its monitor thread
+    dies with a traceback per fit. It only cleans up after a dead controller, and a local
+    instance goes away with the job: log that crash as one line in the worker's log file."""
+    import threading
+
+    previous = threading.excepthook
+
+    def hook(args) -> None:
+        if args.thread is not None and args.thread.name == _CLEANER_THREAD:
+            logging.getLogger(__name__).debug("%s stopped: %s", _CLEANER_THREAD, args.exc_value)
+            return
+        previous(args)
+
+    if getattr(threading.excepthook, "__name__", "") != "hook":
+        threading.excepthook = hook
+
+
+def verbose() -> bool:
+    """``raydapt run --verbose`` (RAYDAPT_VERBOSE=1): Ray's full console stream."""
+    return os.environ.get("RAYDAPT_VERBOSE", "") not in ("", "0", "false")
+
+
+_QUIET_LOGGERS = ("ray.data", "ray.train", "ray.tune", "ray.serve", "mlflow", "alembic",
+                  "filelock", "urllib3", "httpx", "transformers", "deepspeed")
+
+
+def quiet_process() -> None:
+    """Console of this process (driver or Ray worker): warnings of Ray / MLflow / libraries are
+    not shown (deprecations, 'use expr instead of fn'), library loggers print WARNING and up
+    only. Ray Data keeps writing everything to ``ray-data.log`` in the Ray session's log
+    folder; only its console handler is raised to WARNING."""
+    import warnings
+
+    for cat in (DeprecationWarning, FutureWarning, PendingDeprecationWarning, UserWarning):
+        warnings.filterwarnings("ignore", category=cat)
+    try:
+        from sqlalchemy.exc import SADeprecationWarning
+
+        warnings.filterwarnings("ignore", category=SADeprecationWarning)
+    except Exception:  # pragma: no cover - sqlalchemy comes with mlflow
+        pass
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # also transformers' bars
+    for h in logging.getLogger("ray.data").handlers:  # handler filters see propagated records
+        if not any(isinstance(f, _DropBarsDisabled) for f in h.filters):
+            h.addFilter(_DropBarsDisabled())
+    for name in _QUIET_LOGGERS:
+        lg = logging.getLogger(name)
+        if name != "ray.data":  # ray.data: DEBUG to its file handler, see below
+            lg.setLevel(max(lg.level, logging.WARNING))
+        for h in lg.handlers:
+            if not isinstance(h, logging.FileHandler) and \
+                    type(h).__name__ != "SessionFileHandler":
+                h.setLevel(max(h.level, logging.WARNING))
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None,
@@ -61,6 +135,13 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
     import ray
 
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    quiet = not verbose()
+    if not sys.stdout.isatty():  # no colour codes around worker-line prefixes in a log file
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+    if quiet:
+        import ray.data  # noqa: F401 - configures the ray.data logger, which we then quieten
+
+        quiet_process()
     if not ray.is_initialized():
         kw: dict = {"logging_level": logging.WARNING, "log_to_driver": True}
         addr = address or os.environ.get("RAY_ADDRESS")
@@ -77,7 +158,32 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
             gpus = _local_gpus()
             if gpus:  # one machine plays every node type of cluster/
                 kw["resources"] = {r: float(gpus) for r in CLUSTER_RESOURCES}
-        ray.init(**kw)
+        try:
+            ray.init(**kw)
+        except Exception as exc:  # ray raises a bare Exception on a start-up timeout
+            from raydapt import RaydaptError
+
+            where = f"connect to the Ray cluster at {addr}" if addr else "start a local instance"
+            raise RaydaptError(f"Ray could not {where}: {str(exc).splitlines()[0][:300]}"
+                               + ("" if addr else " (an overloaded machine? retry, or set "
+                                  "ray.address / RAY_ADDRESS to a running cluster)")) from None
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = progress
+    # Ray Data's bars only on a terminal: piped to a file (CI, nohup, > log) they never close
+    # and fill it with cursor codes; our stages print their own rows / rate / ETA lines
+    ctx.enable_progress_bars = progress and (not quiet or sys.stderr.isatty())
     ctx.verbose_progress = False
+    if quiet:
+        ctx.print_on_execution_start = False  # the per-dataset 'Starting execution' block
+
+
+def config_note(cfg, out) -> str:
+    """Write the resolved config (secrets masked) to ``out/config.yaml``; return what to print:
+    its path (the whole YAML with ``--verbose``)."""
+    from pathlib import Path
+
+    from raydapt.config import to_yaml
+
+    text = to_yaml(cfg)
+    path = Path(out) / "config.yaml"
+    path.write_text(text)
+    return f"\n{text}" if verbose() else str(path)

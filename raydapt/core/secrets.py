@@ -27,12 +27,16 @@ _YAML_SECRET_LINE = re.compile(
     rf"^(?P<key>\s*-?\s*(?:[\w.-]*[_.\-])?(?:{_WORDS})(?:[_.\-][\w.-]*)?\s*[:=]\s*)"
     r"(?P<value>\S.*)$", re.I | re.M)
 _MIN_SECRET_LEN = 6  # shorter env values ("1", "true") would mask unrelated text
+# shell-managed variables whose names match a secret word but hold a path ("pwd" = print
+# working directory): masking them turns every path under the working directory into ***/...
+_NOT_SECRET_ENV = frozenset({"PWD", "OLDPWD"})
 
 
 def secret_env_values() -> list[str]:
     """Values of environment variables whose names look secret (longest first)."""
     vals = {v for k, v in os.environ.items()
-            if SECRET_KEY.search(k) and len(v) >= _MIN_SECRET_LEN}
+            if SECRET_KEY.search(k) and k.upper() not in _NOT_SECRET_ENV
+            and len(v) >= _MIN_SECRET_LEN}
     return sorted(vals, key=len, reverse=True)
 
 

@@ -122,6 +122,63 @@ class RunLogger:
             self.artifact(f)
 
 
+def _driver_tags() -> dict[str, str]:
+    import socket
+
+    return {"raydapt.driver_host": socket.gethostname(), "raydapt.driver_pid": str(os.getpid())}
+
+
+def _q(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("'", "\\'")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def close_stale_runs(client, experiment_id: str, name: str) -> list[str]:
+    """Mark KILLED the RUNNING parent runs of job ``name`` whose driver is gone (same host, its
+    pid no longer alive: e.g. SIGKILLed, so it never closed them), with their RUNNING child
+    runs. Runs of a live driver (a concurrent run of the same job) and runs started on another
+    host are left alone. Returns the ids closed."""
+    import socket
+
+    host = socket.gethostname()
+    closed: list[str] = []
+    try:
+        runs = client.search_runs(
+            [experiment_id], filter_string=f"tags.mlflow.runName = '{_q(name)}' and "
+            "attributes.status = 'RUNNING'", max_results=200)
+        for r in runs:
+            t = r.data.tags
+            if "mlflow.parentRunId" in t or t.get("raydapt.driver_host") != host:
+                continue
+            pid = t.get("raydapt.driver_pid", "")
+            if not pid.isdigit() or _pid_alive(int(pid)):
+                continue
+            stack = [r.info.run_id]
+            while stack:
+                rid = stack.pop()
+                client.set_terminated(rid, status="KILLED")
+                closed.append(rid)
+                stack += [c.info.run_id for c in client.search_runs(
+                    [experiment_id], filter_string=f"tags.mlflow.parentRunId = '{rid}' and "
+                    "attributes.status = 'RUNNING'", max_results=1000)]
+    except Exception as exc:  # bookkeeping must not stop a job
+        print(f"raydapt: warning: could not close stale MLflow runs of {name}: {exc}",
+              flush=True)
+    if closed:
+        print(f"raydapt: marked {len(closed)} MLflow run(s) of a killed earlier run of {name} "
+              "as KILLED", flush=True)
+    return closed
+
+
 class Tracker:
     """Parent run for a job; :meth:`child` opens nested runs for stages and students."""
 
@@ -167,7 +224,8 @@ class Tracker:
         client = MlflowClient(tracking_uri=self.uri)
         run_id = run_id or os.environ.get("RAYDAPT_PARENT_RUN_ID")
         if run_id is None:
-            all_tags = {"mlflow.runName": name, **(tags or {})}
+            close_stale_runs(client, self._experiment_id, name)
+            all_tags = {"mlflow.runName": name, **(tags or {}), **_driver_tags()}
             sha = git_sha()
             if sha:
                 all_tags["mlflow.source.git.commit"] = sha

@@ -23,7 +23,14 @@ import numpy as np
 import pandas as pd
 
 from raydapt.data.labels import build_vocab
-from raydapt.data.readers import REJECT_COLUMNS, DataError, detect_format
+from raydapt.data.readers import (
+    REJECT_COLUMNS,
+    DataError,
+    NoUsableRows,
+    check_not_empty,
+    detect_format,
+    read_csv_table,
+)
 
 _RAW_MAX = 500
 
@@ -31,15 +38,20 @@ _RAW_MAX = 500
 def _load_table(path: Path, fmt: str) -> pd.DataFrame:
     if fmt == "jsonl":
         recs, bad = [], []
-        with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    bad.append({"_line": i + 1, "_raw": line[:_RAW_MAX], "_err": exc.msg})
-                    continue
+        # bytes split on b"\n": an invalid UTF-8 line is a reject, not a crash
+        for i, raw in enumerate(path.read_bytes().split(b"\n")):
+            if not raw.strip():
+                continue
+            line = raw.decode("utf-8", "replace")
+            try:
+                rec = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                bad.append({"_line": i + 1, "_raw": line[:_RAW_MAX],
+                            "_err": f"invalid UTF-8 at byte {exc.start} of the line"})
+                continue
+            except json.JSONDecodeError as exc:
+                bad.append({"_line": i + 1, "_raw": line[:_RAW_MAX], "_err": exc.msg})
+                continue
                 if isinstance(rec, dict):
                     recs.append(rec)
                 else:
@@ -50,7 +62,7 @@ def _load_table(path: Path, fmt: str) -> pd.DataFrame:
         return df
     if fmt == "parquet":
         return pd.read_parquet(path)
-    return pd.read_csv(path, keep_default_na=False)
+    return read_csv_table(path, keep_default_na=False)
 
 
 def _as_list(v: Any) -> list[str] | None:
@@ -92,6 +104,7 @@ def read_multilabel(
     p = Path(path)
     if not p.is_file():
         raise DataError(f"data file not found: {path}")
+    check_not_empty(p)
     fmt = detect_format(p, fmt)
     df = _load_table(p, fmt)
     needed = [id_field, text_field, domain_field]
@@ -159,6 +172,8 @@ def read_multilabel(
                         "reason": "duplicate id (the first row with this id is kept)",
                         "raw": r["text"][:_RAW_MAX]})
     out = out[~dup].reset_index(drop=True)
+    if out.empty and rejects:
+        raise NoUsableRows(path, pd.DataFrame(rejects, columns=REJECT_COLUMNS))
     if vocab is None:
         vocab = build_vocab(out["labels"])
     order = {lab: i for i, lab in enumerate(vocab)}

@@ -27,7 +27,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from raydapt.data.readers import REJECT_COLUMNS, DataError, detect_format
+from raydapt.data.readers import (
+    REJECT_COLUMNS,
+    DataError,
+    NoUsableRows,
+    check_not_empty,
+    detect_format,
+    read_csv_table,
+)
 
 QA_COLUMNS = ["id", "source", "split", "question", "context", "options", "rationale", "answer"]
 
@@ -126,6 +133,7 @@ def read_qa(path: str | Path, *, fmt: str = "auto") -> tuple[pd.DataFrame, pd.Da
     p = Path(path)
     if not p.is_file():
         raise DataError(f"QA file not found: {p}")
+    check_not_empty(p)
     kind = detect_format(p, fmt)
     records: list[Any] = []
     bad: list[dict[str, Any]] = []
@@ -142,14 +150,17 @@ def read_qa(path: str | Path, *, fmt: str = "auto") -> tuple[pd.DataFrame, pd.Da
                 bad.append({"file": str(p), "id": None, "reason": f"line {n}: invalid JSON ({exc})",
                             "raw": raw[:300].decode("utf-8", "replace")})
     else:
-        df = pd.read_parquet(p) if kind == "parquet" else pd.read_csv(p)
+        df = pd.read_parquet(p) if kind == "parquet" else read_csv_table(p)
         records = df.to_dict("records")
     cols = set().union(*(r.keys() for r in records[:50] if isinstance(r, dict))) if records else set()
     missing = {"id", "question", "answer"} - cols
     if records and missing:
         raise DataError(f"{p}: missing column(s) {sorted(missing)}; the file has {sorted(cols)}")
     rows, rej = normalise_qa(records, file=str(p))
-    return rows, pd.concat([pd.DataFrame(bad, columns=rej.columns), rej], ignore_index=True)
+    rej = pd.concat([pd.DataFrame(bad, columns=rej.columns), rej], ignore_index=True)
+    if rows.empty and len(rej):
+        raise NoUsableRows(p, rej)
+    return rows, rej
 
 
 def render(row: dict[str, Any] | pd.Series, fmt: QAFormat) -> tuple[str, str]:

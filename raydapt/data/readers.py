@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,25 @@ MAX_TEXT_CHARS = 1_000_000  # longer texts are rejects (no model reads them; tok
 
 class DataError(RaydaptError):
     """A data file that cannot be read as asked (missing file or column, unknown format)."""
+
+
+class NoUsableRows(DataError):
+    """Every row of a file was rejected. Carries the rejects, so the job can write them (to
+    ``rejects.parquet``) before it stops: see :func:`raydapt.preflight.checked_job`."""
+
+    def __init__(self, file: str | Path, rejects: pd.DataFrame) -> None:
+        self.file, self.rejects = str(file), rejects
+        super().__init__(f"no usable rows in {file}: {len(rejects)} rejected")
+
+
+def check_not_empty(path: str | Path) -> None:
+    """Raise :class:`DataError` for a local file with no bytes but whitespace (not "columns
+    found: []" later)."""
+    p = Path(path)
+    if "://" in str(path) or not p.is_file():
+        return
+    if p.stat().st_size == 0 or (p.stat().st_size < 1 << 16 and not p.read_bytes().strip()):
+        raise DataError(f"{path}: file is empty")
 
 
 @dataclass(frozen=True)
@@ -227,6 +247,7 @@ def read_rows(
     p = Path(path)
     if "://" not in str(path) and not p.exists():
         raise DataError(f"data file not found: {path}")
+    check_not_empty(path)
     fmt = detect_format(path, fmt)
     needed = {fields.id, fields.text} | ({fields.label} if require_label else set())
     if "://" not in str(path):
@@ -260,20 +281,80 @@ def read_rows(
     try:
         ds = ds.map_batches(fn, batch_format="pandas", batch_size=1024).materialize()
     except Exception as exc:  # a file-level failure (e.g. broken CSV quoting): one clear error
-        cause = exc
-        while cause.__cause__ is not None and not isinstance(cause, (ValueError, OSError)):
-            cause = cause.__cause__
-        raise DataError(f"{path}: cannot be read as {fmt}: {str(cause).splitlines()[0][:300]}"
+        where = _locate_csv_problem(p) if fmt == "csv" and "://" not in str(path) else None
+        raise DataError(f"{path}: cannot be read as {fmt}"
+                        f"{f' at {where}' if where else ''}: {root_cause_message(exc)}"
                         ) from None
     rows = ds.filter(lambda r: r["_reject"] == "").drop_columns(["_reject"]).materialize()
     rejects = ds.filter(lambda r: r["_reject"] != "").map(
         lambda r: json.loads(r["_reject"])).materialize()
+    if rows.count() == 0:
+        raise NoUsableRows(path, pd.DataFrame(rejects.take_all(), columns=REJECT_COLUMNS))
     return rows, rejects
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def root_cause_message(exc: BaseException, limit: int = 300) -> str:
+    """The first line of the innermost cause of ``exc``, without Ray's task wrapper
+    (``ray::ReadCSV->... (pid=...)``), worker tracebacks or terminal colour codes."""
+    cause = exc
+    while True:
+        inner = getattr(cause, "cause", None)  # ray.exceptions.RayTaskError keeps the original
+        if isinstance(inner, BaseException) and inner is not cause:
+            cause = inner
+        elif cause.__cause__ is not None:
+            cause = cause.__cause__
+        else:
+            break
+    lines = [ln.strip() for ln in _ANSI.sub("", str(cause)).splitlines() if ln.strip()]
+    lines = [ln for ln in lines if not ln.startswith(("ray::", "Traceback", "File "))] or lines
+    return (lines[0] if lines else type(cause).__name__)[:limit]
+
+
+def _locate_csv_problem(path: Path) -> str | None:
+    """``row N (line L)`` of the first CSV record that does not parse or has a different number
+    of fields than the header (Python's strict csv parser, on the driver); None if none."""
+    import csv
+
+    try:
+        with open(path, newline="", encoding="utf-8", errors="replace") as f:
+            reader = csv.reader(f, strict=True)
+            start, width, n = 1, None, 0
+            try:
+                for rec in reader:
+                    if width is None:  # the header
+                        width = len(rec)
+                    elif rec:
+                        n += 1
+                        if len(rec) != width:
+                            return (f"row {n} (line {start}): {len(rec)} fields, the header "
+                                    f"has {width}")
+                    start = reader.line_num + 1
+            except csv.Error as exc:
+                return f"row {n + 1} (line {start}): {exc}"
+    except OSError:
+        return None
+    return None
+
+
+def read_csv_table(path: str | Path, **kw: Any) -> pd.DataFrame:
+    """A local CSV file as a DataFrame (pandas); a file that does not parse is one
+    :class:`DataError` naming the file and the first bad row."""
+    try:
+        return pd.read_csv(path, **kw)
+    except (ValueError, UnicodeDecodeError) as exc:  # pandas' ParserError is a ValueError
+        where = _locate_csv_problem(Path(path))
+        raise DataError(f"{path}: cannot be read as csv{f' at {where}' if where else ''}: "
+                        f"{root_cause_message(exc)}") from None
 
 
 def drop_duplicate_ids(df: pd.DataFrame, *, file: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Keep the first row of each id; later rows with the same id become rejects (stages join
     on ``id``, so a duplicate would silently corrupt them). Returns (rows, rejects)."""
+    if "id" not in df.columns:  # no rows at all (Ray gives an empty frame without columns)
+        df = pd.DataFrame(columns=ROW_COLUMNS)
     dup = df["id"].duplicated(keep="first")
     rej = pd.DataFrame({"file": file, "id": df.loc[dup, "id"],
                         "reason": "duplicate id (the first row with this id is kept)",

@@ -144,7 +144,7 @@ def sample_texts(path: Path, text_field: str, n: int = 32, fmt: str = "auto") ->
         df = pd.read_csv(path, nrows=n)
     else:
         rows = []
-        with open(path) as f:
+        with open(path, encoding="utf-8", errors="replace") as f:
             for line in f:
                 if line.strip():
                     try:
@@ -396,7 +396,7 @@ def _domain_counts(path: Path, field: str) -> dict[str, int] | None:
     if "://" in str(path) or not path.is_file() or path.suffix.lower() not in (".jsonl", ".json"):
         return None
     out: dict[str, int] = {}
-    with open(path) as f:
+    with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
             if line.strip():
                 try:

@@ -46,6 +46,7 @@ from raydapt.stages.annotate import calibrator, mix
 from raydapt.stages.common import concat_rejects, pool_kwargs, split_errors
 from raydapt.stages.sharded import sharded_pass
 from raydapt.stages.teacher import KnnSearch, TeacherScore, build_index, save_store
+from raydapt.train import steps_per_epoch
 from raydapt.train.student import fit_student
 
 _say = speaker("simda")
@@ -105,8 +106,8 @@ def matched_steps(rows: int, batch_size: int, workers: int, epochs: int) -> int:
     """Optimiser steps of ``epochs`` passes over ``rows`` (per worker batch_size // workers,
     equal slices, last partial batch dropped), as :func:`raydapt.train.student.student_loop`
     counts them: the budget every step-matched student gets."""
-    per_worker = max(1, batch_size // workers)
-    return max(1, (rows // workers) // per_worker) * epochs
+    return steps_per_epoch(rows, workers=workers, per_worker_batch=max(1, batch_size // workers),
+                           name="distill") * epochs
 
 
 def select_template(cfg: SimDAJob, ctx: JobContext, st: SimpleNamespace) -> SimDAJob:

@@ -16,7 +16,7 @@ from raydapt.stages.common import ERROR_COLUMN
 Say = Callable[[str], None]
 
 
-def stream_rows(ds, total: int, label: str, say: Say, on_batch=None, every_s: float = 10.0,
+def stream_rows(ds, total: int, label: str, say: Say, on_batch=None, every_s: float = 60.0,
                 keep: bool = True) -> pd.DataFrame:
     """Iterate a dataset's output, printing rows done, rows/s and ETA; returns all rows (none
     unless ``keep``: ``on_batch`` consumes them)."""

@@ -33,7 +33,7 @@ from raydapt.core.assets import load_tokenizer, resolve_model
 from raydapt.core.tracking import RunLogger
 from raydapt.data.qa import pad_batch
 from raydapt.select.ntk import response_loss_objective
-from raydapt.train import say
+from raydapt.train import say, steps_per_epoch
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -239,6 +239,8 @@ def fit_lora(*, name: str, train_ds, n_rows: int, model: str, lora: dict[str, An
 
     workers = int(train["num_workers"])
     use_gpu = bool(train.get("use_gpu"))
+    steps_per_epoch(n_rows, workers=workers, name=name, per_worker_batch=max(
+        1, int(train["batch_size"]) // (workers * int(train.get("grad_accum", 1)))))
     cfg = {
         **train, "name": name, "seed": seed, "model": model, "lora": lora, "train_rows": n_rows,
         "use_gpu": use_gpu, "mlflow_uri": mlflow_uri, "mlflow_run_id": mlflow_run_id,

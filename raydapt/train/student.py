@@ -13,6 +13,7 @@ Datasets handed to the trainer:
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -27,7 +28,7 @@ from raydapt.core.telemetry import StageTelemetry
 from raydapt.core.tracking import RunLogger
 from raydapt.evaluate import confusion_matrix
 from raydapt.losses.distill import kl_distillation, pseudo_label_ce, similarity_alignment
-from raydapt.train import say
+from raydapt.train import say, steps_per_epoch
 from raydapt.train.models import EncoderClassifier
 
 OBJECTIVES = ("kl_sim", "kl", "ce", "supervised")
@@ -83,11 +84,12 @@ def student_loop(cfg: dict[str, Any]) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     n_rows = cfg["train_rows"]
     per_worker = max(1, cfg["batch_size"] // world)
-    steps_per_epoch = max(1, (n_rows // world) // per_worker)
+    per_epoch = steps_per_epoch(n_rows, workers=world, per_worker_batch=per_worker,
+                                name=cfg["name"])
     # a fixed step budget (cfg["steps"]) makes baselines and distilled students comparable
-    # whatever their row counts: the data is cycled for ceil(steps / steps_per_epoch) epochs
-    total = int(cfg.get("steps") or steps_per_epoch * cfg["epochs"])
-    n_epochs = math.ceil(total / steps_per_epoch)
+    # whatever their row counts: the data is cycled for ceil(steps / per_epoch) epochs
+    total = int(cfg.get("steps") or per_epoch * cfg["epochs"])
+    n_epochs = math.ceil(total / per_epoch)
     warm = int(cfg["warmup_ratio"] * total)
     sched = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, then linear decay to 0
         opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / max(1, total - warm)))
@@ -119,7 +121,7 @@ def student_loop(cfg: dict[str, Any]) -> None:
             parts[c].append(b[c])
     data = {c: np.concatenate(v) for c, v in parts.items()}
     n_data = len(data["text"])
-    step = start_epoch * steps_per_epoch
+    step = start_epoch * per_epoch
     t0 = time.time()
     tm = StageTelemetry(**{"stage": "student", **cfg.get("telemetry", {})})  # Ray metrics
     if start_epoch >= n_epochs:  # restored a finished run: report its final metrics again
@@ -150,10 +152,10 @@ def student_loop(cfg: dict[str, Any]) -> None:
             opt.step()
             sched.step()
             step += 1
-            losses.append(float(loss))
+            losses.append(loss.item())
             tm.record_batch(rows=len(batch["text"]), seconds=time.perf_counter() - t_batch)
             if rank == 0 and (step % cfg["log_every"] == 0 or step == total):
-                rate = (step - start_epoch * steps_per_epoch) / max(1e-9, time.time() - t0)
+                rate = (step - start_epoch * per_epoch) / max(1e-9, time.time() - t0)
                 eta = (total - step) / max(rate, 1e-9)
                 say(f"[{cfg['name']}] epoch {epoch + 1}/{n_epochs} step {step}/{total} "
                     f"loss {np.mean(losses[-cfg['log_every']:]):.4f} {rate:.2f} steps/s "
@@ -166,7 +168,7 @@ def student_loop(cfg: dict[str, Any]) -> None:
         acc = float(np.trace(cm) / max(1, cm.sum()))
         metrics = {"epoch": epoch + 1, "accuracy": acc, "loss": float(np.mean(losses or [0])),
                    "confusion": cm.tolist(), "steps": step, "rows": n_rows}
-        log.metrics({"accuracy": acc, "epoch_loss": metrics["loss"]}, epoch + 1)
+        log.metrics({"accuracy": acc, "epoch_loss": metrics["loss"], "steps": step}, epoch + 1)
         checkpoint = None
         if rank == 0 and cfg.get("checkpoint", True):
             d = Path(cfg["scratch"]) / f"ckpt-{epoch}"
@@ -202,8 +204,15 @@ def fit_student(
 
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}")
+    # a finished fit of the same name (= same training) is not started again
+    final = Path(storage) / name / "final_metrics.json"
+    if final.exists():
+        return {**json.loads(final.read_text()), "resumed": True}
     n_rows = train_ds.count()
     workers = int(train["num_workers"])
+    # fail before Ray Train starts if no optimiser step would run (was: 0 steps, loss 0.0)
+    steps_per_epoch(n_rows, workers=workers, name=name,
+                    per_worker_batch=max(1, int(train["batch_size"]) // workers))
     cfg = {
         **train, **(extra or {}), "name": name, "objective": objective, "seed": seed,
         "student": student, "num_classes": num_classes, "train_rows": n_rows,
@@ -235,4 +244,9 @@ def fit_student(
     result = trainer.fit()
     if result.error:
         raise result.error
-    return dict(result.metrics)
+    metrics = dict(result.metrics)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_suffix(".tmp")
+    tmp.write_text(json.dumps({k: v for k, v in metrics.items() if k != "resumed"}, default=float))
+    os.replace(tmp, final)  # atomic: written only once the fit has finished
+    return metrics

@@ -39,6 +39,12 @@ def test_simda_end_to_end(tmp_path, capsys, monkeypatch, tiny_simda_job):
                  "max_length": 32, "num_workers": 2, "cpus_per_worker": 0.9})
     assert main(["run", str(job)]) == 0
     logged = capsys.readouterr()
+    # a console a person can read (issue 16): stage lines, no Ray noise, no traceback
+    console = logged.out + logged.err
+    assert len(console.splitlines()) < 80, console
+    for noise in ("Traceback", "\x1b[", "streaming_executor", "Running Dataset",
+                  "DeprecationWarning"):
+        assert noise not in console, noise
     out = tmp_path / "runs/tiny"
     res = json.loads((out / "results.json").read_text())
     want = {"student:source_only", "student:kl_sim", "teacher:zero_shot", "teacher:knn",

@@ -112,3 +112,25 @@ def test_duplicate_ids_become_rejects_and_shared_ids_fail():
     check_disjoint_ids(rows, pd.DataFrame({"id": ["c"]}), what="x and y")
     with pytest.raises(DataError, match="share 1 ids"):
         check_disjoint_ids(rows, pd.DataFrame({"id": ["b", "c"]}), what="source and target")
+
+
+def test_broken_csv_quoting_after_the_peeked_rows_names_file_and_row(tmp_path):
+    """The column check peeks at 50 rows; a broken quote at row 61 used to surface as a Ray
+    worker traceback with terminal colour codes (issue 16)."""
+    lines = ["id,text,label"] + [f'{i},"review {i} is fine",positive' for i in range(60)]
+    lines += ['60,"an unterminated quote,positive', "61,ok,negative"]
+    p = tmp_path / "broken.csv"
+    p.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError) as e:
+        read_rows(p, labels=LABELS)
+    msg = str(e.value)
+    assert str(p) in msg and "row 61 (line 62)" in msg, msg
+    assert "\x1b[" not in msg and "ray::" not in msg and "\n" not in msg
+
+
+def test_empty_file_says_so(tmp_path):
+    for name, body in (("e.jsonl", ""), ("w.jsonl", "\n  \n"), ("e.csv", "")):
+        p = tmp_path / name
+        p.write_text(body)
+        with pytest.raises(DataError, match=r"file is empty"):
+            read_rows(p, labels=LABELS)

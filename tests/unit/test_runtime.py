@@ -33,3 +33,26 @@ def test_local_ray_workers_run_the_hook(ray_local):
         return [type(f).__name__ for f in logging.getLogger(CLEANER).filters]
 
     assert "_DropNoStateApi" in ray.get(filters.remote())
+
+
+def test_the_cleaner_thread_crash_is_not_printed():
+    """Several Ray instances on one machine: Ray Train's PlacementGroupCleaner monitor thread
+    dies with 'Found multiple active Ray instances' and printed a traceback per fit (issue 16).
+    The hook passes every other thread's crash on to the previous excepthook."""
+    import threading
+
+    saved, seen = threading.excepthook, []
+    try:
+        threading.excepthook = lambda args: seen.append(args.thread.name)
+        quiet_worker_logs()
+
+        def boom() -> None:
+            raise ConnectionError("Found multiple active Ray instances")
+
+        for name in ("PlacementGroupCleanerMonitor", "other-thread"):
+            t = threading.Thread(target=boom, name=name)
+            t.start()
+            t.join()
+        assert seen == ["other-thread"]
+    finally:
+        threading.excepthook = saved

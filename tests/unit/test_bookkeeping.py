@@ -1,0 +1,64 @@
+"""Bookkeeping after bad input and kills (issue 16): stale MLflow runs are closed, plan logging
+survives an invalid UTF-8 row."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from raydapt.ops.plan import _domain_counts, sample_texts
+
+
+def test_plan_sampling_survives_an_invalid_utf8_row(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_bytes(b"".join([
+        json.dumps({"id": "a", "text": "first", "domain": "x"}).encode() + b"\n",
+        b'{"id": "b", "text": "bad \xff\xfe byte", "domain": "x"}\n',
+        json.dumps({"id": "c", "text": "third", "domain": "y"}).encode() + b"\n"]))
+    texts = sample_texts(p, "text")
+    assert texts[0] == "first" and texts[-1] == "third" and len(texts) == 3
+    assert _domain_counts(p, "domain") == {"x": 2, "y": 1}
+
+
+@pytest.mark.timeout(300)
+def test_runs_of_a_sigkilled_job_are_closed_by_the_next_run(tmp_path):
+    """A driver SIGKILLed inside a stage leaves its parent and stage runs RUNNING; the next run
+    of the same job (same run name, same experiment) marks them KILLED. A live run is left be."""
+    from mlflow.tracking import MlflowClient
+
+    from raydapt.core.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    kw = dict(enabled=True, uri=uri, experiment="e", artifact_location=str(tmp_path / "art"))
+    killed = textwrap.dedent(f"""
+        import os, signal
+        from raydapt.core.tracking import Tracker
+        t = Tracker(**{kw!r})
+        with t.job("job"), t.child("teacher"):
+            os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    p = subprocess.run([sys.executable, "-c", killed], capture_output=True, text=True,
+                       timeout=240)
+    assert p.returncode == -9, p.stderr[-2000:]
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("e")
+
+    def status() -> dict[str, str]:
+        return {r.info.run_name: r.info.status for r in client.search_runs([exp.experiment_id])}
+
+    assert status() == {"job": "RUNNING", "teacher": "RUNNING"}
+    old = {r.info.run_id for r in client.search_runs([exp.experiment_id])}
+    t = Tracker(**kw)
+    with t.job("other"):  # another job's runs are not touched
+        pass
+    assert status()["job"] == "RUNNING"
+    with t.job("job") as parent:
+        assert {client.get_run(i).info.status for i in old} == {"KILLED"}
+        mine = client.get_run(parent.run_id)
+        assert mine.info.status == "RUNNING"
+        with Tracker(**kw).job("job"):  # a concurrent run of the same job: this one is alive
+            assert client.get_run(parent.run_id).info.status == "RUNNING"

@@ -1,0 +1,50 @@
+"""A student that would take no optimiser step is an error, never a silent 'loss 0.0' (issue 16)."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from raydapt import RaydaptError
+from raydapt.train import steps_per_epoch
+
+
+def test_steps_per_epoch_counts_full_per_worker_batches():
+    assert steps_per_epoch(100, workers=2, per_worker_batch=8, name="s") == 6  # 50 // 8
+    assert steps_per_epoch(16, workers=2, per_worker_batch=8, name="s") == 1
+    with pytest.raises(RaydaptError, match=r"s: 15 training rows over 2 worker\(s\) .* 7 per "
+                                           r"worker.* batch of 8.*no optimiser step"):
+        steps_per_epoch(15, workers=2, per_worker_batch=8, name="s")
+
+
+@pytest.mark.timeout(300)
+def test_fit_student_with_fewer_rows_than_a_batch_fails_before_training(ray_local, tmp_path):
+    from raydapt.train.student import fit_student
+
+    df = pd.DataFrame({"text": [f"t{i}" for i in range(6)], "y": [0, 1] * 3})
+    with pytest.raises(RaydaptError, match="no optimiser step"):
+        fit_student(name="tiny", objective="supervised", train_ds=ray_local.data.from_pandas(df),
+                    eval_df=df, num_classes=2, student="pkg:all-minilm-l6-v2",
+                    train={"num_workers": 1, "batch_size": 8, "epochs": 1, "lr": 1e-3,
+                           "weight_decay": 0.0, "warmup_ratio": 0.0, "max_length": 16},
+                    seed=0, storage=str(tmp_path))
+    assert not (tmp_path / "tiny").exists()  # no Ray Train run was started
+
+
+@pytest.mark.timeout(600)
+def test_rerun_of_a_finished_student_reports_it_and_does_not_train(ray_local, tmp_path, capsys):
+    from raydapt.train.student import fit_student
+
+    df = pd.DataFrame({"text": [f"text number {i}" for i in range(8)], "y": [0, 1] * 4})
+    kw = dict(name="tiny", objective="supervised", eval_df=df, num_classes=2,
+              student="pkg:all-minilm-l6-v2", seed=0, storage=str(tmp_path),
+              train={"num_workers": 1, "batch_size": 4, "epochs": 1, "lr": 1e-3,
+                     "weight_decay": 0.0, "warmup_ratio": 0.0, "max_length": 8})
+    first = fit_student(train_ds=ray_local.data.from_pandas(df), **kw)
+    assert first["steps"] == 2 and not first.get("resumed")
+    capsys.readouterr()
+    again = fit_student(train_ds=ray_local.data.from_pandas(df), **kw)
+    assert again["resumed"] is True
+    assert {k: again[k] for k in ("accuracy", "loss", "steps", "confusion")} == \
+        {k: first[k] for k in ("accuracy", "loss", "steps", "confusion")}
+    assert "step" not in capsys.readouterr().out  # no training progress: nothing trained
