@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args
 
@@ -161,6 +162,35 @@ class JobBase(Section):
     tracking: TrackingSection = Field(
         default_factory=lambda data: TrackingSection(experiment=data["method"]))
     ray: RaySection = Field(default_factory=RaySection)
+
+    def inputs(self) -> tuple[list[ModelInput], list[DataInput]]:
+        """The model references and data paths this job names (checked by
+        :func:`raydapt.preflight.preflight` before anything starts)."""
+        raise NotImplementedError(f"method {self.method!r} lists no inputs")
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    """A model reference a job names, with its config key (for the message)."""
+
+    key: str  # e.g. "distill.student"
+    ref: str
+    revision: str | None = None
+    token: str | None = None
+
+
+@dataclass(frozen=True)
+class DataInput:
+    """A data file a job names, with its config key (for the message)."""
+
+    key: str  # e.g. "data.source.path"
+    path: Path
+    fmt: str = "auto"
+
+
+def data_root(root: str) -> Path:
+    """A ``data.root`` with its ``${VAR:-default}`` placeholders expanded."""
+    return Path(_expand_env(root))
 
 
 # --------------------------------------------------------------------------------------------

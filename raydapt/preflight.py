@@ -3,8 +3,8 @@
 :func:`check_inputs` is method-agnostic: given the model references and data paths of a job, it
 resolves every reference cheaply (package installed, ``config.json`` present, hub repo exists —
 no weights loaded) and checks every path (exists, is a file, not empty, known format), then
-raises one :class:`PreflightError` listing every problem. :func:`job_inputs` lists a job's
-references and paths from its config (one small function per method). :func:`checked_job`
+raises one :class:`PreflightError` listing every problem. Each job config lists its
+references and paths (``JobBase.inputs``, one small method per method's config). :func:`checked_job`
 wraps a job run (``raydapt run``, ``raydapt sweep``): the preflight runs first — before Ray,
 MLflow or any stage starts — and a file whose rows were all rejected ends the job with its
 ``rejects.parquet`` and one clear error.
@@ -14,31 +14,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from raydapt import RaydaptError
+from raydapt.config import DataInput, ModelInput
 from raydapt.data.readers import DataError, NoUsableRows, check_not_empty, detect_format
 
 
 class PreflightError(RaydaptError):
     """One or more model references or data paths of a job cannot be used."""
-
-
-@dataclass(frozen=True)
-class ModelInput:
-    key: str  # the config key, for the message (e.g. "distill.student")
-    ref: str
-    revision: str | None = None
-    token: str | None = None
-
-
-@dataclass(frozen=True)
-class DataInput:
-    key: str  # e.g. "data.source.path"
-    path: Path
-    fmt: str = "auto"
 
 
 def check_inputs(models: list[ModelInput], paths: list[DataInput]) -> list[str]:
@@ -77,35 +62,9 @@ def check_inputs(models: list[ModelInput], paths: list[DataInput]) -> list[str]:
     return done
 
 
-def job_inputs(cfg: Any) -> tuple[list[ModelInput], list[DataInput]]:
-    """The model references and data paths a job config names, by method."""
-    from raydapt.config import _expand_env  # defaults (e.g. ${RAYDAPT_DATA:-...}) stay unexpanded
-
-    if cfg.method == "simda":
-        root = Path(_expand_env(cfg.data.root))
-        t = cfg.teacher
-        return ([ModelInput("teacher.model", t.model, t.revision, t.hf_token),
-                 ModelInput("distill.student", cfg.distill.student)],
-                [DataInput("data.source.path", root / cfg.data.source.path,
-                           cfg.data.source.format),
-                 DataInput("data.target.path", root / cfg.data.target.path,
-                           cfg.data.target.format)])
-    if cfg.method == "dallmi":
-        return ([ModelInput("model.encoder", cfg.model.encoder)],
-                [DataInput("data.path", Path(_expand_env(cfg.data.root)) / cfg.data.path,
-                           cfg.data.format)])
-    if cfg.method == "ntk_select":
-        root = Path(_expand_env(cfg.data.root))
-        return ([ModelInput("model", cfg.model)],  # the LoRA base (also the scoring model)
-                [DataInput(f"data.pool[{i}]", root / p) for i, p in enumerate(cfg.data.pool)]
-                + [DataInput(f"data.tasks[{i}].path", root / t.path)
-                   for i, t in enumerate(cfg.data.tasks)])
-    raise RaydaptError(f"no preflight for method {cfg.method!r}")  # pragma: no cover
-
-
 def preflight(cfg: Any) -> list[str]:
     """Check every model reference and data path of a job before anything starts."""
-    return check_inputs(*job_inputs(cfg))
+    return check_inputs(*cfg.inputs())
 
 
 @contextmanager

@@ -7,9 +7,12 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from raydapt.config import (
+    DataInput,
     JobBase,
+    ModelInput,
     Section,
     TrainSection,
+    data_root,
 )
 
 PUBMED_LABELS = ["A", "B", "C", "D", "E", "F", "G", "H", "I", "J", "L", "M", "N", "Z"]
@@ -135,3 +138,8 @@ class DALLMiJob(JobBase):
         min_length=1, description="What to evaluate on the target test split.")
     threshold: float = Field(0.5, gt=0, lt=1, description="Probability threshold for F1 and "
                              "the binarised mAP.")
+
+    def inputs(self) -> tuple[list[ModelInput], list[DataInput]]:
+        return ([ModelInput("model.encoder", self.model.encoder)],
+                [DataInput("data.path", data_root(self.data.root) / self.data.path,
+                           self.data.format)])

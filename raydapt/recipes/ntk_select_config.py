@@ -8,8 +8,11 @@ from pydantic import Field
 
 from raydapt.config import (
     ActorPoolSection,
+    DataInput,
     JobBase,
+    ModelInput,
     Section,
+    data_root,
 )
 
 
@@ -133,3 +136,10 @@ class NTKSelectJob(JobBase):
     select: NTKSelectSection = Field(default_factory=NTKSelectSection)
     finetune: LoRATrainSection = Field(default_factory=LoRATrainSection)
     eval: NTKEvalSection = Field(default_factory=NTKEvalSection)
+
+    def inputs(self) -> tuple[list[ModelInput], list[DataInput]]:
+        root = data_root(self.data.root)
+        return ([ModelInput("model", self.model)],  # the LoRA base (also the scoring model)
+                [DataInput(f"data.pool[{i}]", root / p) for i, p in enumerate(self.data.pool)]
+                + [DataInput(f"data.tasks[{i}].path", root / t.path)
+                   for i, t in enumerate(self.data.tasks)])

@@ -8,10 +8,13 @@ from pydantic import Field, model_validator
 
 from raydapt.config import (
     ActorPoolSection,
+    DataInput,
     EngineSection,
     JobBase,
+    ModelInput,
     Section,
     TrainSection,
+    data_root,
 )
 
 
@@ -209,3 +212,10 @@ class SimDAJob(JobBase):
             raise ValueError(f"annotate.calibrate_prior must be {C} non-negative weights "
                              f"(label order {self.data.labels}), got {a.calibrate_prior}")
         return self
+
+    def inputs(self) -> tuple[list[ModelInput], list[DataInput]]:
+        root, t, d = data_root(self.data.root), self.teacher, self.data
+        return ([ModelInput("teacher.model", t.model, t.revision, t.hf_token),
+                 ModelInput("distill.student", self.distill.student)],
+                [DataInput("data.source.path", root / d.source.path, d.source.format),
+                 DataInput("data.target.path", root / d.target.path, d.target.format)])
