@@ -396,6 +396,41 @@ def stage2_scores(cfg: NTKSelectJob, cache: StageCache, tracker: Tracker, *, ada
         return shards.read_all()
 
 
+def stage1_candidates(emb: pd.DataFrame, dom: pd.DataFrame, pool: pd.DataFrame,
+                      inputs: SelectionInputs, *, k: int, m: int, seed: int
+                      ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Stage 1 from the embeddings (``id``, ``emb``): kNN votes of D for the pool, written into
+    ``inputs.votes`` / ``inputs.vote_sim`` (aligned with ``pool``; 0 for rows without an
+    embedding), and the top ``m`` pool rows by votes (the embedding selector's order).
+
+    Returns:
+        (votes frame id / votes / vote_sim of the embedded pool rows, candidate pool rows).
+    """
+    e = emb.set_index("id")
+    pool_ok = pool[pool["id"].isin(e.index)].reset_index(drop=True)
+    dom_ok = dom[dom["id"].isin(e.index)]
+    votes, vote_sim = knn_votes(np.stack(e.loc[dom_ok["id"], "emb"].to_numpy()),
+                                np.stack(e.loc[pool_ok["id"], "emb"].to_numpy()), k=k)
+    vs = pd.DataFrame({"id": pool_ok["id"], "votes": votes, "vote_sim": vote_sim})
+    full = pd.DataFrame({"id": pool["id"]}).merge(vs, on="id", how="left").fillna(0)
+    inputs.votes = full["votes"].to_numpy().astype(np.int64)
+    inputs.vote_sim = full["vote_sim"].to_numpy()
+    top_m = SELECTORS["embedding"](seed=seed).select(inputs, m)
+    return vs, pool.set_index("id").loc[top_m["id"]].reset_index()
+
+
+def candidate_scores(cfg: NTKSelectJob, cache: StageCache, tracker: Tracker, *, adapter: Path,
+                     dom: pd.DataFrame, cand: pd.DataFrame, kind: str) -> pd.DataFrame:
+    """Stage 2 for one selector (``ntk``: ⟨ḡ_D, g(c)⟩ of the summed-logit gradients; ``less``:
+    max cosine of Adam-preconditioned loss gradients): domain gradients, then the candidates'
+    scores (id, score, _error), both cached."""
+    g_dom = domain_grads(cfg, cache, tracker, adapter=adapter, rows=dom,
+                         objective="logit_sum" if kind == "ntk" else "loss")
+    against = g_dom.mean(0) if kind == "ntk" else g_dom
+    return stage2_scores(cfg, cache, tracker, adapter=adapter, rows=cand, kind=kind,
+                         against=against)
+
+
 def evaluate_mc(cfg: NTKSelectJob, cache: StageCache, tracker: Tracker, *, label: str,
                 adapter: Path | None, prompts: pd.DataFrame
                 ) -> tuple[dict[str, float], dict[str, dict[str, float]], pd.DataFrame]:
@@ -496,19 +531,11 @@ def run(cfg: NTKSelectJob) -> dict[str, Any]:
                                rows=pd.concat([dom, pool], ignore_index=True))
             emb, rej = _split_errors(emb, "embed")
             rejects.append(rej)
-            e = emb.set_index("id")
-            pool_ok = pool[pool["id"].isin(e.index)].reset_index(drop=True)
-            dom_ok = dom[dom["id"].isin(e.index)]
-            votes, vote_sim = knn_votes(np.stack(e.loc[dom_ok["id"], "emb"].to_numpy()),
-                                        np.stack(e.loc[pool_ok["id"], "emb"].to_numpy()), k=s.k)
-            vs = pd.DataFrame({"id": pool_ok["id"], "votes": votes, "vote_sim": vote_sim})
-            full = pd.DataFrame({"id": pool["id"]}).merge(vs, on="id", how="left").fillna(0)
-            inputs.votes = full["votes"].to_numpy().astype(np.int64)
-            inputs.vote_sim = full["vote_sim"].to_numpy()
-            top_m = SELECTORS["embedding"](seed=cfg.run.seed).select(inputs, m_cand)
-            cand = pool.set_index("id").loc[top_m["id"]].reset_index()
+            vs, cand = stage1_candidates(emb, dom, pool, inputs, k=s.k, m=m_cand,
+                                         seed=cfg.run.seed)
             vs.to_parquet(out / "stage1_votes.parquet")
-            _say(f"stage 1: {int((votes > 0).sum())} pool samples got votes; kept M={len(cand)}")
+            _say(f"stage 1: {int((vs['votes'] > 0).sum())} pool samples got votes; "
+                 f"kept M={len(cand)}")
             timings["stage1"] = time.time() - t0
 
         # 4-7. per variant, in order: (stage-2 scores →) selection → fine-tune → evaluation, so
@@ -523,11 +550,8 @@ def run(cfg: NTKSelectJob) -> dict[str, Any]:
 
         def scores_for(kind: str) -> None:
             t0 = time.time()
-            g_dom = domain_grads(cfg, cache, tracker, adapter=warm, rows=dom,
-                                 objective="logit_sum" if kind == "ntk" else "loss")
-            against = g_dom.mean(0) if kind == "ntk" else g_dom
-            sc = stage2_scores(cfg, cache, tracker, adapter=warm, rows=cand, kind=kind,
-                               against=against)
+            sc = candidate_scores(cfg, cache, tracker, adapter=warm, dom=dom, cand=cand,
+                                  kind=kind)
             sc, rej = _split_errors(sc, f"scores-{kind}")
             rejects.append(rej)
             sc.to_parquet(out / f"scores_{kind}.parquet")
