@@ -14,7 +14,12 @@ import pytest
 from raydapt.config import load_job
 from raydapt.data.qa import QAFormat, read_qa, render
 from raydapt.select.planted import (
-    build_needles_data, mc_to_pool_row, pool_row_to_mc, precision_recall, roc_auc)
+    build_needles_data,
+    mc_to_pool_row,
+    pool_row_to_mc,
+    precision_recall,
+    roc_auc,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
