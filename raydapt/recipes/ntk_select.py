@@ -470,6 +470,68 @@ def evaluate_mc(cfg: NTKSelectJob, cache: StageCache, tracker: Tracker, *, label
         return acc, extra, m
 
 
+def nll_rows(test: pd.DataFrame, tok, cfg: NTKSelectJob) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Test items → id, task, input_ids, response_mask of prompt + gold response (the item's
+    rationale where it has one, then ``The answer is X.``, as in training), at most
+    ``eval.max_length`` tokens (prompt truncated from the left); plus rejects."""
+    fmt = QAFormat(prompt=cfg.format.prompt, response=cfg.format.response,
+                   answer_prefix=cfg.format.answer_prefix,
+                   context_max_chars=cfg.format.context_max_chars,
+                   rationale_max_chars=cfg.format.rationale_max_chars)
+    out, bad = [], []
+    for r in test.to_dict("records"):
+        try:
+            e = encode_pair(tok, *render(r, fmt), max_length=cfg.eval.max_length,
+                            chat=cfg.format.chat)
+        except (ValueError, KeyError) as exc:
+            bad.append({"file": "encode-nll", "id": r["id"], "reason": str(exc), "raw": ""})
+            continue
+        out.append({"id": r["id"], "task": r["task"], "input_ids": e["input_ids"],
+                    "response_mask": e["response_mask"]})
+    return (pd.DataFrame(out, columns=["id", "task", "input_ids", "response_mask"]),
+            pd.DataFrame(bad, columns=["file", "id", "reason", "raw"]))
+
+
+def nll_summary(m: pd.DataFrame) -> dict[str, float]:
+    """Mean per-token NLL per task (Σ nll_sum / Σ n_tokens over the task's items) and the mean
+    over tasks (``mean``); items whose scoring failed are left out (counted in ``failed``)."""
+    ok = m[m["n_tokens"].notna() & (m["n_tokens"] > 0)]
+    res = {t: float(g["nll_sum"].sum() / g["n_tokens"].sum()) for t, g in ok.groupby(
+        "task", sort=False)}
+    res["mean"] = float(np.mean(list(res.values()))) if res else float("nan")
+    res["failed"] = float(len(m) - len(ok))
+    return res
+
+
+def evaluate_nll(cfg: NTKSelectJob, cache: StageCache, tracker: Tracker, *, label: str,
+                 adapter: Path | None, rows: pd.DataFrame) -> tuple[dict[str, float], pd.DataFrame]:
+    """Held-out gold-response NLL of one model variant (:func:`nll_rows` rows): the per-task
+    mean per-token NLL (:func:`nll_summary`) and the per-item sums."""
+    from raydapt.stages.grad_score import ResponseNLL
+
+    parts = {"adapter": adapter.name if adapter else None, "model": cfg.model,
+             "ids": _ids_hash(rows["id"]), "format": cfg.format.model_dump(mode="json"),
+             "max_length": cfg.eval.max_length, "metric": "response_nll"}
+    d, done = cache.get("eval-nll", parts)
+    with tracker.child(f"eval-nll-{label}", tags={"raydapt.variant": label}) as run_log:
+        if not done:
+            t0 = time.time()
+            ds = _dataset(rows[["id", "input_ids", "response_mask"]]).map_batches(
+                ResponseNLL, fn_constructor_kwargs=dict(
+                    model=_actor_model(cfg, str(adapter / "adapter") if adapter else None,
+                                       cfg.eval.pool)),
+                **pool_kwargs(cfg.eval.pool))
+            out = _stream(ds, len(rows), f"eval nll {label}")
+            run_log.metrics({"rows_per_s": len(rows) / (time.time() - t0)})
+            out.to_parquet(d / "out.parquet")
+            cache.commit(d)
+        out, _ = _split_errors(pd.read_parquet(d / "out.parquet"), "eval-nll")
+        m = rows[["id", "task"]].merge(out[["id", "nll_sum", "n_tokens"]], on="id", how="left")
+        res = nll_summary(m)
+        run_log.metrics({f"nll.{k}": v for k, v in res.items()})
+        return res, m
+
+
 # ---------------------------------------------------------------------------------------------
 # the job
 # ---------------------------------------------------------------------------------------------
@@ -505,6 +567,11 @@ def run(cfg: NTKSelectJob) -> dict[str, Any]:
             prompts = pd.concat([mc_prompts(t, tok, cfg) for t in data["tests"].values()],
                                 ignore_index=True)
             rejects = [data["rejects"], rej_d, rej_p]
+            nll_items = None
+            if cfg.eval.nll:
+                parts_nll = [nll_rows(t, tok, cfg) for t in data["tests"].values()]
+                nll_items = pd.concat([p for p, _ in parts_nll], ignore_index=True)
+                rejects += [r for _, r in parts_nll]
             counts = {"domain_rows": len(dom), "pool_rows": len(pool),
                       **{f"test_rows.{k}": len(v) for k, v in data["tests"].items()},
                       "rejects": sum(len(r) for r in rejects)}
@@ -543,6 +610,7 @@ def run(cfg: NTKSelectJob) -> dict[str, Any]:
         results: dict[str, dict[str, float]] = {}
         results_extra: dict[str, dict[str, dict[str, float]]] = {"calibrated": {},
                                                                   "gold_logprob": {}}
+        response_nll: dict[str, dict[str, float]] = {}
         majority = majority_letter_accuracy(data["domain"], data["tests"])  # no model: once
         preds: list[pd.DataFrame] = []
         selections: dict[str, pd.DataFrame] = {}
@@ -577,6 +645,10 @@ def run(cfg: NTKSelectJob) -> dict[str, Any]:
                 results_extra[kind][label] = d
             preds.append(m.assign(variant=label)[["variant", "task", "id", "gold", "pred",
                                                   "letter_logp"]])
+            if nll_items is not None:
+                response_nll[label], _ = evaluate_nll(cfg, cache, tracker, label=label,
+                                                      adapter=adapter, rows=nll_items)
+                parent.metrics({f"nll.{label}.{k}": v for k, v in response_nll[label].items()})
             timings[f"eval_{label}"] = time.time() - t0
             parent.metrics({f"acc.{label}.{k}": v for k, v in acc.items()})
             parent.metrics({f"{kind}.{label}.{k}": v for kind, d in extra.items()
@@ -593,6 +665,7 @@ def run(cfg: NTKSelectJob) -> dict[str, Any]:
                 "accuracy_calibrated": results_extra["calibrated"],
                 "gold_option_logprob": results_extra["gold_logprob"],
                 "majority_letter_from_D": majority,
+                **({"response_nll": response_nll} if nll_items is not None else {}),
                 "sizes": {"D": len(dom), "pool": len(pool), "M": len(cand), "N": n,
                           "test": {k: len(v) for k, v in data["tests"].items()}},
                 "selected_sources": {
