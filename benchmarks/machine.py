@@ -36,3 +36,32 @@ def describe() -> dict:
     except ImportError:
         pass
     return info
+
+
+def matmul_peak(dtype: str = "float32", *, n: int = 2048, repeats: int = 6,
+                threads: int | None = None) -> dict:
+    """Measured matrix-multiply throughput of this machine: the best of ``repeats`` timed
+    [n, n] @ [n, n] products in ``dtype`` with torch (2·n³ FLOPs each), as GFLOP/s.
+
+    The best, not the mean: on a shared machine it is the closest to what the cores can do.
+    """
+    import time
+
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    dt = getattr(torch, dtype)
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(dt)
+    b = torch.randn(n, n, generator=g).to(dt)
+    torch.mm(a, b)  # warm-up (allocator, kernel selection)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - t0)
+    flops = 2.0 * n ** 3
+    return {"dtype": dtype, "n": n, "threads": torch.get_num_threads(),
+            "gflops_best": flops / min(times) / 1e9,
+            "gflops_median": flops / sorted(times)[len(times) // 2] / 1e9}

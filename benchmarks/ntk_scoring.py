@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,9 @@ import torch
 from torch import nn
 
 from raydapt.select.ntk import RademacherProjector, flat_dim, per_sample_grads, trainable_params
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import matmul_peak  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -161,6 +165,32 @@ def collate(
     return ids_t.to(device), am.to(device), rm.to(device)
 
 
+def scoring_flops(model: nn.Module, shapes: list[list[tuple[int, int]]], n_lora: int,
+                  proj_dim: int) -> dict[str, float]:
+    """FLOPs of the scoring pass as the ``hooks`` path executes it (padded micro-batches):
+
+        grads      = Σ_micro-batches  B·T·(4·P_lin + 6·P_lora) + 12·L·B·T²·H
+        projection = Σ_batches        2·B·P_lora·p
+
+    P_lin = the decoder's linear weights (per token: 2·P_lin forward, 2·P_lin for the input
+    gradients of the backward, which must reach layer 0's LoRA; no weight gradients of the
+    frozen base), P_lora = the LoRA parameters (forward, input and per-sample weight gradients:
+    6 per token), attention 4·T²·H per layer forward (QKᵀ and AV over all T², as executed),
+    twice that backward; the output layer is not run (hooks: Σ_vocab logits = h·Σ_k W_k, 2·H per
+    token, left out), nor are norms, activations or softmaxes (not matmuls)."""
+    cfg = model.config
+    h, layers = int(cfg.hidden_size), int(cfg.num_hidden_layers)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    p_lin = sum(mod.weight.numel() for name, mod in base.get_decoder().named_modules()
+                if isinstance(mod, nn.Linear) and "lora_" not in name)
+    grads = sum(b * t * (4 * p_lin + 6 * n_lora) + 12 * layers * b * t * t * h
+                for batch in shapes for b, t in batch)
+    proj = sum(2 * sum(b for b, _ in batch) * n_lora * proj_dim for batch in shapes)
+    return {"grads": float(grads), "projection": float(proj), "P_lin": int(p_lin),
+            "P_lora": int(n_lora), "tokens_padded": int(sum(b * t for batch in shapes
+                                                           for b, t in batch))}
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -219,6 +249,9 @@ def main(argv: list[str] | None = None) -> dict:
         sync(device)
         return pg.cpu(), t1 - t0, time.perf_counter() - t1
 
+    shapes = [[(len(c), max(len(ids) for ids, _ in c)) for c in
+               (b[i : i + args.micro_batch] for i in range(0, len(b), args.micro_batch))]
+              for b in batches]  # (rows, padded length) of every micro-batch, per batch
     methods = tuple(dict.fromkeys([*args.methods.split(","), "loop"]))
     batched = [m for m in methods if m != "loop"]
     load_before = os.getloadavg()
@@ -276,6 +309,21 @@ def main(argv: list[str] | None = None) -> dict:
             "projected_max_abs_diff_vs_loop": max_abs[m],
         }
     head = batched[0]
+    flops = scoring_flops(model, shapes, n_params, args.proj_dim)
+    peak = {dt: matmul_peak(dt) for dt in dict.fromkeys([args.dtype, "float32"])}
+    eff = {}
+    for m in methods:
+        gs, ps = timing[m]["grad_s"], timing[m]["proj_s"]
+        eff[m] = {
+            "gflops_per_s": (flops["grads"] + flops["projection"]) / (gs + ps) / 1e9,
+            "grads_gflops_per_s": flops["grads"] / gs / 1e9,
+            "projection_gflops_per_s": flops["projection"] / ps / 1e9,
+        }
+        eff[m]["fraction_of_peak"] = eff[m]["gflops_per_s"] / peak[args.dtype]["gflops_best"]
+        eff[m]["grads_fraction_of_peak"] = (eff[m]["grads_gflops_per_s"]
+                                            / peak[args.dtype]["gflops_best"])
+        eff[m]["projection_fraction_of_fp32_peak"] = (eff[m]["projection_gflops_per_s"]
+                                                      / peak["float32"]["gflops_best"])
     import peft
     import transformers
 
@@ -310,6 +358,9 @@ def main(argv: list[str] | None = None) -> dict:
         "per_batch": per_batch,
         "projected_max_abs": scale,
         "projected_rel_diff": max(max_abs.values()) / scale if scale else 0.0,
+        "flops": flops,
+        "matmul_peak": peak,
+        "achieved": eff,
     }
     out = Path(args.out) if args.out else RESULTS / f"ntk-scoring-{device.type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -323,6 +374,12 @@ def main(argv: list[str] | None = None) -> dict:
             f"{max_abs[m]:.3g}")
         print(f"{m:>5}: {r['samples_per_s']:.3f} samples/s (grads only "
               f"{r['grad_only_samples_per_s']:.3f}){extra}")
+    for m in methods:
+        e = eff[m]
+        print(f"{m:>5}: {e['gflops_per_s']:.1f} GFLOP/s = {e['fraction_of_peak']:.0%} of the "
+              f"{args.dtype} matmul peak {peak[args.dtype]['gflops_best']:.1f} (grads "
+              f"{e['grads_fraction_of_peak']:.0%}, projection "
+              f"{e['projection_fraction_of_fp32_peak']:.0%} of fp32 peak)")
     print(f"max |g| {scale:.3g}; wrote {out}")
     return result
 
