@@ -191,6 +191,36 @@ def scoring_flops(model: nn.Module, shapes: list[list[tuple[int, int]]], n_lora:
                                                            for b, t in batch))}
 
 
+def projection_breakdown(proj: RademacherProjector, batch: int) -> dict[str, float]:
+    """Seconds of one ``project`` call of [batch, P] split into its parts, chunk by chunk as
+    ``iter_chunks`` does them: drawing the random words (mt19937), expanding them to ±1/√p floats
+    (a [chunk_rows, p] fp32 buffer written per chunk) and the accumulating matmul; plus the
+    matmul alone on one cached chunk (what a projection without the expansion would cost)."""
+    g = torch.randn(batch, proj.in_dim)
+    out = torch.zeros(batch, proj.out_dim)
+    table = proj._table(torch.device("cpu"), torch.float32)
+    words = torch.empty(proj.chunk_rows, proj.words_per_row, dtype=torch.int64)
+    buf = torch.empty(proj.chunk_rows, proj.padded_out_dim)
+    t = {"draw_s": 0.0, "expand_s": 0.0, "matmul_s": 0.0}
+    for start in range(0, proj.in_dim, proj.chunk_rows):
+        stop = min(start + proj.chunk_rows, proj.in_dim)
+        rows = stop - start
+        t0 = time.perf_counter()
+        proj._fill_words(words, start, stop)
+        t1 = time.perf_counter()
+        idx = words[:rows].view(torch.uint8).reshape(-1).to(torch.int32)
+        torch.index_select(table, 0, idx, out=buf[:rows].view(-1, 8))
+        t2 = time.perf_counter()
+        out.addmm_(g[:, start:stop], buf[:rows, : proj.out_dim])
+        t["draw_s"] += t1 - t0
+        t["expand_s"] += t2 - t1
+        t["matmul_s"] += time.perf_counter() - t2
+    t["total_s"] = sum(t.values())
+    t["matmul_gflops_per_s"] = 2.0 * batch * proj.in_dim * proj.out_dim / t["matmul_s"] / 1e9
+    t["batch"] = batch
+    return t
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -311,6 +341,7 @@ def main(argv: list[str] | None = None) -> dict:
     head = batched[0]
     flops = scoring_flops(model, shapes, n_params, args.proj_dim)
     peak = {dt: matmul_peak(dt) for dt in dict.fromkeys([args.dtype, "float32"])}
+    breakdown = projection_breakdown(proj, args.batch_size) if device.type == "cpu" else None
     eff = {}
     for m in methods:
         gs, ps = timing[m]["grad_s"], timing[m]["proj_s"]
@@ -361,6 +392,7 @@ def main(argv: list[str] | None = None) -> dict:
         "flops": flops,
         "matmul_peak": peak,
         "achieved": eff,
+        "projection_breakdown": breakdown,
     }
     out = Path(args.out) if args.out else RESULTS / f"ntk-scoring-{device.type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -380,6 +412,11 @@ def main(argv: list[str] | None = None) -> dict:
               f"{args.dtype} matmul peak {peak[args.dtype]['gflops_best']:.1f} (grads "
               f"{e['grads_fraction_of_peak']:.0%}, projection "
               f"{e['projection_fraction_of_fp32_peak']:.0%} of fp32 peak)")
+    if breakdown:
+        b = breakdown
+        print(f"projection of {b['batch']} samples: draw {b['draw_s']:.2f}s, expand "
+              f"{b['expand_s']:.2f}s, matmul {b['matmul_s']:.2f}s "
+              f"({b['matmul_gflops_per_s']:.1f} GFLOP/s)")
     print(f"max |g| {scale:.3g}; wrote {out}")
     return result
 
