@@ -158,6 +158,13 @@ def run_setting(name: str, cfg, planted_ids: set[str], random_seeds: list[int]) 
     for kind in ("ntk", "less", "embedding"):
         sel = SELECTORS[kind](seed=cfg.run.seed).select(inputs, n)
         res["selected_sources"][kind] = src.loc[sel["id"]].value_counts().to_dict()
+    sels = res["selectors"]
+    res["bar"] = {  # issue 14: ntk precision ≥ 5x random's and ≥ the stage-1 votes' alone
+        "ntk_precision": sels["ntk"]["precision"],
+        "random_precision_mean": sels["random"]["precision_mean"],
+        "votes_precision": sels["embedding"]["precision"],
+        "passed": bool(sels["ntk"]["precision"] >= 5 * sels["random"]["precision_mean"]
+                       and sels["ntk"]["precision"] >= sels["embedding"]["precision"])}
     res["stage_seconds"] = secs
     res["seconds"] = time.time() - t_all
     return res
