@@ -47,9 +47,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--job", default=str(REPO / "jobs/ntk_select/medical-smollm.cpu.yaml"))
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
     ap.add_argument("--work", default="/tmp/ntk-needles")
-    ap.add_argument("--variants", default="ntk,random:0,random:1,random:2,domain_only,base,"
+    ap.add_argument("--variants", default="random:0,random:1,random:2,ntk,domain_only,base,"
                     "embedding,less,ntk:1,ntk:2")
     ap.add_argument("--eval-task", default="pubmedqa")
+    ap.add_argument("--mc", action="store_true",
+                    help="also MC accuracy on the same items (doubles the evaluation cost)")
     ap.add_argument("--out", default=str(RESULTS / "ntk-heldout-cpu.json"))
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
@@ -99,17 +101,24 @@ def main(argv: list[str] | None = None) -> dict:
 
     s = cfg.select
     n, m = s.n, int(np.ceil(s.m_factor * s.n))
-    warm = _fit(cfg, cache, tracker, stage="lora", label="warmup", rows=dom, train=cfg.warmup,
-                storage=out / "train")
-    emb, _ = _split_errors(stage1_embed(cfg, cache, tracker, adapter=warm,
-                                        rows=pd.concat([dom, pool], ignore_index=True)), "embed")
     inputs = SelectionInputs(pool_ids=pool["id"].to_numpy())
-    _, cand = stage1_candidates(emb, dom, pool, inputs, k=s.k, m=m, seed=cfg.run.seed)
+    stages: dict = {}
+
+    def stage1() -> None:  # warm-up + stage 1, only when a selector needs them (not random)
+        if "cand" not in stages:
+            stages["warm"] = _fit(cfg, cache, tracker, stage="lora", label="warmup", rows=dom,
+                                  train=cfg.warmup, storage=out / "train")
+            emb, _ = _split_errors(stage1_embed(
+                cfg, cache, tracker, adapter=stages["warm"],
+                rows=pd.concat([dom, pool], ignore_index=True)), "embed")
+            _, stages["cand"] = stage1_candidates(emb, dom, pool, inputs, k=s.k, m=m,
+                                                  seed=cfg.run.seed)
+
     by_id = pool.set_index("id")
     report = {"benchmark": "ntk-heldout", "command": "python benchmarks/ntk_heldout.py "
               + " ".join(sys.argv[1:] if argv is None else argv), "machine": describe(),
-              "overrides": ov, "eval_task": args.eval_task,
-              "sizes": {"D": len(dom), "pool": len(pool), "M": len(cand), "N": n,
+              "overrides": ov, "eval_task": args.eval_task, "mc": args.mc,
+              "sizes": {"D": len(dom), "pool": len(pool), "M": m, "N": n,
                         "eval_items": len(test), "nll_items": len(nrows),
                         "nll_encode_rejects": len(nrej)},
               "variants": {}}
@@ -124,10 +133,12 @@ def main(argv: list[str] | None = None) -> dict:
             fcfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"seed": seed})})
             rows = dom
             if name != "domain_only":
+                if name != "random":
+                    stage1()
                 if name in ("ntk", "less") and name not in inputs.scores:
-                    sc, _ = _split_errors(candidate_scores(cfg, cache, tracker, adapter=warm,
-                                                           dom=dom, cand=cand, kind=name),
-                                          f"scores-{name}")
+                    sc, _ = _split_errors(candidate_scores(
+                        cfg, cache, tracker, adapter=stages["warm"], dom=dom,
+                        cand=stages["cand"], kind=name), f"scores-{name}")
                     inputs.scores[name] = sc.set_index("id")["score"]
                 sel = SELECTORS[name](seed=seed).select(inputs, n)
                 rec["planted_selected"] = int(sel["id"].isin(planted).sum())
@@ -136,14 +147,16 @@ def main(argv: list[str] | None = None) -> dict:
                            train=cfg.finetune, storage=out / "train")
             rec["train_rows"] = len(rows)
         rec["nll"], _ = evaluate_nll(cfg, cache, tracker, label=v, adapter=adapter, rows=nrows)
-        acc, extra, _ = evaluate_mc(cfg, cache, tracker, label=v, adapter=adapter,
-                                    prompts=prompts)
-        rec["accuracy"] = acc
-        rec.update(extra)
+        acc = {}
+        if args.mc:
+            acc, extra, _ = evaluate_mc(cfg, cache, tracker, label=v, adapter=adapter,
+                                        prompts=prompts)
+            rec["accuracy"] = acc
+            rec.update(extra)
         rec["seconds"] = time.time() - t0
         report["variants"][v] = rec
-        print(f"[heldout] {v}: nll {rec['nll']['mean']:.4f} acc {acc['mean']:.3f} "
-              f"({rec['seconds']:.0f}s)", flush=True)
+        print(f"[heldout] {v}: nll {rec['nll']['mean']:.4f} acc {acc.get('mean', float('nan')):.3f}"
+              f" ({rec['seconds']:.0f}s)", flush=True)
         summarise(report)
         report["seconds"] = time.time() - t_all
         Path(args.out).write_text(json.dumps(report, indent=2))
@@ -158,7 +171,7 @@ def summarise(report: dict) -> None:
     summ = {}
     for name, recs in by.items():
         nll = [r["nll"]["mean"] for r in recs]
-        acc = [r["accuracy"]["mean"] for r in recs]
+        acc = [r["accuracy"]["mean"] for r in recs if "accuracy" in r] or [float("nan")]
         summ[name] = {"seeds": [r["seed"] for r in recs], "nll_mean": float(np.mean(nll)),
                       "nll_std": float(np.std(nll, ddof=1)) if len(nll) > 1 else None,
                       "acc_mean": float(np.mean(acc)),
