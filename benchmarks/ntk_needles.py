@@ -49,18 +49,21 @@ RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _setting_overrides(name: str, info: dict, work: Path) -> list[str]:
+def _setting_overrides(name: str, info: dict, work: Path, *, n: int = 100,
+                       n_domain: int = 160) -> list[str]:
     common = [f"data.root={info['root']}", f"data.pool=[{info['pool']}]", "data.max_pool_rows=null",
-              "select.n=100", "select.m_factor=1.5", "select.k=64", f"run.name=needles-{name}",
+              f"select.n={n}", "select.m_factor=1.5", "select.k=64", f"run.name=needles-{name}",
               f"run.cache_dir={work / 'cache'}", f"run.output_dir={work / 'out'}",
               "tracking.enabled=false"]
     if name == "arith":
-        task = f"{{path: {info['aqua_domain']}, name: aqua, domain_rows: 160, eval_rows: 1}}"
+        task = (f"{{path: {info['aqua_domain']}, name: aqua, domain_rows: {n_domain}, "
+                "eval_rows: 1}")
         common.append(f"data.tasks=[{task}]")
     return common
 
 
-def run_setting(name: str, cfg, planted_ids: set[str], random_seeds: list[int]) -> dict:
+def run_setting(name: str, cfg, planted_ids: set[str], random_seeds: list[int],
+                kinds: tuple[str, ...] = ("ntk", "less")) -> dict:
     """The recipe's stages up to the selections (no fine-tunes) and the planted-row metrics."""
     from raydapt.cache import StageCache
     from raydapt.recipes.ntk_select import (
@@ -100,7 +103,7 @@ def run_setting(name: str, cfg, planted_ids: set[str], random_seeds: list[int]) 
     inputs = SelectionInputs(pool_ids=pool["id"].to_numpy())
     vs, cand = stage1_candidates(emb, dom, pool, inputs, k=s.k, m=m, seed=cfg.run.seed)
     secs["stage1"] = time.time() - t0
-    for kind in ("ntk", "less"):
+    for kind in kinds:
         t0 = time.time()
         sc, _ = _split_errors(candidate_scores(cfg, cache, tracker, adapter=warm, dom=dom,
                                                cand=cand, kind=kind), f"scores-{kind}")
@@ -128,7 +131,7 @@ def run_setting(name: str, cfg, planted_ids: set[str], random_seeds: list[int]) 
 
     res["selectors"]["embedding"] = report(
         SELECTORS["embedding"](seed=cfg.run.seed).select(inputs, n)["id"], votes_rank.to_numpy())
-    for kind in ("ntk", "less"):
+    for kind in kinds:
         sc = inputs.scores[kind]
         sel = SELECTORS[kind](seed=cfg.run.seed).select(inputs, n)
         # candidates above non-candidates, by stage-2 score; non-candidates by votes
@@ -155,7 +158,7 @@ def run_setting(name: str, cfg, planted_ids: set[str], random_seeds: list[int]) 
         k: round(v["precision"] / base, 2) for k, v in res["selectors"].items() if k != "random"}
     res["selected_sources"] = {}
     src = data["pool"].set_index("id")["source"]
-    for kind in ("ntk", "less", "embedding"):
+    for kind in (*kinds, "embedding"):
         sel = SELECTORS[kind](seed=cfg.run.seed).select(inputs, n)
         res["selected_sources"][kind] = src.loc[sel["id"]].value_counts().to_dict()
     sels = res["selectors"]
@@ -177,23 +180,37 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--work", default="/tmp/ntk-needles")
     ap.add_argument("--settings", default="medical,arith")
     ap.add_argument("--out", default=str(RESULTS / "ntk-needles-cpu.json"))
+    ap.add_argument("--n-general", type=int, default=1000, help="general FLAN rows in the pool")
+    ap.add_argument("--n-planted", type=int, default=100, help="rows per planted group")
+    ap.add_argument("--n-domain", type=int, default=160, help="|D| of the arith setting")
+    ap.add_argument("--n", type=int, default=100, help="N selected (M = 1.5 N)")
+    ap.add_argument("--kinds", default="ntk,less", help="stage-2 selectors to score")
+    ap.add_argument("--merge", action="store_true",
+                    help="add this run's settings to an existing --out file")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     work = Path(args.work)
-    info = build_needles_data(args.data, work / "data")
+    info = build_needles_data(args.data, work / "data", n_general=args.n_general,
+                              n_planted=args.n_planted, n_arith_domain=args.n_domain)
     report = {"benchmark": "ntk-needles", "command": "python benchmarks/ntk_needles.py "
               + " ".join(sys.argv[1:] if argv is None else argv), "machine": describe(),
               "job": str(Path(args.job).relative_to(REPO)) if Path(args.job).is_relative_to(REPO)
               else args.job, "pool_groups": {k: len(v) for k, v in info["groups"].items()},
               "settings": {}}
+    if args.merge and Path(args.out).exists():
+        report = {**json.loads(Path(args.out).read_text()), "machine": report["machine"]}
+        report.setdefault("commands", [report.get("command")]).append(
+            "python benchmarks/ntk_needles.py " + " ".join(sys.argv[1:] if argv is None else argv))
     from raydapt.runtime import init_ray
 
     for name in args.settings.split(","):
-        ov = _setting_overrides(name, info, work) + list(args.overrides)
+        ov = _setting_overrides(name, info, work, n=args.n, n_domain=args.n_domain) + list(
+            args.overrides)
         cfg = load_job(args.job, ov)
         init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.progress)
         planted = set(info["groups"]["medical" if name == "medical" else "gsm8k"])
-        res = run_setting(name, cfg, planted, [0, 1, 2])
+        res = run_setting(name, cfg, planted, [0, 1, 2], tuple(args.kinds.split(",")))
+        res["pool_groups"] = {k: len(v) for k, v in info["groups"].items()}
         res["planted_group"] = "medical" if name == "medical" else "gsm8k"
         res["overrides"] = ov
         report["settings"][name] = res
