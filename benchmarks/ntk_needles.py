@@ -25,8 +25,9 @@ M candidates*, and how many planted rows the candidates hold (the most stage 2 c
 Expected result (measured at reduced size: --n-general 300 --n-planted 30 --n 30 --kinds ntk
 select.k=16, arith with --n-domain 64; benchmarks/results/ntk-needles-cpu.json): arith — stage 1
 keeps 7 of the 30 GSM8K rows among its 45 candidates, NTK puts all 7 in its top 30 (precision
-0.233 = 2.8x random's expected 0.083; votes alone 0.167; random seeds 0-2: 0.100 ± 0.033); the
-medical setting's numbers are in the README. Cost: arith 30 min, medical ~35 min (D = 160) on 2
+0.233 = 2.8x random's expected 0.083; votes alone 0.167; random seeds 0-2: 0.100 ± 0.033);
+medical — stage 1 keeps 29 of 30 medical rows, NTK selects 27/30 (0.900 = 7.4x random's mean
+0.122 ± 0.051), votes alone 24/30. Cost: arith 30 min, medical 49 min (D = 160, warm-up cached) on 2
 cores at load average 30-97 (other agents); the defaults (1,200-row pool, N 100, NTK + LESS) were
 estimated at ~8-12 min per setting on 2 idle cores and did not fit this session. ~3 GB RAM.
 Caches under --work (a rerun reuses every finished stage).
