@@ -38,12 +38,14 @@ def describe() -> dict:
     return info
 
 
-def matmul_peak(dtype: str = "float32", threads: int | None = None, n: int = 1024,
-                reps: int = 20) -> dict:
-    """Measured matrix-multiply rate of [n, n] @ [n, n] products with torch in ``dtype`` on
-    ``threads`` threads: ``gflops_wall`` (best of ``reps`` calls) and ``gflops_cpu_est`` (FLOP
-    per CPU-second of this process times ``threads``: the idle-machine rate estimated on a
-    shared machine, assuming the threads scale)."""
+def matmul_peak(dtype: str = "float32", *, n: int = 2048, repeats: int = 6,
+                threads: int | None = None) -> dict:
+    """Measured matrix-multiply throughput of this machine: ``repeats`` timed [n, n] @ [n, n]
+    products in ``dtype`` with torch (2·n³ FLOPs each), as GFLOP/s: ``gflops_best`` (the best,
+    not the mean: on a shared machine it is the closest to what the cores can do),
+    ``gflops_median``, and ``gflops_cpu_est`` (FLOP per CPU-second of this process times the
+    threads: the idle-machine rate estimated on a shared machine, assuming the threads scale).
+    """
     import resource
     import time
 
@@ -53,19 +55,23 @@ def matmul_peak(dtype: str = "float32", threads: int | None = None, n: int = 102
         torch.set_num_threads(threads)
     threads = torch.get_num_threads()
     dt = getattr(torch, dtype)
-    a, b = torch.randn(n, n).to(dt), torch.randn(n, n).to(dt)
-    torch.matmul(a, b)  # warm-up (oneDNN kernel choice)
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(dt)
+    b = torch.randn(n, n, generator=g).to(dt)
+    torch.mm(a, b)  # warm-up (allocator, kernel selection)
 
     def cpu() -> float:
         r = resource.getrusage(resource.RUSAGE_SELF)
         return r.ru_utime + r.ru_stime
 
-    best, c0 = float("inf"), cpu()
-    for _ in range(reps):
-        t = time.perf_counter()
-        torch.matmul(a, b)
-        best = min(best, time.perf_counter() - t)
+    times, c0 = [], cpu()
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - t0)
     c = cpu() - c0
-    flop = 2 * n**3
-    return {"gflops_wall": round(flop / best / 1e9, 1),
-            "gflops_cpu_est": round(flop * reps / (c / threads) / 1e9, 1)}
+    flops = 2.0 * n ** 3
+    return {"dtype": dtype, "n": n, "threads": threads,
+            "gflops_best": flops / min(times) / 1e9,
+            "gflops_median": flops / sorted(times)[len(times) // 2] / 1e9,
+            "gflops_cpu_est": flops * repeats / (c / threads) / 1e9}

@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,9 @@ import torch
 from torch import nn
 
 from raydapt.select.ntk import RademacherProjector, flat_dim, per_sample_grads, trainable_params
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import matmul_peak  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -161,6 +165,62 @@ def collate(
     return ids_t.to(device), am.to(device), rm.to(device)
 
 
+def scoring_flops(model: nn.Module, shapes: list[list[tuple[int, int]]], n_lora: int,
+                  proj_dim: int) -> dict[str, float]:
+    """FLOPs of the scoring pass as the ``hooks`` path executes it (padded micro-batches):
+
+        grads      = Σ_micro-batches  B·T·(4·P_lin + 6·P_lora) + 12·L·B·T²·H
+        projection = Σ_batches        2·B·P_lora·p
+
+    P_lin = the decoder's linear weights (per token: 2·P_lin forward, 2·P_lin for the input
+    gradients of the backward, which must reach layer 0's LoRA; no weight gradients of the
+    frozen base), P_lora = the LoRA parameters (forward, input and per-sample weight gradients:
+    6 per token), attention 4·T²·H per layer forward (QKᵀ and AV over all T², as executed),
+    twice that backward; the output layer is not run (hooks: Σ_vocab logits = h·Σ_k W_k, 2·H per
+    token, left out), nor are norms, activations or softmaxes (not matmuls)."""
+    cfg = model.config
+    h, layers = int(cfg.hidden_size), int(cfg.num_hidden_layers)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    p_lin = sum(mod.weight.numel() for name, mod in base.get_decoder().named_modules()
+                if isinstance(mod, nn.Linear) and "lora_" not in name)
+    grads = sum(b * t * (4 * p_lin + 6 * n_lora) + 12 * layers * b * t * t * h
+                for batch in shapes for b, t in batch)
+    proj = sum(2 * sum(b for b, _ in batch) * n_lora * proj_dim for batch in shapes)
+    return {"grads": float(grads), "projection": float(proj), "P_lin": int(p_lin),
+            "P_lora": int(n_lora), "tokens_padded": int(sum(b * t for batch in shapes
+                                                           for b, t in batch))}
+
+
+def projection_breakdown(proj: RademacherProjector, batch: int) -> dict[str, float]:
+    """Seconds of one ``project`` call of [batch, P] split into its parts, chunk by chunk as
+    ``iter_chunks`` does them: drawing the random words (mt19937), expanding them to ±1/√p floats
+    (a [chunk_rows, p] fp32 buffer written per chunk) and the accumulating matmul; plus the
+    matmul alone on one cached chunk (what a projection without the expansion would cost)."""
+    g = torch.randn(batch, proj.in_dim)
+    out = torch.zeros(batch, proj.out_dim)
+    table = proj._table(torch.device("cpu"), torch.float32)
+    words = torch.empty(proj.chunk_rows, proj.words_per_row, dtype=torch.int64)
+    buf = torch.empty(proj.chunk_rows, proj.padded_out_dim)
+    t = {"draw_s": 0.0, "expand_s": 0.0, "matmul_s": 0.0}
+    for start in range(0, proj.in_dim, proj.chunk_rows):
+        stop = min(start + proj.chunk_rows, proj.in_dim)
+        rows = stop - start
+        t0 = time.perf_counter()
+        proj._fill_words(words, start, stop)
+        t1 = time.perf_counter()
+        idx = words[:rows].view(torch.uint8).reshape(-1).to(torch.int32)
+        torch.index_select(table, 0, idx, out=buf[:rows].view(-1, 8))
+        t2 = time.perf_counter()
+        out.addmm_(g[:, start:stop], buf[:rows, : proj.out_dim])
+        t["draw_s"] += t1 - t0
+        t["expand_s"] += t2 - t1
+        t["matmul_s"] += time.perf_counter() - t2
+    t["total_s"] = sum(t.values())
+    t["matmul_gflops_per_s"] = 2.0 * batch * proj.in_dim * proj.out_dim / t["matmul_s"] / 1e9
+    t["batch"] = batch
+    return t
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -219,9 +279,15 @@ def main(argv: list[str] | None = None) -> dict:
         sync(device)
         return pg.cpu(), t1 - t0, time.perf_counter() - t1
 
+    shapes = [[(len(c), max(len(ids) for ids, _ in c)) for c in
+               (b[i : i + args.micro_batch] for i in range(0, len(b), args.micro_batch))]
+              for b in batches]  # (rows, padded length) of every micro-batch, per batch
     methods = tuple(dict.fromkeys([*args.methods.split(","), "loop"]))
     batched = [m for m in methods if m != "loop"]
     load_before = os.getloadavg()
+    # the matmul peak in this dtype (and fp32, the projection's), before and after the timed
+    # passes: on a shared machine the fraction below is only meaningful when both agree
+    peak_before = {dt: matmul_peak(dt) for dt in dict.fromkeys([args.dtype, "float32"])}
     for m in methods:  # untimed warm-up (allocator, kernels, lazy init)
         if warm:
             run(m, warm)
@@ -276,6 +342,26 @@ def main(argv: list[str] | None = None) -> dict:
             "projected_max_abs_diff_vs_loop": max_abs[m],
         }
     head = batched[0]
+    flops = scoring_flops(model, shapes, n_params, args.proj_dim)
+    peak_after = {dt: matmul_peak(dt) for dt in dict.fromkeys([args.dtype, "float32"])}
+    peak = {dt: {**max(peak_before[dt], peak_after[dt], key=lambda r: r["gflops_best"]),
+                 "gflops_best_before_after": [peak_before[dt]["gflops_best"],
+                                              peak_after[dt]["gflops_best"]]}
+            for dt in peak_before}
+    breakdown = projection_breakdown(proj, args.batch_size) if device.type == "cpu" else None
+    eff = {}
+    for m in methods:
+        gs, ps = timing[m]["grad_s"], timing[m]["proj_s"]
+        eff[m] = {
+            "gflops_per_s": (flops["grads"] + flops["projection"]) / (gs + ps) / 1e9,
+            "grads_gflops_per_s": flops["grads"] / gs / 1e9,
+            "projection_gflops_per_s": flops["projection"] / ps / 1e9,
+        }
+        eff[m]["fraction_of_peak"] = eff[m]["gflops_per_s"] / peak[args.dtype]["gflops_best"]
+        eff[m]["grads_fraction_of_peak"] = (eff[m]["grads_gflops_per_s"]
+                                            / peak[args.dtype]["gflops_best"])
+        eff[m]["projection_fraction_of_fp32_peak"] = (eff[m]["projection_gflops_per_s"]
+                                                      / peak["float32"]["gflops_best"])
     import peft
     import transformers
 
@@ -310,6 +396,10 @@ def main(argv: list[str] | None = None) -> dict:
         "per_batch": per_batch,
         "projected_max_abs": scale,
         "projected_rel_diff": max(max_abs.values()) / scale if scale else 0.0,
+        "flops": flops,
+        "matmul_peak": peak,
+        "achieved": eff,
+        "projection_breakdown": breakdown,
     }
     out = Path(args.out) if args.out else RESULTS / f"ntk-scoring-{device.type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -323,6 +413,17 @@ def main(argv: list[str] | None = None) -> dict:
             f"{max_abs[m]:.3g}")
         print(f"{m:>5}: {r['samples_per_s']:.3f} samples/s (grads only "
               f"{r['grad_only_samples_per_s']:.3f}){extra}")
+    for m in methods:
+        e = eff[m]
+        print(f"{m:>5}: {e['gflops_per_s']:.1f} GFLOP/s = {e['fraction_of_peak']:.0%} of the "
+              f"{args.dtype} matmul peak {peak[args.dtype]['gflops_best']:.1f} (grads "
+              f"{e['grads_fraction_of_peak']:.0%}, projection "
+              f"{e['projection_fraction_of_fp32_peak']:.0%} of fp32 peak)")
+    if breakdown:
+        b = breakdown
+        print(f"projection of {b['batch']} samples: draw {b['draw_s']:.2f}s, expand "
+              f"{b['expand_s']:.2f}s, matmul {b['matmul_s']:.2f}s "
+              f"({b['matmul_gflops_per_s']:.1f} GFLOP/s)")
     print(f"max |g| {scale:.3g}; wrote {out}")
     return result
 

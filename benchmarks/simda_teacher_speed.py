@@ -75,7 +75,7 @@ def run(argv: list[str] | None = None) -> dict:
             out.append(o)
         wall, cpu = time.perf_counter() - w0, _cpu() - c0
         logps[dtype] = np.stack(pd.concat(out)["llm_logp"].to_numpy())
-        peak = matmul_peak(dtype, args.threads)
+        peak = matmul_peak(dtype, threads=args.threads)
         flop = 2 * n_params * tokens  # non-embedding weights; attention over <=512 tokens extra
         res["dtypes"][dtype] = {
             "wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "tokens": tokens,

@@ -290,6 +290,41 @@ def stage2_scores(cfg: NTKSelectJob, cache: StageCache, tracker: Tracker, *, ada
                         run_name=f"stage2-{kind}", label=f"stage 2 {kind} scores")
 
 
+def stage1_candidates(emb: pd.DataFrame, dom: pd.DataFrame, pool: pd.DataFrame,
+                      inputs: SelectionInputs, *, k: int, m: int, seed: int
+                      ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Stage 1 from the embeddings (``id``, ``emb``): kNN votes of D for the pool, written into
+    ``inputs.votes`` / ``inputs.vote_sim`` (aligned with ``pool``; 0 for rows without an
+    embedding), and the top ``m`` pool rows by votes (the embedding selector's order).
+
+    Returns:
+        (votes frame id / votes / vote_sim of the embedded pool rows, candidate pool rows).
+    """
+    e = emb.set_index("id")
+    pool_ok = pool[pool["id"].isin(e.index)].reset_index(drop=True)
+    dom_ok = dom[dom["id"].isin(e.index)]
+    votes, vote_sim = knn_votes(np.stack(e.loc[dom_ok["id"], "emb"].to_numpy()),
+                                np.stack(e.loc[pool_ok["id"], "emb"].to_numpy()), k=k)
+    vs = pd.DataFrame({"id": pool_ok["id"], "votes": votes, "vote_sim": vote_sim})
+    full = pd.DataFrame({"id": pool["id"]}).merge(vs, on="id", how="left").fillna(0)
+    inputs.votes = full["votes"].to_numpy().astype(np.int64)
+    inputs.vote_sim = full["vote_sim"].to_numpy()
+    top_m = SELECTORS["embedding"](seed=seed).select(inputs, m)
+    return vs, pool.set_index("id").loc[top_m["id"]].reset_index()
+
+
+def candidate_scores(cfg: NTKSelectJob, cache: StageCache, tracker: Tracker, *, adapter: Path,
+                     dom: pd.DataFrame, cand: pd.DataFrame, kind: str) -> pd.DataFrame:
+    """Stage 2 for one selector (``ntk``: ⟨ḡ_D, g(c)⟩ of the summed-logit gradients; ``less``:
+    max cosine of Adam-preconditioned loss gradients): domain gradients, then the candidates'
+    scores (id, score, _error), both cached."""
+    g_dom = domain_grads(cfg, cache, tracker, adapter=adapter, rows=dom,
+                         objective="logit_sum" if kind == "ntk" else "loss")
+    against = g_dom.mean(0) if kind == "ntk" else g_dom
+    return stage2_scores(cfg, cache, tracker, adapter=adapter, rows=cand, kind=kind,
+                         against=against)
+
+
 def evaluate_mc(cfg: NTKSelectJob, cache: StageCache, tracker: Tracker, *, label: str,
                 adapter: Path | None, prompts: pd.DataFrame
                 ) -> tuple[dict[str, float], dict[str, dict[str, float]], pd.DataFrame]:
@@ -327,6 +362,68 @@ def evaluate_mc(cfg: NTKSelectJob, cache: StageCache, tracker: Tracker, *, label
         return acc, extra, m
 
 
+def nll_rows(test: pd.DataFrame, tok, cfg: NTKSelectJob) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Test items → id, task, input_ids, response_mask of prompt + gold response (the item's
+    rationale where it has one, then ``The answer is X.``, as in training), at most
+    ``eval.max_length`` tokens (prompt truncated from the left); plus rejects."""
+    fmt = QAFormat(prompt=cfg.format.prompt, response=cfg.format.response,
+                   answer_prefix=cfg.format.answer_prefix,
+                   context_max_chars=cfg.format.context_max_chars,
+                   rationale_max_chars=cfg.format.rationale_max_chars)
+    out, bad = [], []
+    for r in test.to_dict("records"):
+        try:
+            e = encode_pair(tok, *render(r, fmt), max_length=cfg.eval.max_length,
+                            chat=cfg.format.chat)
+        except (ValueError, KeyError) as exc:
+            bad.append({"file": "encode-nll", "id": r["id"], "reason": str(exc), "raw": ""})
+            continue
+        out.append({"id": r["id"], "task": r["task"], "input_ids": e["input_ids"],
+                    "response_mask": e["response_mask"]})
+    return (pd.DataFrame(out, columns=["id", "task", "input_ids", "response_mask"]),
+            pd.DataFrame(bad, columns=["file", "id", "reason", "raw"]))
+
+
+def nll_summary(m: pd.DataFrame) -> dict[str, float]:
+    """Mean per-token NLL per task (Σ nll_sum / Σ n_tokens over the task's items) and the mean
+    over tasks (``mean``); items whose scoring failed are left out (counted in ``failed``)."""
+    ok = m[m["n_tokens"].notna() & (m["n_tokens"] > 0)]
+    res = {t: float(g["nll_sum"].sum() / g["n_tokens"].sum()) for t, g in ok.groupby(
+        "task", sort=False)}
+    res["mean"] = float(np.mean(list(res.values()))) if res else float("nan")
+    res["failed"] = float(len(m) - len(ok))
+    return res
+
+
+def evaluate_nll(cfg: NTKSelectJob, cache: StageCache, tracker: Tracker, *, label: str,
+                 adapter: Path | None, rows: pd.DataFrame) -> tuple[dict[str, float], pd.DataFrame]:
+    """Held-out gold-response NLL of one model variant (:func:`nll_rows` rows): the per-task
+    mean per-token NLL (:func:`nll_summary`) and the per-item sums."""
+    from raydapt.stages.grad_score import ResponseNLL
+
+    parts = {"adapter": adapter.name if adapter else None, "model": cfg.model,
+             "ids": _ids_hash(rows["id"]), "format": cfg.format.model_dump(mode="json"),
+             "max_length": cfg.eval.max_length, "metric": "response_nll"}
+    d, done = cache.get("eval-nll", parts)
+    with tracker.child(f"eval-nll-{label}", tags={"raydapt.variant": label}) as run_log:
+        if not done:
+            t0 = time.time()
+            ds = _dataset(rows[["id", "input_ids", "response_mask"]]).map_batches(
+                ResponseNLL, fn_constructor_kwargs=dict(
+                    model=_actor_model(cfg, str(adapter / "adapter") if adapter else None,
+                                       cfg.eval.pool)),
+                **pool_kwargs(cfg.eval.pool))
+            out = _stream(ds, len(rows), f"eval nll {label}")
+            run_log.metrics({"rows_per_s": len(rows) / (time.time() - t0)})
+            out.to_parquet(d / "out.parquet")
+            cache.commit(d)
+        out, _ = split_errors(pd.read_parquet(d / "out.parquet"), "eval-nll")
+        m = rows[["id", "task"]].merge(out[["id", "nll_sum", "n_tokens"]], on="id", how="left")
+        res = nll_summary(m)
+        run_log.metrics({f"nll.{k}": v for k, v in res.items()})
+        return res, m
+
+
 # ---------------------------------------------------------------------------------------------
 # the job
 # ---------------------------------------------------------------------------------------------
@@ -361,6 +458,7 @@ class _Run:
         self.results: dict[str, dict[str, float]] = {}
         self.results_extra: dict[str, dict[str, dict[str, float]]] = {"calibrated": {},
                                                                        "gold_logprob": {}}
+        self.response_nll: dict[str, dict[str, float]] = {}
         self.preds: list[pd.DataFrame] = []
         self.selections: dict[str, pd.DataFrame] = {}
 
@@ -377,6 +475,11 @@ class _Run:
             prompts = pd.concat([mc_prompts(t, tok, cfg) for t in data["tests"].values()],
                                 ignore_index=True)
             rejects = [data["rejects"], rej_d, rej_p]
+            nll_items = None
+            if cfg.eval.nll:
+                parts_nll = [nll_rows(t, tok, cfg) for t in data["tests"].values()]
+                nll_items = pd.concat([p for p, _ in parts_nll], ignore_index=True)
+                rejects += [r for _, r in parts_nll]
             counts = {"domain_rows": len(dom), "pool_rows": len(pool),
                       **{f"test_rows.{k}": len(v) for k, v in data["tests"].items()},
                       "rejects": sum(len(r) for r in rejects)}
@@ -388,6 +491,7 @@ class _Run:
         self.timings["read"] = time.time() - t0
         self.data, self.dom, self.pool, self.prompts = data, dom, pool, prompts
         self.rejects, self.counts, self.n, self.m_cand = rejects, counts, n, m_cand
+        self.nll_items = nll_items
         self.majority = majority_letter_accuracy(data["domain"], data["tests"])  # no model: once
         self.by_id = pool.set_index("id")
 
@@ -410,19 +514,11 @@ class _Run:
                                rows=pd.concat([dom, pool], ignore_index=True))
             emb, rej = split_errors(emb, "embed")
             self.rejects.append(rej)
-            e = emb.set_index("id")
-            pool_ok = pool[pool["id"].isin(e.index)].reset_index(drop=True)
-            dom_ok = dom[dom["id"].isin(e.index)]
-            votes, vote_sim = knn_votes(np.stack(e.loc[dom_ok["id"], "emb"].to_numpy()),
-                                        np.stack(e.loc[pool_ok["id"], "emb"].to_numpy()), k=s.k)
-            vs = pd.DataFrame({"id": pool_ok["id"], "votes": votes, "vote_sim": vote_sim})
-            full = pd.DataFrame({"id": pool["id"]}).merge(vs, on="id", how="left").fillna(0)
-            inputs.votes = full["votes"].to_numpy().astype(np.int64)
-            inputs.vote_sim = full["vote_sim"].to_numpy()
-            top_m = SELECTORS["embedding"](seed=cfg.run.seed).select(inputs, self.m_cand)
-            cand = pool.set_index("id").loc[top_m["id"]].reset_index()
+            vs, cand = stage1_candidates(emb, dom, pool, inputs, k=s.k, m=self.m_cand,
+                                         seed=cfg.run.seed)
             vs.to_parquet(out / "stage1_votes.parquet")
-            _say(f"stage 1: {int((votes > 0).sum())} pool samples got votes; kept M={len(cand)}")
+            _say(f"stage 1: {int((vs['votes'] > 0).sum())} pool samples got votes; "
+                 f"kept M={len(cand)}")
             self.timings["stage1"] = time.time() - t0
         self.inputs, self.cand = inputs, cand
 
@@ -430,11 +526,8 @@ class _Run:
         """4. stage 2: projected-gradient scores of the candidates (ntk or less)."""
         cfg, out = self.cfg, self.out
         t0 = time.time()
-        g_dom = domain_grads(cfg, self.cache, self.tracker, adapter=self.warm, rows=self.dom,
-                             objective="logit_sum" if kind == "ntk" else "loss")
-        against = g_dom.mean(0) if kind == "ntk" else g_dom
-        sc = stage2_scores(cfg, self.cache, self.tracker, adapter=self.warm, rows=self.cand,
-                           kind=kind, against=against)
+        sc = candidate_scores(cfg, self.cache, self.tracker, adapter=self.warm, dom=self.dom,
+                              cand=self.cand, kind=kind)
         sc, rej = split_errors(sc, f"scores-{kind}")
         self.rejects.append(rej)
         sc.to_parquet(out / f"scores_{kind}.parquet")
@@ -484,6 +577,11 @@ class _Run:
             self.results_extra[kind][label] = d
         self.preds.append(m.assign(variant=label)[["variant", "task", "id", "gold", "pred",
                                                    "letter_logp"]])
+        if self.nll_items is not None:
+            nll, _ = evaluate_nll(self.cfg, self.cache, self.tracker, label=label,
+                                  adapter=adapter, rows=self.nll_items)
+            self.response_nll[label] = nll
+            parent.metrics({f"nll.{label}.{k}": v for k, v in nll.items()})
         self.timings[f"eval_{label}"] = time.time() - t0
         parent.metrics({f"acc.{label}.{k}": v for k, v in acc.items()})
         parent.metrics({f"{kind}.{label}.{k}": v for kind, d in extra.items()
@@ -501,6 +599,7 @@ class _Run:
             "accuracy_calibrated": self.results_extra["calibrated"],
             "gold_option_logprob": self.results_extra["gold_logprob"],
             "majority_letter_from_D": self.majority,
+            **({"response_nll": self.response_nll} if self.nll_items is not None else {}),
             "sizes": {"D": len(self.dom), "pool": len(self.pool), "M": len(self.cand),
                       "N": self.n, "test": {k: len(v) for k, v in data["tests"].items()}},
             "selected_sources": {

@@ -119,6 +119,8 @@ class NTKEvalSection(Section):
     """Multiple-choice evaluation by option-letter log-probs."""
 
     max_length: int = Field(384, gt=16, description="Prompt tokens kept (left truncation).")
+    nll: bool = Field(False, description="Also the mean per-token NLL of the gold response "
+                      "(rationale + answer) on the test items, per variant (results: response_nll).")
     pool: ActorPoolSection = Field(default_factory=lambda: ActorPoolSection(threads=2))
 
 

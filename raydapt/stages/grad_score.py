@@ -220,3 +220,56 @@ class MCScore:
         self.metrics.record(rows=len(batch), rejected=int((out[ERROR_COLUMN] != "").sum()),
                             seconds=t.seconds)
         return out
+
+
+def response_nll(net, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 response_mask: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Summed negative log-likelihood of each sequence's response tokens under ``net``.
+
+    Token t counts when ``response_mask[t]`` is 1 (t ≥ 1), predicted by the logits at t - 1.
+
+    Args:
+        input_ids / attention_mask / response_mask: [B, T], right-padded (pad_batch).
+
+    Returns:
+        (nll_sum [B] fp64, n_tokens [B] int64): the mean per-token NLL of a set of items is
+        Σ nll_sum / Σ n_tokens.
+    """
+    with torch.inference_mode():
+        logits = net(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+        target = input_ids[:, 1:]
+        m = (response_mask[:, 1:] * attention_mask[:, 1:]).bool()
+        b, t = torch.nonzero(m, as_tuple=True)  # only the response positions: [n]
+        lp = torch.log_softmax(logits[b, t].float(), dim=-1)
+        nll = -lp.gather(1, target[b, t][:, None])[:, 0].double()
+        total = torch.zeros(input_ids.shape[0], dtype=torch.float64, device=nll.device)
+        total.index_add_(0, b, nll)
+    return total.cpu().numpy(), m.sum(dim=1).cpu().numpy().astype(np.int64)
+
+
+class ResponseNLL:
+    """Gold-response negative log-likelihood (prompt given) of encoded QA rows.
+
+    ``input_ids``, ``response_mask`` (as :func:`raydapt.data.qa.encode_pair` makes them) →
+    ``nll_sum`` (summed over the response tokens) and ``n_tokens``.
+
+    Args:
+        model: {model, adapter, dtype, threads, device}.
+    """
+
+    def __init__(self, *, model: dict[str, Any], stage: str = "eval-nll") -> None:
+        self.net, self.tok, self.device = _load(model)
+        self.stage = stage
+        self.metrics = StageMetrics(stage)
+
+    def _nll(self, batch: pd.DataFrame) -> pd.DataFrame:
+        b = _pad(batch, self.tok.pad_token_id, self.device)
+        s, n = response_nll(self.net, b["input_ids"], b["attention_mask"], b["response_mask"])
+        return pd.DataFrame({"id": batch["id"].to_numpy(), "nll_sum": s, "n_tokens": n})
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        with Timer() as t:
+            out = run_isolating_failures(batch, self._nll, stage=self.stage)
+        self.metrics.record(rows=len(batch), rejected=int((out[ERROR_COLUMN] != "").sum()),
+                            seconds=t.seconds)
+        return out

@@ -173,7 +173,7 @@ def test_ntk_select_end_to_end_and_shard_resume(ray_local, tmp_path):
         "select": {"selectors": ["ntk"], "baselines": ["domain_only"], "n": 4, "m_factor": 2,
                    "k": 4, "proj_dim": 64, "proj_chunk_rows": 256, "shard_rows": 3, "embed_pool": pool_sec,
                    "grad_pool": pool_sec},
-        "eval": {"max_length": 96, "pool": pool_sec},
+        "eval": {"max_length": 96, "pool": pool_sec, "nll": True},
     })
     res = ntk_select.run(cfg)
     out = tmp_path / "runs" / "tiny"
@@ -185,6 +185,10 @@ def test_ntk_select_end_to_end_and_shard_resume(ray_local, tmp_path):
         assert 0.0 <= acc["toyqa"] <= 1.0 and acc["mean"] == acc["toyqa"]
     # D's answers: m0..m7 → A, B, C, A, B, C, A, B → A; the 6 test items m8..m13 → C A B C A B
     assert res["majority_letter_from_D"] == {"toyqa": 2 / 6, "mean": 2 / 6}
+    # held-out gold-response NLL per variant (eval.nll): finite, positive, no failed item
+    assert set(res["response_nll"]) == {"domain_only", "ntk"}
+    for nll in res["response_nll"].values():
+        assert 0 < nll["toyqa"] < 20 and nll["mean"] == nll["toyqa"] and nll["failed"] == 0
     rej = pd.read_parquet(out / "rejects.parquet")
     reasons = " | ".join(rej["reason"])
     assert "invalid JSON" in reasons and "empty question" in reasons
@@ -229,6 +233,7 @@ def test_ntk_select_end_to_end_and_shard_resume(ray_local, tmp_path):
     assert parts[2].stat().st_mtime_ns == keep[parts[2].name]
     pd.testing.assert_frame_equal(pd.read_parquet(parts[1]), before, rtol=1e-5)
     assert res2["accuracy"] == res["accuracy"]
+    assert res2["response_nll"] == res["response_nll"]
     runs2 = client.search_runs([exp.experiment_id], filter_string="tags.mlflow.runName = "
                                "'stage2-ntk'", order_by=["start_time DESC"])
     assert runs2[0].data.metrics["shards_cached"] == 2

@@ -1,0 +1,191 @@
+"""NTK-Selector downstream: held-out gold-response NLL and MC accuracy after LoRA on D ∪ S.
+
+    python benchmarks/ntk_heldout.py [--variants ntk,random:0,random:1,random:2,domain_only,base]
+        → benchmarks/results/ntk-heldout-cpu.json      (rewritten after every variant)
+
+Setting: the ``medical`` setting of benchmarks/ntk_needles.py (same data root, cache and stages
+under --work, so its warm-up, stage-1 embeddings and stage-2 scores are reused): D = 80 PubMedQA
++ 80 MedMCQA train items, pool = 1,000 FLAN + 100 GSM8K + 100 planted medical rows, N = 100 of
+M = 150. Each variant is the recipe's own fine-tune (``_fit``: LoRA on D ∪ S, Ray Train +
+DeepSpeed, the CPU job's settings) and evaluation:
+
+- ``nll``: mean per-token NLL of the gold response (PubMedQA's long answer + ``The answer is X.``)
+  on all 500 PubMedQA test items (never in D — D uses PubMedQA's train split — never in the pool;
+  :func:`raydapt.recipes.ntk_select.evaluate_nll`), lower is better;
+- ``mc``: option-letter accuracy, calibrated accuracy and gold-option log-prob on the same 500
+  items (:func:`raydapt.recipes.ntk_select.evaluate_mc`).
+
+Variants: ``base`` (no LoRA), ``domain_only`` (LoRA on D), ``<selector>`` or
+``<selector>:<seed>`` (the selection's seed for random, and the fine-tune's seed: the LoRA init and
+data order). The random selector's mean ± std over its seeds is the noise the bar compares with.
+
+Expected result: not measured yet (see the README). Cost, estimated from the CPU job's measured
+140-152 s per fine-tune of 288 rows on 2 idle cores: ~2.5 min per fine-tune of 260 rows plus
+~2-4 min per evaluation of 500 items; the one run in a session with load average 30-97 trained at
+0.09 rows/s (~45 min per fine-tune) and was stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import describe  # noqa: E402
+from ntk_needles import REPO, RESULTS, _setting_overrides  # noqa: E402
+
+from raydapt.config import load_job  # noqa: E402
+from raydapt.select.planted import build_needles_data  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--job", default=str(REPO / "jobs/ntk_select/medical-smollm.cpu.yaml"))
+    ap.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
+    ap.add_argument("--work", default="/tmp/ntk-needles")
+    ap.add_argument("--variants", default="random:0,random:1,random:2,ntk,domain_only,base,"
+                    "embedding,less,ntk:1,ntk:2")
+    ap.add_argument("--eval-task", default="pubmedqa")
+    ap.add_argument("--mc", action="store_true",
+                    help="also MC accuracy on the same items (doubles the evaluation cost)")
+    ap.add_argument("--out", default=str(RESULTS / "ntk-heldout-cpu.json"))
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args(argv)
+
+    from raydapt.cache import StageCache
+    from raydapt.runtime import init_ray
+    from raydapt.tracking import Tracker
+
+    from raydapt.recipes.ntk_select import (
+        _fit,
+        _split_errors,
+        _tokenizer,
+        candidate_scores,
+        encode_rows,
+        evaluate_mc,
+        evaluate_nll,
+        mc_prompts,
+        nll_rows,
+        read_data,
+        stage1_candidates,
+        stage1_embed,
+    )
+    from raydapt.select.selectors import SELECTORS, SelectionInputs
+
+    work = Path(args.work)
+    info = build_needles_data(args.data, work / "data")
+    ov = _setting_overrides("medical", info, work) + [
+        "data.tasks=[{path: medical/pubmedqa.jsonl, name: pubmedqa, domain_rows: 80, "
+        "eval_rows: null}, {path: medical/medmcqa.jsonl, name: medmcqa, domain_rows: 80, "
+        "eval_rows: 1}]", *args.overrides]
+    cfg = load_job(args.job, ov)
+    init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.progress)
+    cache = StageCache(cfg.run.cache_dir)
+    tracker = Tracker(enabled=False, uri=cfg.tracking.uri, experiment="heldout",
+                      artifact_location=cfg.tracking.artifact_location)
+    out = Path(cfg.run.output_dir) / cfg.run.name
+    out.mkdir(parents=True, exist_ok=True)
+    t_all = time.time()
+    data = read_data(cfg)
+    tok = _tokenizer(cfg.model)
+    dom, _ = encode_rows(data["domain"], tok, cfg)
+    pool, _ = encode_rows(data["pool"], tok, cfg)
+    test = data["tests"][args.eval_task]
+    prompts = mc_prompts(test, tok, cfg)
+    nrows, nrej = nll_rows(test, tok, cfg)
+    planted = set(info["groups"]["medical"])
+    assert not (set(test["id"]) & (set(dom["id"]) | set(pool["id"])))  # held out
+
+    s = cfg.select
+    n, m = s.n, int(np.ceil(s.m_factor * s.n))
+    inputs = SelectionInputs(pool_ids=pool["id"].to_numpy())
+    stages: dict = {}
+
+    def stage1() -> None:  # warm-up + stage 1, only when a selector needs them (not random)
+        if "cand" not in stages:
+            stages["warm"] = _fit(cfg, cache, tracker, stage="lora", label="warmup", rows=dom,
+                                  train=cfg.warmup, storage=out / "train")
+            emb, _ = _split_errors(stage1_embed(
+                cfg, cache, tracker, adapter=stages["warm"],
+                rows=pd.concat([dom, pool], ignore_index=True)), "embed")
+            _, stages["cand"] = stage1_candidates(emb, dom, pool, inputs, k=s.k, m=m,
+                                                  seed=cfg.run.seed)
+
+    by_id = pool.set_index("id")
+    report = {"benchmark": "ntk-heldout", "command": "python benchmarks/ntk_heldout.py "
+              + " ".join(sys.argv[1:] if argv is None else argv), "machine": describe(),
+              "overrides": ov, "eval_task": args.eval_task, "mc": args.mc,
+              "sizes": {"D": len(dom), "pool": len(pool), "M": m, "N": n,
+                        "eval_items": len(test), "nll_items": len(nrows),
+                        "nll_encode_rejects": len(nrej)},
+              "variants": {}}
+    for v in args.variants.split(","):
+        name, _, seed = v.partition(":")
+        seed = int(seed) if seed else cfg.run.seed
+        t0 = time.time()
+        rec: dict = {"selector": name, "seed": seed}
+        if name == "base":
+            adapter = None
+        else:
+            fcfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"seed": seed})})
+            rows = dom
+            if name != "domain_only":
+                if name != "random":
+                    stage1()
+                if name in ("ntk", "less") and name not in inputs.scores:
+                    sc, _ = _split_errors(candidate_scores(
+                        cfg, cache, tracker, adapter=stages["warm"], dom=dom,
+                        cand=stages["cand"], kind=name), f"scores-{name}")
+                    inputs.scores[name] = sc.set_index("id")["score"]
+                sel = SELECTORS[name](seed=seed).select(inputs, n)
+                rec["planted_selected"] = int(sel["id"].isin(planted).sum())
+                rows = pd.concat([dom, by_id.loc[sel["id"]].reset_index()], ignore_index=True)
+            adapter = _fit(fcfg, cache, tracker, stage="lora", label=f"finetune-{v}", rows=rows,
+                           train=cfg.finetune, storage=out / "train")
+            rec["train_rows"] = len(rows)
+        rec["nll"], _ = evaluate_nll(cfg, cache, tracker, label=v, adapter=adapter, rows=nrows)
+        acc = {}
+        if args.mc:
+            acc, extra, _ = evaluate_mc(cfg, cache, tracker, label=v, adapter=adapter,
+                                        prompts=prompts)
+            rec["accuracy"] = acc
+            rec.update(extra)
+        rec["seconds"] = time.time() - t0
+        report["variants"][v] = rec
+        print(f"[heldout] {v}: nll {rec['nll']['mean']:.4f} acc {acc.get('mean', float('nan')):.3f}"
+              f" ({rec['seconds']:.0f}s)", flush=True)
+        summarise(report)
+        report["seconds"] = time.time() - t_all
+        Path(args.out).write_text(json.dumps(report, indent=2))
+    return report
+
+
+def summarise(report: dict) -> None:
+    """Per selector: mean ± std (ddof 1) of the held-out NLL and accuracy over its seeds."""
+    by: dict[str, list[dict]] = {}
+    for rec in report["variants"].values():
+        by.setdefault(rec["selector"], []).append(rec)
+    summ = {}
+    for name, recs in by.items():
+        nll = [r["nll"]["mean"] for r in recs]
+        acc = [r["accuracy"]["mean"] for r in recs if "accuracy" in r] or [float("nan")]
+        summ[name] = {"seeds": [r["seed"] for r in recs], "nll_mean": float(np.mean(nll)),
+                      "nll_std": float(np.std(nll, ddof=1)) if len(nll) > 1 else None,
+                      "acc_mean": float(np.mean(acc)),
+                      "acc_std": float(np.std(acc, ddof=1)) if len(acc) > 1 else None}
+    report["summary"] = summ
+    r, k = summ.get("random"), summ.get("ntk")
+    if r and k and r["nll_std"] is not None:
+        report["bar_nll"] = {"ntk_minus_random": k["nll_mean"] - r["nll_mean"],
+                             "random_seed_std": r["nll_std"],
+                             "passed": (r["nll_mean"] - k["nll_mean"]) > r["nll_std"]}
+
+
+if __name__ == "__main__":
+    main()
