@@ -22,6 +22,19 @@ from raydapt.core.telemetry import timed_stage
 
 __all__ = ["RunLogger", "Tracker", "absolute_tracking_uri", "flatten", "redact", "scrub"]
 
+# MLflow 3 opens an experiment on its GenAI page ("Traces") unless the experiment says it is for
+# model development; this tag (value from MLflow's ExperimentKind) selects the training view.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+NOTE_TAG = "mlflow.note.content"  # the description MLflow shows on experiment and run pages
+
+
+def experiment_description(name: str) -> str:
+    return (f"raydapt experiment `{name}`. One parent run per job (its params are the resolved "
+            "config; `results.csv` / `results.png` compare every method of the job); child runs "
+            "per stage, student and trial carry the tags `raydapt.method`, `raydapt.stage` and "
+            "`raydapt.variant`. Compare jobs with `raydapt runs compare --experiment "
+            f"{name}`.")
+
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
     """Nested config -> {"a.b.c": "value"} for MLflow params (values truncated to 500 chars)."""
@@ -147,11 +160,18 @@ class Tracker:
         mlflow.set_tracking_uri(self.uri)
         exp = mlflow.get_experiment_by_name(self.experiment)
         if exp is not None:
+            if EXPERIMENT_KIND_TAG not in exp.tags:  # made before raydapt set the kind
+                from mlflow.tracking import MlflowClient
+
+                MlflowClient(tracking_uri=self.uri).set_experiment_tag(
+                    exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
             return exp.experiment_id
         loc = self.artifact_location
         if loc and "://" not in loc:
             loc = Path(loc).resolve().as_uri()
-        return mlflow.create_experiment(self.experiment, artifact_location=loc)
+        return mlflow.create_experiment(self.experiment, artifact_location=loc, tags={
+            EXPERIMENT_KIND_TAG: EXPERIMENT_KIND,
+            NOTE_TAG: experiment_description(self.experiment)})
 
     @contextmanager
     def job(self, name: str, *, tags: dict[str, str] | None = None,
