@@ -67,6 +67,14 @@ def git_sha() -> str | None:
         return None
 
 
+def child_tags(name: str, method: str) -> dict[str, str]:
+    """The tags every child run has, to filter and group by in MLflow: ``raydapt.method`` (the
+    job's), ``raydapt.stage`` (the run name up to its first ``-``: ``student-kl`` -> ``student``)
+    and ``raydapt.variant`` (``-`` unless the recipe names one)."""
+    return {"raydapt.method": method or "-", "raydapt.stage": name.split("-")[0] or name,
+            "raydapt.variant": "-"}
+
+
 class RunLogger:
     """Logs to one MLflow run by id; safe to pickle into Ray workers."""
 
@@ -125,6 +133,36 @@ class RunLogger:
                 self._client().log_artifacts(self.run_id, str(p), artifact_path)
             else:
                 self._client().log_artifact(self.run_id, str(p), artifact_path)
+
+    def results_table(self, results: dict[str, float], *, metric: str = "accuracy",
+                      details: dict[str, dict[str, Any]] | None = None,
+                      seeds: list[int] | None = None, title: str | None = None) -> None:
+        """Results at a glance: ``results.csv`` (also as an MLflow table, ``results_table.json``:
+        one row per method with family, metric, value and the ``details`` known for it, e.g.
+        rows / epochs / steps) and ``results.png`` (sorted bars, see :mod:`raydapt.core.plots`).
+        Recipes call it once with their results dict."""
+        if not self.enabled or not results:
+            return
+        import pandas as pd
+
+        from raydapt.core.plots import bar_chart, family
+
+        rows = []
+        for k, v in results.items():
+            row = {"method": k, "family": family(k), "metric": metric, "value": float(v)}
+            row.update((details or {}).get(k, {}))
+            if seeds is not None:
+                row["seeds"] = " ".join(str(s) for s in seeds)
+            rows.append(row)
+        df = pd.DataFrame(rows).sort_values("value", ascending=False, kind="stable")
+        with tempfile.TemporaryDirectory() as d:
+            df.to_csv(Path(d) / "results.csv", index=False)
+            bar_chart(dict(zip(df["method"], df["value"])), Path(d) / "results.png",
+                      title=title or f"{metric} per method", xlabel=metric)
+            self.artifact(Path(d) / "results.csv")
+            self.artifact(Path(d) / "results.png")
+        self._client().log_table(self.run_id, df.astype(object).where(df.notna(), None),
+                                 "results_table.json")
 
     def text(self, text: str, name: str) -> None:
         if not self.enabled:
@@ -217,7 +255,7 @@ class Tracker:
 
         client = MlflowClient(tracking_uri=self.uri)
         all_tags = {"mlflow.parentRunId": self.parent.run_id, "mlflow.runName": name,
-                    **(tags or {})}
+                    **child_tags(name, self._job_tags["method"]), **(tags or {})}
         run_id = client.create_run(self._experiment_id, tags=all_tags, run_name=name).info.run_id
         status = "FAILED"
         try:
