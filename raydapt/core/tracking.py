@@ -7,9 +7,12 @@ With ``tracking.enabled: false`` every call is a no-op.
 
 from __future__ import annotations
 
+import functools
+import getpass
 import json
 import os
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -60,9 +63,14 @@ def absolute_tracking_uri(uri: str) -> str:
 
 
 def git_sha() -> str | None:
+    return _git_sha_at(os.getcwd())
+
+
+@functools.lru_cache(maxsize=8)  # once per working directory, not once per child run
+def _git_sha_at(cwd: str) -> str | None:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=5, check=True).stdout.strip() or None
+                              timeout=5, check=True, cwd=cwd).stdout.strip() or None
     except Exception:
         return None
 
@@ -73,6 +81,23 @@ def child_tags(name: str, method: str) -> dict[str, str]:
     and ``raydapt.variant`` (``-`` unless the recipe names one)."""
     return {"raydapt.method": method or "-", "raydapt.stage": name.split("-")[0] or name,
             "raydapt.variant": "-"}
+
+
+def standard_tags(source_type: str = "LOCAL") -> dict[str, str]:
+    """MLflow's own run metadata, which ``MlflowClient.create_run`` (unlike ``mlflow.start_run``)
+    does not fill in: user, source (the command line, secrets scrubbed), source type, commit."""
+    try:
+        user = getpass.getuser()
+    except Exception:
+        user = "unknown"
+    cmd = " ".join([Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python",
+                    *sys.argv[1:]])
+    tags = {"mlflow.user": user, "mlflow.source.name": scrub(cmd)[:500],
+            "mlflow.source.type": source_type}
+    sha = git_sha()
+    if sha:
+        tags["mlflow.source.git.commit"] = sha
+    return tags
 
 
 class RunLogger:
@@ -164,6 +189,22 @@ class RunLogger:
         self._client().log_table(self.run_id, df.astype(object).where(df.notna(), None),
                                  "results_table.json")
 
+    def datasets(self, fingerprints: dict[str, str], sources: dict[str, str] | None = None
+                 ) -> None:
+        """The job's data files as MLflow dataset inputs (name, digest = raydapt's sha256
+        fingerprint, source = the file), shown on the run page and in the runs table."""
+        if not self.enabled or not fingerprints:
+            return
+        from mlflow.entities import Dataset, DatasetInput
+
+        inputs = [DatasetInput(Dataset(name=str(k), digest=str(fp), source_type="local",
+                                       source=json.dumps({"uri": str((sources or {}).get(k, k))})))
+                  for k, fp in fingerprints.items()]
+        try:
+            self._client().log_inputs(self.run_id, datasets=inputs)
+        except Exception as exc:  # bookkeeping: never fail the job for it
+            print(f"raydapt: warning: MLflow dataset inputs not logged: {exc}", flush=True)
+
     def text(self, text: str, name: str) -> None:
         if not self.enabled:
             return
@@ -225,10 +266,7 @@ class Tracker:
         client = MlflowClient(tracking_uri=self.uri)
         run_id = run_id or os.environ.get("RAYDAPT_PARENT_RUN_ID")
         if run_id is None:
-            all_tags = {"mlflow.runName": name, **(tags or {})}
-            sha = git_sha()
-            if sha:
-                all_tags["mlflow.source.git.commit"] = sha
+            all_tags = {"mlflow.runName": name, **standard_tags(), **(tags or {})}
             run_id = client.create_run(self._experiment_id, tags=all_tags, run_name=name).info.run_id
         self.parent = RunLogger(self.uri, run_id)
         status = "FAILED"
@@ -255,7 +293,7 @@ class Tracker:
 
         client = MlflowClient(tracking_uri=self.uri)
         all_tags = {"mlflow.parentRunId": self.parent.run_id, "mlflow.runName": name,
-                    **child_tags(name, self._job_tags["method"]), **(tags or {})}
+                    **standard_tags(), **child_tags(name, self._job_tags["method"]), **(tags or {})}
         run_id = client.create_run(self._experiment_id, tags=all_tags, run_name=name).info.run_id
         status = "FAILED"
         try:

@@ -243,6 +243,7 @@ def run(cfg: DALLMiJob) -> dict[str, Any]:
         tracker, parent, out = ctx.tracker, ctx.parent, ctx.out
         prep = prepare(cfg, tracker, out)
         parent.params({"data_fingerprint": prep.fingerprints})
+        parent.datasets(prep.fingerprints, sources={"data": str(cfg.data.path)})
         results: dict[str, Any] = {}
         for method in cfg.methods:
             t0 = time.time()

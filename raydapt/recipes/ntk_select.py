@@ -371,6 +371,7 @@ class _Run:
         with self.tracker.child("read") as run_log:
             data = read_data(cfg)
             self.ctx.parent.params({"data_fingerprint": data["fingerprints"]})
+            self.ctx.parent.datasets(data["fingerprints"])
             tok = _tokenizer(cfg.model)
             dom, rej_d = encode_rows(data["domain"], tok, cfg)
             pool, rej_p = encode_rows(data["pool"], tok, cfg)

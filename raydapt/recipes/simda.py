@@ -130,6 +130,7 @@ def read(cfg: SimDAJob, ctx: JobContext, st: SimpleNamespace) -> None:
     src_path, tgt_path = root / cfg.data.source.path, root / cfg.data.target.path
     fps = {"source": fingerprint(src_path), "target": fingerprint(tgt_path)}
     ctx.parent.params({"data_fingerprint": fps})
+    ctx.parent.datasets(fps, sources={"source": str(src_path), "target": str(tgt_path)})
     with ctx.tracker.child("read") as run_log:
         def fields(d) -> Fields:
             return Fields(d.id_field, d.text_field, d.label_field)

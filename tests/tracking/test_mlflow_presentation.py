@@ -93,3 +93,25 @@ def test_run_description_is_the_job_yaml_header(tmp_path, store, tiny_simda_job)
     note = MlflowClient(tracking_uri=ctx.tracker.uri).get_run(run_id).data.tags[
         "mlflow.note.content"]
     assert note.startswith("raydapt run job.yaml  \n") and "Tiny SimDA" in note
+
+
+def test_standard_run_metadata_and_datasets(tmp_path, store):
+    import getpass
+
+    tr = _tracker(tmp_path, store, "ui-meta")
+    with tr.job("j") as parent:
+        parent.datasets({"source": "0123456789abcdef", "target": "fedcba9876543210"},
+                        sources={"source": "/data/books.jsonl"})
+        with tr.child("read") as child:
+            pass
+    cl = MlflowClient(tracking_uri=tr.uri)
+    for run_id in (parent.run_id, child.run_id):
+        tags = cl.get_run(run_id).data.tags
+        assert tags["mlflow.user"] == getpass.getuser()
+        assert tags["mlflow.source.type"] == "LOCAL" and tags["mlflow.source.name"]
+        assert len(tags["mlflow.source.git.commit"]) == 40  # the tests run in a git checkout
+    inputs = cl.get_run(parent.run_id).inputs.dataset_inputs
+    got = {i.dataset.name: (i.dataset.digest, json.loads(i.dataset.source)["uri"])
+           for i in inputs}
+    assert got == {"source": ("0123456789abcdef", "/data/books.jsonl"),
+                   "target": ("fedcba9876543210", "target")}
