@@ -196,7 +196,7 @@ def _add_args(p: argparse.ArgumentParser) -> None:
 def add_command(sub) -> None:
     """Register ``raydapt dashboards generate [--check] [--out PATH]`` on the CLI."""
     d = sub.add_parser("dashboards", help="generate the Grafana dashboard from its Python spec")
-    d.add_argument("action", choices=["generate"])
+    d.add_argument("action", choices=["generate"], help="write (or with --check compare) the JSON")
     _add_args(d)
     d.set_defaults(fn=_main)
 
