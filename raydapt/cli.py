@@ -20,10 +20,11 @@ import json
 import os
 import shutil
 import sys
+import textwrap
 
-from raydapt import RaydaptError
+from raydapt import RaydaptError, __version__
 from raydapt.config import json_schema, load_job, to_yaml
-from raydapt.core.assets import PACKAGED, resolve_model
+from raydapt.core.assets import PACKAGED, PackagedModel, resolve_model
 from raydapt.core.tracking import absolute_tracking_uri
 from raydapt.methods import METHODS
 from raydapt.ops.cli_cluster import add_commands as add_cluster_commands
@@ -89,13 +90,27 @@ def _config(args: argparse.Namespace) -> int:
 def _models(args: argparse.Namespace) -> int:
     refs = args.refs or [f"pkg:{a}" for a in ("all-minilm-l6-v2", "smollm2-135m-instruct")]
     if args.action == "list":
+        print(f"{'MODEL':<28} {'PREPARED':<24} {'INSTALL':<40} LICENSE")
         for m in PACKAGED.values():
-            print(f"pkg:{m.alias:<24} {m.install:<40} {m.license}")
+            print(f"pkg:{m.alias:<24} {_prepared(m):<24} {m.install:<40} {m.license}")
         return 0
     for ref in refs:
         rm = resolve_model(ref)
         print(f"{ref} -> {rm.path} (fingerprint {rm.fingerprint})")
     return 0
+
+
+def _prepared(m: PackagedModel) -> str:
+    """yes / no (GGUF not yet de-quantised: raydapt models prepare) / not installed."""
+    from raydapt.core.assets import _packaged_file, cache_root
+
+    try:
+        _packaged_file(m)
+    except Exception:
+        return "not installed"
+    if m.kind == "dir" or any(cache_root().glob(f"{m.alias}-*/SOURCE")):
+        return "yes"
+    return "no (models prepare)"
 
 
 def _cache(args: argparse.Namespace) -> int:
@@ -114,36 +129,102 @@ def _cache(args: argparse.Namespace) -> int:
     return 0
 
 
+DESCRIPTION = """\
+raydapt: Ray-native domain adaptation. A job YAML names a method (SimDA, DALLMi, NTK-Selector)
+and its data; raydapt runs it on local Ray or a Ray cluster, caches every stage by content,
+and tracks it in MLflow (one parent run per job: config, results table, comparison chart)."""
+
+EPILOG = """\
+examples:
+  raydapt run jobs/simda/amazon-books-to-kitchen.cpu.yaml      the CPU SimDA job (minutes)
+  raydapt plan jobs/simda/amazon-mistral7b.gpu.yaml --gpu a100  cost before running
+  raydapt runs compare --experiment simda                       compare the jobs' results
+  raydapt COMMAND --help                                        each command's options"""
+
+# per command: (one-line description, example); shown by `raydapt COMMAND --help`
+COMMAND_HELP = {
+    "run": ("Run a job YAML (local Ray unless ray.address is set); a rerun resumes from the "
+            "cached stages.",
+            "raydapt run jobs/simda/amazon-books-to-kitchen.cpu.yaml distill.epochs=1"),
+    "sweep": ("Ray Tune sweep over a job's keys (search space and scheduler in a sweep YAML); "
+              "each trial is an MLflow child run.",
+              "raydapt sweep jobs/simda/amazon.sweep.yaml num_samples=2"),
+    "config": ("Print a job's resolved config (defaults and overrides applied) or the JSON "
+               "schema of job configs.",
+               "raydapt config show jobs/simda/amazon-books-to-kitchen.cpu.yaml annotate.k=8\n"
+               "  raydapt config schema --method simda | head"),
+    "models": ("List the packaged models (installed? prepared?) or prepare them once "
+               "(de-quantise GGUF weights).",
+               "raydapt models list\n  raydapt models prepare pkg:smollm2-135m-instruct"),
+    "cache": ("List or remove cached stage outputs (keyed by content; removing one makes the "
+              "next run recompute that stage).",
+              "raydapt cache ls --dir .raydapt/cache\n  raydapt cache rm --stage teacher"),
+    "dashboards": ("Regenerate the Grafana dashboard JSON from its Python spec (--check: fail "
+                   "if the committed file differs).",
+                   "raydapt dashboards generate --check"),
+    "submit": ("Submit a job to a Ray cluster (Job Submission API); the MLflow parent run is "
+               "created here first.",
+               "raydapt submit jobs/simda/amazon-mistral7b.gpu.yaml --address "
+               "http://127.0.0.1:8265 --follow"),
+    "jobs": ("Status, logs or stop of a job submitted with raydapt submit.",
+             "raydapt jobs logs raydapt-simda-1a2b3c --address http://127.0.0.1:8265 --follow"),
+    "plan": ("Estimate a job before running it: rows, LLM tokens, GPU-hours and Ray resources "
+             "per stage, and one rendered prompt.",
+             "raydapt plan jobs/simda/amazon-mistral7b.gpu.yaml --gpu a100"),
+    "runs": ("Compare the runs of an MLflow experiment (terminal table, compare.csv, "
+             "compare.png).",
+             "raydapt runs compare --experiment simda --metric 'acc.student.*'"),
+}
+
+
+def _describe(sub) -> None:
+    """Give every sub-command its description and example (argparse epilog)."""
+    for name, sp in sub.choices.items():
+        desc, example = COMMAND_HELP.get(name, (None, None))
+        sp.description = sp.description or (textwrap.fill(desc, 90) if desc else None)
+        if example and not sp.epilog:
+            sp.epilog = f"example:\n  {example}"
+        sp.formatter_class = argparse.RawDescriptionHelpFormatter
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="raydapt", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="raydapt", description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"raydapt {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run a job YAML")
-    r.add_argument("job")
+    r.add_argument("job", help="job YAML (jobs/<method>/*.yaml)")
     r.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     r.add_argument("--verbose", action="store_true",
                    help="show Ray's full console stream (INFO logs, progress bars, warnings)")
     r.set_defaults(fn=_run)
     w = sub.add_parser("sweep", help="Ray Tune sweep over a job's keys (search space in YAML)")
-    w.add_argument("sweep")
+    w.add_argument("sweep", help="sweep YAML (jobs/<method>/*.sweep.yaml)")
     w.add_argument("overrides", nargs="*", help="sweep keys (num_samples=2) or job keys")
     w.set_defaults(fn=_sweep)
     c = sub.add_parser("config", help="show a resolved config or the JSON schema")
-    c.add_argument("action", choices=["show", "schema"])
-    c.add_argument("job", nargs="?")
-    c.add_argument("overrides", nargs="*")
-    c.add_argument("--method", default=None)
+    c.add_argument("action", choices=["show", "schema"],
+                   help="show: the resolved config of JOB; schema: the JSON schema")
+    c.add_argument("job", nargs="?", help="job YAML (for show)")
+    c.add_argument("overrides", nargs="*", help="dotted key=value overrides (for show)")
+    c.add_argument("--method", default=None, choices=sorted(METHODS),
+                   help="schema of one method's job config (default: all)")
     c.set_defaults(fn=_config)
     m = sub.add_parser("models", help="list or prepare packaged models")
-    m.add_argument("action", choices=["list", "prepare"])
-    m.add_argument("refs", nargs="*")
+    m.add_argument("action", choices=["list", "prepare"],
+                   help="list: packaged models; prepare: resolve / de-quantise REFs")
+    m.add_argument("refs", nargs="*", metavar="REF",
+                   help="pkg:<alias>, hf:<repo>[@rev] or a directory (default: the packaged "
+                   "student and teacher)")
     m.set_defaults(fn=_models)
     k = sub.add_parser("cache", help="list or remove cached stage outputs")
-    k.add_argument("action", choices=["ls", "rm"])
-    k.add_argument("--dir", default=".raydapt/cache")
-    k.add_argument("--stage", default=None)
+    k.add_argument("action", choices=["ls", "rm"], help="ls: list; rm: remove")
+    k.add_argument("--dir", default=".raydapt/cache", help="cache directory (run.cache_dir)")
+    k.add_argument("--stage", default=None, help="only this stage (e.g. teacher)")
     k.set_defaults(fn=_cache)
     add_dashboards_command(sub)  # dashboards generate [--check]
     add_cluster_commands(sub)  # submit, jobs, plan, runs compare
+    _describe(sub)
     return p
 
 
@@ -157,6 +238,10 @@ def main(argv: list[str] | None = None) -> int:
     except RaydaptError as exc:
         print(f"raydapt: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `raydapt config schema | head`: the reader left; no traceback
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the flush at exit must not fail again
+        return 141  # 128 + SIGPIPE, as a shell tool killed by it
     except KeyboardInterrupt:
         print("raydapt: interrupted; rerun the same command to resume from cached stages",
               file=sys.stderr)

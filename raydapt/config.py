@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError
 
 from raydapt import RaydaptError
 from raydapt.core.secrets import redact
@@ -162,6 +162,9 @@ class JobBase(Section):
     tracking: TrackingSection = Field(
         default_factory=lambda data: TrackingSection(experiment=data["method"]))
     ray: RaySection = Field(default_factory=RaySection)
+    # the job YAML's header comment (command, expected result, cost), set by load_job; not a
+    # config value (not dumped, not hashed): the MLflow run description
+    _header: str = PrivateAttr(default="")
 
     def inputs(self) -> tuple[list[ModelInput], list[DataInput]]:
         """The model references and data paths this job names (checked by
@@ -312,7 +315,19 @@ def load_job(path: str | Path, overrides: list[str] | None = None) -> Section:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{p}: a job config must be a YAML mapping, got {type(raw).__name__}")
-    return validate_job(apply_overrides(raw, list(overrides or [])))
+    cfg = validate_job(apply_overrides(raw, list(overrides or [])))
+    cfg._header = yaml_header(p.read_text(encoding="utf-8"))
+    return cfg
+
+
+def yaml_header(text: str) -> str:
+    """The leading comment block of a YAML file, without the ``#`` marks."""
+    lines = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line[1:].removeprefix(" "))
+    return "\n".join(lines).strip()
 
 
 def config_hash(cfg: BaseModel | dict[str, Any]) -> str:

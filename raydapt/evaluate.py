@@ -10,6 +10,7 @@ All functions take NumPy arrays and return plain floats / arrays. Shapes:
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -143,24 +144,51 @@ def calibrated_mc_metrics(m: pd.DataFrame) -> dict[str, dict[str, float]]:
     return {"calibrated": cal, "gold_logprob": gold_lp}
 
 
-def plot_confusions(cms: dict[str, np.ndarray], labels: list[str], path: Path) -> None:
-    """One confusion-matrix panel per predictor (title: its accuracy), saved as a PNG."""
+def confusion_title(name: str) -> str:
+    """``teacher:teacher`` -> ``teacher``; other ``family:variant`` names stay."""
+    fam, _, var = name.partition(":")
+    return fam if var == fam else name
+
+
+def plot_confusions(cms: dict[str, np.ndarray], labels: list[str], path: Path,
+                    ncols: int = 4) -> dict[str, Any]:
+    """One confusion-matrix panel per predictor in a grid (at most ``ncols`` wide); each title
+    says its accuracy and how many rows it was evaluated on; cell counts are white on dark
+    cells, black on light ones. Returns the figure size in pixels and each panel's title
+    and (count, text colour) per cell."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    n = len(cms)
-    fig, axes = plt.subplots(1, n, figsize=(2.6 * n, 2.8), squeeze=False)
-    for ax, (name, cm) in zip(axes[0], cms.items()):
-        ax.imshow(cm, cmap="Blues")
+    n = max(1, len(cms))
+    cols = min(ncols, n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.7 * cols, 2.9 * rows), squeeze=False)
+    cmap = plt.get_cmap("Blues")
+    titles, text_colours = [], []
+    for ax, (name, cm) in zip(axes.flat, cms.items()):
+        cm = np.asarray(cm)
+        vmax = max(1, int(cm.max()))
+        ax.imshow(cm, cmap=cmap, vmin=0, vmax=vmax)
         for (i, j), v in np.ndenumerate(cm):
-            ax.text(j, i, str(v), ha="center", va="center", fontsize=8)
-        ax.set_title(f"{name}\nacc {np.trace(cm) / max(1, cm.sum()):.3f}", fontsize=8)
+            r, g, b, _ = cmap(v / vmax)
+            lum = 0.2126 * r + 0.7152 * g + 0.0722 * b
+            text_colours.append((int(v), "white" if lum < 0.5 else "black"))
+            ax.text(j, i, str(v), ha="center", va="center", fontsize=8,
+                    color=text_colours[-1][1])
+        total = int(cm.sum())
+        titles.append(f"{confusion_title(name)}\nacc {np.trace(cm) / max(1, total):.3f}, "
+                      f"{total} rows")
+        ax.set_title(titles[-1], fontsize=8)
         ax.set_xticks(range(len(labels)), labels, fontsize=7)
         ax.set_yticks(range(len(labels)), labels, fontsize=7)
         ax.set_xlabel("predicted", fontsize=7)
-    axes[0][0].set_ylabel("true", fontsize=7)
+        ax.set_ylabel("true", fontsize=7)
+    for ax in list(axes.flat)[len(cms):]:
+        ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    size = tuple(int(round(x * 110)) for x in fig.get_size_inches())  # as saved
     plt.close(fig)
+    return {"size": size, "titles": titles, "grid": (rows, cols), "text_colours": text_colours}

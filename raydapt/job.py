@@ -45,6 +45,13 @@ class JobContext:
         return path
 
 
+def run_description(cfg: JobBase) -> dict[str, str]:
+    """``mlflow.note.content`` (the run page's description): the job YAML's header comment."""
+    header = getattr(cfg, "_header", "")
+    # markdown: keep the comment's line breaks
+    return {"mlflow.note.content": header.replace("\n", "  \n")} if header else {}
+
+
 @contextmanager
 def job_context(cfg: JobBase, *, ray: bool = True) -> Iterator[JobContext]:
     """Seed everything, create ``<output_dir>/<name>``, start (or join) Ray unless ``ray`` is
@@ -59,7 +66,8 @@ def job_context(cfg: JobBase, *, ray: bool = True) -> Iterator[JobContext]:
     tracker = Tracker.from_section(cfg.tracking)
     t_job = time.time()
     with tracker.job(cfg.run.name, tags={"raydapt.method": cfg.method,
-                                         "raydapt.config_hash": config_hash(cfg)}) as parent:
+                                         "raydapt.config_hash": config_hash(cfg),
+                                         **run_description(cfg)}) as parent:
         parent.params(cfg.model_dump(mode="json"))
         parent.text(to_yaml(cfg), "config.yaml")
         say(f"resolved config: {config_note(cfg, out)}")

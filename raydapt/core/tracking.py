@@ -7,9 +7,12 @@ With ``tracking.enabled: false`` every call is a no-op.
 
 from __future__ import annotations
 
+import functools
+import getpass
 import json
 import os
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,6 +24,19 @@ from raydapt.core.secrets import redact, scrub  # re-exported
 from raydapt.core.telemetry import timed_stage
 
 __all__ = ["RunLogger", "Tracker", "absolute_tracking_uri", "flatten", "redact", "scrub"]
+
+# MLflow 3 opens an experiment on its GenAI page ("Traces") unless the experiment says it is for
+# model development; this tag (value from MLflow's ExperimentKind) selects the training view.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+NOTE_TAG = "mlflow.note.content"  # the description MLflow shows on experiment and run pages
+
+
+def experiment_description(name: str) -> str:
+    return (f"raydapt experiment `{name}`. One parent run per job (its params are the resolved "
+            "config; `results.csv` / `results.png` compare every method of the job); child runs "
+            "per stage, student and trial carry the tags `raydapt.method`, `raydapt.stage` and "
+            "`raydapt.variant`. Compare jobs with `raydapt runs compare --experiment "
+            f"{name}`.")
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -47,11 +63,41 @@ def absolute_tracking_uri(uri: str) -> str:
 
 
 def git_sha() -> str | None:
+    return _git_sha_at(os.getcwd())
+
+
+@functools.lru_cache(maxsize=8)  # once per working directory, not once per child run
+def _git_sha_at(cwd: str) -> str | None:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=5, check=True).stdout.strip() or None
+                              timeout=5, check=True, cwd=cwd).stdout.strip() or None
     except Exception:
         return None
+
+
+def child_tags(name: str, method: str) -> dict[str, str]:
+    """The tags every child run has, to filter and group by in MLflow: ``raydapt.method`` (the
+    job's), ``raydapt.stage`` (the run name up to its first ``-``: ``student-kl`` -> ``student``)
+    and ``raydapt.variant`` (``-`` unless the recipe names one)."""
+    return {"raydapt.method": method or "-", "raydapt.stage": name.split("-")[0] or name,
+            "raydapt.variant": "-"}
+
+
+def standard_tags(source_type: str = "LOCAL") -> dict[str, str]:
+    """MLflow's own run metadata, which ``MlflowClient.create_run`` (unlike ``mlflow.start_run``)
+    does not fill in: user, source (the command line, secrets scrubbed), source type, commit."""
+    try:
+        user = getpass.getuser()
+    except Exception:
+        user = "unknown"
+    cmd = " ".join([Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python",
+                    *sys.argv[1:]])
+    tags = {"mlflow.user": user, "mlflow.source.name": scrub(cmd)[:500],
+            "mlflow.source.type": source_type}
+    sha = git_sha()
+    if sha:
+        tags["mlflow.source.git.commit"] = sha
+    return tags
 
 
 class RunLogger:
@@ -112,6 +158,52 @@ class RunLogger:
                 self._client().log_artifacts(self.run_id, str(p), artifact_path)
             else:
                 self._client().log_artifact(self.run_id, str(p), artifact_path)
+
+    def results_table(self, results: dict[str, float], *, metric: str = "accuracy",
+                      details: dict[str, dict[str, Any]] | None = None,
+                      seeds: list[int] | None = None, title: str | None = None) -> None:
+        """Results at a glance: ``results.csv`` (also as an MLflow table, ``results_table.json``:
+        one row per method with family, metric, value and the ``details`` known for it, e.g.
+        rows / epochs / steps) and ``results.png`` (sorted bars, see :mod:`raydapt.core.plots`).
+        Recipes call it once with their results dict."""
+        if not self.enabled or not results:
+            return
+        import pandas as pd
+
+        from raydapt.core.plots import bar_chart, family
+
+        rows = []
+        for k, v in results.items():
+            row = {"method": k, "family": family(k), "metric": metric, "value": float(v)}
+            row.update((details or {}).get(k, {}))
+            if seeds is not None:
+                row["seeds"] = " ".join(str(s) for s in seeds)
+            rows.append(row)
+        df = pd.DataFrame(rows).sort_values("value", ascending=False, kind="stable")
+        with tempfile.TemporaryDirectory() as d:
+            df.to_csv(Path(d) / "results.csv", index=False)
+            bar_chart(dict(zip(df["method"], df["value"])), Path(d) / "results.png",
+                      title=title or f"{metric} per method", xlabel=metric)
+            self.artifact(Path(d) / "results.csv")
+            self.artifact(Path(d) / "results.png")
+        self._client().log_table(self.run_id, df.astype(object).where(df.notna(), None),
+                                 "results_table.json")
+
+    def datasets(self, fingerprints: dict[str, str], sources: dict[str, str] | None = None
+                 ) -> None:
+        """The job's data files as MLflow dataset inputs (name, digest = raydapt's sha256
+        fingerprint, source = the file), shown on the run page and in the runs table."""
+        if not self.enabled or not fingerprints:
+            return
+        from mlflow.entities import Dataset, DatasetInput
+
+        inputs = [DatasetInput(Dataset(name=str(k), digest=str(fp), source_type="local",
+                                       source=json.dumps({"uri": str((sources or {}).get(k, k))})))
+                  for k, fp in fingerprints.items()]
+        try:
+            self._client().log_inputs(self.run_id, datasets=inputs)
+        except Exception as exc:  # bookkeeping: never fail the job for it
+            print(f"raydapt: warning: MLflow dataset inputs not logged: {exc}", flush=True)
 
     def text(self, text: str, name: str) -> None:
         if not self.enabled:
@@ -204,11 +296,18 @@ class Tracker:
         mlflow.set_tracking_uri(self.uri)
         exp = mlflow.get_experiment_by_name(self.experiment)
         if exp is not None:
+            if EXPERIMENT_KIND_TAG not in exp.tags:  # made before raydapt set the kind
+                from mlflow.tracking import MlflowClient
+
+                MlflowClient(tracking_uri=self.uri).set_experiment_tag(
+                    exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
             return exp.experiment_id
         loc = self.artifact_location
         if loc and "://" not in loc:
             loc = Path(loc).resolve().as_uri()
-        return mlflow.create_experiment(self.experiment, artifact_location=loc)
+        return mlflow.create_experiment(self.experiment, artifact_location=loc, tags={
+            EXPERIMENT_KIND_TAG: EXPERIMENT_KIND,
+            NOTE_TAG: experiment_description(self.experiment)})
 
     @contextmanager
     def job(self, name: str, *, tags: dict[str, str] | None = None,
@@ -225,10 +324,8 @@ class Tracker:
         run_id = run_id or os.environ.get("RAYDAPT_PARENT_RUN_ID")
         if run_id is None:
             close_stale_runs(client, self._experiment_id, name)
-            all_tags = {"mlflow.runName": name, **(tags or {}), **_driver_tags()}
-            sha = git_sha()
-            if sha:
-                all_tags["mlflow.source.git.commit"] = sha
+            all_tags = {"mlflow.runName": name, **standard_tags(), **(tags or {}),
+                        **_driver_tags()}
             run_id = client.create_run(self._experiment_id, tags=all_tags, run_name=name).info.run_id
         self.parent = RunLogger(self.uri, run_id)
         status = "FAILED"
@@ -255,7 +352,7 @@ class Tracker:
 
         client = MlflowClient(tracking_uri=self.uri)
         all_tags = {"mlflow.parentRunId": self.parent.run_id, "mlflow.runName": name,
-                    **(tags or {})}
+                    **standard_tags(), **child_tags(name, self._job_tags["method"]), **(tags or {})}
         run_id = client.create_run(self._experiment_id, tags=all_tags, run_name=name).info.run_id
         status = "FAILED"
         try:

@@ -42,10 +42,16 @@ def _runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gpu_types() -> list[str]:
+    from raydapt.ops.plan import load_table
+
+    return sorted(d for d in load_table()["devices"] if d != "cpu")
+
+
 def add_commands(sub) -> None:
     """Add submit / jobs / plan / runs to the ``raydapt`` sub-parsers."""
     s = sub.add_parser("submit", help="submit a job to a Ray cluster (Job Submission API)")
-    s.add_argument("job")
+    s.add_argument("job", help="job YAML")
     s.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     s.add_argument("--address", default=None,
                    help="Ray dashboard / job server, e.g. http://127.0.0.1:8265 "
@@ -67,25 +73,36 @@ def add_commands(sub) -> None:
     s.set_defaults(fn=_submit)
 
     j = sub.add_parser("jobs", help="status, logs or stop of a submitted job")
-    j.add_argument("action", choices=["status", "logs", "stop"])
+    j.add_argument("action", choices=["status", "logs", "stop"], help="what to do with the job")
     j.add_argument("id", help="submission id (printed by raydapt submit)")
-    j.add_argument("--address", default=None)
+    j.add_argument("--address", default=None,
+                   help="Ray dashboard / job server (default: RAY_API_SERVER_ADDRESS or "
+                   "RAY_ADDRESS)")
     j.add_argument("--follow", action="store_true", help="logs: stream until the job ends")
     j.set_defaults(fn=_jobs)
 
     p = sub.add_parser("plan", help="rows, LLM tokens, GPU-hours and resources per stage")
-    p.add_argument("job")
-    p.add_argument("overrides", nargs="*")
-    p.add_argument("--gpu", default="h100", help="GPU type of the throughput table")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("job", help="job YAML")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    p.add_argument("--gpu", default="h100", choices=_gpu_types(),
+                   help="GPU type of the throughput table (default h100)")
+    p.add_argument("--json", action="store_true", help="the plan as JSON")
     p.set_defaults(fn=_plan)
 
-    r = sub.add_parser("runs", help="compare runs of an MLflow experiment")
-    r.add_argument("action", choices=["compare"])
-    r.add_argument("--experiment", required=True)
+    runs = sub.add_parser("runs", help="compare runs of an MLflow experiment")
+    runs_sub = runs.add_subparsers(dest="action", required=True, metavar="compare")
+    r = runs_sub.add_parser(
+        "compare", help="table and chart of the runs of one experiment",
+        description="Compare the job runs of one MLflow experiment: a table (terminal,\n"
+        "compare.csv) and a chart (compare.png: sorted bars, one colour per method family).",
+        epilog="example:\n  raydapt runs compare --experiment simda --metric 'acc.student.*'",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    r.add_argument("--experiment", required=True, help="MLflow experiment name (the method "
+                   "name unless tracking.experiment is set)")
     r.add_argument("--metric", default=None, help="metric name or glob (default acc.*)")
     r.add_argument("--out", default=None, help="output dir (default runs/compare-<experiment>)")
     r.add_argument("--tracking-uri", default=None,
                    help="default MLFLOW_TRACKING_URI, else sqlite:///mlruns.db")
-    r.add_argument("--all-runs", action="store_true", help="include child (stage) runs")
+    r.add_argument("--all-runs", action="store_true",
+                   help="include child (stage) runs that have the metric")
     r.set_defaults(fn=_runs)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -55,6 +56,8 @@ def runs_table(experiment: str, *, uri: str | None = None, metric: str | None = 
                                f"metrics: {names}")
     else:
         cols = [m for m in names if m.startswith("acc.")] or names
+    if all_runs:  # stage runs without the metric would be empty bars
+        runs = [r for r in runs if any(m in r.data.metrics for m in cols)]
     rows = []
     for r in runs:
         row = {"run": r.data.tags.get("mlflow.runName", r.info.run_id[:8]),
@@ -67,35 +70,49 @@ def runs_table(experiment: str, *, uri: str | None = None, metric: str | None = 
     return pd.DataFrame(rows, columns=ID_COLUMNS + cols), cols
 
 
-def plot(df: pd.DataFrame, cols: list[str], path: Path, title: str) -> None:
-    """Grouped bars: one group per run, one bar per metric (colour), value labels on top."""
-    import matplotlib
+def plot(df: pd.DataFrame, cols: list[str], path: Path, title: str) -> dict:
+    """Sorted horizontal bars (best on top) with value labels, one bar per run and metric, one
+    colour per method family (the metric's, ``acc.student.kl`` -> student; with one metric,
+    the run's method); the legend outside the axes. Returns the layout (see
+    :func:`raydapt.core.plots.bar_chart`)."""
+    from raydapt.core.plots import bar_chart, family
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
+    values: dict[str, float] = {}
+    families: dict[str, str] = {}
+    for _, r in df.iterrows():
+        for m in cols:
+            if len(cols) == 1:
+                key = f"{r['run']} ({r['method']})" if r["method"] else str(r["run"])
+                fam = r["method"] or "run"
+            else:
+                key = f"{r['run']} · {m}" if len(df) > 1 else m
+                fam = family(m)
+            while key in values:  # two runs of the same name
+                key += " "
+            values[key], families[key] = r[m], fam
+    xlabel = cols[0] if len(cols) == 1 else "value"
+    return bar_chart(values, path, title=title, xlabel=xlabel, families=families)
 
-    labels = [f"{r}\n({m})" if m else str(r) for r, m in zip(df["run"], df["method"])]
-    n, k = len(df), len(cols)
-    width = 0.8 / k
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 + n * (0.5 + 0.35 * k)), 4.2))
-    x = np.arange(n)
-    for j, m in enumerate(cols):
-        vals = df[m].to_numpy(dtype=float)
-        bars = ax.bar(x + (j - (k - 1) / 2) * width, np.nan_to_num(vals), width, label=m)
-        if k <= 4:
-            for b, v in zip(bars, vals):
-                if v == v:
-                    ax.text(b.get_x() + b.get_width() / 2, b.get_height(), f"{v:.3g}",
-                            ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(x, labels, fontsize=7, rotation=30 if n > 6 else 0, ha="right" if n > 6
-                  else "center")
-    ax.set_title(title, fontsize=9)
-    if k > 1:
-        ax.legend(fontsize=7, ncol=min(k, 3))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+
+def print_table(shown: pd.DataFrame, cols: list[str], width: int | None = None) -> None:
+    """The table within the terminal's width: metric headers without their shared prefix
+    (``acc.``), as many metric columns as fit; the rest are in compare.csv."""
+    width = width or shutil.get_terminal_size((120, 24)).columns
+    prefix = os.path.commonprefix(cols).rpartition(".")[0] if len(cols) > 1 else ""
+    t = shown.rename(columns={c: c[len(prefix) + 1:] for c in cols} if prefix else {})
+    metric_cols = [c for c in t.columns if c not in ID_COLUMNS]
+    keep = len(metric_cols)
+    fmt = {"display.max_columns": 200, "display.width": 10_000,
+           "display.float_format": "{:.4f}".format}
+    with pd.option_context(*[x for kv in fmt.items() for x in kv]):
+        while keep > 1 and max(map(len, t.drop(columns=metric_cols[keep:]).to_string(
+                index=False).splitlines())) > width:
+            keep -= 1
+        if prefix:
+            print(f"metrics {prefix}.*")
+        print(t.drop(columns=metric_cols[keep:]).to_string(index=False))
+    if keep < len(metric_cols):
+        print(f"(+{len(metric_cols) - keep} more metric columns in compare.csv)")
 
 
 def compare(experiment: str, *, uri: str | None = None, metric: str | None = None,
@@ -106,11 +123,8 @@ def compare(experiment: str, *, uri: str | None = None, metric: str | None = Non
     out.mkdir(parents=True, exist_ok=True)
     csv, png = out / "compare.csv", out / "compare.png"
     df.to_csv(csv, index=False)
-    what = metric or ", ".join(cols[:3]) + (", ..." if len(cols) > 3 else "")
-    plot(df, cols, png, f"{experiment}: {what}")
-    shown = df.drop(columns=["run_id"])
-    with pd.option_context("display.max_columns", 50, "display.width", 200,
-                           "display.float_format", "{:.4f}".format):
-        print(shown.to_string(index=False))
+    what = metric or ("acc.*" if all(c.startswith("acc.") for c in cols) else "every metric")
+    plot(df, cols, png, f"{experiment}: {what} ({len(df)} runs, {len(cols)} metrics)")
+    print_table(df.drop(columns=["run_id"]), cols)
     print(f"\n{len(df)} runs; table {csv}; plot {png}")
     return {"csv": csv, "png": png}

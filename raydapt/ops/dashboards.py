@@ -38,9 +38,20 @@ class Target:
     promql: str
     legend: str
     suffix: str = ""
+    ray_node: bool = False  # one of Ray's own node metrics (RAY_NODE_METRICS), not raydapt's
 
     def expr(self) -> str:
+        if self.ray_node:
+            if self.metric not in RAY_NODE_METRICS:
+                raise KeyError(f"{self.metric!r} is not a Ray node metric we know")
+            return self.promql.format(s="ray_" + self.metric + self.suffix, sel=SEL)
         return self.promql.format(s=spec(self.metric).prometheus + self.suffix, sel=SEL)
+
+
+# GPU metrics every Ray node's metrics agent exports (Ray 2.60,
+# ray/dashboard/modules/reporter/reporter_agent.py; labels ip, SessionName, GpuIndex,
+# GpuDeviceName, GpuUuid): utilisation in percent, GPU memory in bytes
+RAY_NODE_METRICS = ("node_gpus_utilization", "node_gram_used", "node_gram_available")
 
 
 @dataclass(frozen=True)
@@ -102,12 +113,21 @@ PANELS: tuple[Panel, ...] = (
     Panel("Busy actors", "Batch seconds per second per stage: about the number of actors / "
           "workers busy at once (the rest wait for input or a node).",
           (_rate("raydapt_batch_seconds", suffix="_sum"),)),
+    Panel("GPU utilisation", "Utilisation of every GPU of the cluster, from Ray's node metric "
+          "ray_node_gpus_utilization (all jobs on the cluster; the method / run / stage "
+          "variables do not filter it).",
+          (Target("node_gpus_utilization", "avg by (ip, GpuIndex) ({s})",
+                  "{{ip}} GPU {{GpuIndex}}", ray_node=True),), unit="percent"),
+    Panel("GPU memory used", "GPU memory in use on every GPU of the cluster (Ray's node "
+          "metric ray_node_gram_used; ray_node_gram_available is the rest).",
+          (Target("node_gram_used", "max by (ip, GpuIndex) ({s})",
+                  "{{ip}} GPU {{GpuIndex}}", ray_node=True),), unit="bytes"),
 )
 
 
 def metrics_used(panels: tuple[Panel, ...] = PANELS) -> set[str]:
-    """Spec names of every metric the panels query."""
-    return {t.metric for p in panels for t in p.targets}
+    """Spec names of every raydapt metric the panels query (Ray's node metrics left out)."""
+    return {t.metric for p in panels for t in p.targets if not t.ray_node}
 
 
 def _variable(name: str, query: str) -> dict[str, Any]:
@@ -120,11 +140,25 @@ def _variable(name: str, query: str) -> dict[str, Any]:
 _DS = {"type": "prometheus", "uid": "${datasource}"}
 
 
+def _fill_row(out: list[dict[str, Any]], y: int) -> None:
+    """No holes at the right edge: a row's panels share its 24 columns (in proportion)."""
+    row = [p["gridPos"] for p in out if p["gridPos"]["y"] == y]
+    used = sum(g["w"] for g in row)
+    if not row or used >= 24:
+        return
+    x = 0
+    for k, g in enumerate(row):
+        g["w"] = 24 - x if k == len(row) - 1 else g["w"] * 24 // used
+        g["x"] = x
+        x += g["w"]
+
+
 def build(panels: tuple[Panel, ...] = PANELS) -> dict[str, Any]:
     """The Grafana dashboard model (schema 39) for ``panels``; deterministic."""
     out, x, y, row_h = [], 0, 0, 0
     for i, p in enumerate(panels, start=1):
         if x + p.width > 24:
+            _fill_row(out, y)
             x, y, row_h = 0, y + row_h, 0
         field: dict[str, Any] = {"unit": p.unit}
         if p.kind == "timeseries":
@@ -141,6 +175,7 @@ def build(panels: tuple[Panel, ...] = PANELS) -> dict[str, Any]:
         })
         x += p.width
         row_h = max(row_h, p.height)
+    _fill_row(out, y)
     series = spec("raydapt_rows_processed").prometheus
     return {
         "uid": "raydapt", "title": "raydapt stages", "tags": ["raydapt", "ray"],
@@ -196,7 +231,7 @@ def _add_args(p: argparse.ArgumentParser) -> None:
 def add_command(sub) -> None:
     """Register ``raydapt dashboards generate [--check] [--out PATH]`` on the CLI."""
     d = sub.add_parser("dashboards", help="generate the Grafana dashboard from its Python spec")
-    d.add_argument("action", choices=["generate"])
+    d.add_argument("action", choices=["generate"], help="write (or with --check compare) the JSON")
     _add_args(d)
     d.set_defaults(fn=_main)
 

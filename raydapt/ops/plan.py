@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +56,7 @@ class Plan:
     stages: list[StagePlan]
     prompt: str = ""
     notes: list[str] = field(default_factory=list)
+    prompt_header: str = "one rendered prompt (what the teacher sees, chat template included):"
 
     def total_hours(self, device: str) -> float:
         return sum(s.hours or 0.0 for s in self.stages if s.device == device)
@@ -66,8 +69,10 @@ class Plan:
 
     def mlflow_params(self) -> dict[str, str]:
         """``plan.<stage>.rows|llm_tokens|hours|device`` and totals, for the parent run."""
-        out = {"plan.gpu": self.gpu, "plan.gpu_hours": f"{self.total_hours('gpu'):.4g}",
+        out = {"plan.gpu_hours": f"{self.total_hours('gpu'):.4g}",
                "plan.cpu_hours": f"{self.total_hours('cpu'):.4g}"}
+        if any(s.device == "gpu" for s in self.stages):  # the GPU type means nothing on CPU
+            out["plan.gpu"] = self.gpu
         for s in self.stages:
             for k in ("rows", "llm_tokens", "hours", "device"):
                 v = getattr(s, k)
@@ -90,7 +95,7 @@ class Plan:
                      f"{self.total_hours('cpu'):.3f} CPU-worker-hours")
         lines += [f"note: {n}" for n in self.notes]
         if self.prompt:
-            lines += ["", "one rendered prompt (what the teacher sees, chat template included):",
+            lines += ["", self.prompt_header,
                       "-" * 60, self.prompt, "-" * 60]
         return "\n".join(lines)
 
@@ -207,8 +212,10 @@ def llm_stage(name: str, *, rows: int | None, tokens_per_row: float | None, para
 
 
 def train_stage(name: str, *, examples: int | None, tokens_per_example: int, params: float,
-                train, table: dict[str, Any], gpu: str) -> StagePlan:
-    """One Ray Train fit: ``examples`` seen (rows x epochs) at ``tokens_per_example``."""
+                train, table: dict[str, Any], gpu: str, epochs: int | None = None,
+                rows: int | None = None, seen: str | None = None) -> StagePlan:
+    """One Ray Train fit: ``examples`` seen (``rows`` x ``epochs``, or what ``seen`` says, e.g. a
+    fixed step budget) at ``tokens_per_example``."""
     dev = "gpu" if train.use_gpu else "cpu"
     kind = gpu if dev == "gpu" else "cpu"
     hours = None
@@ -223,17 +230,27 @@ def train_stage(name: str, *, examples: int | None, tokens_per_example: int, par
     if train.use_gpu:
         res["GPU/worker"] = 1
     res.update(dict(getattr(train, "resources", None) or {}))  # custom node-type resources
-    return StagePlan(name, examples, None, dev, hours, res,
-                     note=f"{tokens_per_example} tokens/example, rows x epochs")
+    # the rows column counts rows, as every other stage's does; epochs go to the note
+    if rows is None:
+        rows = examples if not epochs or examples is None else examples // epochs
+    if seen is None:
+        seen = (f"{epochs} epochs = {examples:,} examples" if epochs and examples is not None
+                else "rows x epochs")
+    note = f"{tokens_per_example} tokens/example, {seen}"
+    return StagePlan(name, rows, None, dev, hours, res, note=note)
 
 
 class _TokenizerFormatter:
     """The engines' PromptFormatter on a bare tokenizer (no model weights loaded)."""
 
-    def __init__(self, t) -> None:
+    def __init__(self, t, **kwargs: Any) -> None:
         from raydapt.engines.base import PromptFormatter
 
-        tok = load_tokenizer(t.model, revision=t.revision, trust_remote_code=t.trust_remote_code)
+        tok = load_tokenizer(t.model, revision=t.revision, trust_remote_code=t.trust_remote_code,
+                             **kwargs)
+        self.header = ("one rendered prompt (what the teacher sees, chat template included):"
+                       if t.chat else "one rendered prompt (what the teacher sees; teacher.chat "
+                       "is false: no chat template):")
         self.fmt = PromptFormatter()
         self.fmt._init_text(tok, list(t.verbalizer.values()), model=t.model, chat=t.chat,
                             answer_prefix=t.answer_prefix, max_length=t.max_length)
@@ -250,12 +267,18 @@ class _TokenizerFormatter:
 
 class _CharFormatter:
     """Fallback when the tokenizer cannot be loaded here (e.g. a hub model, offline):
-    ~4 characters per token, no chat template."""
+    ~4 characters per token; the chat turns shown schematically (the real template is the
+    tokenizer's)."""
 
     def __init__(self, t) -> None:
         self.t = t
+        self.header = ("one prompt (the teacher's tokenizer is not available here: "
+                       + ("chat turns shown schematically, not the model's chat template):"
+                          if t.chat else "no chat template, as teacher.chat is false):"))
 
     def render(self, prompt: str) -> str:
+        if self.t.chat:
+            return f"[user]\n{prompt}\n[assistant]\n{self.t.answer_prefix}"
         return prompt + self.t.answer_prefix
 
     def n_tokens(self, prompts: list[str]) -> list[int]:
@@ -268,9 +291,32 @@ class _CharFormatter:
             side, text[: 2 * n] + " ... " + text[-2 * n:])
 
 
-def formatter(teacher, notes: list[str]):
+def hub_offline(timeout: float = 1.5) -> str | None:
+    """Why the Hugging Face hub cannot be reached from here (HF_HUB_OFFLINE /
+    TRANSFORMERS_OFFLINE set, or no connection to its host within ``timeout``), else None."""
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
+            return f"{var} is set"
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname
     try:
-        return _TokenizerFormatter(teacher)
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError as exc:
+        return f"{host} unreachable ({type(exc).__name__})"
+    return None
+
+
+def formatter(teacher, notes: list[str]):
+    kwargs: dict[str, Any] = {}
+    if str(teacher.model).startswith("hf:"):
+        why = hub_offline()
+        if why:  # a cached tokenizer still loads; otherwise no hub retries (64 s) before the
+            kwargs["local_files_only"] = True  # fallback
+            notes.append(f"Hugging Face hub offline ({why}): the teacher tokenizer only from "
+                         "the local cache")
+    try:
+        return _TokenizerFormatter(teacher, **kwargs)
     except Exception as exc:
         notes.append(f"teacher tokenizer not available here ({type(exc).__name__}: "
                      f"{str(exc).splitlines()[0][:160]}); tokens estimated as characters / 4")
@@ -351,16 +397,20 @@ def plan_simda(cfg, table: dict[str, Any], gpu: str) -> Plan:
     for v in dist.variants:
         # step-matched students see what the distilled ones see (distill.steps or epochs over
         # the target-train rows); source_only_all makes `epochs` passes over the source rows
+        n_v = n_src if v in ("source_only", "source_only_all") else n_tr
         if v == "source_only_all":
-            ex = None if n_src is None else n_src * dist.epochs
+            ex, seen = None if n_src is None else n_src * dist.epochs, None
         elif dist.steps:
             ex = dist.steps * dist.batch_size
+            seen = f"step-matched: {dist.steps} steps = {ex:,} examples"
         else:
             ex = None if n_tr is None else n_tr * dist.epochs
+            seen = None if ex is None else f"step-matched: {ex:,} examples"
         stages.append(train_stage(f"student-{v}", examples=ex, tokens_per_example=dist.max_length,
-                                  params=s_params, train=dist, table=table, gpu=gpu))
+                                  params=s_params, train=dist, table=table, gpu=gpu,
+                                  epochs=dist.epochs, rows=n_v, seen=seen))
     notes.append(f"student {dist.student}: {s_params:.3g} parameters ({s_how})")
-    return Plan("simda", gpu, stages, prompt=prompt, notes=notes)
+    return Plan("simda", gpu, stages, prompt=prompt, notes=notes, prompt_header=fmt.header)
 
 
 def record_actuals(uri: str, parent_run_id: str) -> dict[str, float]:
@@ -429,14 +479,15 @@ def plan_dallmi(cfg, table: dict[str, Any], gpu: str) -> Plan:
     stages = [StagePlan("read", counts and sum(counts.values()), note="driver")]
     stages.append(train_stage("source", examples=n_src and n_src * cfg.source.epochs,
                               tokens_per_example=cfg.source.max_length, params=params,
-                              train=cfg.source, table=table, gpu=gpu))
+                              train=cfg.source, table=table, gpu=gpu, epochs=cfg.source.epochs))
     for m in cfg.methods:
         if m == "no_adapt":
             continue
         factor = 2 if m in ("dallmi", "dallmi_log", "aad") else 1
         stages.append(train_stage(f"adapt-{m}", examples=n_tr and n_tr * cfg.adapt.epochs * factor,
                                   tokens_per_example=cfg.adapt.max_length, params=params,
-                                  train=cfg.adapt, table=table, gpu=gpu))
+                                  train=cfg.adapt, table=table, gpu=gpu,
+                                  epochs=cfg.adapt.epochs * factor))
     stages.append(StagePlan("evaluate", n_te and n_te * len(cfg.methods),
                             note="test rows x methods, forward only"))
     return Plan("dallmi", gpu, stages, notes=notes)
@@ -466,7 +517,8 @@ def plan_ntk_select(cfg, table: dict[str, Any], gpu: str) -> Plan:
     stages = [
         StagePlan("read", None if pool is None else pool + n_d + n_eval, note="driver"),
         train_stage("warmup", examples=n_d * cfg.warmup.epochs, tokens_per_example=tok,
-                    params=params, train=cfg.warmup, table=table, gpu=gpu),
+                    params=params, train=cfg.warmup, table=table, gpu=gpu,
+                    epochs=cfg.warmup.epochs),
         llm_stage("embed", rows=None if pool is None else pool + n_d, tokens_per_row=tok,
                   params=params, backend="hf", pool=s.embed_pool, table=table, gpu=gpu),
         llm_stage("grad", rows=None if m is None else m + n_d, tokens_per_row=tok, params=params,
@@ -478,7 +530,7 @@ def plan_ntk_select(cfg, table: dict[str, Any], gpu: str) -> Plan:
         rows = n_d + (0 if sel == "domain_only" else n_sel)
         stages.append(train_stage(f"finetune-{sel}", examples=rows * cfg.finetune.epochs,
                                   tokens_per_example=tok, params=params, train=cfg.finetune,
-                                  table=table, gpu=gpu))
+                                  table=table, gpu=gpu, epochs=cfg.finetune.epochs))
     stages.append(llm_stage("eval", rows=n_eval * runs, tokens_per_row=cfg.eval.max_length,
                             params=params, backend="hf", pool=cfg.eval.pool, table=table,
                             gpu=gpu, note=f"{n_eval} items x {runs} models"))

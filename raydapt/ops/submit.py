@@ -45,7 +45,7 @@ import yaml
 
 from raydapt import RaydaptError
 from raydapt.config import ConfigError, apply_overrides, config_hash, validate_job
-from raydapt.core.tracking import Tracker, git_sha
+from raydapt.core.tracking import Tracker, git_sha, standard_tags
 from raydapt.ops.plan import PlanError, make_plan
 
 PROJECT = Path(__file__).resolve().parents[2]
@@ -203,9 +203,7 @@ def _create_parent_run(cfg, submission_id: str, address: str, plan_params: dict[
     tags = {"mlflow.runName": submission_id, "raydapt.method": cfg.method,
             "raydapt.config_hash": config_hash(cfg), "raydapt.submission_id": submission_id,
             "raydapt.address": address}
-    sha = git_sha()
-    if sha:
-        tags["mlflow.source.git.commit"] = sha
+    tags.update(standard_tags("JOB"))
     cl = MlflowClient(tracking_uri=tr.uri)
     run_id = cl.create_run(exp_id, tags=tags, run_name=submission_id).info.run_id
     if plan_params:

@@ -44,7 +44,13 @@ from raydapt.config import (
     format_validation_error,
     validate_job,
 )
-from raydapt.core.tracking import RunLogger, Tracker, absolute_tracking_uri
+from raydapt.core.tracking import (
+    RunLogger,
+    Tracker,
+    absolute_tracking_uri,
+    child_tags,
+    standard_tags,
+)
 from raydapt.methods import METHODS, names
 
 DISTRIBUTIONS = ("uniform", "loguniform", "quniform", "randint", "choice", "grid")
@@ -188,6 +194,7 @@ def _trainable(config: dict[str, Any], *, base: dict[str, Any], parent_run_id: s
 
         client = MlflowClient(tracking_uri=uri)
         run = client.create_run(experiment_id, run_name=trial, tags={
+            **standard_tags(), **child_tags("trial", cfg.method), "raydapt.variant": trial,
             "mlflow.parentRunId": parent_run_id, "mlflow.runName": trial,
             "raydapt.trial": trial, "raydapt.trial_id": ctx.get_trial_id() or ""})
         log = RunLogger(uri, run.info.run_id)

@@ -243,6 +243,7 @@ def run(cfg: DALLMiJob) -> dict[str, Any]:
         tracker, parent, out = ctx.tracker, ctx.parent, ctx.out
         prep = prepare(cfg, tracker, out)
         parent.params({"data_fingerprint": prep.fingerprints})
+        parent.datasets(prep.fingerprints, sources={"data": str(cfg.data.path)})
         results: dict[str, Any] = {}
         for method in cfg.methods:
             t0 = time.time()
@@ -273,6 +274,8 @@ def run(cfg: DALLMiJob) -> dict[str, Any]:
         for k, r in results.items():
             parent.metrics({f"{m}.{k}": r[m] for m in ("map", "map_bin", "micro_f1", "macro_f1")})
         parent.metrics({"seconds": summary["seconds"]})
+        parent.results_table({k: r["map"] for k, r in results.items()}, metric="target-test mAP",
+                             seeds=[cfg.run.seed], title=f"{cfg.run.name}: target-test mAP")
         for f in ("results.json", "rejects.parquet", "hidden_labels.parquet"):
             parent.artifact(out / f)
         width = max(len(k) for k in results)

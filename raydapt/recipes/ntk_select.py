@@ -469,6 +469,7 @@ class _Run:
         with self.tracker.child("read") as run_log:
             data = read_data(cfg)
             self.ctx.parent.params({"data_fingerprint": data["fingerprints"]})
+            self.ctx.parent.datasets(data["fingerprints"])
             tok = _tokenizer(cfg.model)
             dom, rej_d = encode_rows(data["domain"], tok, cfg)
             pool, rej_p = encode_rows(data["pool"], tok, cfg)
@@ -620,6 +621,9 @@ class _Run:
         summary["rejects"] = len(rej_df)
         self.ctx.write_results(summary)
         parent.metrics({"seconds": summary["seconds"], "rejects": len(rej_df)})
+        parent.results_table({f"{v}:{t}": a for v, d in self.results.items() for t, a in d.items()},
+                             metric="accuracy", seeds=[self.cfg.run.seed],
+                             title=f"{self.cfg.run.name}: accuracy per selection and task")
         for f in ("results.json", "rejects.parquet", "predictions.parquet"):
             parent.artifact(out / f)
         tasks = list(self.data["tests"]) + ["mean"]

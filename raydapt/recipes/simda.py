@@ -225,6 +225,7 @@ def read(cfg: SimDAJob, ctx: JobContext, st: SimpleNamespace) -> None:
     src_path, tgt_path = root / cfg.data.source.path, root / cfg.data.target.path
     fps = {"source": fingerprint(src_path), "target": fingerprint(tgt_path)}
     ctx.parent.params({"data_fingerprint": fps})
+    ctx.parent.datasets(fps, sources={"source": str(src_path), "target": str(tgt_path)})
     with ctx.tracker.child("read") as run_log:
         def fields(d) -> Fields:
             return Fields(d.id_field, d.text_field, d.label_field)
@@ -515,6 +516,12 @@ def report(cfg: SimDAJob, ctx: JobContext, st: SimpleNamespace) -> dict[str, Any
     ctx.write_results(summary)
     plot_confusions(cms, labels, out / "confusion.png")
     ctx.parent.metrics({f"acc.{k.replace(':', '.')}": v for k, v in results.items()})
+    ctx.parent.results_table(
+        results, metric="target-test accuracy", seeds=[cfg.run.seed],
+        details={**{f"teacher:{n}": {"rows": len(yt)} for n, (yt, _) in teacher_preds.items()},
+                 **{f"student:{v}": {"rows": len(st.tgt_test), "epochs": s["epochs"]}
+                    for v, s in students.items()}},
+        title=f"{cfg.run.name}: target-test accuracy per teacher read-out and student")
     ctx.parent.metrics({"pseudo_label_accuracy": pseudo_acc, "rejects": len(rej_df),
                     "seconds": summary["seconds"]})
     for f in ("annotations.parquet", "rejects.parquet", "results.json", "confusion.png"):

