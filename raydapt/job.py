@@ -14,7 +14,7 @@ from typing import Any
 
 from raydapt.config import JobBase, config_hash, to_yaml
 from raydapt.core.cache import StageCache
-from raydapt.core.runtime import config_note, init_ray, seed_everything
+from raydapt.core.runtime import init_ray, seed_everything, verbose
 from raydapt.core.tracking import RunLogger, Tracker
 
 
@@ -69,7 +69,10 @@ def job_context(cfg: JobBase, *, ray: bool = True) -> Iterator[JobContext]:
                                          "raydapt.config_hash": config_hash(cfg),
                                          **run_description(cfg)}) as parent:
         parent.params(cfg.model_dump(mode="json"))
-        parent.text(to_yaml(cfg), "config.yaml")
-        say(f"resolved config: {config_note(cfg, out)}")
+        text = to_yaml(cfg)  # secrets masked
+        parent.text(text, "config.yaml")
+        (out / "config.yaml").write_text(text)
+        # the path only (the whole YAML with --verbose): the console stays readable
+        say("resolved config: " + (f"\n{text}" if verbose() else str(out / "config.yaml")))
         yield JobContext(cfg=cfg, out=out, cache=cache, tracker=tracker, parent=parent, say=say,
                          t_job=t_job)

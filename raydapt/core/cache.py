@@ -24,10 +24,12 @@ import pandas as pd
 STAGE_VERSIONS: dict[str, int] = {
     # SimDA (read / store / knn are not cached today; their versions only name them)
     "read": 1, "teacher": 3, "store": 1, "knn": 1, "prompted": 3,
+    "template": 1,  # teacher.templates scored on labelled source rows (one entry per template)
     # DALLMi
     "dallmi_source": 1,
     # NTK-Selector
     "lora": 1, "embed": 1, "grads-domain": 1, "scores-ntk": 1, "scores-less": 1, "eval": 1,
+    "eval-nll": 1,
 }
 
 

@@ -174,16 +174,3 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
     ctx.verbose_progress = False
     if quiet:
         ctx.print_on_execution_start = False  # the per-dataset 'Starting execution' block
-
-
-def config_note(cfg, out) -> str:
-    """Write the resolved config (secrets masked) to ``out/config.yaml``; return what to print:
-    its path (the whole YAML with ``--verbose``)."""
-    from pathlib import Path
-
-    from raydapt.config import to_yaml
-
-    text = to_yaml(cfg)
-    path = Path(out) / "config.yaml"
-    path.write_text(text)
-    return f"\n{text}" if verbose() else str(path)

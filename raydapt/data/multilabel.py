@@ -52,10 +52,10 @@ def _load_table(path: Path, fmt: str) -> pd.DataFrame:
             except json.JSONDecodeError as exc:
                 bad.append({"_line": i + 1, "_raw": line[:_RAW_MAX], "_err": exc.msg})
                 continue
-                if isinstance(rec, dict):
-                    recs.append(rec)
-                else:
-                    bad.append({"_line": i + 1, "_raw": line[:_RAW_MAX], "_err": "not an object"})
+            if isinstance(rec, dict):
+                recs.append(rec)
+            else:
+                bad.append({"_line": i + 1, "_raw": line[:_RAW_MAX], "_err": "not an object"})
         df = pd.DataFrame(recs)
         if bad:
             df = pd.concat([df, pd.DataFrame(bad)], ignore_index=True)

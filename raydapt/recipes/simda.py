@@ -123,10 +123,11 @@ def select_template(cfg: SimDAJob, ctx: JobContext, st: SimpleNamespace) -> SimD
                  "weights": resolve_model(t.model).fingerprint, "data": st.fps,
                  "ids": config_hash(rows["id"].tolist())}
         got = sharded_pass(
-            ctx.cache, ctx.tracker, f"template-{i}", parts, _by_length(rows[["id", "text"]]),
+            ctx.cache, ctx.tracker, "template", parts, _by_length(rows[["id", "text"]]),
             t.pool.shard_rows,
             lambda shards, c=c, i=i: _run_teacher(pd.concat(shards), c, keep_hidden=False,
-                                                  stage=f"template-{i}"), _say)
+                                                  stage=f"template-{i}"), _say,
+            run_name=f"template-{i}")
         got, _ = split_errors(got, f"template-{i}")
         y = rows.set_index("id").loc[got["id"], "y"].to_numpy()
         p = _p_llm(got)
