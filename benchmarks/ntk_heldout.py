@@ -19,7 +19,7 @@ Variants: ``base`` (no LoRA), ``domain_only`` (LoRA on D), ``<selector>`` or
 ``<selector>:<seed>`` (the selection's seed for random, and the fine-tune's seed: the LoRA init and
 data order). The random selector's mean ± std over its seeds is the noise the bar compares with.
 
-Expected result: not measured yet (see the README). Cost, estimated from the CPU job's measured
+Expected result: not measured yet (see docs/ntk-select.md). Cost, estimated from the CPU job's measured
 140-152 s per fine-tune of 288 rows on 2 idle cores: ~2.5 min per fine-tune of 260 rows plus
 ~2-4 min per evaluation of 500 items; the one run in a session with load average 30-97 trained at
 0.09 rows/s (~45 min per fine-tune) and was stopped.

@@ -6,7 +6,7 @@
 #   bash scripts/setup-vllm.sh     # then: .venv-vllm/bin/python -m pytest -m vllm tests/vllm_cpu
 # Idempotent: a finished venv carries a stamp (hash of this script + constraints-vllm.txt) and is
 # skipped. Env: VENV_VLLM=path (default .venv-vllm), PYTHON=python3.11 (default python3).
-# Measured on the 2-core machine: see README "Engines: hf or vllm" (install time and size).
+# Measured on the 2-core machine: see docs/engines.md (install time and size).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV_VLLM:-.venv-vllm}

@@ -446,8 +446,11 @@ def train_students(cfg: SimDAJob, ctx: JobContext, st: SimpleNamespace) -> None:
     distill_df = pd.DataFrame({"text": tgt_train["text"], "p_t": list(p_t),
                                "h_t": list(by_id.loc[tgt_train["id"], "hidden"])})
     # every student but the source_only_all reference trains the same number of steps
-    steps = dcfg.steps or matched_steps(len(distill_df), dcfg.batch_size, dcfg.num_workers,
-                                        dcfg.epochs)
+    # (counted only when such a student runs: a too-small distillation set is an error then)
+    steps = None
+    if set(dcfg.variants) - {"source_only_all"}:
+        steps = dcfg.steps or matched_steps(len(distill_df), dcfg.batch_size,
+                                            dcfg.num_workers, dcfg.epochs)
     results: dict[str, Any] = {}
     students: dict[str, dict[str, Any]] = {}
     cms: dict[str, np.ndarray] = {}

@@ -59,7 +59,7 @@ class TeacherSection(EngineSection):
     """The LLM that builds the data store and annotates target text."""
 
     # Default read-out: a cloze completion with the chat template off. Measured on books ->
-    # kitchen with SmolLM2-135M-Instruct (README, SimDA): the chat + question + "The sentiment
+    # kitchen with SmolLM2-135M-Instruct (docs/simda.md): the chat + question + "The sentiment
     # is" read-out scored 0.70 calibrated zero-shot, this one 0.85.
     max_length: int = Field(512, gt=8, description="Prompt tokens kept: the query is never "
                             "cut; demonstrations that do not fit are dropped, farthest first.")
