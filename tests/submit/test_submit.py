@@ -98,7 +98,9 @@ def test_failed_job_exit_code_and_stop(ray_head, tmp_path, tiny_simda_job, monke
     """${VAR} placeholders are resolved on the cluster: a variable set only on the client
     validates here and fails there, fast -> exit code 1 and the parent run marked FAILED."""
     job = _tiny_job(tiny_simda_job, tmp_path, name="sub-bad")
-    job.write_text(job.read_text().replace(str(tmp_path) + '", source', '${RAYDAPT_ONLY_HERE}", source'))
+    text = job.read_text()
+    assert f"root: {tmp_path}\n" in text  # the placeholder below must replace a real path
+    job.write_text(text.replace(f"root: {tmp_path}\n", "root: ${RAYDAPT_ONLY_HERE}\n"))
     monkeypatch.setenv("RAYDAPT_ONLY_HERE", str(tmp_path))
     rc = main(["submit", str(job), "--address", ray_head, "--no-pip", "--follow", "--no-plan"])
     out = capsys.readouterr()
