@@ -12,16 +12,12 @@ import glob
 import os
 import pwd
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from serve_mlflow import free_port, mlflow_server_at  # tests/tracking/serve_mlflow.py
 
 from raydapt.cli import main
 
@@ -33,12 +29,6 @@ def _pg_bin() -> Path | None:
         if cand and Path(cand).with_name("pg_ctl").exists():
             return Path(cand).resolve().parent
     return None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _as_pg_user(cmd: list[str]) -> list[str]:
@@ -67,7 +57,7 @@ def postgres_uri():
     if os.geteuid() == 0:
         for p in (base, sock):
             os.chown(p, pg.pw_uid, pg.pw_gid)
-    port = _free_port()
+    port = free_port()
     subprocess.run(_as_pg_user([str(bindir / "initdb"), "-D", str(data), "-U", "postgres",
                                 "--auth=trust", "-E", "UTF8", "--no-sync"]),
                    check=True, capture_output=True, timeout=120)
@@ -89,38 +79,10 @@ def postgres_uri():
 @pytest.fixture(scope="module")
 def mlflow_server(postgres_uri, tmp_path_factory):
     art = tmp_path_factory.mktemp("mlflow-art")
-    port = _free_port()
-    mlflow_bin = Path(sys.executable).with_name("mlflow")
-    log = open(art / "server.log", "w")
-    proc = subprocess.Popen(
-        # SQLAlchemy 2.1 maps plain postgresql:// to psycopg 3: name the pinned psycopg2 driver
-        [str(mlflow_bin), "server", "--backend-store-uri",
-         postgres_uri.replace("postgresql://", "postgresql+psycopg2://"), "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1", "--artifacts-destination", str(art)],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        env={**os.environ, "MLFLOW_ENABLE_TELEMETRY": "false"})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        t0 = time.time()
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=2)
-                break
-            except Exception:
-                if proc.poll() is not None or time.time() - t0 > 120:
-                    raise RuntimeError("mlflow server did not start:\n"
-                                       + (art / "server.log").read_text()[-3000:]) from None
-                time.sleep(0.5)
+    # SQLAlchemy 2.1 maps plain postgresql:// to psycopg 3: name the pinned psycopg2 driver
+    with mlflow_server_at(postgres_uri.replace("postgresql://", "postgresql+psycopg2://"), art,
+                          art / "server.log", start_timeout=120) as url:
         yield url
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)  # the group we started (server + its workers)
-            proc.wait(timeout=20)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
 
 
 def test_tiny_job_logs_to_mlflow_server_on_postgres(mlflow_server, postgres_uri, tmp_path,

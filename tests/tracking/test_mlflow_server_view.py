@@ -5,60 +5,20 @@ standard run metadata. Teardown stops only the server this test started (its pro
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 import urllib.parse
 import urllib.request
-from pathlib import Path
 
 import pytest
+from serve_mlflow import mlflow_server_at  # tests/tracking/serve_mlflow.py
 
 from raydapt.core.tracking import Tracker
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def mlflow_server(tmp_path):
-    port = _free_port()
-    log = open(tmp_path / "server.log", "w")
-    mlflow_bin = Path(sys.executable).with_name("mlflow")
-    proc = subprocess.Popen(
-        [str(mlflow_bin), "server", "--backend-store-uri", f"sqlite:///{tmp_path}/m.db",
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--artifacts-destination", str(tmp_path / "art")],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        env={**os.environ, "MLFLOW_ENABLE_TELEMETRY": "false"})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        t0 = time.time()
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=2)
-                break
-            except Exception:
-                if proc.poll() is not None or time.time() - t0 > 300:
-                    raise RuntimeError("mlflow server did not start:\n"
-                                       + (tmp_path / "server.log").read_text()[-3000:]) from None
-                time.sleep(0.5)
+    with mlflow_server_at(f"sqlite:///{tmp_path}/m.db", tmp_path / "art", tmp_path / "server.log",
+                          start_timeout=300) as url:
         yield url
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=20)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
 
 
 def _get(url: str, path: str, **params) -> dict:
