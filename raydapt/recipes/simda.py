@@ -47,7 +47,7 @@ from raydapt.stages.common import concat_rejects, pool_kwargs, split_errors
 from raydapt.stages.sharded import sharded_pass
 from raydapt.stages.teacher import KnnSearch, TeacherScore, build_index, save_store
 from raydapt.train import steps_per_epoch
-from raydapt.train.student import fit_student
+from raydapt.train.student import StudentTrain, fit_student
 
 _say = speaker("simda")
 
@@ -476,8 +476,8 @@ def train_students(cfg: SimDAJob, ctx: JobContext, st: SimpleNamespace) -> None:
                                "eval": _frame_hash(tgt_test[["text", "y"]])})
             m = fit_student(
                 name=f"{cfg.run.name}-{variant}-{key[:10]}", objective=objective, train_ds=ds,
-                eval_df=tgt_test, num_classes=C, student=dcfg.student, train=kw,
-                seed=sseed, storage=str(ctx.out / "train"), extra=extra,
+                eval_df=tgt_test, num_classes=C, student=dcfg.student,
+                train=StudentTrain(**kw, **extra), seed=sseed, storage=str(ctx.out / "train"),
                 mlflow_uri=ctx.tracker.uri if cfg.tracking.enabled else None,
                 mlflow_run_id=run_log.run_id,
                 telemetry={"stage": f"student-{variant}", "method": "simda",

@@ -23,6 +23,7 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +35,54 @@ from raydapt.core.tracking import RunLogger
 from raydapt.data.qa import pad_batch
 from raydapt.select.ntk import response_loss_objective
 from raydapt.train import say, steps_per_epoch
+from raydapt.train.launch import Workers, launch
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class LoRATrain:
+    """How a LoRA adapter trains: the LoRATrainSection's scaling, optimisation and DeepSpeed
+    fields (``batch_size`` is global: micro batch x ``grad_accum`` x workers)."""
+
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    threads: int | None = None
+    epochs: int = 1
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    zero_stage: int = 2
+    dtype: str = "float32"
+    offload_optimizer: bool = False
+    gradient_checkpointing: bool = False
+    resources: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def workers(self) -> Workers:
+        # not retried (the section has no max_failures); every checkpoint is kept
+        return Workers(self.num_workers, self.cpus_per_worker, self.use_gpu,
+                       dict(self.resources), max_failures=0, keep_checkpoints=None)
+
+
+@dataclass(frozen=True)
+class LoRALoopConfig:
+    """Everything :func:`lora_sft_loop` reads (handed to each Ray Train worker as a dict).
+    ``lora`` is the adapter {r, alpha, dropout, target_modules} (see :func:`add_lora`)."""
+
+    name: str
+    seed: int
+    model: str
+    lora: dict[str, Any]
+    train: LoRATrain
+    train_rows: int
+    log_every: int
+    threads: int
+    mlflow_uri: str | None = None
+    mlflow_run_id: str | None = None
 
 
 def load_causal_lm(model_ref: str, *, dtype: str = "float32", device: str = "cpu",
@@ -134,9 +181,12 @@ def _collate(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, torch.Tenso
     return pad_batch(encs, pad_id=pad_id, side="right")
 
 
-def lora_sft_loop(cfg: dict[str, Any]) -> None:
-    """Per-worker LoRA SFT with DeepSpeed (runs inside each Ray Train worker)."""
-    if not cfg["use_gpu"]:
+def lora_sft_loop(config: dict[str, Any]) -> None:
+    """Per-worker LoRA SFT with DeepSpeed (runs inside each Ray Train worker); ``config`` holds
+    the fields of a :class:`LoRALoopConfig`."""
+    c = LoRALoopConfig(**config)
+    t = c.train
+    if not t.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
     import ray.train
@@ -144,39 +194,39 @@ def lora_sft_loop(cfg: dict[str, Any]) -> None:
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg["threads"]))
-    device = f"cuda:{ray.train.torch.get_device().index or 0}" if cfg["use_gpu"] else "cpu"
+    if c.threads:
+        torch.set_num_threads(int(c.threads))
+    device = f"cuda:{ray.train.torch.get_device().index or 0}" if t.use_gpu else "cpu"
     # bf16 jobs load bf16 weights (an 8B model in fp32 per worker would not fit); DeepSpeed
     # keeps fp32 master copies of the (LoRA) parameters it optimises
-    model, tok = load_causal_lm(cfg["model"], dtype="bfloat16" if cfg["dtype"] == "bfloat16"
-                                else "float32", device=device, lora=cfg["lora"], seed=cfg["seed"])
-    if cfg.get("gradient_checkpointing"):
+    model, tok = load_causal_lm(c.model, dtype="bfloat16" if t.dtype == "bfloat16"
+                                else "float32", device=device, lora=c.lora, seed=c.seed)
+    if t.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
-    micro = max(1, cfg["batch_size"] // (world * cfg["grad_accum"]))
-    steps_per_epoch = max(1, (cfg["train_rows"] // world) // micro)
-    total_micro = steps_per_epoch * cfg["epochs"]
-    total_opt = max(1, total_micro // cfg["grad_accum"])
+    micro = max(1, t.batch_size // (world * t.grad_accum))
+    steps_per_epoch = max(1, (c.train_rows // world) // micro)
+    total_micro = steps_per_epoch * t.epochs
+    total_opt = max(1, total_micro // t.grad_accum)
     ds_cfg = deepspeed_config(
-        micro_batch=micro, grad_accum=cfg["grad_accum"], world=world, lr=cfg["lr"],
-        weight_decay=cfg["weight_decay"], total_steps=total_opt,
-        warmup_steps=int(cfg["warmup_ratio"] * total_opt), zero_stage=cfg["zero_stage"],
-        dtype=cfg["dtype"], cpu=not cfg["use_gpu"], offload_optimizer=cfg["offload_optimizer"])
+        micro_batch=micro, grad_accum=t.grad_accum, world=world, lr=t.lr,
+        weight_decay=t.weight_decay, total_steps=total_opt,
+        warmup_steps=int(t.warmup_ratio * total_opt), zero_stage=t.zero_stage,
+        dtype=t.dtype, cpu=not t.use_gpu, offload_optimizer=t.offload_optimizer)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=[p for _, p in named], config=ds_cfg,
         dist_init_required=False)
-    log = RunLogger(cfg.get("mlflow_uri"), cfg.get("mlflow_run_id")) if rank == 0 else \
+    log = RunLogger(c.mlflow_uri, c.mlflow_run_id) if rank == 0 else \
         RunLogger(None, None)
     shard = ray.train.get_dataset_shard("train")
     step, losses, t0 = 0, [], time.time()
     engine.train()
-    for epoch in range(cfg["epochs"]):
+    for epoch in range(t.epochs):
         n = 0
         for batch in shard.iter_batches(batch_size=micro, batch_format="numpy", drop_last=True,
                                         local_shuffle_buffer_size=256,
-                                        local_shuffle_seed=cfg["seed"] + epoch):
+                                        local_shuffle_seed=c.seed + epoch):
             if n >= steps_per_epoch:  # equal step counts on every rank (ZeRO collectives)
                 break
             b = {k: v.to(device) for k, v in _collate(batch, tok.pad_token_id).items()}
@@ -186,10 +236,10 @@ def lora_sft_loop(cfg: dict[str, Any]) -> None:
             n += 1
             step += 1
             losses.append(loss.item())
-            if rank == 0 and (step % cfg["log_every"] == 0 or step == total_micro):
+            if rank == 0 and (step % c.log_every == 0 or step == total_micro):
                 rate = step / max(1e-9, time.time() - t0)
-                recent = float(np.mean(losses[-cfg["log_every"]:]))
-                say(f"[{cfg['name']}] epoch {epoch + 1}/{cfg['epochs']} step {step}/"
+                recent = float(np.mean(losses[-c.log_every:]))
+                say(f"[{c.name}] epoch {epoch + 1}/{t.epochs} step {step}/"
                     f"{total_micro} loss {recent:.4f} {rate * micro * world:.2f} rows/s "
                     f"ETA {(total_micro - step) / max(rate, 1e-9):.0f}s")
                 log.metrics({"train_loss": recent, "lr": engine.get_lr()[0]}, step)
@@ -200,7 +250,7 @@ def lora_sft_loop(cfg: dict[str, Any]) -> None:
         vs.append(torch.zeros(p.numel()) if v is None else v.detach().float().reshape(-1).cpu())
     adam_v = torch.cat(vs)
     net = engine.module
-    if cfg["zero_stage"] == 3:
+    if t.zero_stage == 3:
         params = [p for _, p in named]
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             state = {n: p.detach().cpu().clone() for n, p in named}
@@ -226,42 +276,21 @@ def lora_sft_loop(cfg: dict[str, Any]) -> None:
 
 
 def fit_lora(*, name: str, train_ds, n_rows: int, model: str, lora: dict[str, Any],
-             train: dict[str, Any], seed: int, storage: str, out_dir: str | Path,
+             train: LoRATrain, seed: int, storage: str, out_dir: str | Path,
              mlflow_uri: str | None = None, mlflow_run_id: str | None = None) -> dict[str, Any]:
-    """Fit a LoRA adapter with :class:`ray.train.torch.TorchTrainer` + DeepSpeed; copy the final
-    checkpoint (adapter, Adam second moments, train.json) into ``out_dir``; return the metrics.
-
-    ``train`` holds the LoRATrainSection fields (num_workers, epochs, batch_size, lr, zero_stage,
-    dtype, ...).
-    """
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    workers = int(train["num_workers"])
-    use_gpu = bool(train.get("use_gpu"))
-    steps_per_epoch(n_rows, workers=workers, name=name, per_worker_batch=max(
-        1, int(train["batch_size"]) // (workers * int(train.get("grad_accum", 1)))))
-    cfg = {
-        **train, "name": name, "seed": seed, "model": model, "lora": lora, "train_rows": n_rows,
-        "use_gpu": use_gpu, "mlflow_uri": mlflow_uri, "mlflow_run_id": mlflow_run_id,
-        "log_every": max(1, math.ceil(n_rows / max(1, train["batch_size"]) / 8)),
-        "threads": train.get("threads") or max(1, int(train.get("cpus_per_worker", 1))),
-    }
-    trainer = TorchTrainer(
-        lora_sft_loop, train_loop_config=cfg,
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(
-            num_workers=workers, use_gpu=use_gpu,
-            resources_per_worker={"CPU": float(train.get("cpus_per_worker", 1)),
-                                  **({"GPU": 1} if use_gpu else {}),
-                                  # train.resources, e.g. {train_gpu: 1}: node type (cluster/)
-                                  **dict(train.get("resources") or {})}),
-        run_config=RunConfig(name=name, storage_path=str(Path(storage).resolve())),
-        datasets={"train": train_ds},
-    )
-    result = trainer.fit()
-    if result.error:
-        raise result.error
+    """Fit a LoRA adapter with Ray Train + DeepSpeed (:func:`raydapt.train.launch.launch`);
+    copy the final checkpoint (adapter, Adam second moments, train.json) into ``out_dir``;
+    return the metrics."""
+    steps_per_epoch(n_rows, workers=train.num_workers, name=name, per_worker_batch=max(
+        1, train.batch_size // (train.num_workers * train.grad_accum)))
+    loop = LoRALoopConfig(
+        name=name, seed=seed, model=model, lora=dict(lora), train=train, train_rows=n_rows,
+        mlflow_uri=mlflow_uri, mlflow_run_id=mlflow_run_id,
+        log_every=max(1, math.ceil(n_rows / max(1, train.batch_size) / 8)),
+        threads=train.threads or max(1, int(train.cpus_per_worker)))
+    result = launch(lora_sft_loop, {f.name: getattr(loop, f.name) for f in fields(loop)},
+                    name=name, storage=storage, workers=train.workers,
+                    datasets={"train": train_ds})
     out = Path(out_dir)
     with result.checkpoint.as_directory() as d:
         for item in Path(d).iterdir():

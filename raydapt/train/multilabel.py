@@ -5,7 +5,7 @@ function runs inside Ray Train workers (``TorchTrainer``, gloo on CPU / NCCL on 
 ``in_process: True``, directly in the calling process (one worker: grids, Tune trials) — one code
 path either way.
 
-Objectives (``cfg["objective"]``):
+Objectives (``MultilabelLoopConfig.objective``):
 
 - ``bce``: sigmoid BCE on ``train_y`` [N, L] (source fine-tune with full labels; target
   fine-tune with partial labels, hidden = 0; or the target oracle). Shuffled batches.
@@ -34,6 +34,8 @@ import copy
 import math
 import os
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,10 +49,105 @@ from raydapt.core.tracking import RunLogger
 from raydapt.evaluate import binarised_map, f1_scores, mean_average_precision
 from raydapt.losses.pu import dallmi_loss
 from raydapt.train import say
+from raydapt.train.launch import Workers, launch
 from raydapt.train.models import EncoderClassifier
 from raydapt.train.samplers import ClassCycleSampler
 
 OBJECTIVES = ("bce", "dallmi", "aad")
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """The classifier: an encoder reference + a linear sigmoid head of ``num_labels`` outputs,
+    optionally started from a saved state and with only the top ``train_layers`` trainable."""
+
+    encoder: str
+    num_labels: int
+    pooling: str = "mean"
+    dropout: float = 0.1
+    trust_remote_code: bool = False
+    train_layers: int | None = None
+    init_state: str | None = None
+
+
+@dataclass(frozen=True)
+class FitTrain:
+    """How one fit trains: a DALLMi train section's scaling and optimisation fields.
+    ``in_process`` runs the loop in this process (one worker, no Ray Train)."""
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_failures: int = 1
+    in_process: bool = False
+    resources: dict[str, float] = field(default_factory=dict)
+    epochs: int = 3
+    batch_size: int = 32
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    max_length: int = 128
+    log_every: int = 0
+
+    @property
+    def workers(self) -> Workers:
+        return Workers(self.num_workers, self.cpus_per_worker, self.use_gpu,
+                       dict(self.resources), self.max_failures)
+
+
+@dataclass(frozen=True)
+class PULoss:
+    """The DALLMi objective's knobs (see :func:`raydapt.losses.pu.dallmi_loss`) and the
+    class-cycle sampler's random share."""
+
+    alpha: float = 0.3
+    beta: float = 0.3
+    lam: float = 1.0
+    mixup_level: str = "embedding"
+    mixup_grad: bool = True
+    positive_reduction: str = "norm"
+    detach_target: bool = False
+    mode: str = "norm"
+    random_share: float = 0.25
+
+
+@dataclass(frozen=True)
+class AADLoss:
+    """AAD's knobs: GAN and distillation weights, KD temperature, discriminator."""
+
+    gen_weight: float = 1.0
+    kd_weight: float = 1.0
+    temperature: float = 20.0
+    disc_lr: float = 1e-5
+    disc_hidden: int = 3072
+
+
+@dataclass(frozen=True)
+class MultilabelLoopConfig:
+    """Everything :func:`multilabel_loop` reads (handed to Ray Train workers as a dict).
+
+    ``train_y`` [N, L] observed (or full) labels; ``eval_y`` [M, L]; ``source_texts`` the
+    source rows AAD distils on; ``on_epoch`` an in-process hook called with each epoch's
+    metrics (Tune trials)."""
+
+    name: str
+    objective: str
+    seed: int
+    model: EncoderSpec
+    train: FitTrain
+    train_texts: list[str]
+    train_y: np.ndarray
+    eval_texts: list[str]
+    eval_y: np.ndarray
+    threshold: float = 0.5
+    pu: PULoss = field(default_factory=PULoss)
+    aad: AADLoss = field(default_factory=AADLoss)
+    source_texts: list[str] = field(default_factory=list)
+    mlflow_uri: str | None = None
+    mlflow_run_id: str | None = None
+    threads: int | None = None
+    scratch: str | None = None
+    on_epoch: Callable[[dict[str, Any]], None] | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -58,17 +155,17 @@ OBJECTIVES = ("bce", "dallmi", "aad")
 # ---------------------------------------------------------------------------------------------
 
 
-def build_model(cfg: dict[str, Any]):
-    """EncoderClassifier with ``num_labels`` sigmoid outputs; loads ``init_state`` if given."""
-    torch.manual_seed(cfg["seed"])  # same head init on every worker
-    model = EncoderClassifier(cfg["encoder"], cfg["num_labels"], pooling=cfg["pooling"],
-                              dropout=cfg["dropout"],
-                              trust_remote_code=cfg.get("trust_remote_code", False))
-    if cfg.get("init_state"):
-        model.load_state_dict(torch.load(cfg["init_state"], map_location="cpu",
+def build_model(spec: EncoderSpec, *, seed: int):
+    """EncoderClassifier with ``num_labels`` sigmoid outputs (head initialised from ``seed``);
+    loads ``init_state`` if given."""
+    torch.manual_seed(seed)  # same head init on every worker
+    model = EncoderClassifier(spec.encoder, spec.num_labels, pooling=spec.pooling,
+                              dropout=spec.dropout, trust_remote_code=spec.trust_remote_code)
+    if spec.init_state:
+        model.load_state_dict(torch.load(spec.init_state, map_location="cpu",
                                          weights_only=True))
-    if cfg.get("train_layers") is not None:
-        freeze_below(model, int(cfg["train_layers"]))
+    if spec.train_layers is not None:
+        freeze_below(model, int(spec.train_layers))
     return model
 
 
@@ -84,8 +181,8 @@ def freeze_below(model, train_layers: int) -> None:
         p.requires_grad_(id(p) in keep)
 
 
-def tokenizer(cfg: dict[str, Any]):
-    return load_tokenizer(cfg["encoder"])
+def tokenizer(spec: EncoderSpec):
+    return load_tokenizer(spec.encoder)
 
 
 def _encode(tok, texts, max_length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,12 +269,15 @@ def binary_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: flo
 # ---------------------------------------------------------------------------------------------
 
 
-def multilabel_loop(cfg: dict[str, Any]) -> dict[str, Any] | None:
-    """Per-worker training function. In-process it returns ``{"history", "state"}``; inside
-    Ray Train it reports ``{epoch metrics..., "history"}`` per epoch (with a checkpoint)."""
-    in_process = bool(cfg.get("in_process"))
+def multilabel_loop(config: dict[str, Any]) -> dict[str, Any] | None:
+    """Per-worker training function; ``config`` holds the fields of a
+    :class:`MultilabelLoopConfig`. In-process it returns ``{"history", "state"}``; inside Ray
+    Train it reports ``{epoch metrics..., "history"}`` per epoch (with a checkpoint)."""
+    c = MultilabelLoopConfig(**config)
+    t = c.train
+    in_process = t.in_process
     if in_process:
-        rank, world, device = 0, 1, torch.device("cuda" if cfg.get("use_gpu") else "cpu")
+        rank, world, device = 0, 1, torch.device("cuda" if t.use_gpu else "cpu")
     else:
         import ray.train
         import ray.train.torch
@@ -185,21 +285,21 @@ def multilabel_loop(cfg: dict[str, Any]) -> dict[str, Any] | None:
         ctx = ray.train.get_context()
         rank, world = ctx.get_world_rank(), ctx.get_world_size()
         device = ray.train.torch.get_device()
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg["threads"]))
-    objective = cfg["objective"]
+    if c.threads:
+        torch.set_num_threads(int(c.threads))
+    objective = c.objective
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-    model = build_model(cfg).to(device)
-    tok = tokenizer(cfg)
-    ML = cfg["max_length"]
-    train_texts = np.asarray(cfg["train_texts"], dtype=object)
-    train_y = np.asarray(cfg["train_y"], dtype=np.float32)  # [N, L] observed (or full) labels
+    model = build_model(c.model, seed=c.seed).to(device)
+    tok = tokenizer(c.model)
+    ML = t.max_length
+    train_texts = np.asarray(c.train_texts, dtype=object)
+    train_y = np.asarray(c.train_y, dtype=np.float32)  # [N, L] observed (or full) labels
     n = len(train_texts)
-    per_worker = max(1, cfg["batch_size"] // world)
-    global_steps = max(1, math.ceil(n / cfg["batch_size"]))  # batches per epoch, all workers
+    per_worker = max(1, t.batch_size // world)
+    global_steps = max(1, math.ceil(n / t.batch_size))  # batches per epoch, all workers
     steps_per_epoch = math.ceil(global_steps / world)  # per worker
-    total = steps_per_epoch * cfg["epochs"]
+    total = steps_per_epoch * t.epochs
 
     teacher = disc = opt_d = None
     if objective == "aad":
@@ -208,21 +308,21 @@ def multilabel_loop(cfg: dict[str, Any]) -> dict[str, Any] | None:
             p.requires_grad_(False)
         for p in model.classifier.parameters():  # the source classifier stays fixed
             p.requires_grad_(False)
-        torch.manual_seed(cfg["seed"] + 1)
-        disc = Discriminator(model.hidden_size, cfg["aad"]["disc_hidden"]).to(device)
-        opt_d = torch.optim.Adam(disc.parameters(), lr=cfg["aad"]["disc_lr"])
-        src_texts = np.asarray(cfg["source_texts"], dtype=object)
+        torch.manual_seed(c.seed + 1)
+        disc = Discriminator(model.hidden_size, c.aad.disc_hidden).to(device)
+        opt_d = torch.optim.Adam(disc.parameters(), lr=c.aad.disc_lr)
+        src_texts = np.asarray(c.source_texts, dtype=object)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    warm = int(cfg["warmup_ratio"] * total)
+    opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    warm = int(t.warmup_ratio * total)
     sched = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, then linear decay to 0
         opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / max(1, total - warm)))
     sampler = None
     if objective == "dallmi":
-        sampler = ClassCycleSampler(train_y, per_worker, random_share=cfg["random_share"],
-                                    num_batches=global_steps, seed=cfg["seed"],
+        sampler = ClassCycleSampler(train_y, per_worker, random_share=c.pu.random_share,
+                                    num_batches=global_steps, seed=c.seed,
                                     rank=rank, world_size=world)
-    gen = torch.Generator().manual_seed(int(cfg["seed"]) * 1000 + rank)
+    gen = torch.Generator().manual_seed(int(c.seed) * 1000 + rank)
 
     start_epoch = 0
     if not in_process:
@@ -236,27 +336,26 @@ def multilabel_loop(cfg: dict[str, Any]) -> dict[str, Any] | None:
             opt.load_state_dict(state["opt"])
             sched.load_state_dict(state["sched"])
             start_epoch = int(state["epoch"]) + 1
-    log = RunLogger(cfg.get("mlflow_uri"), cfg.get("mlflow_run_id")) if rank == 0 \
-        else RunLogger(None, None)
-    eval_texts = np.asarray(cfg["eval_texts"], dtype=object)
-    eval_y = np.asarray(cfg["eval_y"])
-    log_every = cfg.get("log_every") or max(1, math.ceil(steps_per_epoch / 4))
-    history: list[dict[str, float]] = list(cfg.get("history_before") or [])
+    log = RunLogger(c.mlflow_uri, c.mlflow_run_id) if rank == 0 else RunLogger(None, None)
+    eval_texts = np.asarray(c.eval_texts, dtype=object)
+    eval_y = np.asarray(c.eval_y)
+    log_every = t.log_every or max(1, math.ceil(steps_per_epoch / 4))
+    history: list[dict[str, float]] = []
     step = start_epoch * steps_per_epoch
     t0 = time.time()
     model.train()
-    for epoch in range(start_epoch, cfg["epochs"]):
+    for epoch in range(start_epoch, t.epochs):
         losses: list[float] = []
         extra: dict[str, list[float]] = {}
         if sampler is not None:
             sampler.set_epoch(epoch)
             batches = list(sampler)
         else:
-            batches = _shuffled_batches(n, per_worker, steps_per_epoch, seed=cfg["seed"],
+            batches = _shuffled_batches(n, per_worker, steps_per_epoch, seed=c.seed,
                                         epoch=epoch, rank=rank)
         if objective == "aad":
             src_batches = _shuffled_batches(len(src_texts), per_worker, steps_per_epoch,
-                                            seed=cfg["seed"] + 11, epoch=epoch, rank=rank)
+                                            seed=c.seed + 11, epoch=epoch, rank=rank)
         for b, rows in enumerate(batches):
             rows = np.asarray(rows)
             ids, mask = _encode(tok, train_texts[rows], ML, device)
@@ -265,14 +364,14 @@ def multilabel_loop(cfg: dict[str, Any]) -> dict[str, Any] | None:
                 logits, _ = model(ids, mask)
                 loss = F.binary_cross_entropy_with_logits(logits, y)
             elif objective == "dallmi":
-                out = _dallmi(model, ids, mask, y, cfg, gen)
+                out = _dallmi(model, ids, mask, y, c.pu, gen)
                 loss = out.loss
                 extra.setdefault("variational", []).append(out.variational.item())
                 extra.setdefault("regularizer", []).append(out.regularizer.item())
             else:
                 sids, smask = _encode(tok, src_texts[src_batches[b]], ML, device)
                 loss, parts = _aad_step(model, teacher, disc, opt_d, ids, mask, sids, smask,
-                                        cfg["aad"], world)
+                                        c.aad, world)
                 for k, v in parts.items():
                     extra.setdefault(k, []).append(v)
             opt.zero_grad()
@@ -287,28 +386,28 @@ def multilabel_loop(cfg: dict[str, Any]) -> dict[str, Any] | None:
                 rate = (step - start_epoch * steps_per_epoch) / max(1e-9, time.time() - t0)
                 eta = (total - step) / max(rate, 1e-9)
                 recent = float(np.mean(losses[-log_every:]))
-                say(f"[{cfg['name']}] epoch {epoch + 1}/{cfg['epochs']} step {step}/{total} "
-                    f"loss {recent:.4f} {rate:.2f} steps/s ({rate * cfg['batch_size']:.1f} "
+                say(f"[{c.name}] epoch {epoch + 1}/{t.epochs} step {step}/{total} "
+                    f"loss {recent:.4f} {rate:.2f} steps/s ({rate * t.batch_size:.1f} "
                     f"rows/s) ETA {eta:.0f}s")
                 log.metrics({"train_loss": recent}, step)
         metrics: dict[str, Any] = {"epoch": epoch + 1, "loss": float(np.mean(losses or [0]))}
         metrics.update({k: float(np.mean(v)) for k, v in extra.items()})
         if rank == 0 and len(eval_texts):
             probs = predict_probs(model, tok, eval_texts, max_length=ML, device=device)
-            metrics.update(multilabel_metrics(eval_y, probs, cfg["threshold"]))
-            say(f"[{cfg['name']}] epoch {epoch + 1}: eval mAP {metrics['map']:.4f} "
+            metrics.update(multilabel_metrics(eval_y, probs, c.threshold))
+            say(f"[{c.name}] epoch {epoch + 1}: eval mAP {metrics['map']:.4f} "
                 f"binarised {metrics['map_bin']:.4f} micro-F1 {metrics['micro_f1']:.4f} "
                 f"macro-F1 {metrics['macro_f1']:.4f}")
         log.metrics({k: v for k, v in metrics.items() if k != "epoch"}, epoch + 1)
         history.append(dict(metrics))
-        if cfg.get("on_epoch"):  # in-process hook (Tune trials report per epoch)
-            cfg["on_epoch"](dict(metrics))
+        if c.on_epoch:  # in-process hook (Tune trials report per epoch)
+            c.on_epoch(dict(metrics))
         if not in_process:
             import ray.train
 
             checkpoint = None
             if rank == 0:
-                d = Path(cfg["scratch"]) / f"ckpt-{epoch}"
+                d = Path(c.scratch) / f"ckpt-{epoch}"
                 d.mkdir(parents=True, exist_ok=True)
                 torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
                             "sched": sched.state_dict(), "epoch": epoch}, d / "state.pt")
@@ -319,14 +418,14 @@ def multilabel_loop(cfg: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-def _dallmi(model, ids, mask, y, cfg, gen):
+def _dallmi(model, ids, mask, y, pu: PULoss, gen):
     return dallmi_loss(
-        model, ids, mask, y, generator=gen, lam=cfg["lam"], alpha=cfg["alpha"], beta=cfg["beta"],
-        level=cfg["mixup_level"], positive_reduction=cfg["positive_reduction"],
-        mode=cfg["mode"], mixup_grad=cfg["mixup_grad"], detach_target=cfg["detach_target"])
+        model, ids, mask, y, generator=gen, lam=pu.lam, alpha=pu.alpha, beta=pu.beta,
+        level=pu.mixup_level, positive_reduction=pu.positive_reduction,
+        mode=pu.mode, mixup_grad=pu.mixup_grad, detach_target=pu.detach_target)
 
 
-def _aad_step(model, teacher, disc, opt_d, ids, mask, sids, smask, a, world):
+def _aad_step(model, teacher, disc, opt_d, ids, mask, sids, smask, a: AADLoss, world):
     """One AAD step: discriminator update (done here), then the target encoder's loss."""
     with torch.no_grad():
         t_logits, _ = teacher(sids, smask)  # frozen source model on source rows
@@ -341,8 +440,8 @@ def _aad_step(model, teacher, disc, opt_d, ids, mask, sids, smask, a, world):
     opt_d.step()
     fool = torch.ones(len(feat_tgt), device=feats.device)  # target rows labelled "source"
     gen_loss = F.binary_cross_entropy_with_logits(disc(feat_tgt), fool)
-    kd = binary_kd(s_logits, t_logits, a["temperature"])
-    loss = a["gen_weight"] * gen_loss + a["kd_weight"] * kd
+    kd = binary_kd(s_logits, t_logits, a.temperature)
+    loss = a.gen_weight * gen_loss + a.kd_weight * kd
     return loss, {"disc_loss": d_loss.item(), "gen_loss": gen_loss.item(), "kd_loss": kd.item()}
 
 
@@ -351,45 +450,25 @@ def _aad_step(model, teacher, disc, opt_d, ids, mask, sids, smask, a, world):
 # ---------------------------------------------------------------------------------------------
 
 
-def fit(cfg: dict[str, Any], *, train: dict[str, Any], storage: str) -> dict[str, Any]:
-    """Run :func:`multilabel_loop` in-process or on a ``TorchTrainer``.
-
-    Args:
-        cfg: the loop config (texts, labels, objective, loss knobs, encoder, ...).
-        train: the train section (num_workers, use_gpu, cpus_per_worker, max_failures,
-            in_process).
-        storage: directory for Ray Train run state and checkpoints.
+def fit(loop: MultilabelLoopConfig, *, storage: str) -> dict[str, Any]:
+    """Run :func:`multilabel_loop` in-process (``loop.train.in_process``) or on Ray Train
+    (:func:`raydapt.train.launch.launch`; run state and checkpoints under ``storage``).
 
     Returns:
         ``{"history": [per-epoch metrics], "state": model state_dict}``.
     """
-    cfg = {**cfg, "in_process": bool(train.get("in_process")),
-           "use_gpu": bool(train.get("use_gpu")),
-           "threads": cfg.get("threads") or max(1, int(train.get("cpus_per_worker", 1)))}
-    if cfg["in_process"]:
-        return multilabel_loop(cfg)
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    cfg["scratch"] = str(Path(storage).resolve() / cfg["name"] / "scratch")
-    cfg.pop("on_epoch", None)
-    resources = {"CPU": float(train.get("cpus_per_worker", 1))}
-    if train.get("use_gpu"):
-        resources["GPU"] = 1.0
-    resources.update(train.get("resources") or {})  # e.g. {train_gpu: 1}: node type (cluster/)
-    trainer = TorchTrainer(
-        multilabel_loop, train_loop_config=cfg,
-        scaling_config=ScalingConfig(num_workers=int(train["num_workers"]),
-                                     use_gpu=bool(train.get("use_gpu")),
-                                     resources_per_worker=resources),
-        run_config=RunConfig(
-            name=cfg["name"], storage_path=str(Path(storage).resolve()),
-            failure_config=FailureConfig(max_failures=int(train.get("max_failures", 1))),
-            checkpoint_config=CheckpointConfig(num_to_keep=1)),
-    )
-    result = trainer.fit()
-    if result.error:
-        raise result.error
+    t = loop.train
+    loop = replace(loop, threads=loop.threads or max(1, int(t.cpus_per_worker)))
+    if t.in_process:
+        return multilabel_loop(_as_dict(loop))
+    loop = replace(loop, scratch=str(Path(storage).resolve() / loop.name / "scratch"),
+                   on_epoch=None)
+    result = launch(multilabel_loop, _as_dict(loop), name=loop.name, storage=storage,
+                    workers=t.workers)
     with result.checkpoint.as_directory() as d:
         state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
     return {"history": list(result.metrics.get("history", [])), "state": state["model"]}
+
+
+def _as_dict(loop: MultilabelLoopConfig) -> dict[str, Any]:
+    return {f.name: getattr(loop, f.name) for f in fields(loop)}

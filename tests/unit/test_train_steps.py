@@ -19,27 +19,27 @@ def test_steps_per_epoch_counts_full_per_worker_batches():
 
 @pytest.mark.timeout(300)
 def test_fit_student_with_fewer_rows_than_a_batch_fails_before_training(ray_local, tmp_path):
-    from raydapt.train.student import fit_student
+    from raydapt.train.student import StudentTrain, fit_student
 
     df = pd.DataFrame({"text": [f"t{i}" for i in range(6)], "y": [0, 1] * 3})
     with pytest.raises(RaydaptError, match="no optimiser step"):
         fit_student(name="tiny", objective="supervised", train_ds=ray_local.data.from_pandas(df),
                     eval_df=df, num_classes=2, student="pkg:all-minilm-l6-v2",
-                    train={"num_workers": 1, "batch_size": 8, "epochs": 1, "lr": 1e-3,
-                           "weight_decay": 0.0, "warmup_ratio": 0.0, "max_length": 16},
+                    train=StudentTrain(num_workers=1, batch_size=8, epochs=1, lr=1e-3,
+                                       weight_decay=0.0, warmup_ratio=0.0, max_length=16),
                     seed=0, storage=str(tmp_path))
     assert not (tmp_path / "tiny").exists()  # no Ray Train run was started
 
 
 @pytest.mark.timeout(600)
 def test_rerun_of_a_finished_student_reports_it_and_does_not_train(ray_local, tmp_path, capsys):
-    from raydapt.train.student import fit_student
+    from raydapt.train.student import StudentTrain, fit_student
 
     df = pd.DataFrame({"text": [f"text number {i}" for i in range(8)], "y": [0, 1] * 4})
     kw = dict(name="tiny", objective="supervised", eval_df=df, num_classes=2,
               student="pkg:all-minilm-l6-v2", seed=0, storage=str(tmp_path),
-              train={"num_workers": 1, "batch_size": 4, "epochs": 1, "lr": 1e-3,
-                     "weight_decay": 0.0, "warmup_ratio": 0.0, "max_length": 8})
+              train=StudentTrain(num_workers=1, batch_size=4, epochs=1, lr=1e-3,
+                                 weight_decay=0.0, warmup_ratio=0.0, max_length=8))
     first = fit_student(train_ds=ray_local.data.from_pandas(df), **kw)
     assert first["steps"] == 2 and not first.get("resumed")
     capsys.readouterr()

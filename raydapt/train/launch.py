@@ -1,0 +1,82 @@
+"""One Ray Train launcher for every fit (SimDA students, DALLMi classifiers, NTK LoRA).
+
+Each fit module owns its per-worker loop and its loop config; how the loop reaches Ray Train —
+workers, CPUs / GPUs and custom resources per worker, the process-group backend, retries,
+checkpoint retention, run name and storage — is decided here once, from a :class:`Workers`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Workers:
+    """Where and how a fit runs: the scaling and fault-tolerance half of a train section.
+
+    ``resources`` are custom Ray resources per worker (e.g. ``{"train_gpu": 1}``, which steers
+    workers to the node type that offers them, cluster/); ``max_failures`` worker failures Ray
+    Train retries; ``keep_checkpoints`` how many checkpoints the run keeps (None = all)."""
+
+    num_workers: int
+    cpus_per_worker: float = 1.0
+    use_gpu: bool = False
+    resources: Mapping[str, float] = field(default_factory=dict)
+    max_failures: int = 0
+    keep_checkpoints: int | None = 1
+
+    @classmethod
+    def of(cls, train: Mapping[str, Any], *, max_failures: int | None = None,
+           keep_checkpoints: int | None = 1) -> Workers:
+        """From a train section's fields (``num_workers``, ``cpus_per_worker``, ``use_gpu``,
+        ``resources``, ``max_failures``); ``max_failures`` given here wins over the section."""
+        return cls(
+            num_workers=int(train["num_workers"]),
+            cpus_per_worker=float(train.get("cpus_per_worker", 1)),
+            use_gpu=bool(train.get("use_gpu")),
+            resources=dict(train.get("resources") or {}),
+            max_failures=int(train.get("max_failures", 1) if max_failures is None
+                             else max_failures),
+            keep_checkpoints=keep_checkpoints)
+
+    def per_worker(self) -> dict[str, float]:
+        """Ray resources of one worker: its CPUs, one GPU when ``use_gpu``, custom ones."""
+        return {"CPU": self.cpus_per_worker, **({"GPU": 1.0} if self.use_gpu else {}),
+                **dict(self.resources)}
+
+
+def launch(loop: Callable[[dict[str, Any]], None], config: dict[str, Any], *, name: str,
+           storage: str | Path, workers: Workers, datasets: dict[str, Any] | None = None,
+           dataset_config: Any = None):
+    """Run ``loop(config)`` on ``workers.num_workers`` Ray Train workers; return the
+    :class:`ray.train.Result` of a successful fit.
+
+    The run is ``name`` under ``storage``: Ray Train restores the latest checkpoint of a run
+    with the same name and storage path, so callers put a hash of everything that determines
+    the training into ``name`` and a killed fit resumes. Workers use NCCL on GPUs, gloo on CPUs.
+
+    Raises:
+        the fit's error (after ``workers.max_failures`` retries).
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    trainer = TorchTrainer(
+        loop, train_loop_config=config,
+        torch_config=TorchConfig(backend="nccl" if workers.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=workers.num_workers, use_gpu=workers.use_gpu,
+                                     resources_per_worker=workers.per_worker()),
+        run_config=RunConfig(
+            name=name, storage_path=str(Path(storage).resolve()),
+            failure_config=FailureConfig(max_failures=workers.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=workers.keep_checkpoints)),
+        datasets=datasets or {},
+        **({"dataset_config": dataset_config} if dataset_config is not None else {}),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    return result
