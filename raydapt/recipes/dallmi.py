@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +43,20 @@ from raydapt.core.tracking import RunLogger, Tracker
 from raydapt.data.labels import hide_labels, multi_hot
 from raydapt.data.multilabel import read_multilabel
 from raydapt.data.readers import DataError, fingerprint, split_and_subsample
-from raydapt.job import job_context, speaker
-from raydapt.recipes.dallmi_config import DALLMiJob
-from raydapt.train.multilabel import build_model, fit, multilabel_metrics, predict_probs, tokenizer
+from raydapt.job import JobContext, job_context, speaker
+from raydapt.recipes.dallmi_config import DALLMiJob, DALLMiTrainSection
+from raydapt.train.multilabel import (
+    AADLoss,
+    EncoderSpec,
+    FitTrain,
+    MultilabelLoopConfig,
+    PULoss,
+    build_model,
+    fit,
+    multilabel_metrics,
+    predict_probs,
+    tokenizer,
+)
 
 ADAPT_OBJECTIVE = {"bce_partial": ("bce", None), "bce_oracle": ("bce", None),
                    "aad": ("aad", None), "dallmi": ("dallmi", "norm"),
@@ -75,27 +86,26 @@ class Prepared:
     rejects: pd.DataFrame | None = None
 
 
-def _loop_cfg(cfg: DALLMiJob, section, *, name: str, objective: str, vocab: list[str],
-              texts, y, eval_texts, eval_y, seed: int, init_state: str | None = None,
-              **extra) -> dict[str, Any]:
+def _encoder(cfg: DALLMiJob, n_labels: int, init_state: str | None = None) -> EncoderSpec:
     m = cfg.model
-    return {
-        "name": name, "objective": objective, "seed": seed, "encoder": m.encoder,
-        "pooling": m.pooling, "dropout": m.dropout, "trust_remote_code": m.trust_remote_code,
-        "train_layers": m.train_layers,
-        "num_labels": len(vocab), "init_state": init_state,
-        "epochs": section.epochs, "batch_size": section.batch_size, "lr": section.lr,
-        "weight_decay": section.weight_decay, "warmup_ratio": section.warmup_ratio,
-        "max_length": section.max_length, "log_every": section.log_every,
-        "threshold": cfg.threshold,
-        "train_texts": list(texts), "train_y": np.asarray(y, dtype=np.float32),
-        "eval_texts": list(eval_texts), "eval_y": np.asarray(eval_y, dtype=np.int64), **extra,
-    }
+    return EncoderSpec(encoder=m.encoder, num_labels=n_labels, pooling=m.pooling,
+                       dropout=m.dropout, trust_remote_code=m.trust_remote_code,
+                       train_layers=m.train_layers, init_state=init_state)
 
 
-def _train_kw(section) -> dict[str, Any]:
-    return section.model_dump(include={"num_workers", "use_gpu", "cpus_per_worker",
-                                       "max_failures", "in_process", "resources"})
+def _fit_train(section: DALLMiTrainSection) -> FitTrain:
+    return FitTrain(**section.model_dump(include={f.name for f in fields(FitTrain)}))
+
+
+def _loop(cfg: DALLMiJob, section: DALLMiTrainSection, *, name: str, objective: str,
+          vocab: list[str], texts, y, eval_texts, eval_y, seed: int,
+          init_state: str | None = None, **extra) -> MultilabelLoopConfig:
+    return MultilabelLoopConfig(
+        name=name, objective=objective, seed=seed,
+        model=_encoder(cfg, len(vocab), init_state), train=_fit_train(section),
+        threshold=cfg.threshold, train_texts=list(texts),
+        train_y=np.asarray(y, dtype=np.float32), eval_texts=list(eval_texts),
+        eval_y=np.asarray(eval_y, dtype=np.int64), **extra)
 
 
 def check_cycle_batch(cfg: DALLMiJob, n_labels: int) -> None:
@@ -117,9 +127,16 @@ def _needs_ray(cfg: DALLMiJob) -> bool:
 
 
 def prepare(cfg: DALLMiJob, tracker: Tracker, out: Path) -> Prepared:
-    """Stages 1-4: read, split, hide, source fine-tune (cached)."""
-    import torch
+    """Stages 1-4, shared by every method and sweep trial: read + split, hide, source
+    fine-tune (cached)."""
+    prep = read_and_split(cfg, tracker)
+    hide(cfg, prep, tracker, out)
+    source_finetune(cfg, prep, tracker, out)
+    return prep
 
+
+def read_and_split(cfg: DALLMiJob, tracker: Tracker) -> Prepared:
+    """1-2. read the file (rejects kept), pick source / target rows by domain, split each."""
     d = cfg.data
     path = Path(_expand_env(d.root)) / d.path  # defaults are not expanded at load time
     with tracker.child("read") as run_log:
@@ -147,9 +164,19 @@ def prepare(cfg: DALLMiJob, tracker: Tracker, out: Path) -> Prepared:
                             f"{d.target_domains}, and the data.max_* caps")
         if any(m in ("dallmi", "dallmi_log") for m in cfg.methods):
             check_cycle_batch(cfg, len(vocab))
-        y_src = multi_hot(list(source["labels"]), vocab)
-        y_tr = multi_hot(list(tgt_train["labels"]), vocab)
-        y_te = multi_hot(list(tgt_test["labels"]), vocab)
+    return Prepared(vocab=vocab, source=source, source_test=source_test, target_train=tgt_train,
+                    target_test=tgt_test, y_source=multi_hot(list(source["labels"]), vocab),
+                    y_train=multi_hot(list(tgt_train["labels"]), vocab),
+                    observed=np.zeros((0, len(vocab))),
+                    y_test=multi_hot(list(tgt_test["labels"]), vocab), source_state="",
+                    source_metrics={}, counts=counts, fingerprints=fps, rejects=rejects)
+
+
+def hide(cfg: DALLMiJob, prep: Prepared, tracker: Tracker, out: Path) -> None:
+    """3. hide: keep ``hide.keep_ratio`` of the target-train positives (seeded) ->
+    ``prep.observed``, hidden_labels.parquet, rejects.parquet."""
+    with tracker.child("hide") as run_log:
+        y_tr, tgt_train = prep.y_train, prep.target_train
         observed = hide_labels(y_tr, keep_ratio=cfg.hide.keep_ratio, strategy=cfg.hide.strategy,
                                seed=cfg.run.seed, row_keys=list(tgt_train["id"]))
         kept = observed.sum(0)
@@ -158,15 +185,23 @@ def prepare(cfg: DALLMiJob, tracker: Tracker, out: Path) -> Prepared:
         _say(f"hide: keep_ratio {cfg.hide.keep_ratio} ({cfg.hide.strategy}): "
              f"{int(kept.sum())}/{int(y_tr.sum())} target-train positives observed")
         pd.DataFrame({"id": tgt_train["id"], "labels": tgt_train["labels"],
-                      "observed": [list(np.asarray(vocab)[r > 0]) for r in observed]}
+                      "observed": [list(np.asarray(prep.vocab)[r > 0]) for r in observed]}
                      ).to_parquet(out / "hidden_labels.parquet")
-        rejects.to_parquet(out / "rejects.parquet")
+        prep.rejects.to_parquet(out / "rejects.parquet")
+    prep.observed = observed
 
-    # 4. source fine-tune, cached by content -----------------------------------------------
+
+def source_finetune(cfg: DALLMiJob, prep: Prepared, tracker: Tracker, out: Path) -> None:
+    """4. source: fine-tune on the labeled source rows (BCE), cached by content; its target-test
+    metrics are the no-adaptation baseline -> ``prep.source_state``, ``prep.source_metrics``."""
+    import torch
+
+    vocab, source, source_test = prep.vocab, prep.source, prep.source_test
     cache = StageCache(cfg.run.cache_dir)
     src_cfg = cfg.source.model_dump(mode="json", exclude={"in_process", "max_failures",
                                                           "log_every", "cpus_per_worker"})
-    parts = {"model": cfg.model.model_dump(mode="json"), "train": src_cfg, "data": fps,
+    parts = {"model": cfg.model.model_dump(mode="json"), "train": src_cfg,
+             "data": prep.fingerprints,
              "ids": config_hash({"ids": source["id"].tolist(), "vocab": vocab}),
              "seed": cfg.run.seed}
     cdir, done = cache.get("dallmi_source", parts)
@@ -179,32 +214,26 @@ def prepare(cfg: DALLMiJob, tracker: Tracker, out: Path) -> Prepared:
                  f"{cfg.source.epochs} epochs, {cfg.source.num_workers} worker(s)"
                  f"{' in-process' if cfg.source.in_process else ' on Ray Train'}")
             run_log.params({"objective": "bce", **cfg.source.model_dump(mode="json")})
-            lc = _loop_cfg(cfg, cfg.source, name=f"{cfg.run.name}-source", objective="bce",
-                           vocab=vocab, texts=source["text"], y=y_src,
-                           eval_texts=source_test["text"],
-                           eval_y=multi_hot(list(source_test["labels"]), vocab),
-                           seed=cfg.run.seed, mlflow_uri=tracker.uri if cfg.tracking.enabled
-                           else None, mlflow_run_id=run_log.run_id)
-            res = fit(lc, train=_train_kw(cfg.source), storage=str(out / "train"))
+            lc = _loop(cfg, cfg.source, name=f"{cfg.run.name}-source", objective="bce",
+                       vocab=vocab, texts=source["text"], y=prep.y_source,
+                       eval_texts=source_test["text"],
+                       eval_y=multi_hot(list(source_test["labels"]), vocab),
+                       seed=cfg.run.seed, mlflow_uri=tracker.uri if cfg.tracking.enabled
+                       else None, mlflow_run_id=run_log.run_id)
+            res = fit(lc, storage=str(out / "train"))
             torch.save(res["state"], cdir / "model.pt")
             hist = res["history"]
             (cdir / "history.json").write_text(json.dumps(hist))
             cache.commit(cdir)
         src_metrics = {"source_test": hist[-1] if hist else {}}
         # the source model on the target test split = the no-adaptation baseline
-        lc = {"encoder": cfg.model.encoder, "pooling": cfg.model.pooling,
-              "dropout": cfg.model.dropout, "num_labels": len(vocab), "seed": cfg.run.seed,
-              "init_state": str(cdir / "model.pt"),
-              "trust_remote_code": cfg.model.trust_remote_code}
-        probs = predict_probs(build_model(lc), tokenizer(lc), list(tgt_test["text"]),
-                              max_length=cfg.adapt.max_length)
-        src_metrics["target_test"] = multilabel_metrics(y_te, probs, cfg.threshold)
+        # (train_layers only freezes parameters: the forward pass is the same)
+        spec = _encoder(cfg, len(vocab), init_state=str(cdir / "model.pt"))
+        probs = predict_probs(build_model(spec, seed=cfg.run.seed), tokenizer(spec),
+                              list(prep.target_test["text"]), max_length=cfg.adapt.max_length)
+        src_metrics["target_test"] = multilabel_metrics(prep.y_test, probs, cfg.threshold)
         run_log.metrics({f"target_{k}": v for k, v in src_metrics["target_test"].items()})
-    return Prepared(vocab=vocab, source=source, source_test=source_test, target_train=tgt_train,
-                    target_test=tgt_test, y_source=y_src, y_train=y_tr, observed=observed,
-                    y_test=y_te, source_state=str(cdir / "model.pt"),
-                    source_metrics=src_metrics, counts=counts, fingerprints=fps,
-                    rejects=rejects)
+    prep.source_state, prep.source_metrics = str(cdir / "model.pt"), src_metrics
 
 
 def adapt(cfg: DALLMiJob, prep: Prepared, method: str, *, out: Path,
@@ -219,71 +248,86 @@ def adapt(cfg: DALLMiJob, prep: Prepared, method: str, *, out: Path,
     objective, mode = ADAPT_OBJECTIVE[method]
     a = cfg.adapt
     y = prep.y_train if method == "bce_oracle" else prep.observed
-    extra = {"alpha": a.alpha, "beta": a.beta, "lam": a.lam, "mixup_level": a.mixup_level,
-             "mixup_grad": a.mixup_grad, "positive_reduction": a.positive_reduction,
-             "random_share": a.random_share, "detach_target": a.detach_target, "mode": mode,
-             "aad": a.aad.model_dump(), "source_texts": list(prep.source["text"]),
-             "mlflow_uri": mlflow_uri if run_log is not None and run_log.enabled else None,
-             "mlflow_run_id": run_log.run_id if run_log is not None else None,
-             "on_epoch": on_epoch}
+    pu = PULoss(alpha=a.alpha, beta=a.beta, lam=a.lam, mixup_level=a.mixup_level,
+                mixup_grad=a.mixup_grad, positive_reduction=a.positive_reduction,
+                random_share=a.random_share, detach_target=a.detach_target, mode=mode or "norm")
     if objective == "dallmi":
         check_cycle_batch(cfg, int((y.sum(0) > 0).sum()))
-    lc = _loop_cfg(cfg, a, name=f"{cfg.run.name}-{method}", objective=objective,
-                   vocab=prep.vocab, texts=prep.target_train["text"], y=y,
-                   eval_texts=prep.target_test["text"], eval_y=prep.y_test, seed=cfg.run.seed,
-                   init_state=prep.source_state, **extra)
-    res = fit(lc, train=_train_kw(a), storage=str(out / "train"))
+    lc = _loop(cfg, a, name=f"{cfg.run.name}-{method}", objective=objective,
+               vocab=prep.vocab, texts=prep.target_train["text"], y=y,
+               eval_texts=prep.target_test["text"], eval_y=prep.y_test, seed=cfg.run.seed,
+               init_state=prep.source_state, pu=pu, aad=AADLoss(**a.aad.model_dump()),
+               source_texts=list(prep.source["text"]),
+               mlflow_uri=mlflow_uri if run_log is not None and run_log.enabled else None,
+               mlflow_run_id=run_log.run_id if run_log is not None else None,
+               on_epoch=on_epoch)
+    res = fit(lc, storage=str(out / "train"))
     hist = res["history"]
     return {**{k: v for k, v in hist[-1].items() if k != "epoch"}, "history": hist}
 
 
 def run(cfg: DALLMiJob) -> dict[str, Any]:
-    """Run the DALLMi job; returns the results dict also written to results.json."""
+    """Run the DALLMi job; returns the results dict also written to results.json. The steps,
+    in order, each a function of this module."""
     with job_context(cfg, ray=_needs_ray(cfg)) as ctx:
-        tracker, parent, out = ctx.tracker, ctx.parent, ctx.out
-        prep = prepare(cfg, tracker, out)
-        parent.params({"data_fingerprint": prep.fingerprints})
-        parent.datasets(prep.fingerprints, sources={"data": str(cfg.data.path)})
-        results: dict[str, Any] = {}
-        for method in cfg.methods:
-            t0 = time.time()
-            _say(f"{method}: adapting from the source checkpoint")
-            with tracker.child(method, tags={"raydapt.variant": method}) as run_log:
-                run_log.params({"method": method, "keep_ratio": cfg.hide.keep_ratio,
-                                **({} if method == "no_adapt" else
-                                   cfg.adapt.model_dump(mode="json"))})
-                r = adapt(cfg, prep, method, out=out, run_log=run_log,
-                          mlflow_uri=tracker.uri if cfg.tracking.enabled else None)
-                if method == "no_adapt":
-                    run_log.metrics({k: v for k, v in r.items() if k != "history"}, 0)
-                r["seconds"] = round(time.time() - t0, 1)
-            results[method] = r
-            _say(f"{method}: target-test mAP {r['map']:.4f} (binarised {r['map_bin']:.4f}, "
-                 f"micro-F1 {r['micro_f1']:.4f}) in {r['seconds']:.0f}s")
-        summary = {
-            "job": cfg.run.name, "seed": cfg.run.seed, "keep_ratio": cfg.hide.keep_ratio,
-            "strategy": cfg.hide.strategy, "encoder": cfg.model.encoder, "labels": prep.vocab,
-            "source_domains": cfg.data.source_domains, "target_domains": cfg.data.target_domains,
-            "counts": prep.counts,
-            "target_train_positives": prep.y_train.sum(0).astype(int).tolist(),
-            "target_train_observed": prep.observed.sum(0).astype(int).tolist(),
-            "source": prep.source_metrics,
-            "methods": results, "seconds": round(ctx.seconds(), 1),
-        }
-        ctx.write_results(summary)
-        for k, r in results.items():
-            parent.metrics({f"{m}.{k}": r[m] for m in ("map", "map_bin", "micro_f1", "macro_f1")})
-        parent.metrics({"seconds": summary["seconds"]})
-        parent.results_table({k: r["map"] for k, r in results.items()}, metric="target-test mAP",
-                             seeds=[cfg.run.seed], title=f"{cfg.run.name}: target-test mAP")
-        for f in ("results.json", "rejects.parquet", "hidden_labels.parquet"):
-            parent.artifact(out / f)
-        width = max(len(k) for k in results)
-        _say("target-test mAP / binarised mAP / micro-F1 / macro-F1\n" + "\n".join(
-            f"  {k:<{width}}  {r['map']:.4f}  {r['map_bin']:.4f}  {r['micro_f1']:.4f}  "
-            f"{r['macro_f1']:.4f}" for k, r in results.items()))
-        _say(f"done in {summary['seconds']:.0f}s; outputs in {out}")
-        return summary
+        prep = read_and_split(cfg, ctx.tracker)
+        ctx.parent.params({"data_fingerprint": prep.fingerprints})
+        ctx.parent.datasets(prep.fingerprints, sources={"data": str(cfg.data.path)})
+        hide(cfg, prep, ctx.tracker, ctx.out)
+        source_finetune(cfg, prep, ctx.tracker, ctx.out)
+        results = adapt_methods(cfg, ctx, prep)
+        return report(cfg, ctx, prep, results)
+
+
+def adapt_methods(cfg: DALLMiJob, ctx: JobContext, prep: Prepared) -> dict[str, Any]:
+    """5. adapt: one fit per method from the source checkpoint, each an MLflow child run."""
+    results: dict[str, Any] = {}
+    for method in cfg.methods:
+        t0 = time.time()
+        _say(f"{method}: adapting from the source checkpoint")
+        with ctx.tracker.child(method, tags={"raydapt.variant": method}) as run_log:
+            run_log.params({"method": method, "keep_ratio": cfg.hide.keep_ratio,
+                            **({} if method == "no_adapt" else
+                               cfg.adapt.model_dump(mode="json"))})
+            r = adapt(cfg, prep, method, out=ctx.out, run_log=run_log,
+                      mlflow_uri=ctx.tracker.uri if cfg.tracking.enabled else None)
+            if method == "no_adapt":
+                run_log.metrics({k: v for k, v in r.items() if k != "history"}, 0)
+            r["seconds"] = round(time.time() - t0, 1)
+        results[method] = r
+        _say(f"{method}: target-test mAP {r['map']:.4f} (binarised {r['map_bin']:.4f}, "
+             f"micro-F1 {r['micro_f1']:.4f}) in {r['seconds']:.0f}s")
+    return results
+
+
+def report(cfg: DALLMiJob, ctx: JobContext, prep: Prepared,
+           results: dict[str, Any]) -> dict[str, Any]:
+    """6. report: results.json, the parent run's metrics / table / artifacts, the console table."""
+    parent, out = ctx.parent, ctx.out
+    summary = {
+        "job": cfg.run.name, "seed": cfg.run.seed, "keep_ratio": cfg.hide.keep_ratio,
+        "strategy": cfg.hide.strategy, "encoder": cfg.model.encoder, "labels": prep.vocab,
+        "source_domains": cfg.data.source_domains, "target_domains": cfg.data.target_domains,
+        "counts": prep.counts,
+        "target_train_positives": prep.y_train.sum(0).astype(int).tolist(),
+        "target_train_observed": prep.observed.sum(0).astype(int).tolist(),
+        "source": prep.source_metrics,
+        "methods": results, "seconds": round(ctx.seconds(), 1),
+    }
+    ctx.write_results(summary)
+    for k, r in results.items():
+        parent.metrics({f"{m}.{k}": r[m] for m in ("map", "map_bin", "micro_f1", "macro_f1")})
+    parent.metrics({"seconds": summary["seconds"]})
+    parent.results_table({k: r["map"] for k, r in results.items()}, metric="target-test mAP",
+                         seeds=[cfg.run.seed], title=f"{cfg.run.name}: target-test mAP")
+    for f in ("results.json", "rejects.parquet", "hidden_labels.parquet"):
+        parent.artifact(out / f)
+    width = max(len(k) for k in results)
+    _say("target-test mAP / binarised mAP / micro-F1 / macro-F1\n" + "\n".join(
+        f"  {k:<{width}}  {r['map']:.4f}  {r['map_bin']:.4f}  {r['micro_f1']:.4f}  "
+        f"{r['macro_f1']:.4f}" for k, r in results.items()))
+    _say(f"done in {summary['seconds']:.0f}s; outputs in {out}")
+    return summary
 
 
 # ---------------------------------------------------------------------------------------------
