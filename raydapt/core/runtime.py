@@ -61,7 +61,14 @@ def quiet_worker_logs() -> None:
                       ).addFilter(_DropNoStateApi())
     _drop_cleaner_thread_crash()
     if not verbose():
+        import ray
+        import ray.data  # noqa: F401 - configures the ray.data logger, which we then quieten
+
         quiet_process()
+        # Ray Train logs every worker's report ("Reporting training result ...", one line per
+        # worker per epoch) on a logger named by its file path, outside ``ray.train``
+        logging.getLogger(os.path.join(os.path.dirname(ray.__file__), "train", "v2", "_internal",
+                                       "execution", "context.py")).setLevel(logging.WARNING)
 
 
 _CLEANER_THREAD = "PlacementGroupCleanerMonitor"
@@ -142,6 +149,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
         import ray.data  # noqa: F401 - configures the ray.data logger, which we then quieten
 
         quiet_process()
+        # Ray 2.60 turns token auth on for a new local instance and warns about it on every
+        # start ("Token authentication is enabled ..."): a notice, not a problem, for a local run
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+            logging.ERROR)
     if not ray.is_initialized():
         kw: dict = {"logging_level": logging.WARNING, "log_to_driver": True}
         addr = address or os.environ.get("RAY_ADDRESS")

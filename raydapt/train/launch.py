@@ -61,8 +61,10 @@ def launch(loop: Callable[[dict[str, Any]], None], config: dict[str, Any], *, na
     Raises:
         the fit's error (after ``workers.max_failures`` retries).
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
+
+    from raydapt.core.runtime import verbose
 
     trainer = TorchTrainer(
         loop, train_loop_config=config,
@@ -72,7 +74,10 @@ def launch(loop: Callable[[dict[str, Any]], None], config: dict[str, Any], *, na
         run_config=RunConfig(
             name=name, storage_path=str(Path(storage).resolve()),
             failure_config=FailureConfig(max_failures=workers.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=workers.keep_checkpoints)),
+            checkpoint_config=CheckpointConfig(num_to_keep=workers.keep_checkpoints),
+            # Ray Train's own INFO lines (worker group start, every report and checkpoint: ~10
+            # per epoch) stay in its session log files unless `raydapt run --verbose`
+            logging_config=LoggingConfig(log_level="INFO" if verbose() else "WARNING")),
         datasets=datasets or {},
         **({"dataset_config": dataset_config} if dataset_config is not None else {}),
     )
