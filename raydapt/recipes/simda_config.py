@@ -180,6 +180,10 @@ class DistillSection(TrainSection):
         None, description="Seed of the student fits (None = run.seed). Changing it repeats "
         "the students on the same split and cached teacher outputs (run.seed also draws the "
         "data subsample).")
+    eval_every_epoch: bool = Field(
+        True, description="Evaluate every student on the target test split after every epoch "
+        "(MLflow curve); false: after the last one only (each evaluation is a forward pass "
+        "over the test rows: ~10 s per epoch at 300 rows on 2 CPU cores).")
     steps: int | None = Field(
         None, ge=1, description="Optimiser steps of every student but source_only_all (the "
         "same for distilled students and baselines). None = `epochs` passes over the "

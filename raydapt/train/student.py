@@ -62,6 +62,7 @@ class StudentTrain:
     sim_loss: str = "kl"
     sim_center: bool = True
     min_confidence: float = 0.0
+    eval_every_epoch: bool = True
 
     @property
     def workers(self) -> Workers:
@@ -221,14 +222,18 @@ def student_loop(config: dict[str, Any]) -> None:
                     f"loss {np.mean(losses[-c.log_every:]):.4f} {rate:.2f} steps/s "
                     f"ETA {eta:.0f}s")
                 log.metrics({"train_loss": float(np.mean(losses[-c.log_every:]))}, step)
-        cm = torch.as_tensor(_evaluate(model, tok, c.eval_rows, t.max_length, rank, world, C))
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(cm)
-        cm = cm.numpy()
-        acc = float(np.trace(cm) / max(1, cm.sum()))
-        metrics = {"epoch": epoch + 1, "accuracy": acc, "loss": float(np.mean(losses or [0])),
-                   "confusion": cm.tolist(), "steps": step, "rows": n_rows}
-        log.metrics({"accuracy": acc, "epoch_loss": metrics["loss"], "steps": step}, epoch + 1)
+        metrics = {"epoch": epoch + 1, "loss": float(np.mean(losses or [0])), "steps": step,
+                   "rows": n_rows}
+        if t.eval_every_epoch or epoch == n_epochs - 1:  # the last epoch is always evaluated
+            cm = torch.as_tensor(_evaluate(model, tok, c.eval_rows, t.max_length, rank, world,
+                                           C))
+            if dist.is_available() and dist.is_initialized():
+                dist.all_reduce(cm)
+            cm = cm.numpy()
+            metrics.update(accuracy=float(np.trace(cm) / max(1, cm.sum())),
+                           confusion=cm.tolist())
+            log.metrics({"accuracy": metrics["accuracy"]}, epoch + 1)
+        log.metrics({"epoch_loss": metrics["loss"], "steps": step}, epoch + 1)
         checkpoint = None
         if rank == 0 and c.checkpoint:
             d = Path(c.scratch) / f"ckpt-{epoch}"

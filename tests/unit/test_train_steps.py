@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -38,10 +39,13 @@ def test_rerun_of_a_finished_student_reports_it_and_does_not_train(ray_local, tm
     df = pd.DataFrame({"text": [f"text number {i}" for i in range(8)], "y": [0, 1] * 4})
     kw = dict(name="tiny", objective="supervised", eval_df=df, num_classes=2,
               student="pkg:all-minilm-l6-v2", seed=0, storage=str(tmp_path),
-              train=StudentTrain(num_workers=1, batch_size=4, epochs=1, lr=1e-3,
-                                 weight_decay=0.0, warmup_ratio=0.0, max_length=8))
+              train=StudentTrain(num_workers=1, batch_size=4, epochs=2, lr=1e-3,
+                                 weight_decay=0.0, warmup_ratio=0.0, max_length=8,
+                                 eval_every_epoch=False))
     first = fit_student(train_ds=ray_local.data.from_pandas(df), **kw)
-    assert first["steps"] == 2 and not first.get("resumed")
+    assert first["steps"] == 4 and first["epoch"] == 2 and not first.get("resumed")
+    # evaluated after the last epoch even with eval_every_epoch off: all 8 rows counted
+    assert 0 <= first["accuracy"] <= 1 and np.asarray(first["confusion"]).sum() == 8
     capsys.readouterr()
     again = fit_student(train_ds=ray_local.data.from_pandas(df), **kw)
     assert again["resumed"] is True
