@@ -227,3 +227,36 @@ def pad_batch(encs: list[dict[str, list[int]]], *, pad_id: int, side: str = "rig
         am[i, sl] = 1
         rm[i, sl] = torch.tensor(e["response_mask"])
     return {"input_ids": ids, "attention_mask": am, "response_mask": rm}
+
+
+def encode_table(rows: pd.DataFrame, tok: Any, fmt: QAFormat, *, max_length: int, chat: bool,
+                 keep: tuple[str, ...] = ("id",), reject_file: str = "encode"
+                 ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """QA rows → ``keep`` columns + ``input_ids`` [L] + ``response_mask`` [L] (prompt + gold
+    response, :func:`encode_pair`), and reject records (file ``reject_file``) for rows that do
+    not fit or lack a field."""
+    out, bad = [], []
+    for r in rows.to_dict("records"):
+        try:
+            e = encode_pair(tok, *render(r, fmt), max_length=max_length, chat=chat)
+        except (ValueError, KeyError) as exc:
+            bad.append({"file": reject_file, "id": r["id"], "reason": str(exc), "raw": ""})
+            continue
+        out.append({**{k: r[k] for k in keep}, "input_ids": e["input_ids"],
+                    "response_mask": e["response_mask"]})
+    return (pd.DataFrame(out, columns=[*keep, "input_ids", "response_mask"]),
+            pd.DataFrame(bad, columns=REJECT_COLUMNS))
+
+
+def mc_prompt_table(test: pd.DataFrame, tok: Any, fmt: QAFormat, *, chat: bool
+                    ) -> pd.DataFrame:
+    """Multiple-choice items → id, task, prompt (chat prefix + ``fmt.answer_prefix``, the
+    option letter comes next), n_options, gold (index of the answer letter)."""
+    out = []
+    for r in test.to_dict("records"):
+        prompt, _ = render(r, fmt)
+        letters = list(json.loads(r["options"]))
+        out.append({"id": r["id"], "task": r["task"],
+                    "prompt": chat_prefix(tok, prompt, chat=chat) + fmt.answer_prefix,
+                    "n_options": len(letters), "gold": letters.index(r["answer"])})
+    return pd.DataFrame(out)

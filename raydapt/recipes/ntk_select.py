@@ -24,7 +24,6 @@ resumes from the cached stages.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -37,8 +36,8 @@ from raydapt.config import config_hash
 from raydapt.core.assets import load_tokenizer
 from raydapt.core.cache import StageCache
 from raydapt.core.tracking import Tracker
-from raydapt.data.qa import QAFormat, chat_prefix, encode_pair, read_qa, render
-from raydapt.data.readers import REJECT_COLUMNS, DataError, fingerprint, split_and_subsample
+from raydapt.data.qa import QAFormat, encode_table, mc_prompt_table, read_qa
+from raydapt.data.readers import DataError, fingerprint, split_and_subsample
 from raydapt.evaluate import calibrated_mc_metrics, majority_letter_accuracy
 from raydapt.job import JobContext, job_context, speaker
 from raydapt.recipes.ntk_select_config import NTKSelectJob
@@ -132,40 +131,32 @@ def read_data(cfg: NTKSelectJob) -> dict[str, Any]:
             "fingerprints": fps}
 
 
+def qa_format(cfg: NTKSelectJob) -> QAFormat:
+    """The job's ``format`` section as the QA templates of :mod:`raydapt.data.qa`."""
+    f = cfg.format
+    return QAFormat(prompt=f.prompt, response=f.response, answer_prefix=f.answer_prefix,
+                    context_max_chars=f.context_max_chars,
+                    rationale_max_chars=f.rationale_max_chars)
+
+
 def encode_rows(rows: pd.DataFrame, tok, cfg: NTKSelectJob) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """QA rows → id, input_ids [L], response_mask [L] (plus rejects for rows that do not fit)."""
-    fmt = QAFormat(prompt=cfg.format.prompt, response=cfg.format.response,
-                   answer_prefix=cfg.format.answer_prefix,
-                   context_max_chars=cfg.format.context_max_chars,
-                   rationale_max_chars=cfg.format.rationale_max_chars)
-    ids, am, rm, bad = [], [], [], []
-    for r in rows.to_dict("records"):
-        try:
-            e = encode_pair(tok, *render(r, fmt), max_length=cfg.format.max_length,
-                            chat=cfg.format.chat)
-        except (ValueError, KeyError) as exc:
-            bad.append({"file": "encode", "id": r["id"], "reason": str(exc), "raw": ""})
-            continue
-        ids.append(r["id"])
-        am.append(e["input_ids"])
-        rm.append(e["response_mask"])
-    return (pd.DataFrame({"id": ids, "input_ids": am, "response_mask": rm}),
-            pd.DataFrame(bad, columns=REJECT_COLUMNS))
+    """Training rows (D, pool) → id, input_ids [L], response_mask [L] within
+    ``format.max_length`` tokens, plus rejects for rows that do not fit."""
+    return encode_table(rows, tok, qa_format(cfg), max_length=cfg.format.max_length,
+                        chat=cfg.format.chat)
 
 
 def mc_prompts(test: pd.DataFrame, tok, cfg: NTKSelectJob) -> pd.DataFrame:
-    """Test items → id, prompt (chat prefix + answer prefix), n_options, gold (letter index)."""
-    fmt = QAFormat(prompt=cfg.format.prompt, response=cfg.format.response,
-                   context_max_chars=cfg.format.context_max_chars)
-    out = []
-    for r in test.to_dict("records"):
-        prompt, _ = render(r, fmt)
-        letters = list(json.loads(r["options"]))
-        out.append({"id": r["id"], "task": r["task"],
-                    "prompt": chat_prefix(tok, prompt, chat=cfg.format.chat)
-                    + cfg.format.answer_prefix,
-                    "n_options": len(letters), "gold": letters.index(r["answer"])})
-    return pd.DataFrame(out)
+    """Test items → id, task, prompt (chat prefix + answer prefix), n_options, gold."""
+    return mc_prompt_table(test, tok, qa_format(cfg), chat=cfg.format.chat)
+
+
+def nll_rows(test: pd.DataFrame, tok, cfg: NTKSelectJob) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Test items → id, task, input_ids, response_mask of prompt + gold response (the item's
+    rationale where it has one, then ``The answer is X.``, as in training), at most
+    ``eval.max_length`` tokens (prompt truncated from the left); plus rejects."""
+    return encode_table(test, tok, qa_format(cfg), max_length=cfg.eval.max_length,
+                        chat=cfg.format.chat, keep=("id", "task"), reject_file="encode-nll")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,28 +352,6 @@ def evaluate_mc(cfg: NTKSelectJob, cache: StageCache, tracker: Tracker, *, label
         run_log.metrics({f"{kind}.{k}": v for kind, vals in extra.items()
                          for k, v in vals.items()})
         return acc, extra, m
-
-
-def nll_rows(test: pd.DataFrame, tok, cfg: NTKSelectJob) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Test items → id, task, input_ids, response_mask of prompt + gold response (the item's
-    rationale where it has one, then ``The answer is X.``, as in training), at most
-    ``eval.max_length`` tokens (prompt truncated from the left); plus rejects."""
-    fmt = QAFormat(prompt=cfg.format.prompt, response=cfg.format.response,
-                   answer_prefix=cfg.format.answer_prefix,
-                   context_max_chars=cfg.format.context_max_chars,
-                   rationale_max_chars=cfg.format.rationale_max_chars)
-    out, bad = [], []
-    for r in test.to_dict("records"):
-        try:
-            e = encode_pair(tok, *render(r, fmt), max_length=cfg.eval.max_length,
-                            chat=cfg.format.chat)
-        except (ValueError, KeyError) as exc:
-            bad.append({"file": "encode-nll", "id": r["id"], "reason": str(exc), "raw": ""})
-            continue
-        out.append({"id": r["id"], "task": r["task"], "input_ids": e["input_ids"],
-                    "response_mask": e["response_mask"]})
-    return (pd.DataFrame(out, columns=["id", "task", "input_ids", "response_mask"]),
-            pd.DataFrame(bad, columns=["file", "id", "reason", "raw"]))
 
 
 def nll_summary(m: pd.DataFrame) -> dict[str, float]:
