@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,25 @@ class Workers:
         """Ray resources of one worker: its CPUs, one GPU when ``use_gpu``, custom ones."""
         return {"CPU": self.cpus_per_worker, **({"GPU": 1.0} if self.use_gpu else {}),
                 **dict(self.resources)}
+
+
+@dataclass(frozen=True)
+class ScalingFields:
+    """The scaling half of a fit's typed config (a base of StudentTrain, LoRATrain, FitTrain):
+    the fields a job's train section names, and the :class:`Workers` they make. A subclass
+    sets ``keep_checkpoints`` (class level) and may change the defaults."""
+
+    num_workers: int = 1
+    cpus_per_worker: float = 1.0
+    use_gpu: bool = False
+    resources: dict[str, float] = field(default_factory=dict)
+    max_failures: int = 1
+    keep_checkpoints: ClassVar[int | None] = 1
+
+    @property
+    def workers(self) -> Workers:
+        return Workers(self.num_workers, float(self.cpus_per_worker), self.use_gpu,
+                       dict(self.resources), self.max_failures, self.keep_checkpoints)
 
 
 def launch(loop: Callable[[dict[str, Any]], None], config: dict[str, Any], *, name: str,

@@ -23,9 +23,9 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -35,19 +35,19 @@ from raydapt.core.tracking import RunLogger
 from raydapt.data.qa import pad_batch
 from raydapt.select.ntk import response_loss_objective
 from raydapt.train import say, steps_per_epoch
-from raydapt.train.launch import Workers, launch
+from raydapt.train.launch import ScalingFields, launch
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
-class LoRATrain:
+class LoRATrain(ScalingFields):
     """How a LoRA adapter trains: the LoRATrainSection's scaling, optimisation and DeepSpeed
     fields (``batch_size`` is global: micro batch x ``grad_accum`` x workers)."""
 
     num_workers: int = 2
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
+    max_failures: int = 0  # not retried (LoRATrainSection has no max_failures)
+    keep_checkpoints: ClassVar[int | None] = None  # every checkpoint is kept
     threads: int | None = None
     epochs: int = 1
     batch_size: int = 8
@@ -59,13 +59,6 @@ class LoRATrain:
     dtype: str = "float32"
     offload_optimizer: bool = False
     gradient_checkpointing: bool = False
-    resources: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def workers(self) -> Workers:
-        # not retried (the section has no max_failures); every checkpoint is kept
-        return Workers(self.num_workers, self.cpus_per_worker, self.use_gpu,
-                       dict(self.resources), max_failures=0, keep_checkpoints=None)
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,7 @@ from raydapt.core.tracking import RunLogger
 from raydapt.evaluate import binarised_map, f1_scores, mean_average_precision
 from raydapt.losses.pu import dallmi_loss
 from raydapt.train import say
-from raydapt.train.launch import Workers, launch
+from raydapt.train.launch import ScalingFields, launch
 from raydapt.train.models import EncoderClassifier
 from raydapt.train.samplers import ClassCycleSampler
 
@@ -71,16 +71,11 @@ class EncoderSpec:
 
 
 @dataclass(frozen=True)
-class FitTrain:
+class FitTrain(ScalingFields):
     """How one fit trains: a DALLMi train section's scaling and optimisation fields.
     ``in_process`` runs the loop in this process (one worker, no Ray Train)."""
 
-    num_workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    max_failures: int = 1
     in_process: bool = False
-    resources: dict[str, float] = field(default_factory=dict)
     epochs: int = 3
     batch_size: int = 32
     lr: float = 5e-5
@@ -88,11 +83,6 @@ class FitTrain:
     warmup_ratio: float = 0.1
     max_length: int = 128
     log_every: int = 0
-
-    @property
-    def workers(self) -> Workers:
-        return Workers(self.num_workers, self.cpus_per_worker, self.use_gpu,
-                       dict(self.resources), self.max_failures)
 
 
 @dataclass(frozen=True)

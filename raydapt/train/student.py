@@ -17,7 +17,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +30,14 @@ from raydapt.core.tracking import RunLogger
 from raydapt.evaluate import confusion_matrix
 from raydapt.losses.distill import kl_distillation, pseudo_label_ce, similarity_alignment
 from raydapt.train import say, steps_per_epoch
-from raydapt.train.launch import Workers, launch
+from raydapt.train.launch import ScalingFields, launch
 from raydapt.train.models import EncoderClassifier
 
 OBJECTIVES = ("kl_sim", "kl", "ce", "supervised")
 
 
 @dataclass(frozen=True)
-class StudentTrain:
+class StudentTrain(ScalingFields):
     """How one student trains: the DistillSection's optimisation, scaling and loss fields.
 
     ``steps`` (if set) is the number of optimiser steps whatever the row count (step-matched
@@ -45,10 +45,6 @@ class StudentTrain:
     distilled objectives (``min_confidence`` drops pseudo-labels below it)."""
 
     num_workers: int = 2
-    cpus_per_worker: float = 1.0
-    use_gpu: bool = False
-    resources: dict[str, float] = field(default_factory=dict)
-    max_failures: int = 1
     epochs: int = 3
     steps: int | None = None
     batch_size: int = 32
@@ -63,11 +59,6 @@ class StudentTrain:
     sim_center: bool = True
     min_confidence: float = 0.0
     eval_every_epoch: bool = True
-
-    @property
-    def workers(self) -> Workers:
-        return Workers(self.num_workers, self.cpus_per_worker, self.use_gpu,
-                       dict(self.resources), self.max_failures)
 
 
 @dataclass(frozen=True)
