@@ -27,6 +27,7 @@ import yaml
 
 from raydapt import RaydaptError
 from raydapt.core.assets import load_tokenizer
+from raydapt.data.readers import split_and_subsample
 from raydapt.methods import METHODS, names
 
 TABLE_PATH = Path(__file__).with_name("plan_table.yaml")
@@ -441,37 +442,44 @@ def record_actuals(uri: str, parent_run_id: str) -> dict[str, float]:
 # --------------------------------------------------------------------------------------------
 
 
-def _domain_counts(path: Path, field: str) -> dict[str, int] | None:
-    """Rows per value of ``field`` in a jsonl file (one json parse per line; None elsewhere)."""
+def _domain_ids(path: Path, field: str, id_field: str) -> dict[str, list[str]] | None:
+    """Row ids per value of ``field`` in a jsonl file (one json parse per line; None
+    elsewhere), so the plan can apply the job's own seeded split to them."""
     if "://" in str(path) or not path.is_file() or path.suffix.lower() not in (".jsonl", ".json"):
         return None
-    out: dict[str, int] = {}
+    out: dict[str, list[str]] = {}
     with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
+        for n, line in enumerate(f):
             if line.strip():
                 try:
-                    v = str(json.loads(line).get(field))
+                    r = json.loads(line)
+                    v = str(r.get(field))
                 except (json.JSONDecodeError, AttributeError):
                     continue
-                out[v] = out.get(v, 0) + 1
+                out.setdefault(v, []).append(str(r.get(id_field, f"line-{n}")))
     return out
 
 
 def plan_dallmi(cfg, table: dict[str, Any], gpu: str) -> Plan:
     d, notes = cfg.data, []
     path = Path(d.root) / d.path
-    counts = _domain_counts(path, d.domain_field)
-    if counts is None:
+    ids = _domain_ids(path, d.domain_field, d.id_field)
+    counts = None if ids is None else {k: len(v) for k, v in ids.items()}
+    if ids is None:
         notes.append(f"{path}: not a jsonl file on this machine; rows unknown")
-    src = None if counts is None else sum(counts.get(x, 0) for x in d.source_domains)
-    tgt = None if counts is None else sum(counts.get(x, 0) for x in d.target_domains)
+        n_src = n_tr = n_te = None
+    else:  # the job's own seeded id-hash split and caps (rejects aside): the rows it will use
+        def split(domains: list[str], **caps) -> tuple[int, int]:
+            import pandas as pd
 
-    def cap(n, frac, m):
-        return None if n is None else int(min(round(n * frac), m) if m else round(n * frac))
+            df = pd.DataFrame({"id": [i for x in domains for i in ids.get(x, [])]})
+            a, b = split_and_subsample(df.drop_duplicates("id"), seed=cfg.run.seed,
+                                       test_fraction=d.test_fraction, **caps)
+            return len(a), len(b)
 
-    n_src = cap(src, 1 - d.test_fraction, d.max_source_rows)
-    n_tr = cap(tgt, 1 - d.test_fraction, d.max_target_train_rows)
-    n_te = cap(tgt, d.test_fraction, d.max_target_test_rows)
+        n_src, _ = split(d.source_domains, max_rows=d.max_source_rows)
+        n_tr, n_te = split(d.target_domains, max_rows=d.max_target_train_rows,
+                           max_test_rows=d.max_target_test_rows)
     params, how = model_params(cfg.model.encoder, table)
     notes.append(f"encoder {cfg.model.encoder}: {params:.3g} parameters ({how}); training FLOP "
                  "= 6 x params x rows x epochs x max_length; dallmi / aad fits x2 for the "
@@ -484,10 +492,12 @@ def plan_dallmi(cfg, table: dict[str, Any], gpu: str) -> Plan:
         if m == "no_adapt":
             continue
         factor = 2 if m in ("dallmi", "dallmi_log", "aad") else 1
-        stages.append(train_stage(f"adapt-{m}", examples=n_tr and n_tr * cfg.adapt.epochs * factor,
-                                  tokens_per_example=cfg.adapt.max_length, params=params,
-                                  train=cfg.adapt, table=table, gpu=gpu,
-                                  epochs=cfg.adapt.epochs * factor))
+        ex = n_tr and n_tr * cfg.adapt.epochs * factor
+        stages.append(train_stage(
+            f"adapt-{m}", examples=ex, tokens_per_example=cfg.adapt.max_length, params=params,
+            train=cfg.adapt, table=table, gpu=gpu, rows=n_tr, epochs=cfg.adapt.epochs,
+            seen=None if factor == 1 or ex is None else
+            f"{cfg.adapt.epochs} epochs x 2 passes = {ex:,} examples"))
     stages.append(StagePlan("evaluate", n_te and n_te * len(cfg.methods),
                             note="test rows x methods, forward only"))
     return Plan("dallmi", gpu, stages, notes=notes)

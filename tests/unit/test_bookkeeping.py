@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from raydapt.ops.plan import _domain_counts, sample_texts
+from raydapt.ops.plan import _domain_ids, sample_texts
 
 
 def test_plan_sampling_survives_an_invalid_utf8_row(tmp_path):
@@ -21,7 +21,7 @@ def test_plan_sampling_survives_an_invalid_utf8_row(tmp_path):
         json.dumps({"id": "c", "text": "third", "domain": "y"}).encode() + b"\n"]))
     texts = sample_texts(p, "text")
     assert texts[0] == "first" and texts[-1] == "third" and len(texts) == 3
-    assert _domain_counts(p, "domain") == {"x": 2, "y": 1}
+    assert _domain_ids(p, "domain", "id") == {"x": ["a", "b"], "y": ["c"]}
 
 
 @pytest.mark.timeout(300)
