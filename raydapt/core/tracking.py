@@ -161,12 +161,14 @@ class RunLogger:
 
     def results_table(self, results: dict[str, float], *, metric: str = "accuracy",
                       details: dict[str, dict[str, Any]] | None = None,
-                      seeds: list[int] | None = None, title: str | None = None) -> None:
+                      seeds: list[int] | None = None, title: str | None = None,
+                      out_dir: str | Path | None = None) -> None:
         """Results at a glance: ``results.csv`` (also as an MLflow table, ``results_table.json``:
         one row per method with family, metric, value and the ``details`` known for it, e.g.
-        rows / epochs / steps) and ``results.png`` (sorted bars, see :mod:`raydapt.core.plots`).
+        rows / epochs / steps) and ``results.png`` (sorted bars, see :mod:`raydapt.core.plots`),
+        written to ``out_dir`` (the job's output folder; also with tracking off) and logged.
         Recipes call it once with their results dict."""
-        if not self.enabled or not results:
+        if not results or (not self.enabled and out_dir is None):
             return
         import pandas as pd
 
@@ -180,12 +182,16 @@ class RunLogger:
                 row["seeds"] = " ".join(str(s) for s in seeds)
             rows.append(row)
         df = pd.DataFrame(rows).sort_values("value", ascending=False, kind="stable")
-        with tempfile.TemporaryDirectory() as d:
-            df.to_csv(Path(d) / "results.csv", index=False)
-            bar_chart(dict(zip(df["method"], df["value"])), Path(d) / "results.png",
+        with tempfile.TemporaryDirectory() as tmp:
+            d = Path(out_dir) if out_dir is not None else Path(tmp)
+            d.mkdir(parents=True, exist_ok=True)
+            df.to_csv(d / "results.csv", index=False)
+            bar_chart(dict(zip(df["method"], df["value"])), d / "results.png",
                       title=title or f"{metric} per method", xlabel=metric)
-            self.artifact(Path(d) / "results.csv")
-            self.artifact(Path(d) / "results.png")
+            if not self.enabled:
+                return
+            self.artifact(d / "results.csv")
+            self.artifact(d / "results.png")
         self._client().log_table(self.run_id, df.astype(object).where(df.notna(), None),
                                  "results_table.json")
 

@@ -319,7 +319,8 @@ def report(cfg: DALLMiJob, ctx: JobContext, prep: Prepared,
         parent.metrics({f"{m}.{k}": r[m] for m in ("map", "map_bin", "micro_f1", "macro_f1")})
     parent.metrics({"seconds": summary["seconds"]})
     parent.results_table({k: r["map"] for k, r in results.items()}, metric="target-test mAP",
-                         seeds=[cfg.run.seed], title=f"{cfg.run.name}: target-test mAP")
+                         seeds=[cfg.run.seed], title=f"{cfg.run.name}: target-test mAP",
+                         out_dir=out)
     for f in ("results.json", "rejects.parquet", "hidden_labels.parquet"):
         parent.artifact(out / f)
     width = max(len(k) for k in results)

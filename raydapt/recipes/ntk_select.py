@@ -593,7 +593,8 @@ class _Run:
         parent.metrics({"seconds": summary["seconds"], "rejects": len(rej_df)})
         parent.results_table({f"{v}:{t}": a for v, d in self.results.items() for t, a in d.items()},
                              metric="accuracy", seeds=[self.cfg.run.seed],
-                             title=f"{self.cfg.run.name}: accuracy per selection and task")
+                             title=f"{self.cfg.run.name}: accuracy per selection and task",
+                             out_dir=out)
         for f in ("results.json", "rejects.parquet", "predictions.parquet"):
             parent.artifact(out / f)
         tasks = list(self.data["tests"]) + ["mean"]

@@ -525,7 +525,8 @@ def report(cfg: SimDAJob, ctx: JobContext, st: SimpleNamespace) -> dict[str, Any
         details={**{f"teacher:{n}": {"rows": len(yt)} for n, (yt, _) in teacher_preds.items()},
                  **{f"student:{v}": {"rows": len(st.tgt_test), "epochs": s["epochs"]}
                     for v, s in students.items()}},
-        title=f"{cfg.run.name}: target-test accuracy per teacher read-out and student")
+        title=f"{cfg.run.name}: target-test accuracy per teacher read-out and student",
+        out_dir=out)
     ctx.parent.metrics({"pseudo_label_accuracy": pseudo_acc, "rejects": len(rej_df),
                     "seconds": summary["seconds"]})
     for f in ("annotations.parquet", "rejects.parquet", "results.json", "confusion.png"):

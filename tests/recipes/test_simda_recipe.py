@@ -48,6 +48,11 @@ def test_simda_end_to_end(tmp_path, capsys, monkeypatch, tiny_simda_job):
         assert noise not in console, noise
     out = tmp_path / "runs/tiny"
     res = json.loads((out / "results.json").read_text())
+    # the results table and chart land beside results.json too, not only in MLflow
+    table = (out / "results.csv").read_text().splitlines()
+    assert table[0].startswith("method,family,metric,value") and len(table) == 1 + len(
+        res["accuracy"])
+    assert (out / "results.png").stat().st_size > 10_000
     want = {"student:source_only", "student:kl_sim", "teacher:zero_shot", "teacher:knn",
             "teacher:icl_random", "teacher:icl_nearest", "teacher:knn_prompt", "teacher:teacher"}
     assert want <= set(res["accuracy"])
