@@ -2,7 +2,7 @@
 teacher's keys on the labelled SOURCE rows (leave-one-out) against the TARGET test rows, for
 the raw keys and four label-free key normalisations, and the p_T mix over lambda on each side.
 
-    python benchmarks/simda_knn_keys.py RUN_DIR [--cache CACHE_DIR]
+    python benchmarks/simda_knn_keys.py RUN_DIR [--cache CACHE_DIR] [--dev-run DEV_RUN_DIR]
 
 RUN_DIR is a finished SimDA run of jobs/simda/amazon-books-to-kitchen.cpu.yaml (its
 ``annotations.parquet`` names the target-train rows; the other target rows of the teacher stage
@@ -10,6 +10,12 @@ are the test rows); the keys and p_LLM come from that run's cached teacher stage
 cached outputs, seconds. Writes benchmarks/results/simda-knn-keys.json. This is an analysis
 after the fact: the job itself chooses k, tau and lambda on source labels only; the target
 columns here explain the result, they choose nothing.
+
+``--dev-run``: a finished run of another pair whose SOURCE domain is neither of RUN_DIR's (e.g.
+dvd -> electronics for books -> kitchen). Its labelled source rows serve as a shifted dev set:
+(k, tau, lambda) are chosen on them as a target of RUN_DIR's source store (books keys -> dvd
+rows, p_LLM median-calibrated on the dev rows), and the choice is then applied to RUN_DIR's
+target test rows. Labels of a third domain, never the target's.
 """
 
 from __future__ import annotations
@@ -42,29 +48,64 @@ def _knn(q: np.ndarray, keys: np.ndarray, loo: bool, k: int = 64) -> tuple[np.nd
     return np.take_along_axis(d, idx, 1), idx
 
 
+def _teacher_frame(run_dir: Path, cache_arg: str | None) -> tuple[dict, pd.DataFrame, dict]:
+    """The run's resolved config, its cached teacher stage (keys, p_LLM; the stage whose rows
+    come from exactly the run's source and target files) and the gold labels by id."""
+    import yaml
+
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    cache = Path(cache_arg or cfg["run"]["cache_dir"])
+    want = {Path(cfg["data"][s]["path"]).stem for s in ("source", "target")}
+    frame = None
+    for done in sorted((cache / "teacher").glob("*/_SUCCESS"), key=lambda p: p.stat().st_mtime):
+        parts = sorted(done.parent.glob("part-*.parquet"))
+        ids = pd.concat([pd.read_parquet(p, columns=["id"]) for p in parts])["id"]
+        if {str(i).rsplit("-", 1)[0] for i in ids} == want:
+            frame = pd.concat([pd.read_parquet(p) for p in parts]).set_index("id")
+    if frame is None:
+        raise SystemExit(f"no teacher stage in {cache} for {sorted(want)}")
+    gold = {}
+    labels = cfg["data"]["labels"]
+    root = Path(cfg["data"]["root"])
+    for side in ("source", "target"):
+        for line in (root / cfg["data"][side]["path"]).read_text().splitlines():
+            r = json.loads(line)
+            gold[str(r["id"])] = labels.index(r["label"])
+    return cfg, frame, gold
+
+
+def _dev_choice(dev_run: Path, cache_arg, hs, ys, hte, yte, pte_c) -> dict:
+    """(k, tau, lambda) chosen on a third, labelled domain taken as a target of the source
+    store; returns the choice, its dev accuracy and the target-test p_T it gives."""
+    cfg, df, gold = _teacher_frame(dev_run, cache_arg)
+    pfx = Path(cfg["data"]["source"]["path"]).stem
+    ids = [i for i in df.index if i.startswith(pfx)]
+    hd = np.stack(df.loc[ids, "hidden"].to_numpy()).astype(np.float64)
+    z = np.stack(df.loc[ids, "llm_logp"].to_numpy()).astype(np.float64)
+    pd_ = np.exp(z - z.max(1, keepdims=True))
+    pd_ /= pd_.sum(1, keepdims=True)
+    pd_c = apply_log_bias(pd_, rank_calibration_bias(pd_))  # label-free, on the dev rows
+    yd = np.array([gold[i] for i in ids])
+    dd, i_d = _knn(hd, hs, loo=False)
+    best, _ = select_on_source(dd, ys[i_d], pd_c, yd, ks=[4, 8, 16, 32, 64],
+                               taus=[0.1, 0.3, 1.0, 3.0], lams=[i / 10 for i in range(11)])
+    dt, i_t = _knn(hte, hs, loo=False)
+    pk = knn_distribution(dt[:, :best["k"]], ys[i_t][:, :best["k"]], 2, tau=best["tau"])
+    return {"dev_domain": pfx, "dev_rows": len(ids), "chosen": best,
+            "target_test_p_T": round(float((mix(pk, pte_c, best["lam"]).argmax(1) == yte)
+                                           .mean()), 4)}
+
+
 def run(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("run_dir")
     ap.add_argument("--cache", default=None, help="the run's run.cache_dir (default: from its "
                     "config.yaml)")
+    ap.add_argument("--dev-run", default=None)
     ap.add_argument("--out", default="benchmarks/results/simda-knn-keys.json")
     args = ap.parse_args(argv)
     run_dir = Path(args.run_dir)
-    import yaml
-
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
-    cache = Path(args.cache or cfg["run"]["cache_dir"])
-    if not cache.is_absolute() and not cache.exists():
-        cache = run_dir.parent.parent / cache
-    stage = sorted((cache / "teacher").glob("*/_SUCCESS"), key=lambda p: p.stat().st_mtime)[-1].parent
-    df = pd.concat([pd.read_parquet(p) for p in sorted(stage.glob("part-*.parquet"))]).set_index("id")
-    root = Path(cfg["data"]["root"])
-    labels = cfg["data"]["labels"]
-    gold = {}
-    for side in ("source", "target"):
-        for line in (root / cfg["data"][side]["path"]).read_text().splitlines():
-            r = json.loads(line)
-            gold[str(r["id"])] = labels.index(r["label"])
+    cfg, df, gold = _teacher_frame(run_dir, args.cache)
     src_pfx = Path(cfg["data"]["source"]["path"]).stem
     train_ids = set(pd.read_parquet(run_dir / "annotations.parquet")["id"])
     src = [i for i in df.index if i.startswith(src_pfx)]
@@ -99,8 +140,7 @@ def run(argv: list[str] | None = None) -> dict:
         "PCA-16 whitened (source)": ((hs - mu) @ (Vt[:16].T / S[:16]),
                                      (hte - mu) @ (Vt[:16].T / S[:16])),
     }
-    out: dict = {"benchmark": "simda-knn-keys", "run_dir": str(run_dir), "teacher_stage":
-                 stage.name, "rows": {"source": len(src), "target_test": len(test)},
+    out: dict = {"benchmark": "simda-knn-keys", "run_dir": str(run_dir), "rows": {"source": len(src), "target_test": len(test)},
                  "machine": describe(), "llm_calibrated_accuracy": {
                      "source": round(float((ps_c.argmax(1) == ys).mean()), 4),
                      "target_test": round(float((pte_c.argmax(1) == yte).mean()), 4)},
@@ -129,6 +169,9 @@ def run(argv: list[str] | None = None) -> dict:
         {"lam": lam, "source_loo": round(float((mix(pk_s, ps_c, lam).argmax(1) == ys).mean()), 4),
          "target_test": round(float((mix(pk_t, pte_c, lam).argmax(1) == yte).mean()), 4)}
         for lam in [i / 10 for i in range(11)]]
+    if args.dev_run:
+        out["dev_domain_choice"] = _dev_choice(Path(args.dev_run), args.cache, hs, ys, hte, yte,
+                                               pte_c)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     print(json.dumps({k: v for k, v in out.items() if k != "machine"}, indent=1))
