@@ -28,20 +28,6 @@ class Workers:
     max_failures: int = 0
     keep_checkpoints: int | None = 1
 
-    @classmethod
-    def of(cls, train: Mapping[str, Any], *, max_failures: int | None = None,
-           keep_checkpoints: int | None = 1) -> Workers:
-        """From a train section's fields (``num_workers``, ``cpus_per_worker``, ``use_gpu``,
-        ``resources``, ``max_failures``); ``max_failures`` given here wins over the section."""
-        return cls(
-            num_workers=int(train["num_workers"]),
-            cpus_per_worker=float(train.get("cpus_per_worker", 1)),
-            use_gpu=bool(train.get("use_gpu")),
-            resources=dict(train.get("resources") or {}),
-            max_failures=int(train.get("max_failures", 1) if max_failures is None
-                             else max_failures),
-            keep_checkpoints=keep_checkpoints)
-
     def per_worker(self) -> dict[str, float]:
         """Ray resources of one worker: its CPUs, one GPU when ``use_gpu``, custom ones."""
         return {"CPU": self.cpus_per_worker, **({"GPU": 1.0} if self.use_gpu else {}),

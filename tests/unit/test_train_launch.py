@@ -11,11 +11,13 @@ from raydapt.train.launch import Workers
 
 
 def test_workers_from_a_train_section_carry_cpus_gpu_and_custom_resources():
-    w = Workers.of({"num_workers": 4, "cpus_per_worker": 2, "use_gpu": True,
-                    "resources": {"train_gpu": 1}, "max_failures": 3})
+    from raydapt.train.launch import ScalingFields
+
+    w = ScalingFields(num_workers=4, cpus_per_worker=2, use_gpu=True,
+                      resources={"train_gpu": 1}, max_failures=3).workers
     assert (w.num_workers, w.max_failures, w.keep_checkpoints) == (4, 3, 1)
     assert w.per_worker() == {"CPU": 2.0, "GPU": 1.0, "train_gpu": 1}
-    cpu = Workers.of({"num_workers": 1}, max_failures=0, keep_checkpoints=None)
+    cpu = Workers(num_workers=1, max_failures=0, keep_checkpoints=None)
     assert cpu.per_worker() == {"CPU": 1.0}
     assert (cpu.max_failures, cpu.keep_checkpoints, cpu.use_gpu) == (0, None, False)
 
