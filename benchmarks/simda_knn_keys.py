@@ -38,14 +38,16 @@ from raydapt.stages.annotate import (  # noqa: E402
     rank_calibration_bias,
     select_on_source,
 )
+from raydapt.stages.teacher import build_index, loo_neighbours  # noqa: E402
 
 
 def _knn(q: np.ndarray, keys: np.ndarray, loo: bool, k: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    d = np.sqrt(((q[:, None, :] - keys[None, :, :]) ** 2).sum(-1))
+    """The recipe's own search, so the distances mean what they mean in the job (FAISS flat L2,
+    squared): ``loo_neighbours`` over the store for the source rows, the store index for
+    queries from another domain."""
     if loo:
-        np.fill_diagonal(d, np.inf)
-    idx = np.argsort(d, 1)[:, :k]
-    return np.take_along_axis(d, idx, 1), idx
+        return loo_neighbours(keys, k)
+    return build_index(keys).search(np.ascontiguousarray(q, dtype=np.float32), k)
 
 
 def _teacher_frame(run_dir: Path, cache_arg: str | None) -> tuple[dict, pd.DataFrame, dict]:
