@@ -53,6 +53,19 @@ class ScalingFields:
                        dict(self.resources), self.max_failures, self.keep_checkpoints)
 
 
+@dataclass(frozen=True)
+class OptimFields(ScalingFields):
+    """The optimisation fields every encoder fit shares (a job's TrainSection): the base of
+    StudentTrain and FitTrain, with the section's defaults."""
+
+    epochs: int = 3
+    batch_size: int = 32
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    max_length: int = 128
+
+
 def launch(loop: Callable[[dict[str, Any]], None], config: dict[str, Any], *, name: str,
            storage: str | Path, workers: Workers, datasets: dict[str, Any] | None = None,
            dataset_config: Any = None):

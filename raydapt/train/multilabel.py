@@ -49,7 +49,7 @@ from raydapt.core.tracking import RunLogger
 from raydapt.evaluate import binarised_map, f1_scores, mean_average_precision
 from raydapt.losses.pu import dallmi_loss
 from raydapt.train import say
-from raydapt.train.launch import ScalingFields, launch
+from raydapt.train.launch import OptimFields, launch
 from raydapt.train.models import EncoderClassifier
 from raydapt.train.samplers import ClassCycleSampler
 
@@ -71,17 +71,11 @@ class EncoderSpec:
 
 
 @dataclass(frozen=True)
-class FitTrain(ScalingFields):
+class FitTrain(OptimFields):
     """How one fit trains: a DALLMi train section's scaling and optimisation fields.
     ``in_process`` runs the loop in this process (one worker, no Ray Train)."""
 
     in_process: bool = False
-    epochs: int = 3
-    batch_size: int = 32
-    lr: float = 5e-5
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
-    max_length: int = 128
     log_every: int = 0
 
 

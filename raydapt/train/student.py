@@ -30,14 +30,14 @@ from raydapt.core.tracking import RunLogger
 from raydapt.evaluate import confusion_matrix
 from raydapt.losses.distill import kl_distillation, pseudo_label_ce, similarity_alignment
 from raydapt.train import say, steps_per_epoch
-from raydapt.train.launch import ScalingFields, launch
+from raydapt.train.launch import OptimFields, launch
 from raydapt.train.models import EncoderClassifier
 
 OBJECTIVES = ("kl_sim", "kl", "ce", "supervised")
 
 
 @dataclass(frozen=True)
-class StudentTrain(ScalingFields):
+class StudentTrain(OptimFields):
     """How one student trains: the DistillSection's optimisation, scaling and loss fields.
 
     ``steps`` (if set) is the number of optimiser steps whatever the row count (step-matched
@@ -45,13 +45,7 @@ class StudentTrain(ScalingFields):
     distilled objectives (``min_confidence`` drops pseudo-labels below it)."""
 
     num_workers: int = 2
-    epochs: int = 3
     steps: int | None = None
-    batch_size: int = 32
-    lr: float = 5e-5
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
-    max_length: int = 128
     beta: float = 1.0
     temperature: float = 1.0
     sim_tau: float = 1.0
