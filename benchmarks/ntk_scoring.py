@@ -72,9 +72,73 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default torch's)")
     p.add_argument("--warmup", type=int, default=2, help="samples run once per path, untimed")
     p.add_argument("--seed", type=int, default=0, help="data and LoRA init seed")
+    p.add_argument("--profile", action="store_true",
+                   help="instead of timing the paths: run the first method on one micro-batch "
+                   "under torch.profiler and report where the time goes (matmuls, attention, "
+                   "elementwise, ...) and the matmuls' own GFLOP/s; writes "
+                   "ntk-scoring-profile-<device>[-<dtype>].json")
     p.add_argument("--out", default=None,
                    help="output JSON (default benchmarks/results/ntk-scoring-<device>.json)")
     return p.parse_args(argv)
+
+
+# torch.profiler op names → the category the --profile report sums them into
+_OP_GROUPS = (
+    ("autograd_engine", ("autograd::",)),
+    ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul",
+                "aten::linear", "aten::einsum", "mkldnn", "aten::_mkl")),
+    ("attention", ("scaled_dot_product", "_flash_attention", "_efficient_attention", "softmax")),
+    ("copy_layout", ("aten::copy_", "aten::contiguous", "aten::clone", "aten::cat",
+                     "aten::index", "aten::scatter", "aten::gather", "aten::to", "aten::_to_copy",
+                     "aten::fill_", "aten::zero_", "aten::zeros", "aten::empty", "aten::stack",
+                     "aten::where", "aten::masked_fill", "aten::embedding", "aten::sum")),
+)
+
+
+def _op_group(name: str) -> str:
+    for group, keys in _OP_GROUPS:
+        if any(k in name for k in keys):
+            return group
+    return "elementwise_other"
+
+
+def profile_hooks(model: nn.Module, params: dict, batch: list, args: argparse.Namespace,
+                  pad_id: int, device: torch.device) -> dict[str, Any]:
+    """One micro-batch of the first method under torch.profiler: self CPU time per op category
+    (leaf ops, so nothing is counted twice), the top ops, and the FLOP/s the profiler's own FLOP
+    count gives for the matmul ops (mm / addmm / bmm)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    method = args.methods.split(",")[0]
+    ids, am, rm = collate(batch, side=args.padding, pad_id=pad_id, device=device)
+    per_sample_grads(model, ids, am, rm, params=params, objective=args.objective, method=method)
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+        per_sample_grads(model, ids, am, rm, params=params, objective=args.objective,
+                         method=method)
+    wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    total_self = sum(e.self_cpu_time_total for e in events) / 1e6
+    groups: dict[str, float] = {}
+    mm_flops = mm_self = 0.0
+    for e in events:
+        g = _op_group(e.key)
+        groups[g] = groups.get(g, 0.0) + e.self_cpu_time_total / 1e6
+        if e.key in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm") and e.flops:
+            mm_flops += e.flops
+            mm_self += e.self_cpu_time_total / 1e6
+    top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:15]
+    return {
+        "method": method, "micro_batch": list(ids.shape), "wall_s_profiled": wall,
+        "self_cpu_s_total": total_self,
+        "share_by_group": {g: v / total_self for g, v in sorted(groups.items())},
+        "matmul_ops_gflops_per_s": mm_flops / mm_self / 1e9 if mm_self else None,
+        "matmul_ops_flops": mm_flops,
+        "top_ops": [{"op": e.key, "self_s": e.self_cpu_time_total / 1e6, "calls": e.count,
+                     "share": e.self_cpu_time_total / 1e6 / total_self,
+                     **({"gflops_per_s": e.flops / (e.self_cpu_time_total / 1e6) / 1e9}
+                        if e.flops and e.self_cpu_time_total else {})} for e in top],
+    }
 
 
 def load_model(args: argparse.Namespace, device: torch.device) -> tuple[nn.Module, Any, dict]:
@@ -258,6 +322,9 @@ def main(argv: list[str] | None = None) -> dict:
     pad_id = (tokenizer.pad_token_id if tokenizer is not None else None)
     pad_id = pad_id if pad_id is not None else 0
     warm, rows = rows[: args.warmup], rows[args.warmup :]
+    if args.profile:
+        return _profile_main(args, model, params, rows, pad_id, device, model_desc,
+                             sys.argv[1:] if argv is None else argv)
     batches = [rows[i : i + args.batch_size] for i in range(0, len(rows), args.batch_size)]
 
     def run(method: str, batch: list[tuple[list[int], int]]) -> tuple[torch.Tensor, float, float]:
@@ -425,6 +492,40 @@ def main(argv: list[str] | None = None) -> dict:
               f"{b['expand_s']:.2f}s, matmul {b['matmul_s']:.2f}s "
               f"({b['matmul_gflops_per_s']:.1f} GFLOP/s)")
     print(f"max |g| {scale:.3g}; wrote {out}")
+    return result
+
+
+def _profile_main(args: argparse.Namespace, model: nn.Module, params: dict, rows: list,
+                  pad_id: int, device: torch.device, model_desc: dict,
+                  argv: list[str]) -> dict:
+    prof = profile_hooks(model, params, rows[: args.micro_batch], args, pad_id, device)
+    b, t = prof["micro_batch"]
+    flops = scoring_flops(model, [[(b, t)]], flat_dim(params), args.proj_dim)
+    peak = matmul_peak(args.dtype)
+    prof["model_flops_grads"] = flops["grads"]
+    prof["model_gflops_per_s"] = flops["grads"] / prof["wall_s_profiled"] / 1e9
+    prof["matmul_peak_gflops"] = peak["gflops_best"]
+    prof["matmul_ops_fraction_of_peak"] = (prof["matmul_ops_gflops_per_s"] or 0.0) / peak[
+        "gflops_best"]
+    result = {"benchmark": "ntk-scoring profile: where one micro-batch's time goes",
+              "command": "python benchmarks/ntk_scoring.py " + " ".join(argv),
+              "model": model_desc, "params": {k: v for k, v in vars(args).items() if k != "out"},
+              "machine": {"cpu_model": cpu_model(), "cpu_cores": os.cpu_count(),
+                          "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+                          "loadavg_1m": os.getloadavg()[0]},
+              "profile": prof}
+    suffix = "" if args.dtype == "float32" else f"-{args.dtype}"
+    out = Path(args.out) if args.out else RESULTS / f"ntk-scoring-profile-{device.type}{suffix}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    shares = ", ".join(f"{g} {v:.0%}" for g, v in prof["share_by_group"].items())
+    print(f"micro-batch {b}x{t}: {prof['wall_s_profiled']:.2f}s profiled; self time: {shares}")
+    print(f"matmul ops {prof['matmul_ops_gflops_per_s'] or 0:.1f} GFLOP/s = "
+          f"{prof['matmul_ops_fraction_of_peak']:.0%} of the {args.dtype} peak "
+          f"{peak['gflops_best']:.1f}; the whole pass {prof['model_gflops_per_s']:.1f} GFLOP/s")
+    for op in prof["top_ops"][:8]:
+        print(f"  {op['op']:<40} {op['share']:6.1%}  {op['calls']:5d} calls")
+    print(f"wrote {out}")
     return result
 
 
