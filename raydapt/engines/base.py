@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from raydapt import RaydaptError
+from raydapt.data.text import truncate_text
 
 
 class VerbalizerError(RaydaptError):
@@ -120,18 +121,6 @@ class PromptFormatter:
         return len(self.tok(self.format(prompt), add_special_tokens=not self.chat)["input_ids"])
 
     def truncate(self, text: str, max_tokens: int, side: str = "head") -> str:
-        """The text cut to at most ~``max_tokens`` tokens: ``head`` keeps its start, ``tail`` its
-        end, ``head_tail`` the first and last halves joined by " ... " (reviews often give the
-        verdict at the end)."""
-        ids = self.tok(text, add_special_tokens=False)["input_ids"]
-        if len(ids) <= max_tokens:
-            return text
-        if side == "head":
-            return self.tok.decode(ids[:max_tokens])
-        if side == "tail":
-            return self.tok.decode(ids[-max_tokens:])
-        if side == "head_tail":
-            h = max_tokens // 2
-            return (self.tok.decode(ids[:h]).rstrip() + " ... "
-                    + self.tok.decode(ids[len(ids) - (max_tokens - h):]).lstrip())
-        raise ValueError(f"unknown truncation side {side!r} (head, tail, head_tail)")
+        """The text cut to at most ~``max_tokens`` tokens (:func:`raydapt.data.text.truncate_text`:
+        ``head``, ``tail`` or ``head_tail``)."""
+        return truncate_text(self.tok, text, max_tokens, side)

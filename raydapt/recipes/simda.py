@@ -470,7 +470,10 @@ def train_students(cfg: SimDAJob, ctx: JobContext, st: SimpleNamespace) -> None:
         with ctx.tracker.child(f"student-{variant}", tags={"raydapt.variant": variant}) as run_log:
             run_log.params({"variant": variant, "objective": objective, **kw, **extra})
             # same name = same training: Ray Train then resumes it from its last checkpoint
-            key = config_hash({"v": variant, "train": kw, "extra": extra,
+            # (text_truncation at its default "head" is left out: students finished before
+            # the option existed keep their names)
+            key = config_hash({"v": variant, "train": {k: v for k, v in kw.items() if not (
+                                   k == "text_truncation" and v == "head")}, "extra": extra,
                                "student": dcfg.student, "seed": sseed,
                                "data": _frame_hash(ds.to_pandas()),
                                "eval": _frame_hash(tgt_test[["text", "y"]])})

@@ -188,6 +188,11 @@ class DistillSection(TrainSection):
         None, ge=1, description="Optimiser steps of every student but source_only_all (the "
         "same for distilled students and baselines). None = `epochs` passes over the "
         "target-train rows.")
+    text_truncation: Literal["head", "tail", "head_tail"] = Field(
+        "head", description="Which tokens of a text longer than max_length every student "
+        "(distilled and baseline, in training and evaluation) keeps: head (the tokenizer's own "
+        "truncation), tail, or head_tail (first and last halves, as the teacher's "
+        "teacher.text_truncation).")
 
 
 class SimDAJob(JobBase):

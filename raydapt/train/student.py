@@ -27,6 +27,7 @@ import torch
 from raydapt.core.assets import load_tokenizer
 from raydapt.core.telemetry import StageTelemetry
 from raydapt.core.tracking import RunLogger
+from raydapt.data.text import truncate_text
 from raydapt.evaluate import confusion_matrix
 from raydapt.losses.distill import kl_distillation, pseudo_label_ce, similarity_alignment
 from raydapt.train import say, steps_per_epoch
@@ -53,6 +54,7 @@ class StudentTrain(OptimFields):
     sim_center: bool = True
     min_confidence: float = 0.0
     eval_every_epoch: bool = True
+    text_truncation: str = "head"
 
 
 @dataclass(frozen=True)
@@ -93,8 +95,17 @@ def _loss(objective: str, t: StudentTrain, logits, pooled, batch) -> torch.Tenso
     return loss
 
 
+def student_texts(tok, texts, max_length: int, side: str) -> list[str]:
+    """The texts a student sees: as they are for ``head`` (the tokenizer's own right
+    truncation to ``max_length``), else cut to the window first (``tail`` / ``head_tail``), with
+    room for the special tokens and the " ... " joint."""
+    if side == "head":
+        return list(texts)
+    return [truncate_text(tok, x, max_length - 5, side) for x in texts]
+
+
 def _evaluate(model, tok, rows: dict[str, np.ndarray], max_length: int, rank: int, world: int,
-              C: int):
+              C: int, side: str = "head"):
     """Confusion matrix [C, C] over this worker's slice of the eval rows (summed later)."""
     texts, ys = rows["text"][rank::world], rows["y"][rank::world]
     cm = np.zeros((C, C), dtype=np.int64)
@@ -102,7 +113,8 @@ def _evaluate(model, tok, rows: dict[str, np.ndarray], max_length: int, rank: in
     net.eval()
     with torch.no_grad():
         for i in range(0, len(texts), 64):
-            enc = tok(list(texts[i : i + 64]), truncation=True, max_length=max_length,
+            enc = tok(student_texts(tok, texts[i : i + 64], max_length, side), truncation=True,
+                      max_length=max_length,
                       padding=True, return_tensors="pt")
             logits, _ = net(enc["input_ids"], enc["attention_mask"])
             cm += confusion_matrix(ys[i : i + 64], logits.argmax(-1).numpy(), C)
@@ -188,7 +200,8 @@ def student_loop(config: dict[str, Any]) -> None:
             t_batch = time.perf_counter()
             ix = mine[s * per_worker : (s + 1) * per_worker]
             batch = {col: data[col][ix] for col in cols}
-            enc = tok(list(batch["text"]), truncation=True, max_length=t.max_length,
+            enc = tok(student_texts(tok, batch["text"], t.max_length, t.text_truncation),
+                      truncation=True, max_length=t.max_length,
                       padding=True, return_tensors="pt")
             logits, pooled = model(enc["input_ids"], enc["attention_mask"])
             loss = _loss(c.objective, t, logits, pooled, batch)
@@ -211,7 +224,7 @@ def student_loop(config: dict[str, Any]) -> None:
                    "rows": n_rows}
         if t.eval_every_epoch or epoch == n_epochs - 1:  # the last epoch is always evaluated
             cm = torch.as_tensor(_evaluate(model, tok, c.eval_rows, t.max_length, rank, world,
-                                           C))
+                                           C, t.text_truncation))
             if dist.is_available() and dist.is_initialized():
                 dist.all_reduce(cm)
             cm = cm.numpy()
