@@ -58,6 +58,9 @@ def run(argv: list[str] | None = None) -> dict:
                     "students")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--out", default="benchmarks/results/simda-cpu.json")
+    ap.add_argument("--tag", default="",
+                    help="suffix of every run name (e.g. -head_tail for a variant run beside the "
+                    "main one, with its overrides)")
     ap.add_argument("--collect", action="store_true",
                     help="do not run: collect the runs' existing results.json files")
     ap.add_argument("overrides", nargs="*")
@@ -68,7 +71,7 @@ def run(argv: list[str] | None = None) -> dict:
     for pair in args.pairs:
         src, tgt = pair.split(":")
         base = [f"data.source.path={src}.jsonl", f"data.target.path={tgt}.jsonl",
-                f"run.name={src}-to-{tgt}", *args.overrides]
+                f"run.name={src}-to-{tgt}{args.tag}", *args.overrides]
         t0 = time.time()
         light = [] if pair in args.full_pairs else [
             f"distill.variants=[{','.join(SEEDED)}]", "annotate.baselines=[zero_shot,knn]"]
@@ -76,7 +79,7 @@ def run(argv: list[str] | None = None) -> dict:
         seeded = {v: [res["accuracy"][f"student:{v}"]] for v in SEEDED
                   if f"student:{v}" in res["accuracy"]}
         for s in args.seeds[1:]:
-            r = _run(args.job, [*base, f"run.name={src}-to-{tgt}-s{s}", f"distill.seed={s}",
+            r = _run(args.job, [*base, f"run.name={src}-to-{tgt}{args.tag}-s{s}", f"distill.seed={s}",
                                 f"distill.variants=[{','.join(seeded)}]",
                                 "annotate.baselines=[zero_shot,knn]"], args.collect)
             for v in seeded:
