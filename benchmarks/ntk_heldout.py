@@ -58,13 +58,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
 
-    from raydapt.cache import StageCache
-    from raydapt.runtime import init_ray
-    from raydapt.tracking import Tracker
-
+    from raydapt.core.cache import StageCache
+    from raydapt.core.runtime import init_ray
+    from raydapt.core.tracking import Tracker
     from raydapt.recipes.ntk_select import (
         _fit,
-        _split_errors,
         _tokenizer,
         candidate_scores,
         encode_rows,
@@ -77,6 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
         stage1_embed,
     )
     from raydapt.select.selectors import SELECTORS, SelectionInputs
+    from raydapt.stages.common import split_errors
 
     work = Path(args.work)
     info = build_needles_data(args.data, work / "data")
@@ -111,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
         if "cand" not in stages:
             stages["warm"] = _fit(cfg, cache, tracker, stage="lora", label="warmup", rows=dom,
                                   train=cfg.warmup, storage=out / "train")
-            emb, _ = _split_errors(stage1_embed(
+            emb, _ = split_errors(stage1_embed(
                 cfg, cache, tracker, adapter=stages["warm"],
                 rows=pd.concat([dom, pool], ignore_index=True)), "embed")
             _, stages["cand"] = stage1_candidates(emb, dom, pool, inputs, k=s.k, m=m,
@@ -139,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
                 if name != "random":
                     stage1()
                 if name in ("ntk", "less") and name not in inputs.scores:
-                    sc, _ = _split_errors(candidate_scores(
+                    sc, _ = split_errors(candidate_scores(
                         cfg, cache, tracker, adapter=stages["warm"], dom=dom,
                         cand=stages["cand"], kind=name), f"scores-{name}")
                     inputs.scores[name] = sc.set_index("id")["score"]

@@ -70,12 +70,10 @@ def _setting_overrides(name: str, info: dict, work: Path, *, n: int = 100,
 def run_setting(name: str, cfg, planted_ids: set[str], random_seeds: list[int],
                 kinds: tuple[str, ...] = ("ntk", "less")) -> dict:
     """The recipe's stages up to the selections (no fine-tunes) and the planted-row metrics."""
-    from raydapt.cache import StageCache
-    from raydapt.tracking import Tracker
-
+    from raydapt.core.cache import StageCache
+    from raydapt.core.tracking import Tracker
     from raydapt.recipes.ntk_select import (
         _fit,
-        _split_errors,
         _tokenizer,
         candidate_scores,
         encode_rows,
@@ -84,6 +82,7 @@ def run_setting(name: str, cfg, planted_ids: set[str], random_seeds: list[int],
         stage1_embed,
     )
     from raydapt.select.selectors import SELECTORS, SelectionInputs
+    from raydapt.stages.common import split_errors
 
     t_all = time.time()
     secs: dict[str, float] = {}
@@ -105,13 +104,13 @@ def run_setting(name: str, cfg, planted_ids: set[str], random_seeds: list[int],
     t0 = time.time()
     emb = stage1_embed(cfg, cache, tracker, adapter=warm,
                        rows=pd.concat([dom, pool], ignore_index=True))
-    emb, _ = _split_errors(emb, "embed")
+    emb, _ = split_errors(emb, "embed")
     inputs = SelectionInputs(pool_ids=pool["id"].to_numpy())
     vs, cand = stage1_candidates(emb, dom, pool, inputs, k=s.k, m=m, seed=cfg.run.seed)
     secs["stage1"] = time.time() - t0
     for kind in kinds:
         t0 = time.time()
-        sc, _ = _split_errors(candidate_scores(cfg, cache, tracker, adapter=warm, dom=dom,
+        sc, _ = split_errors(candidate_scores(cfg, cache, tracker, adapter=warm, dom=dom,
                                                cand=cand, kind=kind), f"scores-{kind}")
         inputs.scores[kind] = sc.set_index("id")["score"]
         secs[f"stage2_{kind}"] = time.time() - t0
@@ -207,7 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
         report = {**json.loads(Path(args.out).read_text()), "machine": report["machine"]}
         report.setdefault("commands", [report.get("command")]).append(
             "python benchmarks/ntk_needles.py " + " ".join(sys.argv[1:] if argv is None else argv))
-    from raydapt.runtime import init_ray
+    from raydapt.core.runtime import init_ray
 
     for name in args.settings.split(","):
         ov = _setting_overrides(name, info, work, n=args.n, n_domain=args.n_domain) + list(
