@@ -173,10 +173,10 @@ def summarise(report: dict) -> None:
     summ = {}
     for name, recs in by.items():
         nll = [r["nll"]["mean"] for r in recs]
-        acc = [r["accuracy"]["mean"] for r in recs if "accuracy" in r] or [float("nan")]
+        acc = [r["accuracy"]["mean"] for r in recs if "accuracy" in r]  # only with --mc
         summ[name] = {"seeds": [r["seed"] for r in recs], "nll_mean": float(np.mean(nll)),
                       "nll_std": float(np.std(nll, ddof=1)) if len(nll) > 1 else None,
-                      "acc_mean": float(np.mean(acc)),
+                      "acc_mean": float(np.mean(acc)) if acc else None,
                       "acc_std": float(np.std(acc, ddof=1)) if len(acc) > 1 else None}
     report["summary"] = summ
     r, k = summ.get("random"), summ.get("ntk")
