@@ -105,7 +105,7 @@ def student_texts(tok, texts, max_length: int, side: str) -> list[str]:
 
 
 def _evaluate(model, tok, rows: dict[str, np.ndarray], max_length: int, rank: int, world: int,
-              C: int, side: str = "head"):
+              C: int):
     """Confusion matrix [C, C] over this worker's slice of the eval rows (summed later)."""
     texts, ys = rows["text"][rank::world], rows["y"][rank::world]
     cm = np.zeros((C, C), dtype=np.int64)
@@ -113,8 +113,7 @@ def _evaluate(model, tok, rows: dict[str, np.ndarray], max_length: int, rank: in
     net.eval()
     with torch.no_grad():
         for i in range(0, len(texts), 64):
-            enc = tok(student_texts(tok, texts[i : i + 64], max_length, side), truncation=True,
-                      max_length=max_length,
+            enc = tok(list(texts[i : i + 64]), truncation=True, max_length=max_length,
                       padding=True, return_tensors="pt")
             logits, _ = net(enc["input_ids"], enc["attention_mask"])
             cm += confusion_matrix(ys[i : i + 64], logits.argmax(-1).numpy(), C)
@@ -178,6 +177,12 @@ def student_loop(config: dict[str, Any]) -> None:
         for col in cols:
             parts[col].append(b[col])
     data = {col: np.concatenate(v) for col, v in parts.items()}
+    eval_rows = c.eval_rows
+    if t.text_truncation != "head":  # cut every text to the window once, not every epoch
+        data["text"] = np.asarray(student_texts(tok, data["text"], t.max_length,
+                                                t.text_truncation), dtype=object)
+        eval_rows = {**eval_rows, "text": np.asarray(student_texts(
+            tok, eval_rows["text"], t.max_length, t.text_truncation), dtype=object)}
     n_data = len(data["text"])
     step = start_epoch * per_epoch
     t0 = time.time()
@@ -200,8 +205,7 @@ def student_loop(config: dict[str, Any]) -> None:
             t_batch = time.perf_counter()
             ix = mine[s * per_worker : (s + 1) * per_worker]
             batch = {col: data[col][ix] for col in cols}
-            enc = tok(student_texts(tok, batch["text"], t.max_length, t.text_truncation),
-                      truncation=True, max_length=t.max_length,
+            enc = tok(list(batch["text"]), truncation=True, max_length=t.max_length,
                       padding=True, return_tensors="pt")
             logits, pooled = model(enc["input_ids"], enc["attention_mask"])
             loss = _loss(c.objective, t, logits, pooled, batch)
@@ -223,8 +227,8 @@ def student_loop(config: dict[str, Any]) -> None:
         metrics = {"epoch": epoch + 1, "loss": float(np.mean(losses or [0])), "steps": step,
                    "rows": n_rows}
         if t.eval_every_epoch or epoch == n_epochs - 1:  # the last epoch is always evaluated
-            cm = torch.as_tensor(_evaluate(model, tok, c.eval_rows, t.max_length, rank, world,
-                                           C, t.text_truncation))
+            cm = torch.as_tensor(_evaluate(model, tok, eval_rows, t.max_length, rank, world,
+                                           C))
             if dist.is_available() and dist.is_initialized():
                 dist.all_reduce(cm)
             cm = cm.numpy()

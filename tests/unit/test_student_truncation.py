@@ -38,3 +38,21 @@ def test_the_window_keeps_the_ending_and_fits(tok, side):
 def test_unknown_side_is_an_error(tok):
     with pytest.raises(ValueError, match="unknown truncation side 'middle'"):
         truncate_text(tok, "x", 4, "middle")
+
+
+def test_a_student_trains_and_evaluates_on_head_tail_windows(ray_local, tmp_path):
+    import numpy as np
+    import pandas as pd
+
+    from raydapt.train.student import StudentTrain, fit_student
+
+    # long texts whose label is only in their last words: the window must keep the ending
+    df = pd.DataFrame({"text": [LONG.replace("broke after two days", w) for w in
+                                ["great", "awful"] * 4], "y": [0, 1] * 4})
+    m = fit_student(name="tiny-ht", objective="supervised", eval_df=df, num_classes=2,
+                    student="pkg:all-minilm-l6-v2", seed=0, storage=str(tmp_path),
+                    train_ds=ray_local.data.from_pandas(df),
+                    train=StudentTrain(num_workers=1, batch_size=4, epochs=1, lr=1e-3,
+                                       weight_decay=0.0, warmup_ratio=0.0, max_length=16,
+                                       text_truncation="head_tail"))
+    assert m["steps"] == 2 and np.asarray(m["confusion"]).sum() == 8
