@@ -102,20 +102,15 @@ def _op_group(name: str) -> str:
     return "elementwise_other"
 
 
-def profile_hooks(model: nn.Module, params: dict, batch: list, args: argparse.Namespace,
-                  pad_id: int, device: torch.device) -> dict[str, Any]:
-    """One micro-batch of the first method under torch.profiler: self CPU time per op category
-    (leaf ops, so nothing is counted twice), the top ops, and the FLOP/s the profiler's own FLOP
-    count gives for the matmul ops (mm / addmm / bmm)."""
+def profile_pass(run) -> dict[str, Any]:
+    """``run()`` (one scoring pass, already warmed up) under torch.profiler: self CPU time per
+    op category (leaf ops, so nothing is counted twice), the top ops, and the FLOP/s the
+    profiler's own FLOP count gives for the matmul ops (mm / addmm / bmm)."""
     from torch.profiler import ProfilerActivity, profile
 
-    method = args.methods.split(",")[0]
-    ids, am, rm = collate(batch, side=args.padding, pad_id=pad_id, device=device)
-    per_sample_grads(model, ids, am, rm, params=params, objective=args.objective, method=method)
     t0 = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
-        per_sample_grads(model, ids, am, rm, params=params, objective=args.objective,
-                         method=method)
+        run()
     wall = time.perf_counter() - t0
     events = prof.key_averages()
     total_self = sum(e.self_cpu_time_total for e in events) / 1e6
@@ -129,7 +124,7 @@ def profile_hooks(model: nn.Module, params: dict, batch: list, args: argparse.Na
             mm_self += e.self_cpu_time_total / 1e6
     top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:15]
     return {
-        "method": method, "micro_batch": list(ids.shape), "wall_s_profiled": wall,
+        "wall_s_profiled": wall,
         "self_cpu_s_total": total_self,
         "share_by_group": {g: v / total_self for g, v in sorted(groups.items())},
         "matmul_ops_gflops_per_s": mm_flops / mm_self / 1e9 if mm_self else None,
@@ -525,15 +520,19 @@ def _timed(fn) -> float:
 def _profile_main(args: argparse.Namespace, model: nn.Module, params: dict, rows: list,
                   pad_id: int, device: torch.device, model_desc: dict,
                   argv: list[str]) -> dict:
-    prof = profile_hooks(model, params, rows[: args.micro_batch], args, pad_id, device)
-    b, t = prof["micro_batch"]
-    # the same micro-batch without the profiler (its per-op recording slows small ops most)
+    method = args.methods.split(",")[0]
     ids, am, rm = collate(rows[: args.micro_batch], side=args.padding, pad_id=pad_id,
                           device=device)
-    method = args.methods.split(",")[0]
-    prof["wall_s_unprofiled"] = min(_timed(lambda: per_sample_grads(
-        model, ids, am, rm, params=params, objective=args.objective, method=method))
-        for _ in range(2))
+    b, t = ids.shape
+
+    def run() -> None:
+        per_sample_grads(model, ids, am, rm, params=params, objective=args.objective,
+                         method=method)
+
+    run()  # warm-up
+    prof = {"method": method, "micro_batch": [b, t], **profile_pass(run)}
+    # the same micro-batch without the profiler (its per-op recording slows small ops most)
+    prof["wall_s_unprofiled"] = min(_timed(run) for _ in range(2))
     prof["model_shape_matmuls"] = model_shape_matmuls(model, b * t, args.dtype)
     flops = scoring_flops(model, [[(b, t)]], flat_dim(params), args.proj_dim)
     peak = matmul_peak(args.dtype)
