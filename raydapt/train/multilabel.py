@@ -396,7 +396,9 @@ def multilabel_loop(config: dict[str, Any]) -> dict[str, Any] | None:
                 torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
                             "sched": sched.state_dict(), "epoch": epoch}, d / "state.pt")
                 checkpoint = ray.train.Checkpoint.from_directory(str(d))
-            ray.train.report({**metrics, "history": history}, checkpoint=checkpoint)
+            # the scratch copy goes once Ray Train has persisted it into the run's storage
+            ray.train.report({**metrics, "history": history}, checkpoint=checkpoint,
+                             delete_local_checkpoint_after_upload=checkpoint is not None)
     if in_process:
         return {"history": history, "state": model.state_dict()}
     return None

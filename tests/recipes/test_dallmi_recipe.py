@@ -82,6 +82,10 @@ def test_dallmi_end_to_end(tmp_path, data_dir, tiny_encoder, capsys):
     assert (obs <= pos).all() and ((pos > 0) <= (obs > 0)).all() and obs.sum() < pos.sum()
     assert res["methods"]["no_adapt"]["map"] == pytest.approx(res["source"]["target_test"]["map"])
     assert "gradients" not in res  # sanity: plain JSON
+    # disk: the source fit (2 workers, Ray Train) keeps only Ray Train's retained checkpoint,
+    # no scratch copy of any epoch's state
+    assert not list((out / "train").rglob("scratch/**/state.pt"))
+    assert len(list((out / "train").rglob("checkpoint_*/state.pt"))) == 1
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns.db'}")
     exp = client.get_experiment_by_name("t")

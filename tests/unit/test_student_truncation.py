@@ -52,7 +52,11 @@ def test_a_student_trains_and_evaluates_on_head_tail_windows(ray_local, tmp_path
     m = fit_student(name="tiny-ht", objective="supervised", eval_df=df, num_classes=2,
                     student="pkg:all-minilm-l6-v2", seed=0, storage=str(tmp_path),
                     train_ds=ray_local.data.from_pandas(df),
-                    train=StudentTrain(num_workers=1, batch_size=4, epochs=1, lr=1e-3,
+                    train=StudentTrain(num_workers=1, batch_size=4, epochs=2, lr=1e-3,
                                        weight_decay=0.0, warmup_ratio=0.0, max_length=16,
                                        text_truncation="head_tail"))
-    assert m["steps"] == 2 and np.asarray(m["confusion"]).sum() == 8
+    assert m["steps"] == 4 and np.asarray(m["confusion"]).sum() == 8
+    # disk: one state per epoch was written, only Ray Train's retained copy is left (a
+    # MiniLM student's state is 270 MB; every epoch's scratch copy used to stay behind)
+    states = sorted(p.relative_to(tmp_path).parts[1] for p in tmp_path.rglob("state.pt"))
+    assert len(states) == 1 and states[0].startswith("checkpoint_"), states
