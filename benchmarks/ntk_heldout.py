@@ -40,7 +40,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import describe  # noqa: E402
-from ntk_needles import REPO, RESULTS, _setting_overrides  # noqa: E402
+from ntk_needles import REPO, RESULTS, _setting_overrides, warmup_and_stage1  # noqa: E402
 
 from raydapt.config import load_job  # noqa: E402
 from raydapt.select.planted import build_needles_data  # noqa: E402
@@ -57,6 +57,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--mc", action="store_true",
                     help="also MC accuracy on the same items (doubles the evaluation cost)")
     ap.add_argument("--out", default=str(RESULTS / "ntk-heldout-cpu.json"))
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the variants of an existing --out file (same setting) and add "
+                         "or replace this run's")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
 
@@ -73,8 +76,6 @@ def main(argv: list[str] | None = None) -> dict:
         mc_prompts,
         nll_rows,
         read_data,
-        stage1_candidates,
-        stage1_embed,
     )
     from raydapt.select.selectors import SELECTORS, SelectionInputs
     from raydapt.stages.common import split_errors
@@ -110,13 +111,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     def stage1() -> None:  # warm-up + stage 1, only when a selector needs them (not random)
         if "cand" not in stages:
-            stages["warm"] = _fit(cfg, cache, tracker, stage="lora", label="warmup", rows=dom,
-                                  train=cfg.warmup, storage=out / "train")
-            emb, _ = split_errors(stage1_embed(
-                cfg, cache, tracker, adapter=stages["warm"],
-                rows=pd.concat([dom, pool], ignore_index=True)), "embed")
-            _, stages["cand"] = stage1_candidates(emb, dom, pool, inputs, k=s.k, m=m,
-                                                  seed=cfg.run.seed)
+            stages["warm"], stages["cand"] = warmup_and_stage1(
+                cfg, cache, tracker, dom=dom, pool=pool, inputs=inputs, out=out)
 
     by_id = pool.set_index("id")
     report = {"benchmark": "ntk-heldout", "command": "python benchmarks/ntk_heldout.py "
@@ -126,6 +122,16 @@ def main(argv: list[str] | None = None) -> dict:
                         "eval_items": len(test), "nll_items": len(nrows),
                         "nll_encode_rejects": len(nrej)},
               "variants": {}}
+    if args.merge and Path(args.out).exists():
+        prev = json.loads(Path(args.out).read_text())
+        same = ("eval_task", "sizes", "overrides")
+        if any(prev.get(k) != report[k] for k in same):
+            raise SystemExit(f"--merge: {args.out} was measured on another setting "
+                             f"({', '.join(k for k in same if prev.get(k) != report[k])} differ)")
+        report["variants"] = dict(prev["variants"])
+        report["earlier_runs"] = [*prev.get("earlier_runs", []), {
+            "command": prev["command"], "machine": prev["machine"],
+            "variants": list(prev["variants"])}]
     for v in args.variants.split(","):
         name, _, seed = v.partition(":")
         seed = int(seed) if seed else cfg.run.seed

@@ -67,20 +67,34 @@ def _setting_overrides(name: str, info: dict, work: Path, *, n: int = 100,
     return common
 
 
+def warmup_and_stage1(cfg, cache, tracker, *, dom: pd.DataFrame, pool: pd.DataFrame,
+                      inputs, out: Path, secs: dict[str, float] | None = None):
+    """The recipe's warm-up LoRA and stage 1 (embed D ∪ pool, votes, the M candidates) with its
+    own stage functions and cache; fills ``inputs`` (votes) and returns (warm-up adapter,
+    candidates). ``secs`` gets the two stages' seconds."""
+    from raydapt.recipes.ntk_select import _fit, stage1_candidates, stage1_embed
+    from raydapt.stages.common import split_errors
+
+    secs = {} if secs is None else secs
+    t0 = time.time()
+    warm = _fit(cfg, cache, tracker, stage="lora", label="warmup", rows=dom, train=cfg.warmup,
+                storage=out / "train")
+    secs["warmup"] = time.time() - t0
+    t0 = time.time()
+    emb, _ = split_errors(stage1_embed(cfg, cache, tracker, adapter=warm,
+                                       rows=pd.concat([dom, pool], ignore_index=True)), "embed")
+    m = int(np.ceil(cfg.select.m_factor * cfg.select.n))
+    _, cand = stage1_candidates(emb, dom, pool, inputs, k=cfg.select.k, m=m, seed=cfg.run.seed)
+    secs["stage1"] = time.time() - t0
+    return warm, cand
+
+
 def run_setting(name: str, cfg, planted_ids: set[str], random_seeds: list[int],
                 kinds: tuple[str, ...] = ("ntk", "less")) -> dict:
     """The recipe's stages up to the selections (no fine-tunes) and the planted-row metrics."""
     from raydapt.core.cache import StageCache
     from raydapt.core.tracking import Tracker
-    from raydapt.recipes.ntk_select import (
-        _fit,
-        _tokenizer,
-        candidate_scores,
-        encode_rows,
-        read_data,
-        stage1_candidates,
-        stage1_embed,
-    )
+    from raydapt.recipes.ntk_select import _tokenizer, candidate_scores, encode_rows, read_data
     from raydapt.select.selectors import SELECTORS, SelectionInputs
     from raydapt.stages.common import split_errors
 
@@ -96,18 +110,10 @@ def run_setting(name: str, cfg, planted_ids: set[str], random_seeds: list[int],
     dom, _ = encode_rows(data["domain"], tok, cfg)
     pool, rej = encode_rows(data["pool"], tok, cfg)
     s = cfg.select
-    n, m = s.n, int(np.ceil(s.m_factor * s.n))
-    t0 = time.time()
-    warm = _fit(cfg, cache, tracker, stage="lora", label="warmup", rows=dom, train=cfg.warmup,
-                storage=out / "train")
-    secs["warmup"] = time.time() - t0
-    t0 = time.time()
-    emb = stage1_embed(cfg, cache, tracker, adapter=warm,
-                       rows=pd.concat([dom, pool], ignore_index=True))
-    emb, _ = split_errors(emb, "embed")
+    n = s.n
     inputs = SelectionInputs(pool_ids=pool["id"].to_numpy())
-    vs, cand = stage1_candidates(emb, dom, pool, inputs, k=s.k, m=m, seed=cfg.run.seed)
-    secs["stage1"] = time.time() - t0
+    warm, cand = warmup_and_stage1(cfg, cache, tracker, dom=dom, pool=pool, inputs=inputs,
+                                   out=out, secs=secs)
     for kind in kinds:
         t0 = time.time()
         sc, _ = split_errors(candidate_scores(cfg, cache, tracker, adapter=warm, dom=dom,
@@ -218,6 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
         res["pool_groups"] = {k: len(v) for k, v in info["groups"].items()}
         res["planted_group"] = "medical" if name == "medical" else "gsm8k"
         res["overrides"] = ov
+        res["machine"] = report["machine"]  # per setting: --merge adds runs of other hours
         report["settings"][name] = res
         print(json.dumps({name: {k: res[k] for k in ("candidates_planted", "precision_over_random",
                                                         "votes_auc_within_candidates")}}),
