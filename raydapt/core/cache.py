@@ -25,6 +25,7 @@ STAGE_VERSIONS: dict[str, int] = {
     # SimDA (read / store / knn are not cached today; their versions only name them)
     "read": 1, "teacher": 3, "store": 1, "knn": 1, "prompted": 3,
     "template": 1,  # teacher.templates scored on labelled source rows (one entry per template)
+    "teacher-dev": 1,  # the teacher pass over data.dev rows (annotate.select_on_dev)
     # DALLMi
     "dallmi_source": 1,
     # NTK-Selector

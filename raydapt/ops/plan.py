@@ -380,6 +380,13 @@ def plan_simda(cfg, table: dict[str, Any], gpu: str) -> Plan:
                             params=params, backend="hf", pool=t.pool, table=table, gpu=gpu))
     if t.backend == "vllm":
         stages[-1].note = "keys need hidden states: this pass runs on the hf engine"
+    if a.select_on_dev and d.dev is not None:  # k / tau / lam chosen on a labelled third domain
+        n_dev = cap(count_rows(root / d.dev.path, d.dev.format), d.max_dev_rows)
+        if n_dev is None:
+            notes.append(f"dev file {root / d.dev.path} is not on this machine: its rows are "
+                         "unknown")
+        stages.append(llm_stage("teacher-dev", rows=n_dev, tokens_per_row=tok_plain,
+                                params=params, backend="hf", pool=t.pool, table=table, gpu=gpu))
     stages.append(StagePlan("knn", add(n_tr, n_te), resources={"actors": 1, "CPU/actor": 0.25},
                             note=f"FAISS {a.index} over {n_src} keys, k={a.k}"))
     n_b = None if n_te is None else (min(n_te, a.baseline_max_rows) if a.baseline_max_rows

@@ -174,6 +174,53 @@ def select_on_source(cfg: SimDAJob, ctx: JobContext, st: SimpleNamespace) -> Sim
         update={k: best[k] for k in ("k", "tau", "lam")})})
 
 
+def select_on_dev(cfg: SimDAJob, ctx: JobContext, st: SimpleNamespace) -> SimDAJob:
+    """k, tau, lam chosen on ``data.dev``, a labelled third domain taken as a target of the
+    source store: a teacher pass over the dev rows, their neighbours in the store, their p_LLM
+    calibrated on the dev rows (as the target's is on the target rows). Target labels are never
+    used. Returns the config with the choice set; logs the curve (docs/simda.md: why a source
+    choice over-weights kNN across a shift)."""
+    from raydapt.stages.annotate import select_on_source as choose
+    from raydapt.stages.teacher import store_neighbours
+
+    a, dev, t = cfg.annotate, st.dev, cfg.teacher
+    parts = {"teacher": t.model_dump(mode="json", exclude={"pool", "hf_token"}),
+             "weights": resolve_model(t.model).fingerprint, "data": {"dev": st.dev_fp},
+             "ids": config_hash(dev["id"].tolist())}
+    got = sharded_pass(
+        ctx.cache, ctx.tracker, "teacher-dev", parts, _by_length(dev[["id", "text"]]),
+        t.pool.shard_rows,
+        lambda shards: _run_teacher(pd.concat(shards), cfg, keep_hidden=True,
+                                    stage="teacher-dev"), _say, run_name="teacher-dev")
+    got, rej = split_errors(got, "teacher-dev")
+    st.rejects.append(rej)
+    got = got.set_index("id")
+    dev = dev[dev["id"].isin(got.index)]
+    keys = np.stack(got.loc[dev["id"], "hidden"].to_numpy()).astype(np.float32)
+    d, idx = store_neighbours(st.keys, keys, max(a.k_grid), kind=a.index)
+    p_llm = _p_llm(got.loc[dev["id"]])
+    p = calibrator(a.calibrate_llm, p_llm, a.calibrate_prior)(p_llm)
+    y_src = st.source["y"].to_numpy()
+    best, curve = choose(d, y_src[idx], p, dev["y"].to_numpy(), ks=a.k_grid, taus=a.tau_grid,
+                         lams=a.lam_grid, distance_norm=a.distance_norm)
+    out = ctx.out / "select-on-dev.json"
+    with ctx.tracker.child("select-on-dev") as run_log:
+        run_log.params({"chosen": best, "rows": len(dev), "dev": cfg.data.dev.path})
+        for r in curve:  # one series per (k, tau), stepped by lam in percent
+            run_log.metrics({f"dev_acc.k{r['k']}.tau{r['tau']}": r["accuracy"]},
+                            int(round(r["lam"] * 100)))
+        run_log.metrics({"best_dev_accuracy": best["accuracy"]})
+        out.write_text(json.dumps({"dev": cfg.data.dev.path, "rows": len(dev), "best": best,
+                                   "curve": curve}))
+        run_log.artifact(out)
+    lam0 = max(r["accuracy"] for r in curve if r["lam"] == 0)
+    _say(f"select on dev ({len(dev)} labelled {cfg.data.dev.path} rows as targets of the "
+         f"source store): k={best['k']} tau={best['tau']} lam={best['lam']} (dev accuracy "
+         f"{best['accuracy']:.4f}; lam=0: {lam0:.4f})")
+    return cfg.model_copy(update={"annotate": a.model_copy(
+        update={k: best[k] for k in ("k", "tau", "lam")})})
+
+
 def results_table(results: dict[str, float], students: dict[str, dict[str, Any]]) -> str:
     """method -> target-test accuracy, teacher read-outs first; students with rows and steps."""
     lines = []
@@ -211,6 +258,8 @@ def run(cfg: SimDAJob) -> dict[str, Any]:
         data_store(cfg, ctx, st)
         if cfg.annotate.select_on_source:
             cfg = select_on_source(cfg, ctx, st)
+        elif cfg.annotate.select_on_dev:
+            cfg = select_on_dev(cfg, ctx, st)
         knn_pass(cfg, ctx, st)
         prompted_passes(cfg, ctx, st)
         annotate(cfg, ctx, st)
@@ -262,9 +311,33 @@ def read(cfg: SimDAJob, ctx: JobContext, st: SimpleNamespace) -> None:
         if len(tgt_train) == 0 or len(tgt_test) == 0:
             raise DataError("the target train or test split is empty: check data.target, its "
                             "labels and data.target_test_fraction")
+    st.dev = None
+    if cfg.annotate.select_on_dev:  # a labelled third domain (config checks data.dev is set)
+        st.dev, st.dev_fp = read_dev(cfg, source=src_df, target=tgt_df, rejects=rejects)
+        ctx.parent.params({"data_fingerprint": {"dev": st.dev_fp}})
+        _say(f"read: {len(st.dev)} dev rows ({cfg.data.dev.path}) for annotate.select_on_dev")
     st.fps, st.source, st.tgt_train, st.tgt_test = fps, source, tgt_train, tgt_test
     st.src_df = src_df  # every usable source row (the source_only_all reference student)
     st.rejects, st.counts = rejects, counts
+
+
+def read_dev(cfg: SimDAJob, *, source: pd.DataFrame, target: pd.DataFrame,
+             rejects: list[pd.DataFrame]) -> tuple[pd.DataFrame, str]:
+    """The labelled dev rows of ``data.dev`` (every row needs a label; a seeded subsample of
+    ``data.max_dev_rows``), disjoint in id from source and target; returns (rows,
+    fingerprint) and appends the dev file's rejects to ``rejects``."""
+    d = cfg.data.dev
+    path = Path(cfg.data.root) / d.path
+    ds, rej = read_rows(path, fmt=d.format, fields=Fields(d.id_field, d.text_field,
+                                                          d.label_field), labels=cfg.data.labels)
+    dev, dup = drop_duplicate_ids(ds.to_pandas(), file=str(path))
+    check_disjoint_ids(dev, source, what="data.dev and the source")
+    check_disjoint_ids(dev, target, what="data.dev and the target")
+    dev, _ = split_and_subsample(dev, seed=cfg.run.seed, max_rows=cfg.data.max_dev_rows)
+    if len(dev) == 0:
+        raise DataError(f"data.dev ({path}) has no usable labelled rows")
+    rejects.extend([rej.to_pandas(), dup])
+    return dev.reset_index(drop=True), fingerprint(path)
 
 
 def teacher_pass(cfg: SimDAJob, ctx: JobContext, st: SimpleNamespace) -> None:
@@ -353,8 +426,10 @@ def prompted_passes(cfg: SimDAJob, ctx: JobContext, st: SimpleNamespace) -> None
     prompted = pd.DataFrame(columns=["id", "llm_logp"])
     if jobs:
         rows = _by_length(pd.concat(jobs, ignore_index=True))
-        parts = {**parts, "annotate": cfg.annotate.model_dump(mode="json"),
-                 "jobs": config_hash({"ids": rows["id"].tolist(),
+        # the key is what the prompts are made of: the teacher (parts), each row and its
+        # demonstrations; not lam / k / tau or their grids, which change no prompt (a run that
+        # chooses them on source or dev rows reuses the passes)
+        parts = {**parts, "jobs": config_hash({"ids": rows["id"].tolist(),
                                       "demos": [list(x) for x in rows["demo_ids"]]})}
         prompted = sharded_pass(
             ctx.cache, ctx.tracker, "prompted", parts, rows, cfg.teacher.pool.shard_rows,
@@ -518,6 +593,9 @@ def report(cfg: SimDAJob, ctx: JobContext, st: SimpleNamespace) -> dict[str, Any
         "counts": counts,
         "rejects": len(rej_df), "icl_test_rows": len(test_b), "seconds": ctx.seconds(),
         "teacher": cfg.teacher.model, "student": dcfg.student, "k": a.k, "lam": a.lam,
+        "tau": a.tau, "k_tau_lam_chosen_on": ("source" if a.select_on_source else
+                                             f"dev:{cfg.data.dev.path}" if a.select_on_dev
+                                             else "config"),
         "student_seed": st.student_seed,
     }
     ctx.write_results(summary)

@@ -47,6 +47,11 @@ class SimDAData(Section):
     max_source_rows: int | None = Field(None, ge=1, description="Seeded subsample of the source.")
     max_target_train_rows: int | None = Field(None, ge=1)
     max_target_test_rows: int | None = Field(None, ge=1)
+    dev: DomainData | None = Field(
+        None, description="A labelled file of a THIRD domain (neither source nor target), for "
+        "annotate.select_on_dev: its rows are taken as targets of the source store to choose "
+        "k, tau and lam across a domain shift (e.g. dvd.jsonl for books -> kitchen).")
+    max_dev_rows: int | None = Field(None, ge=1, description="Seeded subsample of data.dev.")
 
     @model_validator(mode="after")
     def _distinct_labels(self) -> SimDAData:
@@ -149,6 +154,12 @@ class AnnotateSection(Section):
         False, description="Choose k, tau and lam on the labelled source rows (leave-one-out "
         "kNN over the source store + the source rows' calibrated p_LLM; target labels never "
         "used) instead of the configured values; the curve is logged to MLflow.")
+    select_on_dev: bool = Field(
+        False, description="Choose k, tau and lam on data.dev, a labelled third domain taken "
+        "as a target of the source store (its rows' neighbours in the store + their p_LLM, "
+        "calibrated on the dev rows as the target's is on the target rows; target labels never "
+        "used): a source choice sees same-domain neighbours and over-weights kNN across a "
+        "shift. Costs a teacher pass over the dev rows; the curve is logged to MLflow.")
     k_grid: list[int] = Field(default_factory=lambda: [4, 8, 16, 32, 64])
     tau_grid: list[float] = Field(default_factory=lambda: [0.1, 0.3, 1.0, 3.0])
     lam_grid: list[float] = Field(default_factory=lambda: [i / 10 for i in range(11)])
@@ -214,6 +225,12 @@ class SimDAJob(JobBase):
                 f"missing {missing}, not a label {extra}"
             )
         a, C = self.annotate, len(self.data.labels)
+        if a.select_on_dev and a.select_on_source:
+            raise ValueError("annotate.select_on_source and annotate.select_on_dev are both "
+                             "true: choose one")
+        if a.select_on_dev and self.data.dev is None:
+            raise ValueError("annotate.select_on_dev needs data.dev: a labelled file of a third "
+                             "domain (e.g. data.dev.path=dvd.jsonl)")
         if a.calibrate_llm == "median" and C != 2:
             raise ValueError(f"annotate.calibrate_llm=median needs 2 labels, got {C}: use prior")
         if a.calibrate_prior is not None and (len(a.calibrate_prior) != C or min(
@@ -227,4 +244,6 @@ class SimDAJob(JobBase):
         return ([ModelInput("teacher.model", t.model, t.revision, t.hf_token),
                  ModelInput("distill.student", self.distill.student)],
                 [DataInput("data.source.path", root / d.source.path, d.source.format),
-                 DataInput("data.target.path", root / d.target.path, d.target.format)])
+                 DataInput("data.target.path", root / d.target.path, d.target.format),
+                 *([DataInput("data.dev.path", root / d.dev.path, d.dev.format)]
+                   if d.dev is not None and self.annotate.select_on_dev else [])])

@@ -149,6 +149,15 @@ def save_store(path: Path, index, ids: list[str], labels: np.ndarray) -> None:
         path / "values.parquet")
 
 
+def store_neighbours(keys: np.ndarray, queries: np.ndarray, k: int, *, kind: str = "flat"
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Search a store of ``keys`` [N, H] for ``queries`` [M, H] (rows of another domain) as
+    :class:`KnnSearch` does: distances [M, k] (float32, as the store reports them, squared L2)
+    and row indices [M, k], nearest first."""
+    index = build_index(keys, kind=kind)
+    return index.search(np.ascontiguousarray(queries, dtype=np.float32), min(k, len(keys)))
+
+
 def loo_neighbours(keys: np.ndarray, k: int, *, kind: str = "flat"
                    ) -> tuple[np.ndarray, np.ndarray]:
     """Leave-one-out search of a store with its own keys [N, H]: each row's k nearest OTHER rows.

@@ -21,7 +21,7 @@ def _files_containing(root, needle: str) -> list[str]:
     return [str(f) for f in root.rglob("*") if f.is_file() and needle.encode() in f.read_bytes()]
 
 
-def test_simda_end_to_end(tmp_path, capsys, monkeypatch, tiny_simda_job):
+def test_simda_end_to_end(tmp_path, capsys, monkeypatch, tiny_simda_job, data_dir):
     # a planted secret, as a user would have it: in the environment and referenced by the config
     monkeypatch.setenv("HF_TOKEN", SECRET)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET + "_aws")
@@ -116,8 +116,25 @@ def test_simda_end_to_end(tmp_path, capsys, monkeypatch, tiny_simda_job):
         assert not _files_containing(root, SECRET), root
     assert SECRET not in logged.out + logged.err
 
-    # a second run with unchanged inputs reuses the teacher and prompted stages
+    # a second run with unchanged inputs reuses the teacher and prompted stages; it chooses
+    # k / tau / lam on a labelled third domain (16 dvd rows + one without a label: a reject)
+    dev = [json.loads(r) for r in (data_dir / "amazon/dvd.jsonl").read_text().splitlines()[:16]]
+    (tmp_path / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in dev + [
+        {"id": "dev-nolabel", "text": "fine"}]))
     capsys.readouterr()
-    assert main(["run", str(job), "distill.variants=[kl]"]) == 0
+    assert main(["run", str(job), "distill.variants=[kl]", "annotate.select_on_dev=true",
+                 "data.dev.path=dev.jsonl", "annotate.k_grid=[2, 4]"]) == 0
     log = capsys.readouterr().out
     assert "teacher: cached" in log and "prompted: cached" in log
+    assert "select on dev (16 labelled dev.jsonl rows" in log
+    chosen = json.loads((out / "select-on-dev.json").read_text())
+    assert chosen["rows"] == 16 and len(chosen["curve"]) == 2 * 4 * 11  # k x tau x lam grid
+    res2 = json.loads((out / "results.json").read_text())
+    assert res2["k_tau_lam_chosen_on"] == "dev:dev.jsonl"
+    assert (res2["k"], res2["tau"], res2["lam"]) == tuple(chosen["best"][x] for x in (
+        "k", "tau", "lam"))
+    assert "dev-nolabel" in set(pd.read_parquet(out / "rejects.parquet")["id"])
+    runs2 = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"])
+    sel = [r for r in runs2 if r.data.tags.get("mlflow.runName") == "select-on-dev"]
+    assert len(sel) == 1 and sel[0].data.metrics["best_dev_accuracy"] == pytest.approx(
+        chosen["best"]["accuracy"])

@@ -143,3 +143,17 @@ def test_store_bad_row_becomes_a_reject(tmp_path):
     out = stage(batch)
     assert list(out["id"]) == ["ok", "bad"]
     assert out.loc[0, "_error"] == "" and "knn" in out.loc[1, "_error"]
+
+
+def test_store_neighbours_of_another_domain_match_brute_force():
+    from raydapt.stages.teacher import store_neighbours
+
+    rng = np.random.default_rng(0)
+    keys, queries = rng.normal(size=(50, 8)), rng.normal(size=(7, 8)) + 0.5
+    d, idx = store_neighbours(keys, queries, 5)
+    sq = ((queries[:, None, :] - keys[None, :, :]) ** 2).sum(-1)  # squared L2, as FAISS
+    want = np.argsort(sq, axis=1)[:, :5]
+    np.testing.assert_array_equal(idx, want)
+    np.testing.assert_allclose(d, np.take_along_axis(sq, want, 1), rtol=1e-4)
+    assert store_neighbours(keys[:3], queries, 5)[1].shape == (7, 3)  # k capped at the store
+

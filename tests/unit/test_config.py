@@ -47,6 +47,23 @@ def test_wrong_type_and_literal_name_allowed_values():
         load_job(REPO / "jobs/simda/amazon-books-to-kitchen.cpu.yaml", ["data.labels=[a, b]"])
 
 
+def test_select_on_dev_needs_a_dev_file_and_excludes_select_on_source():
+    job = REPO / "jobs/simda/amazon-books-to-kitchen.cpu.yaml"
+    with pytest.raises(ConfigError, match=r"select_on_dev needs data\.dev"):
+        load_job(job, ["annotate.select_on_source=false", "annotate.select_on_dev=true"])
+    with pytest.raises(ConfigError, match="both true: choose one"):
+        load_job(job, ["annotate.select_on_source=true", "annotate.select_on_dev=true",
+                       "data.dev.path=dvd.jsonl"])
+    cfg = load_job(job, ["annotate.select_on_source=false", "annotate.select_on_dev=true",
+                         "data.dev.path=dvd.jsonl", "data.max_dev_rows=300"])
+    assert cfg.data.dev.path == "dvd.jsonl" and cfg.data.max_dev_rows == 300
+    # the dev file is checked before the first stage, like source and target
+    _, data = cfg.inputs()
+    assert [d.key for d in data][-1] == "data.dev.path"
+    off = load_job(job, ["data.dev.path=dvd.jsonl"])  # named but not used: not an input
+    assert "data.dev.path" not in [d.key for d in off.inputs()[1]]
+
+
 def test_bad_override_forms():
     with pytest.raises(ConfigError, match="key.path=value"):
         apply_overrides({}, ["novalue"])

@@ -67,6 +67,18 @@ def test_plan_rows_tokens_hours_resources(tmp_path):
     assert params["plan.teacher.rows"] == "60" and params["plan.gpu"] == "a100"
 
 
+def test_plan_counts_the_dev_pass_of_select_on_dev(tmp_path):
+    cfg = _job(tmp_path)
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(
+        {"id": f"d{i}", "text": "a dev review", "label": "positive"}) + "\n" for i in range(25)))
+    assert "teacher-dev" not in {s.name for s in make_plan(cfg, gpu="a100").stages}
+    dev = _job(tmp_path, annotate={"select_on_dev": True},
+               data={**cfg.data.model_dump(), "dev": {"path": "d.jsonl"}, "max_dev_rows": 20})
+    st = {s.name: s for s in make_plan(dev, gpu="a100").stages}
+    assert st["teacher-dev"].rows == 20 and st["teacher"].rows == 60  # capped; main pass as is
+    assert st["teacher-dev"].llm_tokens > 0
+
+
 def test_plan_cpu_job_missing_file_and_errors(tmp_path, capsys):
     cfg = _job(tmp_path, teacher={"pool": {"num_cpus": 1}}, distill={"variants": ["kl"]})
     (tmp_path / "t.jsonl").unlink()

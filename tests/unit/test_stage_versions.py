@@ -18,10 +18,12 @@ RECIPES = Path(__file__).resolve().parents[2] / "raydapt" / "recipes"
 def test_every_cached_stage_has_a_version():
     src = "\n".join(p.read_text() for p in RECIPES.glob("*.py"))
     literal = set(re.findall(r'cache\.get\("([^"]+)"', src))
+    # sharded passes: sharded_pass(cache, tracker, "<stage>", ...)
+    sharded = set(re.findall(r'sharded_pass\(\s*[\w.]+,\s*[\w.]+,\s*"([^"]+)"', src))
+    assert {"teacher", "prompted", "template", "teacher-dev"} <= sharded
     kinds = {f"scores-{k}" for k in ("ntk", "less")}  # cache.get(f"scores-{kind}", ...)
     fits = {"lora"}  # ntk_select._fit(stage="lora")
-    simda = {"teacher", "prompted"}  # simda's cached passes
-    assert literal and literal | kinds | fits | simda <= set(STAGE_VERSIONS)
+    assert literal and literal | kinds | fits | sharded <= set(STAGE_VERSIONS)
 
 
 def test_keys_unchanged_for_stages_that_had_no_version():
