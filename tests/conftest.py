@@ -18,18 +18,17 @@ DATA = Path(os.environ.get("RAYDAPT_DATA", REPO.parent / "shared" / "data"))
 
 
 def pytest_collection_modifyitems(config, items):
-    """``ray`` on every test that uses the ``ray_local`` fixture, and those tests last; ``gpu``
-    tests skip without CUDA."""
+    """``ray`` on every test that uses the ``ray_local`` fixture; ``gpu`` tests skip without
+    CUDA."""
     import torch
 
     for item in items:
         if "ray_local" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.ray)
-    # the tests that do not use the session's Ray instance run first (a stable sort keeps the
-    # file order within each group): that instance (raylet, GCS, agents: ~10 % of a 2-core
-    # machine when idle) then lives only while tests use it, and never beside the private Ray
-    # that a subprocess test (resume / faults, submit, telemetry) starts
-    items.sort(key=lambda it: "ray_local" in getattr(it, "fixturenames", ()))
+    # File order, not "Ray tests last": Ray reads its auth mode once per process. With the
+    # session's local instance started after the submit tests' in-process job client, the
+    # driver had no token while the new GCS required one, and every later Ray test errored
+    # ("Failed to start GCS"; docs/testing.md).
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
