@@ -196,6 +196,9 @@ def select_on_dev(cfg: SimDAJob, ctx: JobContext, st: SimpleNamespace) -> SimDAJ
     st.rejects.append(rej)
     got = got.set_index("id")
     dev = dev[dev["id"].isin(got.index)]
+    if len(dev) == 0:
+        raise DataError(f"the teacher rejected every data.dev row ({cfg.data.dev.path}): "
+                        "check its texts")
     keys = np.stack(got.loc[dev["id"], "hidden"].to_numpy()).astype(np.float32)
     d, idx = store_neighbours(st.keys, keys, max(a.k_grid), kind=a.index)
     p_llm = _p_llm(got.loc[dev["id"]])
