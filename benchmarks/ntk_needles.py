@@ -109,8 +109,7 @@ def run_setting(name: str, cfg, planted_ids: set[str], random_seeds: list[int],
     tok = _tokenizer(cfg.model)
     dom, _ = encode_rows(data["domain"], tok, cfg)
     pool, rej = encode_rows(data["pool"], tok, cfg)
-    s = cfg.select
-    n = s.n
+    n = cfg.select.n
     inputs = SelectionInputs(pool_ids=pool["id"].to_numpy())
     warm, cand = warmup_and_stage1(cfg, cache, tracker, dom=dom, pool=pool, inputs=inputs,
                                    out=out, secs=secs)

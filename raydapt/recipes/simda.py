@@ -102,6 +102,13 @@ def _frame_hash(df: pd.DataFrame) -> str:
     return h.hexdigest()
 
 
+def _teacher_key(t) -> dict[str, Any]:
+    """What a teacher pass's cache key holds of the teacher: its settings (no pool or secret)
+    and the fingerprint of its weights."""
+    return {"teacher": t.model_dump(mode="json", exclude={"pool", "hf_token"}),
+            "weights": resolve_model(t.model).fingerprint}
+
+
 def matched_steps(rows: int, batch_size: int, workers: int, epochs: int) -> int:
     """Optimiser steps of ``epochs`` passes over ``rows`` (per worker batch_size // workers,
     equal slices, last partial batch dropped), as :func:`raydapt.train.student.student_loop`
@@ -119,8 +126,7 @@ def select_template(cfg: SimDAJob, ctx: JobContext, st: SimpleNamespace) -> SimD
     accs = []
     for i, tpl in enumerate(t.templates):
         c = cfg.model_copy(update={"teacher": t.model_copy(update={"template": tpl})})
-        parts = {"teacher": c.teacher.model_dump(mode="json", exclude={"pool", "hf_token"}),
-                 "weights": resolve_model(t.model).fingerprint, "data": st.fps,
+        parts = {**_teacher_key(c.teacher), "data": st.fps,
                  "ids": config_hash(rows["id"].tolist())}
         got = sharded_pass(
             ctx.cache, ctx.tracker, "template", parts, _by_length(rows[["id", "text"]]),
@@ -144,34 +150,51 @@ def select_template(cfg: SimDAJob, ctx: JobContext, st: SimpleNamespace) -> SimD
     return cfg.model_copy(update={"teacher": t.model_copy(update={"template": t.templates[best]})})
 
 
+def _choose_k_tau_lam(cfg: SimDAJob, ctx: JobContext, on: str, nbr_dist: np.ndarray,
+                      nbr_labels: np.ndarray, p_llm: np.ndarray, y: np.ndarray, *,
+                      params: dict[str, Any], in_json: dict[str, Any] | None = None
+                      ) -> tuple[SimDAJob, dict[str, float], list[dict[str, float]]]:
+    """Score the k / tau / lam grid on labelled rows (their neighbours in the source store,
+    their p_LLM calibrated on themselves as the target's is on the target rows, their gold
+    labels ``y``); log the curve to the MLflow child run ``select-on-<on>`` and to
+    ``select-on-<on>.json`` (``in_json`` first). Returns the config with the best set, the best
+    and the curve."""
+    from raydapt.stages.annotate import select_on_source as choose
+
+    a = cfg.annotate
+    p = calibrator(a.calibrate_llm, p_llm, a.calibrate_prior)(p_llm)
+    best, curve = choose(nbr_dist, nbr_labels, p, y, ks=a.k_grid, taus=a.tau_grid,
+                         lams=a.lam_grid, distance_norm=a.distance_norm)
+    out = ctx.out / f"select-on-{on}.json"
+    with ctx.tracker.child(f"select-on-{on}") as run_log:
+        run_log.params({"chosen": best, **params})
+        for r in curve:  # one series per (k, tau), stepped by lam in percent
+            run_log.metrics({f"{on}_acc.k{r['k']}.tau{r['tau']}": r["accuracy"]},
+                            int(round(r["lam"] * 100)))
+        run_log.metrics({f"best_{on}_accuracy": best["accuracy"]})
+        out.write_text(json.dumps({**(in_json or {}), "best": best, "curve": curve}))
+        run_log.artifact(out)
+    return cfg.model_copy(update={"annotate": a.model_copy(
+        update={k: best[k] for k in ("k", "tau", "lam")})}), best, curve
+
+
 def select_on_source(cfg: SimDAJob, ctx: JobContext, st: SimpleNamespace) -> SimDAJob:
     """k, tau, lam chosen on the labelled source rows: leave-one-out neighbours in the source
     store, the source rows' p_LLM calibrated on the source rows (as the target's is on the
     target rows). Returns the config with them set; logs the curve."""
-    from raydapt.stages.annotate import select_on_source as choose
     from raydapt.stages.teacher import loo_neighbours
 
-    a, source, out = cfg.annotate, st.source, ctx.out
-    p_llm_src = _p_llm(st.by_id.loc[source["id"]])
+    a, source = cfg.annotate, st.source
     d, idx = loo_neighbours(st.keys, max(a.k_grid), kind=a.index)
     y = source["y"].to_numpy()
-    p = calibrator(a.calibrate_llm, p_llm_src, a.calibrate_prior)(p_llm_src)
-    best, curve = choose(d, y[idx], p, y, ks=a.k_grid, taus=a.tau_grid,
-                         lams=a.lam_grid, distance_norm=a.distance_norm)
-    with ctx.tracker.child("select-on-source") as run_log:
-        run_log.params({"chosen": best, "rows": len(source)})
-        for r in curve:  # one series per (k, tau), stepped by lam in percent
-            run_log.metrics({f"source_acc.k{r['k']}.tau{r['tau']}": r["accuracy"]},
-                            int(round(r["lam"] * 100)))
-        run_log.metrics({"best_source_accuracy": best["accuracy"]})
-        (out / "select-on-source.json").write_text(json.dumps({"best": best, "curve": curve}))
-        run_log.artifact(out / "select-on-source.json")
+    cfg, best, curve = _choose_k_tau_lam(cfg, ctx, "source", d, y[idx],
+                                         _p_llm(st.by_id.loc[source["id"]]), y,
+                                         params={"rows": len(source)})
     _say(f"select on source ({len(source)} labelled rows, leave-one-out): k={best['k']} "
          f"tau={best['tau']} lam={best['lam']} (source accuracy {best['accuracy']:.4f}; "
          f"lam=0: {max(r['accuracy'] for r in curve if r['lam'] == 0):.4f}, lam=1 best: "
          f"{max(r['accuracy'] for r in curve if r['lam'] == 1):.4f})")
-    return cfg.model_copy(update={"annotate": a.model_copy(
-        update={k: best[k] for k in ("k", "tau", "lam")})})
+    return cfg
 
 
 def select_on_dev(cfg: SimDAJob, ctx: JobContext, st: SimpleNamespace) -> SimDAJob:
@@ -180,12 +203,10 @@ def select_on_dev(cfg: SimDAJob, ctx: JobContext, st: SimpleNamespace) -> SimDAJ
     calibrated on the dev rows (as the target's is on the target rows). Target labels are never
     used. Returns the config with the choice set; logs the curve (docs/simda.md: why a source
     choice over-weights kNN across a shift)."""
-    from raydapt.stages.annotate import select_on_source as choose
     from raydapt.stages.teacher import store_neighbours
 
     a, dev, t = cfg.annotate, st.dev, cfg.teacher
-    parts = {"teacher": t.model_dump(mode="json", exclude={"pool", "hf_token"}),
-             "weights": resolve_model(t.model).fingerprint, "data": {"dev": st.dev_fp},
+    parts = {**_teacher_key(t), "data": {"dev": st.dev_fp},
              "ids": config_hash(dev["id"].tolist())}
     got = sharded_pass(
         ctx.cache, ctx.tracker, "teacher-dev", parts, _by_length(dev[["id", "text"]]),
@@ -201,27 +222,15 @@ def select_on_dev(cfg: SimDAJob, ctx: JobContext, st: SimpleNamespace) -> SimDAJ
                         "check its texts")
     keys = np.stack(got.loc[dev["id"], "hidden"].to_numpy()).astype(np.float32)
     d, idx = store_neighbours(st.keys, keys, max(a.k_grid), kind=a.index)
-    p_llm = _p_llm(got.loc[dev["id"]])
-    p = calibrator(a.calibrate_llm, p_llm, a.calibrate_prior)(p_llm)
-    y_src = st.source["y"].to_numpy()
-    best, curve = choose(d, y_src[idx], p, dev["y"].to_numpy(), ks=a.k_grid, taus=a.tau_grid,
-                         lams=a.lam_grid, distance_norm=a.distance_norm)
-    out = ctx.out / "select-on-dev.json"
-    with ctx.tracker.child("select-on-dev") as run_log:
-        run_log.params({"chosen": best, "rows": len(dev), "dev": cfg.data.dev.path})
-        for r in curve:  # one series per (k, tau), stepped by lam in percent
-            run_log.metrics({f"dev_acc.k{r['k']}.tau{r['tau']}": r["accuracy"]},
-                            int(round(r["lam"] * 100)))
-        run_log.metrics({"best_dev_accuracy": best["accuracy"]})
-        out.write_text(json.dumps({"dev": cfg.data.dev.path, "rows": len(dev), "best": best,
-                                   "curve": curve}))
-        run_log.artifact(out)
+    info = {"dev": cfg.data.dev.path, "rows": len(dev)}
+    cfg, best, curve = _choose_k_tau_lam(cfg, ctx, "dev", d, st.source["y"].to_numpy()[idx],
+                                         _p_llm(got.loc[dev["id"]]), dev["y"].to_numpy(),
+                                         params=info, in_json=info)
     lam0 = max(r["accuracy"] for r in curve if r["lam"] == 0)
     _say(f"select on dev ({len(dev)} labelled {cfg.data.dev.path} rows as targets of the "
          f"source store): k={best['k']} tau={best['tau']} lam={best['lam']} (dev accuracy "
          f"{best['accuracy']:.4f}; lam=0: {lam0:.4f})")
-    return cfg.model_copy(update={"annotate": a.model_copy(
-        update={k: best[k] for k in ("k", "tau", "lam")})})
+    return cfg
 
 
 def results_table(results: dict[str, float], students: dict[str, dict[str, Any]]) -> str:
@@ -347,8 +356,7 @@ def teacher_pass(cfg: SimDAJob, ctx: JobContext, st: SimpleNamespace) -> None:
     """2. teacher pass: keys + p_LLM for source / target-train / target-test."""
     fps, source, tgt_train, tgt_test = st.fps, st.source, st.tgt_train, st.tgt_test
     rejects = st.rejects
-    parts = {"teacher": cfg.teacher.model_dump(mode="json", exclude={"pool", "hf_token"}),
-             "weights": resolve_model(cfg.teacher.model).fingerprint,
+    parts = {**_teacher_key(cfg.teacher),
              "data": fps, "ids": config_hash({"s": source["id"].tolist(),
                                               "tr": tgt_train["id"].tolist(),
                                               "te": tgt_test["id"].tolist()})}
