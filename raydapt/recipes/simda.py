@@ -289,13 +289,10 @@ def read(cfg: SimDAJob, ctx: JobContext, st: SimpleNamespace) -> None:
     ctx.parent.params({"data_fingerprint": fps})
     ctx.parent.datasets(fps, sources={"source": str(src_path), "target": str(tgt_path)})
     with ctx.tracker.child("read") as run_log:
-        def fields(d) -> Fields:
-            return Fields(d.id_field, d.text_field, d.label_field)
-
         src_ds, src_rej = read_rows(src_path, fmt=cfg.data.source.format,
-                                    fields=fields(cfg.data.source), labels=labels)
+                                    fields=_fields(cfg.data.source), labels=labels)
         tgt_ds, tgt_rej = read_rows(tgt_path, fmt=cfg.data.target.format,
-                                    fields=fields(cfg.data.target), labels=labels,
+                                    fields=_fields(cfg.data.target), labels=labels,
                                     require_label=False)
         src_df, src_dup = drop_duplicate_ids(src_ds.to_pandas(), file=str(src_path))
         tgt_df, tgt_dup = drop_duplicate_ids(tgt_ds.to_pandas(), file=str(tgt_path))
@@ -333,6 +330,11 @@ def read(cfg: SimDAJob, ctx: JobContext, st: SimpleNamespace) -> None:
     st.rejects, st.counts = rejects, counts
 
 
+def _fields(d) -> Fields:
+    """The id / text / label columns a domain's config names."""
+    return Fields(d.id_field, d.text_field, d.label_field)
+
+
 def read_dev(cfg: SimDAJob, *, source: pd.DataFrame, target: pd.DataFrame,
              rejects: list[pd.DataFrame]) -> tuple[pd.DataFrame, str]:
     """The labelled dev rows of ``data.dev`` (every row needs a label; a seeded subsample of
@@ -340,8 +342,7 @@ def read_dev(cfg: SimDAJob, *, source: pd.DataFrame, target: pd.DataFrame,
     fingerprint) and appends the dev file's rejects to ``rejects``."""
     d = cfg.data.dev
     path = Path(cfg.data.root) / d.path
-    ds, rej = read_rows(path, fmt=d.format, fields=Fields(d.id_field, d.text_field,
-                                                          d.label_field), labels=cfg.data.labels)
+    ds, rej = read_rows(path, fmt=d.format, fields=_fields(d), labels=cfg.data.labels)
     dev, dup = drop_duplicate_ids(ds.to_pandas(), file=str(path))
     check_disjoint_ids(dev, source, what="data.dev and the source")
     check_disjoint_ids(dev, target, what="data.dev and the target")
