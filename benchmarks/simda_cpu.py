@@ -14,6 +14,14 @@ other seeds (distill.seed; same split and cached teacher outputs, so a rerun cos
 fits). Pairs run in the order given and the file is rewritten after each, so an
 interrupted benchmark keeps the pairs it finished. The headline is kl_sim - source_only, mean ±
 std over the seeds, per pair and over the pairs.
+
+    python benchmarks/simda_cpu.py --ceiling [--collect]
+
+adds ``student_ceiling`` to an existing --out file, for the pairs where the SimDA student stays
+under its pseudo-labels (kitchen -> books, dvd -> electronics): the target-oracle student (gold
+labels of the same 300 target rows, the same 54 steps) over the seeds -- what any labelling of
+those rows can give this student -- and seed 0 of source-only / KL + sim / oracle with a
+256-token student window (distill.max_length=256) instead of 128. ~25 min on 2 cores.
 """
 
 from __future__ import annotations
@@ -34,6 +42,8 @@ from raydapt.config import load_job  # noqa: E402
 
 PAIRS = ["books:kitchen", "dvd:electronics", "kitchen:books", "electronics:dvd"]
 SEEDED = ["source_only", "kl_sim"]
+CEILING_PAIRS = ["kitchen:books", "dvd:electronics"]
+LIGHT = "annotate.baselines=[zero_shot,knn]"
 
 
 def _ms(xs: list[float]) -> dict:
@@ -63,8 +73,12 @@ def run(argv: list[str] | None = None) -> dict:
                     "main one, with its overrides)")
     ap.add_argument("--collect", action="store_true",
                     help="do not run: collect the runs' existing results.json files")
+    ap.add_argument("--ceiling", action="store_true",
+                    help="add the student_ceiling section to --out (oracle seeds, 256 window)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
+    if args.ceiling:
+        return ceiling(args)
     pairs: dict[str, dict] = {}
     report: dict = {"benchmark": "simda-cpu", "job": args.job, "overrides": args.overrides,
                     "seeds": args.seeds, "machine": describe(), "pairs": pairs}
@@ -100,6 +114,47 @@ def run(argv: list[str] | None = None) -> dict:
         print(json.dumps({pair: {"accuracy": res["accuracy"],
                                  "seeds": entry["student_seeds"]}}, indent=1), flush=True)
     print(f"wrote {args.out}")
+    return report
+
+
+def ceiling(args) -> dict:
+    """``student_ceiling`` of --out: per pair, the oracle student over --seeds (seed 0 from the
+    pair's own run) against the pair's pseudo-labels and seeded students, and seed 0 of three
+    students with a 256-token window."""
+    report = json.loads(Path(args.out).read_text())
+    out: dict = {"command": "python benchmarks/simda_cpu.py --ceiling", "machine": describe(),
+                 "pairs": {}}
+    for pair in CEILING_PAIRS:
+        src, tgt = pair.split(":")
+        name, entry = f"{src}-to-{tgt}", report["pairs"][f"{src}->{tgt}"]
+        base = [f"data.source.path={src}.jsonl", f"data.target.path={tgt}.jsonl", LIGHT,
+                *args.overrides]
+        oracle = [entry["accuracy"]["student:oracle"]]
+        for s in args.seeds[1:]:
+            r = _run(args.job, [*base, f"run.name={name}-oracle-s{s}", f"distill.seed={s}",
+                                "distill.variants=[oracle]"], args.collect)
+            oracle.append(r["accuracy"]["student:oracle"])
+        w = _run(args.job, [*base, f"run.name={name}-w256", "distill.max_length=256",
+                            "distill.variants=[source_only,kl_sim,oracle]"], args.collect)
+        seeds = entry["student_seeds"]
+        out["pairs"][f"{src}->{tgt}"] = {
+            "pseudo_label_accuracy": entry["pseudo_label_accuracy"],
+            "oracle_seeds": _ms(oracle),
+            "oracle_minus_source_only": _ms(
+                [a - b for a, b in zip(oracle, seeds["source_only"]["values"])]),
+            "oracle_minus_kl_sim": _ms([a - b for a, b in zip(oracle, seeds["kl_sim"]["values"])]),
+            "window_128_seed0": {v: entry["accuracy"][f"student:{v}"]
+                                 for v in ("source_only", "kl_sim", "oracle")},
+            "window_256_seed0": {v: w["accuracy"][f"student:{v}"]
+                                 for v in ("source_only", "kl_sim", "oracle")},
+            "commands": [f"raydapt run {args.job} {' '.join(base)} run.name={name}-oracle-sS "
+                         "distill.seed=S 'distill.variants=[oracle]' (S = "
+                         f"{', '.join(map(str, args.seeds[1:]))})",
+                         f"raydapt run {args.job} {' '.join(base)} run.name={name}-w256 "
+                         "distill.max_length=256 'distill.variants=[source_only,kl_sim,oracle]'"]}
+        report["student_ceiling"] = out
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(out["pairs"], indent=1))
     return report
 
 
