@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -147,10 +148,10 @@ def ceiling(args) -> dict:
                                  for v in ("source_only", "kl_sim", "oracle")},
             "window_256_seed0": {v: w["accuracy"][f"student:{v}"]
                                  for v in ("source_only", "kl_sim", "oracle")},
-            "commands": [f"raydapt run {args.job} {' '.join(base)} run.name={name}-oracle-sS "
+            "commands": [f"raydapt run {args.job} {shlex.join(base)} run.name={name}-oracle-sS "
                          "distill.seed=S 'distill.variants=[oracle]' (S = "
                          f"{', '.join(map(str, args.seeds[1:]))})",
-                         f"raydapt run {args.job} {' '.join(base)} run.name={name}-w256 "
+                         f"raydapt run {args.job} {shlex.join(base)} run.name={name}-w256 "
                          "distill.max_length=256 'distill.variants=[source_only,kl_sim,oracle]'"]}
         report["student_ceiling"] = out
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
