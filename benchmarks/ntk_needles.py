@@ -194,6 +194,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--n-planted", type=int, default=100, help="rows per planted group")
     ap.add_argument("--n-domain", type=int, default=160, help="|D| of the arith setting")
     ap.add_argument("--n", type=int, default=100, help="N selected (M = 1.5 N)")
+    ap.add_argument("--m-factor", type=float, default=1.5,
+                    help="M = ceil(m_factor N) stage-1 candidates; 12 scores the whole 1,200-row "
+                    "pool with stage 2 (stored as setting '<name>-m<M>')")
     ap.add_argument("--kinds", default="ntk,less", help="stage-2 selectors to score")
     ap.add_argument("--merge", action="store_true",
                     help="add this run's settings to an existing --out file")
@@ -213,7 +216,8 @@ def main(argv: list[str] | None = None) -> dict:
     from raydapt.core.runtime import init_ray
 
     for name in args.settings.split(","):
-        ov = _setting_overrides(name, info, work, n=args.n, n_domain=args.n_domain) + list(
+        m_ov = [] if args.m_factor == 1.5 else [f"select.m_factor={args.m_factor}"]
+        ov = _setting_overrides(name, info, work, n=args.n, n_domain=args.n_domain) + m_ov + list(
             args.overrides)
         cfg = load_job(args.job, ov)
         init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.progress)
@@ -225,8 +229,9 @@ def main(argv: list[str] | None = None) -> dict:
         res["machine"] = report["machine"]  # per setting: --merge adds runs of other hours
         res["command"] = "python benchmarks/ntk_needles.py " + " ".join(
             sys.argv[1:] if argv is None else argv)
-        report["settings"][name] = res
-        print(json.dumps({name: {k: res[k] for k in ("candidates_planted", "precision_over_random",
+        key = name if not m_ov else f"{name}-m{int(np.ceil(args.m_factor * args.n))}"
+        report["settings"][key] = res
+        print(json.dumps({key: {k: res[k] for k in ("candidates_planted", "precision_over_random",
                                                         "votes_auc_within_candidates")}}),
               flush=True)
         Path(args.out).write_text(json.dumps(report, indent=2))
