@@ -32,7 +32,8 @@ random) and with --m-factor 12 (the whole pool through stage 2) 74 (8.5x), while
 drops to 75 there: stage 2 costs ~0.2 s per candidate. Cost on 2 idle cores, from an empty
 --work: arith 12.5 min (warm-up 5 min, stage 1 4 min, NTK and LESS scores ~1.7 min each);
 medical about the same (its warm-up, stage 1 and NTK scores are shared with
-benchmarks/ntk_heldout.py through --work). ~3 GB RAM. Caches under --work (a rerun reuses every finished stage). --merge adds a setting to an existing --out.
+benchmarks/ntk_heldout.py through --work). ~3 GB RAM. Caches under --work (a rerun reuses every
+finished stage). --merge adds a setting to an existing --out.
 """
 
 from __future__ import annotations
