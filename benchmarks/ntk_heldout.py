@@ -57,6 +57,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--variants", default="random:0,random:1,random:2,ntk,domain_only,base,"
                     "embedding,less,ntk:1,ntk:2")
     ap.add_argument("--eval-task", default="pubmedqa")
+    ap.add_argument("--without-planted", action="store_true",
+                    help="the same pool without its 100 planted medical rows (1,000 FLAN + 100 "
+                    "GSM8K): the 'without the planted pool' variants (use another --out)")
     ap.add_argument("--mc", action="store_true",
                     help="also MC accuracy on the same items (doubles the evaluation cost)")
     ap.add_argument("--out", default=str(RESULTS / "ntk-heldout-cpu.json"))
@@ -85,10 +88,18 @@ def main(argv: list[str] | None = None) -> dict:
 
     work = Path(args.work)
     info = build_needles_data(args.data, work / "data")
+    unplanted = []
+    if args.without_planted:  # the pool file minus the planted medical rows, nothing else
+        src = Path(info["root"]) / info["pool"]
+        med = set(info["groups"]["medical"])
+        dst = src.with_name("pool-unplanted.jsonl")
+        dst.write_text("".join(line + "\n" for line in src.read_text().splitlines()
+                               if line.strip() and json.loads(line)["id"] not in med))
+        unplanted = [f"data.pool=[{dst.relative_to(info['root'])}]"]
     ov = _setting_overrides("medical", info, work) + [
         "data.tasks=[{path: medical/pubmedqa.jsonl, name: pubmedqa, domain_rows: 80, "
         "eval_rows: null}, {path: medical/medmcqa.jsonl, name: medmcqa, domain_rows: 80, "
-        "eval_rows: 1}]", *args.overrides]
+        "eval_rows: 1}]", *unplanted, *args.overrides]
     cfg = load_job(args.job, ov)
     init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.progress)
     cache = StageCache(cfg.run.cache_dir)
@@ -106,6 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
     nrows, nrej = nll_rows(test, tok, cfg)
     planted = set(info["groups"]["medical"])
     assert not (set(test["id"]) & (set(dom["id"]) | set(pool["id"])))  # held out
+    assert not (args.without_planted and planted & set(pool["id"]))
 
     s = cfg.select
     n, m = s.n, int(np.ceil(s.m_factor * s.n))
