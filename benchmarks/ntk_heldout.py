@@ -24,7 +24,9 @@ domain-only 2.885, D + random 2.808 +- 0.006 (seeds 0-2), D + NTK 2.834 +- 0.007
 0-2; 86 of its 100 rows are planted medical rows, most without a rationale): NTK above random, the
 bar missed; on MedMCQA (--eval-task medmcqa) NTK 0.550 +- 0.028 vs random 0.670 +- 0.031, met, but
 in the answer template only: with --mc, MC accuracy is at chance for every variant (NTK 0.258 +-
-0.019, random 0.257 +- 0.023) and the gold option's log-prob is no better than uniform. Cost: 53 min on
+0.019, random 0.257 +- 0.023) and the gold option's log-prob is no better than uniform.
+--without-planted (pool minus the 100 medical rows; ntk-heldout-unplanted-cpu.json): PubMedQA NLL
+NTK 2.801 vs random 2.807 +- 0.008, no effect. Cost: 53 min on
 2 cores at this session's (slow) speed -- warm-up cached, stage-1 embeddings 9 min, NTK scores 3
 min, each fine-tune 5-6 min, each evaluation of 500 items ~4 min. --eval-task medmcqa with
 data.tasks giving medmcqa eval_rows: 500 scores the other half of D on cached fine-tunes.
