@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
     import ray
 
     from raydapt.core.runtime import init_ray
+    from raydapt.recipes.simda import matched_steps, student_train_kw
     from raydapt.train.student import StudentTrain, fit_student
 
     cfg = load_job(args.job, args.overrides)
@@ -70,10 +71,8 @@ def main(argv: list[str] | None = None) -> dict:
     train, dev = rows.iloc[:n_tr], rows.iloc[n_tr:n_tr + n_dev]
     assert not set(train["id"]) & set(dev["id"])
     init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.progress)
-    base = d.model_dump(mode="json", exclude={"student", "variants", "seed", "beta",
-                                              "temperature", "sim_tau", "sim_loss",
-                                              "sim_center"})
-    base["steps"] = base["steps"] or 54
+    base = student_train_kw(d)  # the recipe's own student fields, steps as it counts them
+    base["steps"] = base["steps"] or matched_steps(n_tr, d.batch_size, d.num_workers, d.epochs)
     report = {"benchmark": "simda-student-dev", "command": "python benchmarks/simda_student_dev.py "
               + " ".join(sys.argv[1:] if argv is None else argv), "machine": describe(),
               "job": str(Path(args.job).relative_to(REPO)) if Path(args.job).is_relative_to(REPO)

@@ -109,6 +109,15 @@ def _teacher_key(t) -> dict[str, Any]:
             "weights": resolve_model(t.model).fingerprint}
 
 
+LOSS_KEYS = ("beta", "temperature", "sim_tau", "sim_loss", "sim_center")
+
+
+def student_train_kw(dcfg) -> dict[str, Any]:
+    """A student's optimisation and scaling fields of the distill section (what
+    :class:`~raydapt.train.student.StudentTrain` takes besides the loss knobs)."""
+    return dcfg.model_dump(mode="json", exclude={"student", "variants", "seed", *LOSS_KEYS})
+
+
 def matched_steps(rows: int, batch_size: int, workers: int, epochs: int) -> int:
     """Optimiser steps of ``epochs`` passes over ``rows`` (per worker batch_size // workers,
     equal slices, last partial batch dropped), as :func:`raydapt.train.student.student_loop`
@@ -525,11 +534,9 @@ def train_students(cfg: SimDAJob, ctx: JobContext, st: SimpleNamespace) -> None:
     import ray
 
     dcfg = cfg.distill
-    loss_keys = {"beta", "temperature", "sim_tau", "sim_loss", "sim_center"}
-    train_kw = dcfg.model_dump(mode="json", exclude={"student", "variants", "seed",
-                                                     *loss_keys})
+    train_kw = student_train_kw(dcfg)
     sseed = cfg.run.seed if dcfg.seed is None else dcfg.seed
-    extra = {**dcfg.model_dump(include=loss_keys), "min_confidence": a.min_confidence}
+    extra = {**dcfg.model_dump(include=set(LOSS_KEYS)), "min_confidence": a.min_confidence}
     distill_df = pd.DataFrame({"text": tgt_train["text"], "p_t": list(p_t),
                                "h_t": list(by_id.loc[tgt_train["id"], "hidden"])})
     # every student but the source_only_all reference trains the same number of steps
