@@ -218,8 +218,8 @@ def main(argv: list[str] | None = None) -> dict:
         report["command"] = "one run per setting: see settings.<name>.command"
     from raydapt.core.runtime import init_ray
 
+    m_ov = [] if args.m_factor == 1.5 else [f"select.m_factor={args.m_factor}"]
     for name in args.settings.split(","):
-        m_ov = [] if args.m_factor == 1.5 else [f"select.m_factor={args.m_factor}"]
         ov = _setting_overrides(name, info, work, n=args.n, n_domain=args.n_domain) + m_ov + list(
             args.overrides)
         cfg = load_job(args.job, ov)
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> dict:
         res["machine"] = report["machine"]  # per setting: --merge adds runs of other hours
         res["command"] = "python benchmarks/ntk_needles.py " + " ".join(
             sys.argv[1:] if argv is None else argv)
-        key = name if not m_ov else f"{name}-m{int(np.ceil(args.m_factor * args.n))}"
+        key = name if not m_ov else f"{name}-m{res['sizes']['M']}"
         report["settings"][key] = res
         print(json.dumps({key: {k: res[k] for k in ("candidates_planted", "precision_over_random",
                                                         "votes_auc_within_candidates")}}),
