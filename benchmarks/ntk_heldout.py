@@ -6,7 +6,7 @@
 Setting: the ``medical`` setting of benchmarks/ntk_needles.py (same data root, cache and stages
 under --work, so its warm-up, stage-1 embeddings and stage-2 scores are reused): D = 80 PubMedQA
 + 80 MedMCQA train items, pool = 1,000 FLAN + 100 GSM8K + 100 planted medical rows, N = 100 of
-M = 150. Each variant is the recipe's own fine-tune (``_fit``: LoRA on D ∪ S, Ray Train +
+M = 150. Each variant is the recipe's own fine-tune (``fit_lora_cached``: LoRA on D ∪ S, Ray Train +
 DeepSpeed, the CPU job's settings) and evaluation:
 
 - ``nll``: mean per-token NLL of the gold response (PubMedQA's long answer + ``The answer is X.``)
@@ -75,15 +75,16 @@ def main(argv: list[str] | None = None) -> dict:
     from raydapt.core.runtime import init_ray
     from raydapt.core.tracking import Tracker
     from raydapt.recipes.ntk_select import (
-        _fit,
-        _tokenizer,
+        STAGE_VERSIONS,
         candidate_scores,
         encode_rows,
         evaluate_mc,
         evaluate_nll,
+        fit_lora_cached,
         mc_prompts,
         nll_rows,
         read_data,
+        tokenizer,
     )
     from raydapt.select.selectors import SELECTORS, SelectionInputs
     from raydapt.stages.common import split_errors
@@ -104,14 +105,14 @@ def main(argv: list[str] | None = None) -> dict:
         "eval_rows: 1}]", *unplanted, *args.overrides]
     cfg = load_job(args.job, ov)
     init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.progress)
-    cache = StageCache(cfg.run.cache_dir)
+    cache = StageCache(cfg.run.cache_dir, versions=STAGE_VERSIONS)
     tracker = Tracker(enabled=False, uri=cfg.tracking.uri, experiment="heldout",
                       artifact_location=cfg.tracking.artifact_location)
     out = Path(cfg.run.output_dir) / cfg.run.name
     out.mkdir(parents=True, exist_ok=True)
     t_all = time.time()
     data = read_data(cfg)
-    tok = _tokenizer(cfg.model)
+    tok = tokenizer(cfg.model)
     dom, _ = encode_rows(data["domain"], tok, cfg)
     pool, _ = encode_rows(data["pool"], tok, cfg)
     test = data["tests"][args.eval_task]
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
     assert not (args.without_planted and planted & set(pool["id"]))
 
     s = cfg.select
-    n, m = s.n, int(np.ceil(s.m_factor * s.n))
+    n, m = s.sizes(len(dom), len(pool))  # the recipe's N and M
     inputs = SelectionInputs(pool_ids=pool["id"].to_numpy())
     stages: dict = {}
 
@@ -170,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
                 sel = SELECTORS[name](seed=seed).select(inputs, n)
                 rec["planted_selected"] = int(sel["id"].isin(planted).sum())
                 rows = pd.concat([dom, by_id.loc[sel["id"]].reset_index()], ignore_index=True)
-            adapter = _fit(fcfg, cache, tracker, stage="lora", label=f"finetune-{v}", rows=rows,
+            adapter = fit_lora_cached(fcfg, cache, tracker, stage="lora", label=f"finetune-{v}", rows=rows,
                            train=cfg.finetune, storage=out / "train")
             rec["train_rows"] = len(rows)
         rec["nll"], _ = evaluate_nll(cfg, cache, tracker, label=v, adapter=adapter, rows=nrows)

@@ -75,18 +75,18 @@ def warmup_and_stage1(cfg, cache, tracker, *, dom: pd.DataFrame, pool: pd.DataFr
     """The recipe's warm-up LoRA and stage 1 (embed D ∪ pool, votes, the M candidates) with its
     own stage functions and cache; fills ``inputs`` (votes) and returns (warm-up adapter,
     candidates). ``secs`` gets the two stages' seconds."""
-    from raydapt.recipes.ntk_select import _fit, stage1_candidates, stage1_embed
+    from raydapt.recipes.ntk_select import fit_lora_cached, stage1_candidates, stage1_embed
     from raydapt.stages.common import split_errors
 
     secs = {} if secs is None else secs
     t0 = time.time()
-    warm = _fit(cfg, cache, tracker, stage="lora", label="warmup", rows=dom, train=cfg.warmup,
+    warm = fit_lora_cached(cfg, cache, tracker, stage="lora", label="warmup", rows=dom, train=cfg.warmup,
                 storage=out / "train")
     secs["warmup"] = time.time() - t0
     t0 = time.time()
     emb, _ = split_errors(stage1_embed(cfg, cache, tracker, adapter=warm,
                                        rows=pd.concat([dom, pool], ignore_index=True)), "embed")
-    m = int(np.ceil(cfg.select.m_factor * cfg.select.n))
+    _, m = cfg.select.sizes(len(dom), len(pool))  # the recipe's N and M
     _, cand = stage1_candidates(emb, dom, pool, inputs, k=cfg.select.k, m=m, seed=cfg.run.seed)
     secs["stage1"] = time.time() - t0
     return warm, cand
@@ -97,19 +97,25 @@ def run_setting(name: str, cfg, planted_ids: set[str], random_seeds: list[int],
     """The recipe's stages up to the selections (no fine-tunes) and the planted-row metrics."""
     from raydapt.core.cache import StageCache
     from raydapt.core.tracking import Tracker
-    from raydapt.recipes.ntk_select import _tokenizer, candidate_scores, encode_rows, read_data
+    from raydapt.recipes.ntk_select import (
+        STAGE_VERSIONS,
+        candidate_scores,
+        encode_rows,
+        read_data,
+        tokenizer,
+    )
     from raydapt.select.selectors import SELECTORS, SelectionInputs
     from raydapt.stages.common import split_errors
 
     t_all = time.time()
     secs: dict[str, float] = {}
-    cache = StageCache(cfg.run.cache_dir)
+    cache = StageCache(cfg.run.cache_dir, versions=STAGE_VERSIONS)
     tracker = Tracker(enabled=False, uri=cfg.tracking.uri, experiment="needles",
                       artifact_location=cfg.tracking.artifact_location)
     out = Path(cfg.run.output_dir) / cfg.run.name
     out.mkdir(parents=True, exist_ok=True)
     data = read_data(cfg)
-    tok = _tokenizer(cfg.model)
+    tok = tokenizer(cfg.model)
     dom, _ = encode_rows(data["domain"], tok, cfg)
     pool, rej = encode_rows(data["pool"], tok, cfg)
     n = cfg.select.n

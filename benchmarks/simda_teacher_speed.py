@@ -67,10 +67,10 @@ def run(argv: list[str] | None = None) -> dict:
             text_max_tokens=t.text_max_tokens, text_truncation=t.text_truncation)
         n_params = sum(p.numel() for n, p in ts.engine.model.named_parameters()
                        if "embed" not in n)
-        ts._score(df.head(args.batch))  # warm-up
+        ts.process(df.head(args.batch))  # warm-up
         w0, c0, tokens, out = time.perf_counter(), _cpu(), 0, []
         for i in range(0, len(df), args.batch):
-            o = ts._score(df.iloc[i: i + args.batch])
+            o = ts.process(df.iloc[i: i + args.batch])
             tokens += int(o["prompt_tokens"].sum())
             out.append(o)
         wall, cpu = time.perf_counter() - w0, _cpu() - c0

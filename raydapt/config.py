@@ -171,6 +171,13 @@ class JobBase(Section):
         :func:`raydapt.preflight.preflight` before anything starts)."""
         raise NotImplementedError(f"method {self.method!r} lists no inputs")
 
+    def chosen_at_run_time(self) -> list[str]:
+        """Dotted keys whose value the recipe chooses while it runs (e.g. SimDA's
+        ``annotate.k`` when ``annotate.select_on_source``): the job's MLflow params hold the
+        chosen value under the key, once chosen, and the job file's value as
+        ``<key>.requested`` (:func:`raydapt.job.job_context`). None by default."""
+        return []
+
 
 @dataclass(frozen=True)
 class ModelInput:

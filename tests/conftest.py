@@ -37,6 +37,21 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def pytest_terminal_summary(terminalreporter):
+    """One line counting the end-to-end tests (marker ``e2e``) by outcome, so a run that
+    skipped or failed the pipelines says so beside pytest's own totals."""
+    counts: dict[str, int] = {}
+    for outcome in ("passed", "failed", "error", "skipped"):
+        for rep in terminalreporter.stats.get(outcome, []):
+            if "e2e" in getattr(rep, "keywords", {}) and rep.when in ("call", "setup"):
+                if outcome == "passed" and rep.when != "call":
+                    continue
+                counts[outcome] = counts.get(outcome, 0) + 1
+    if counts:
+        terminalreporter.write_line(
+            "end-to-end tests (e2e): " + ", ".join(f"{n} {k}" for k, n in counts.items()))
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """A local Ray instance shared by every test that needs one (start-up costs ~7 s)."""
@@ -52,7 +67,11 @@ def ray_local():
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     if not (DATA / "amazon" / "books.jsonl").exists():
-        pytest.skip(f"research data not found at {DATA} (set RAYDAPT_DATA)")
+        msg = f"research data not found at {DATA} (set RAYDAPT_DATA)"
+        if os.environ.get("CI", "").lower() in ("1", "true"):
+            # CI must run the end-to-end pipelines, never pass by skipping them
+            pytest.fail(msg + ": CI runs every end-to-end test", pytrace=False)
+        pytest.skip(msg)
     return DATA
 
 

@@ -14,47 +14,46 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-# Every cached stage of every method, with its code version: bump a stage's version when its code
-# changes what it writes (old entries are then recomputed). A stage missing here is an error.
-STAGE_VERSIONS: dict[str, int] = {
-    # SimDA (read / store / knn are not cached today; their versions only name them)
-    "read": 1, "teacher": 3, "store": 1, "knn": 1, "prompted": 3,
-    "template": 1,  # teacher.templates scored on labelled source rows (one entry per template)
-    "teacher-dev": 1,  # the teacher pass over data.dev rows (annotate.select_on_dev)
-    # DALLMi
-    "dallmi_source": 1,
-    # NTK-Selector
-    "lora": 1, "embed": 1, "grads-domain": 1, "scores-ntk": 1, "scores-less": 1, "eval": 1,
-    "eval-nll": 1,
-}
 
-
-def stage_key(stage: str, parts: dict[str, Any]) -> str:
-    if stage not in STAGE_VERSIONS:
-        raise KeyError(f"stage {stage!r} has no code version; add it to "
-                       "raydapt.core.cache.STAGE_VERSIONS")
-    blob = json.dumps({"stage": stage, "v": STAGE_VERSIONS[stage], **parts},
+def stage_key(stage: str, version: int, parts: dict[str, Any]) -> str:
+    """The content address of one stage output: the stage, its code version and everything
+    that determines it (``parts``)."""
+    blob = json.dumps({"stage": stage, "v": version, **parts},
                       sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
 class StageCache:
-    """``get(stage, parts)`` -> (directory, done?). Write into the directory, then ``commit``."""
+    """``get(stage, parts)`` -> (directory, done?). Write into the directory, then ``commit``.
 
-    def __init__(self, root: str | Path, *, enabled: bool = True) -> None:
+    ``versions``: the code version of every stage this cache may hold, declared by the recipe
+    that owns the stages (its ``STAGE_VERSIONS``): bump a stage's version when its code changes
+    what it writes (old entries are then recomputed). Getting a stage missing there is an
+    error; listing and removing entries needs no versions."""
+
+    def __init__(self, root: str | Path, *, versions: Mapping[str, int] | None = None,
+                 enabled: bool = True) -> None:
         self.root = Path(root)
+        self.versions = dict(versions or {})
         self.enabled = enabled
+
+    def key(self, stage: str, parts: dict[str, Any]) -> str:
+        if stage not in self.versions:
+            raise KeyError(f"stage {stage!r} has no code version: add it to the STAGE_VERSIONS "
+                           "of the recipe that owns it")
+        return stage_key(stage, self.versions[stage], parts)
 
     def get(self, stage: str, parts: dict[str, Any], *, keep_partial: bool = False
             ) -> tuple[Path, bool]:
         """The stage's directory and whether it is finished. An unfinished directory is wiped,
         unless ``keep_partial`` (sharded stages), where only temporary files are removed."""
-        d = self.root / stage / stage_key(stage, parts)
+        d = self.root / stage / self.key(stage, parts)
         if self.enabled and (d / "_SUCCESS").exists():
             return d, True
         if d.exists():

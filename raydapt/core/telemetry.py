@@ -198,12 +198,6 @@ class StageTelemetry:
         if gradients:
             emit("raydapt_gradients_scored", gradients, t)
 
-    def record(self, *, rows: int, seconds: float, rejected: int = 0, tokens: int = 0,
-               gradients: int = 0) -> None:
-        """Same as :meth:`record_batch` (the older name; stages may call either)."""
-        self.record_batch(rows=rows, rejected=rejected, seconds=seconds, tokens=tokens,
-                          gradients=gradients)
-
     def stage_seconds(self, seconds: float) -> None:
         """Set the wall seconds of this (driver-level) stage."""
         emit("raydapt_stage_seconds", seconds, self.tags)

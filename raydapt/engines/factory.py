@@ -1,26 +1,9 @@
-"""Building an engine: the kwargs an engine config section stands for (with the vLLM -> hf switch
-for passes that need hidden states), and the engine itself. Imports the chosen backend only."""
+"""Building an engine from plain arguments (a job config section turns itself into them, e.g.
+``TeacherSection.engine_args``). Imports the chosen backend only."""
 
 from __future__ import annotations
 
 from typing import Any
-
-
-def engine_kwargs(t, *, need_hidden: bool = False) -> dict[str, Any]:
-    """Engine kwargs for a pass. vLLM gives no hidden states, so a pass that needs keys /
-    teacher representations runs the same model on the hf engine (the documented switch).
-    ``t``: an engine config section (``raydapt.config.EngineSection`` with a ``pool``)."""
-    backend = "hf" if (need_hidden and t.backend == "vllm") else t.backend
-    kw = {"backend": backend, "model": t.model, "max_length": t.max_length, "dtype": t.dtype,
-          "chat": t.chat, "answer_prefix": t.answer_prefix,
-          "trust_remote_code": t.trust_remote_code, "revision": t.revision,
-          "device": t.device,
-          "num_threads": t.pool.threads or max(1, int(round(t.pool.num_cpus)))}
-    if backend == "vllm":
-        kw["engine_kwargs"] = dict(t.vllm)
-    else:
-        kw["token"] = t.hf_token
-    return kw
 
 
 def make_engine(engine: dict[str, Any], label_words: list[str]):

@@ -523,8 +523,7 @@ def plan_ntk_select(cfg, table: dict[str, Any], gpu: str) -> Plan:
     # eval_rows None = every test item: the task's rows minus its domain rows
     n_eval = sum(t.eval_rows if t.eval_rows is not None else
                  max(0, (count_rows(root / t.path) or 0) - t.domain_rows) for t in d.tasks)
-    n_sel = s.n or int(round(s.n_factor * n_d))
-    m = None if pool is None else min(pool, int(round(s.m_factor * n_sel)))
+    n_sel, m = s.sizes(n_d, pool)  # the recipe's N and M
     params, how = model_params(cfg.model, table)
     tok = f.max_length
     notes.append(f"model {cfg.model}: {params:.3g} parameters ({how}); tokens per row taken as "

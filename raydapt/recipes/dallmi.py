@@ -1,6 +1,7 @@
 """DALLMi recipe: multi-label positive-unlabeled domain adaptation (source male -> target female).
 
-Stages, in order (each an MLflow child run of the job's parent run):
+Steps, in order (:meth:`DALLMiRecipe.run`; each an MLflow child run of the job's parent run;
+read / hide / source are also the shared set-up of a sweep's trials):
 
 1. read     one multi-label file; source / target rows chosen by ``data.domain_field``;
             rejects (empty text, unknown labels, duplicate ids, ...) -> rejects.parquet
@@ -43,7 +44,7 @@ from raydapt.core.tracking import RunLogger, Tracker
 from raydapt.data.labels import hide_labels, multi_hot
 from raydapt.data.multilabel import read_multilabel
 from raydapt.data.readers import DataError, fingerprint, split_and_subsample
-from raydapt.job import JobContext, job_context, speaker
+from raydapt.job import Recipe, cached_stage, speaker
 from raydapt.recipes.dallmi_config import DALLMiJob, DALLMiTrainSection
 from raydapt.train.multilabel import (
     AADLoss,
@@ -63,12 +64,18 @@ ADAPT_OBJECTIVE = {"bce_partial": ("bce", None), "bce_oracle": ("bce", None),
                    "dallmi_log": ("dallmi", "log")}
 
 
+# The cached stages this recipe owns and their code versions (bump one when its code changes
+# what it writes).
+STAGE_VERSIONS: dict[str, int] = {"dallmi_source": 1}
+
 _say = speaker("dallmi")
 
 
 @dataclass
 class Prepared:
-    """Everything the adaptation fits share (built once per job / sweep)."""
+    """The recipe's typed state before adaptation, shared by every fit (built once per job /
+    sweep): ``read_and_split`` sets the rows and labels, ``hide`` ``observed``,
+    ``source_finetune`` ``source_state`` and ``source_metrics``."""
 
     vocab: list[str]
     source: pd.DataFrame  # source train rows: id, text, labels
@@ -197,34 +204,29 @@ def source_finetune(cfg: DALLMiJob, prep: Prepared, tracker: Tracker, out: Path)
     import torch
 
     vocab, source, source_test = prep.vocab, prep.source, prep.source_test
-    cache = StageCache(cfg.run.cache_dir)
     src_cfg = cfg.source.model_dump(mode="json", exclude={"in_process", "max_failures",
                                                           "log_every", "cpus_per_worker"})
     parts = {"model": cfg.model.model_dump(mode="json"), "train": src_cfg,
              "data": prep.fingerprints,
              "ids": config_hash({"ids": source["id"].tolist(), "vocab": vocab}),
              "seed": cfg.run.seed}
-    cdir, done = cache.get("dallmi_source", parts)
-    with tracker.child("source", tags={"raydapt.variant": "source"}) as run_log:
-        if done:
-            _say(f"source: cached model ({cdir})")
-            hist = json.loads((cdir / "history.json").read_text())
-        else:
-            _say(f"source: fine-tune {cfg.model.encoder} on {len(source)} rows, "
-                 f"{cfg.source.epochs} epochs, {cfg.source.num_workers} worker(s)"
-                 f"{' in-process' if cfg.source.in_process else ' on Ray Train'}")
-            run_log.params({"objective": "bce", **cfg.source.model_dump(mode="json")})
-            lc = _loop(cfg, cfg.source, name=f"{cfg.run.name}-source", objective="bce",
-                       vocab=vocab, texts=source["text"], y=prep.y_source,
-                       eval_texts=source_test["text"],
-                       eval_y=multi_hot(list(source_test["labels"]), vocab),
-                       seed=cfg.run.seed, mlflow_uri=tracker.uri if cfg.tracking.enabled
-                       else None, mlflow_run_id=run_log.run_id)
-            res = fit(lc, storage=str(out / "train"))
-            torch.save(res["state"], cdir / "model.pt")
-            hist = res["history"]
-            (cdir / "history.json").write_text(json.dumps(hist))
-            cache.commit(cdir)
+
+    def compute(cdir: Path, run_log: RunLogger) -> None:
+        _say(f"source: fine-tune {cfg.model.encoder} on {len(source)} rows, "
+             f"{cfg.source.epochs} epochs, {cfg.source.num_workers} worker(s)"
+             f"{' in-process' if cfg.source.in_process else ' on Ray Train'}")
+        lc = _loop(cfg, cfg.source, name=f"{cfg.run.name}-source", objective="bce",
+                   vocab=vocab, texts=source["text"], y=prep.y_source,
+                   eval_texts=source_test["text"],
+                   eval_y=multi_hot(list(source_test["labels"]), vocab),
+                   seed=cfg.run.seed, mlflow_uri=tracker.uri if cfg.tracking.enabled
+                   else None, mlflow_run_id=run_log.run_id)
+        res = fit(lc, storage=str(out / "train"))
+        torch.save(res["state"], cdir / "model.pt")
+        (cdir / "history.json").write_text(json.dumps(res["history"]))
+
+    def load(cdir: Path, run_log: RunLogger) -> tuple[Path, dict[str, Any]]:
+        hist = json.loads((cdir / "history.json").read_text())
         src_metrics = {"source_test": hist[-1] if hist else {}}
         # the source model on the target test split = the no-adaptation baseline
         # (train_layers only freezes parameters: the forward pass is the same)
@@ -233,6 +235,13 @@ def source_finetune(cfg: DALLMiJob, prep: Prepared, tracker: Tracker, out: Path)
                               list(prep.target_test["text"]), max_length=cfg.adapt.max_length)
         src_metrics["target_test"] = multilabel_metrics(prep.y_test, probs, cfg.threshold)
         run_log.metrics({f"target_{k}": v for k, v in src_metrics["target_test"].items()})
+        return cdir, src_metrics
+
+    cdir, src_metrics = cached_stage(
+        StageCache(cfg.run.cache_dir, versions=STAGE_VERSIONS), tracker, "dallmi_source", parts,
+        compute=compute, load=load, run_name="source", tags={"raydapt.variant": "source"},
+        params={"objective": "bce", **cfg.source.model_dump(mode="json")}, say=_say,
+        label="source")
     prep.source_state, prep.source_metrics = str(cdir / "model.pt"), src_metrics
 
 
@@ -266,69 +275,98 @@ def adapt(cfg: DALLMiJob, prep: Prepared, method: str, *, out: Path,
     return {**{k: v for k, v in hist[-1].items() if k != "epoch"}, "history": hist}
 
 
+class DALLMiRecipe(Recipe):
+    """One DALLMi job: :meth:`run` lists the steps; each step sets its own attributes below."""
+
+    STAGE_VERSIONS = STAGE_VERSIONS
+    cfg: DALLMiJob
+
+    prep: Prepared  # read (rows, labels), hide (observed), source (source model + metrics)
+    results: dict[str, Any]  # adapt: final metrics + history per method
+
+    @classmethod
+    def needs_ray(cls, cfg: DALLMiJob) -> bool:
+        return _needs_ray(cfg)
+
+    def run(self) -> dict[str, Any]:
+        """The steps, in order; returns the results dict also written to results.json."""
+        self.read()
+        self.hide()
+        self.source_finetune()
+        self.adapt_methods()
+        return self.report()
+
+    def read(self) -> None:
+        """1-2. read + split (rejects kept); the data fingerprints to the parent run."""
+        cfg, ctx = self.cfg, self.ctx
+        self.prep = read_and_split(cfg, ctx.tracker)
+        ctx.parent.params({"data_fingerprint": self.prep.fingerprints})
+        ctx.parent.datasets(self.prep.fingerprints, sources={"data": str(cfg.data.path)})
+
+    def hide(self) -> None:
+        """3. hide target-train positives."""
+        hide(self.cfg, self.prep, self.ctx.tracker, self.ctx.out)
+
+    def source_finetune(self) -> None:
+        """4. the source model (cached)."""
+        source_finetune(self.cfg, self.prep, self.ctx.tracker, self.ctx.out)
+
+    def adapt_methods(self) -> None:
+        """5. adapt: one fit per method from the source checkpoint, each an MLflow child run."""
+        cfg, ctx, prep = self.cfg, self.ctx, self.prep
+        results: dict[str, Any] = {}
+        for method in cfg.methods:
+            t0 = time.time()
+            _say(f"{method}: adapting from the source checkpoint")
+            with ctx.tracker.child(method, tags={"raydapt.variant": method}) as run_log:
+                run_log.params({"method": method, "keep_ratio": cfg.hide.keep_ratio,
+                                **({} if method == "no_adapt" else
+                                   cfg.adapt.model_dump(mode="json"))})
+                r = adapt(cfg, prep, method, out=ctx.out, run_log=run_log,
+                          mlflow_uri=ctx.tracker.uri if cfg.tracking.enabled else None)
+                if method == "no_adapt":
+                    run_log.metrics({k: v for k, v in r.items() if k != "history"}, 0)
+                r["seconds"] = round(time.time() - t0, 1)
+            results[method] = r
+            _say(f"{method}: target-test mAP {r['map']:.4f} (binarised {r['map_bin']:.4f}, "
+                 f"micro-F1 {r['micro_f1']:.4f}) in {r['seconds']:.0f}s")
+        self.results = results
+
+    def report(self) -> dict[str, Any]:
+        """6. report: results.json, the parent run's metrics / table / artifacts, the console table."""
+        cfg, ctx, prep, results = self.cfg, self.ctx, self.prep, self.results
+        parent, out = ctx.parent, ctx.out
+        summary = {
+            "job": cfg.run.name, "seed": cfg.run.seed, "keep_ratio": cfg.hide.keep_ratio,
+            "strategy": cfg.hide.strategy, "encoder": cfg.model.encoder, "labels": prep.vocab,
+            "source_domains": cfg.data.source_domains, "target_domains": cfg.data.target_domains,
+            "counts": prep.counts,
+            "target_train_positives": prep.y_train.sum(0).astype(int).tolist(),
+            "target_train_observed": prep.observed.sum(0).astype(int).tolist(),
+            "source": prep.source_metrics,
+            "methods": results, "seconds": round(ctx.seconds(), 1),
+        }
+        ctx.write_results(summary)
+        for k, r in results.items():
+            parent.metrics({f"{m}.{k}": r[m] for m in ("map", "map_bin", "micro_f1", "macro_f1")})
+        parent.metrics({"seconds": summary["seconds"]})
+        parent.results_table({k: r["map"] for k, r in results.items()}, metric="target-test mAP",
+                             seeds=[cfg.run.seed], title=f"{cfg.run.name}: target-test mAP",
+                             out_dir=out)
+        for f in ("results.json", "rejects.parquet", "hidden_labels.parquet"):
+            parent.artifact(out / f)
+        width = max(len(k) for k in results)
+        _say("target-test mAP / binarised mAP / micro-F1 / macro-F1\n" + "\n".join(
+            f"  {k:<{width}}  {r['map']:.4f}  {r['map_bin']:.4f}  {r['micro_f1']:.4f}  "
+            f"{r['macro_f1']:.4f}" for k, r in results.items()))
+        _say(f"done in {summary['seconds']:.0f}s; outputs in {out}")
+        return summary
+
+
 def run(cfg: DALLMiJob) -> dict[str, Any]:
-    """Run the DALLMi job; returns the results dict also written to results.json. The steps,
-    in order, each a function of this module."""
-    with job_context(cfg, ray=_needs_ray(cfg)) as ctx:
-        prep = read_and_split(cfg, ctx.tracker)
-        ctx.parent.params({"data_fingerprint": prep.fingerprints})
-        ctx.parent.datasets(prep.fingerprints, sources={"data": str(cfg.data.path)})
-        hide(cfg, prep, ctx.tracker, ctx.out)
-        source_finetune(cfg, prep, ctx.tracker, ctx.out)
-        results = adapt_methods(cfg, ctx, prep)
-        return report(cfg, ctx, prep, results)
-
-
-def adapt_methods(cfg: DALLMiJob, ctx: JobContext, prep: Prepared) -> dict[str, Any]:
-    """5. adapt: one fit per method from the source checkpoint, each an MLflow child run."""
-    results: dict[str, Any] = {}
-    for method in cfg.methods:
-        t0 = time.time()
-        _say(f"{method}: adapting from the source checkpoint")
-        with ctx.tracker.child(method, tags={"raydapt.variant": method}) as run_log:
-            run_log.params({"method": method, "keep_ratio": cfg.hide.keep_ratio,
-                            **({} if method == "no_adapt" else
-                               cfg.adapt.model_dump(mode="json"))})
-            r = adapt(cfg, prep, method, out=ctx.out, run_log=run_log,
-                      mlflow_uri=ctx.tracker.uri if cfg.tracking.enabled else None)
-            if method == "no_adapt":
-                run_log.metrics({k: v for k, v in r.items() if k != "history"}, 0)
-            r["seconds"] = round(time.time() - t0, 1)
-        results[method] = r
-        _say(f"{method}: target-test mAP {r['map']:.4f} (binarised {r['map_bin']:.4f}, "
-             f"micro-F1 {r['micro_f1']:.4f}) in {r['seconds']:.0f}s")
-    return results
-
-
-def report(cfg: DALLMiJob, ctx: JobContext, prep: Prepared,
-           results: dict[str, Any]) -> dict[str, Any]:
-    """6. report: results.json, the parent run's metrics / table / artifacts, the console table."""
-    parent, out = ctx.parent, ctx.out
-    summary = {
-        "job": cfg.run.name, "seed": cfg.run.seed, "keep_ratio": cfg.hide.keep_ratio,
-        "strategy": cfg.hide.strategy, "encoder": cfg.model.encoder, "labels": prep.vocab,
-        "source_domains": cfg.data.source_domains, "target_domains": cfg.data.target_domains,
-        "counts": prep.counts,
-        "target_train_positives": prep.y_train.sum(0).astype(int).tolist(),
-        "target_train_observed": prep.observed.sum(0).astype(int).tolist(),
-        "source": prep.source_metrics,
-        "methods": results, "seconds": round(ctx.seconds(), 1),
-    }
-    ctx.write_results(summary)
-    for k, r in results.items():
-        parent.metrics({f"{m}.{k}": r[m] for m in ("map", "map_bin", "micro_f1", "macro_f1")})
-    parent.metrics({"seconds": summary["seconds"]})
-    parent.results_table({k: r["map"] for k, r in results.items()}, metric="target-test mAP",
-                         seeds=[cfg.run.seed], title=f"{cfg.run.name}: target-test mAP",
-                         out_dir=out)
-    for f in ("results.json", "rejects.parquet", "hidden_labels.parquet"):
-        parent.artifact(out / f)
-    width = max(len(k) for k in results)
-    _say("target-test mAP / binarised mAP / micro-F1 / macro-F1\n" + "\n".join(
-        f"  {k:<{width}}  {r['map']:.4f}  {r['map_bin']:.4f}  {r['micro_f1']:.4f}  "
-        f"{r['macro_f1']:.4f}" for k, r in results.items()))
-    _say(f"done in {summary['seconds']:.0f}s; outputs in {out}")
-    return summary
+    """Run the DALLMi job (:class:`DALLMiRecipe`); returns the results dict also written to
+    results.json."""
+    return DALLMiRecipe.main(cfg)
 
 
 # ---------------------------------------------------------------------------------------------

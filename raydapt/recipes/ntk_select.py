@@ -16,7 +16,7 @@ Stages, in order (each cached by content, each a child MLflow run):
 7. eval       multiple-choice accuracy per task by the log-prob of each option letter, for the
               base model, domain-only and every selection → results.json
 
-Variants run one after another (base, domain-only, then per selector: its stage-2 scores if
+The steps are the methods of :class:`NTKSelectRecipe`, listed in its ``run()``. Variants run one after another (base, domain-only, then per selector: its stage-2 scores if
 any, selection, fine-tune, evaluation); results.json is rewritten after each evaluation
 (``complete: false`` until the end), so an interrupted run reports what it finished and a rerun
 resumes from the cached stages.
@@ -35,11 +35,11 @@ import pandas as pd
 from raydapt.config import config_hash
 from raydapt.core.assets import load_tokenizer
 from raydapt.core.cache import StageCache
-from raydapt.core.tracking import Tracker
+from raydapt.core.tracking import RunLogger, Tracker
 from raydapt.data.qa import QAFormat, encode_table, mc_prompt_table, read_qa
 from raydapt.data.readers import DataError, fingerprint, split_and_subsample
 from raydapt.evaluate import calibrated_mc_metrics, majority_letter_accuracy
-from raydapt.job import JobContext, job_context, speaker
+from raydapt.job import Recipe, cached_stage, speaker
 from raydapt.recipes.ntk_select_config import NTKSelectJob
 from raydapt.select.selectors import SELECTORS, SelectionInputs, knn_votes
 from raydapt.stages.common import concat_rejects, pool_kwargs, split_errors
@@ -48,6 +48,13 @@ from raydapt.stages.sharded import sharded_pass, stream_rows
 from raydapt.train.lora import LoRATrain, fit_lora
 
 LETTERS = [chr(ord("A") + i) for i in range(10)]
+
+# The cached stages this recipe owns and their code versions (bump one when its code changes
+# what it writes).
+STAGE_VERSIONS: dict[str, int] = {
+    "lora": 1, "embed": 1, "grads-domain": 1, "scores-ntk": 1, "scores-less": 1, "eval": 1,
+    "eval-nll": 1,
+}
 
 
 _say = speaker("ntk_select")
@@ -164,24 +171,25 @@ def nll_rows(test: pd.DataFrame, tok, cfg: NTKSelectJob) -> tuple[pd.DataFrame, 
 # ---------------------------------------------------------------------------------------------
 
 
+def _telemetry(cfg: NTKSelectJob) -> dict[str, str]:
+    """The method and run tags of every stage's Ray metrics (the dashboards filter on them)."""
+    return {"method": "ntk_select", "run": cfg.run.name}
+
+
 def _actor_model(cfg: NTKSelectJob, adapter: str | None, pool) -> dict[str, Any]:
     return {"model": cfg.model, "adapter": adapter, "dtype": cfg.dtype,
             "threads": pool.threads or max(1, int(round(pool.num_cpus)))}
 
 
-def _fit(cfg: NTKSelectJob, cache: StageCache, tracker: Tracker, *, stage: str, label: str,
-         rows: pd.DataFrame, train, storage: Path) -> Path:
+def fit_lora_cached(cfg: NTKSelectJob, cache: StageCache, tracker: Tracker, *, stage: str,
+                    label: str, rows: pd.DataFrame, train, storage: Path) -> Path:
     """A cached LoRA fit (Ray Train + DeepSpeed) on pre-tokenised rows → output directory."""
     tsec = train.model_dump(mode="json")
     parts = {"model": cfg.model, "lora": cfg.lora.model_dump(mode="json"), "train": tsec,
              "format": cfg.format.model_dump(mode="json"), "seed": cfg.run.seed,
              "ids": _ids_hash(rows["id"])}
-    d, done = cache.get(stage, parts)
-    with tracker.child(label, tags={"raydapt.stage": stage}) as run_log:
-        run_log.params({"rows": len(rows), **tsec, "lora": cfg.lora.model_dump(mode="json")})
-        if done:
-            _say(f"{label}: cached ({d})")
-            return d
+
+    def compute(d: Path, run_log: RunLogger) -> None:
         _say(f"{label}: LoRA on {len(rows)} rows, {train.epochs} epoch(s), {train.num_workers} "
              f"workers, ZeRO-{train.zero_stage}, {train.dtype}")
         # the Ray Train run is named by content (the cache key), so a changed config or data
@@ -194,8 +202,12 @@ def _fit(cfg: NTKSelectJob, cache: StageCache, tracker: Tracker, *, stage: str, 
                      mlflow_uri=tracker.uri if cfg.tracking.enabled else None,
                      mlflow_run_id=run_log.run_id)
         run_log.metrics({k: v for k, v in m.items() if isinstance(v, (int, float))})
-        cache.commit(d)
-        return d
+
+    return cached_stage(cache, tracker, stage, parts, compute=compute,
+                        load=lambda d, _: d, run_name=label, tags={"raydapt.stage": stage},
+                        params={"rows": len(rows), **tsec,
+                                "lora": cfg.lora.model_dump(mode="json")},
+                        say=_say, label=label)
 
 
 def stage1_embed(cfg: NTKSelectJob, cache: StageCache, tracker: Tracker, *, adapter: Path,
@@ -203,21 +215,21 @@ def stage1_embed(cfg: NTKSelectJob, cache: StageCache, tracker: Tracker, *, adap
     """Mean-pooled final hidden states of ``rows`` (D and C) with the warmed-up model."""
     parts = {"adapter": str(adapter.name), "model": cfg.model, "ids": _ids_hash(rows["id"]),
              "format": cfg.format.model_dump(mode="json")}
-    d, done = cache.get("embed", parts)
-    with tracker.child("stage1-embed") as run_log:
-        if done:
-            _say(f"stage 1 embed: cached ({d})")
-            return pd.read_parquet(d / "out.parquet")
+
+    def compute(d: Path, run_log: RunLogger) -> None:
         t0 = time.time()
         ds = _dataset(rows[["id", "input_ids", "response_mask"]]).map_batches(
             EmbedLM, fn_constructor_kwargs={"model": _actor_model(
-                cfg, str(adapter / "adapter"), cfg.select.embed_pool)},
+                cfg, str(adapter / "adapter"), cfg.select.embed_pool),
+                "telemetry": _telemetry(cfg)},
             **pool_kwargs(cfg.select.embed_pool))
         out = _stream(ds, len(rows), "stage 1 embed")
         run_log.metrics({"rows": len(rows), "rows_per_s": len(rows) / (time.time() - t0)})
         out.to_parquet(d / "out.parquet")
-        cache.commit(d)
-        return out
+
+    return cached_stage(cache, tracker, "embed", parts, compute=compute,
+                        load=lambda d, _: pd.read_parquet(d / "out.parquet"),
+                        run_name="stage1-embed", say=_say, label="stage 1 embed")
 
 
 def domain_grads(cfg: NTKSelectJob, cache: StageCache, tracker: Tracker, *, adapter: Path,
@@ -227,23 +239,25 @@ def domain_grads(cfg: NTKSelectJob, cache: StageCache, tracker: Tracker, *, adap
     parts = {"adapter": adapter.name, "model": cfg.model, "ids": _ids_hash(rows["id"]),
              "objective": objective, "p": s.proj_dim, "seed": s.proj_seed,
              "grad_method": s.grad_method}
-    d, done = cache.get("grads-domain", parts)
-    with tracker.child(f"stage2-{objective}-domain") as run_log:
-        if not done:
-            t0 = time.time()
-            ds = _dataset(rows[["id", "input_ids", "response_mask"]], 8).map_batches(
-                GradProject, fn_constructor_kwargs=dict(
-                    model=_actor_model(cfg, str(adapter / "adapter"), s.grad_pool),
-                    objective=objective, proj_dim=s.proj_dim, proj_seed=s.proj_seed,
-                    chunk_rows=s.proj_chunk_rows, vmap_chunk=s.vmap_chunk,
-                    grad_method=s.grad_method, micro_batch=s.grad_micro_batch,
-                    stage=f"grads-domain-{objective}"),
-                **pool_kwargs(s.grad_pool))
-            out = _stream(ds, len(rows), f"stage 2 domain gradients ({objective})")
-            run_log.metrics({"rows": len(rows), "rows_per_s": len(rows) / (time.time() - t0)})
-            out.to_parquet(d / "out.parquet")
-            cache.commit(d)
-        out, _ = split_errors(pd.read_parquet(d / "out.parquet"), "grads-domain")
+
+    def compute(d: Path, run_log: RunLogger) -> None:
+        t0 = time.time()
+        ds = _dataset(rows[["id", "input_ids", "response_mask"]], 8).map_batches(
+            GradProject, fn_constructor_kwargs=dict(
+                model=_actor_model(cfg, str(adapter / "adapter"), s.grad_pool),
+                objective=objective, proj_dim=s.proj_dim, proj_seed=s.proj_seed,
+                chunk_rows=s.proj_chunk_rows, vmap_chunk=s.vmap_chunk,
+                grad_method=s.grad_method, micro_batch=s.grad_micro_batch,
+                stage=f"grads-domain-{objective}", telemetry=_telemetry(cfg)),
+            **pool_kwargs(s.grad_pool))
+        out = _stream(ds, len(rows), f"stage 2 domain gradients ({objective})")
+        run_log.metrics({"rows": len(rows), "rows_per_s": len(rows) / (time.time() - t0)})
+        out.to_parquet(d / "out.parquet")
+
+    out, _ = split_errors(cached_stage(
+        cache, tracker, "grads-domain", parts, compute=compute,
+        load=lambda d, _: pd.read_parquet(d / "out.parquet"),
+        run_name=f"stage2-{objective}-domain"), "grads-domain")
     if len(out) == 0:
         raise DataError("no domain gradient could be computed (see rejects)")
     return np.stack(out["g"].to_numpy()).astype(np.float32)
@@ -274,7 +288,7 @@ def stage2_scores(cfg: NTKSelectJob, cache: StageCache, tracker: Tracker, *, ada
                 grad_method=s.grad_method, micro_batch=s.grad_micro_batch,
                 adam_state=str(adapter / "adam_exp_avg_sq.pt") if kind == "less" else None,
                 score_against=against, score_kind="less" if kind == "less" else s.score,
-                stage=f"scores-{kind}"),
+                stage=f"scores-{kind}", telemetry=_telemetry(cfg)),
             **pool_kwargs(s.grad_pool))
 
     return sharded_pass(cache, tracker, f"scores-{kind}", parts,
@@ -325,21 +339,22 @@ def evaluate_mc(cfg: NTKSelectJob, cache: StageCache, tracker: Tracker, *, label
     parts = {"adapter": adapter.name if adapter else None, "model": cfg.model,
              "ids": _ids_hash(prompts["id"]), "format": cfg.format.model_dump(mode="json"),
              "max_length": cfg.eval.max_length}
-    d, done = cache.get("eval", parts)
-    with tracker.child(f"eval-{label}", tags={"raydapt.variant": label}) as run_log:
-        if not done:
-            t0 = time.time()
-            letters = LETTERS[: int(prompts["n_options"].max())]
-            ds = _dataset(prompts[["id", "prompt", "n_options"]]).map_batches(
-                MCScore, fn_constructor_kwargs=dict(
-                    model=_actor_model(cfg, str(adapter / "adapter") if adapter else None,
-                                       cfg.eval.pool),
-                    letters=letters, max_length=cfg.eval.max_length, stage="eval"),
-                **pool_kwargs(cfg.eval.pool))
-            out = _stream(ds, len(prompts), f"eval {label}")
-            run_log.metrics({"rows_per_s": len(prompts) / (time.time() - t0)})
-            out.to_parquet(d / "out.parquet")
-            cache.commit(d)
+
+    def compute(d: Path, run_log: RunLogger) -> None:
+        t0 = time.time()
+        letters = LETTERS[: int(prompts["n_options"].max())]
+        ds = _dataset(prompts[["id", "prompt", "n_options"]]).map_batches(
+            MCScore, fn_constructor_kwargs=dict(
+                model=_actor_model(cfg, str(adapter / "adapter") if adapter else None,
+                                   cfg.eval.pool),
+                letters=letters, max_length=cfg.eval.max_length, stage="eval",
+                telemetry=_telemetry(cfg)),
+            **pool_kwargs(cfg.eval.pool))
+        out = _stream(ds, len(prompts), f"eval {label}")
+        run_log.metrics({"rows_per_s": len(prompts) / (time.time() - t0)})
+        out.to_parquet(d / "out.parquet")
+
+    def load(d: Path, run_log: RunLogger):
         out, _ = split_errors(pd.read_parquet(d / "out.parquet"), "eval")
         m = prompts.merge(out[["id", "pred", "letter_logp"]], on="id", how="left")
         m["letter_logp"] = m["letter_logp"].map(lambda x: None if x is None or (
@@ -352,6 +367,9 @@ def evaluate_mc(cfg: NTKSelectJob, cache: StageCache, tracker: Tracker, *, label
         run_log.metrics({f"{kind}.{k}": v for kind, vals in extra.items()
                          for k, v in vals.items()})
         return acc, extra, m
+
+    return cached_stage(cache, tracker, "eval", parts, compute=compute, load=load,
+                        run_name=f"eval-{label}", tags={"raydapt.variant": label})
 
 
 def nll_summary(m: pd.DataFrame) -> dict[str, float]:
@@ -374,24 +392,27 @@ def evaluate_nll(cfg: NTKSelectJob, cache: StageCache, tracker: Tracker, *, labe
     parts = {"adapter": adapter.name if adapter else None, "model": cfg.model,
              "ids": _ids_hash(rows["id"]), "format": cfg.format.model_dump(mode="json"),
              "max_length": cfg.eval.max_length, "metric": "response_nll"}
-    d, done = cache.get("eval-nll", parts)
-    with tracker.child(f"eval-nll-{label}", tags={"raydapt.variant": label}) as run_log:
-        if not done:
-            t0 = time.time()
-            ds = _dataset(rows[["id", "input_ids", "response_mask"]]).map_batches(
-                ResponseNLL, fn_constructor_kwargs=dict(
-                    model=_actor_model(cfg, str(adapter / "adapter") if adapter else None,
-                                       cfg.eval.pool)),
-                **pool_kwargs(cfg.eval.pool))
-            out = _stream(ds, len(rows), f"eval nll {label}")
-            run_log.metrics({"rows_per_s": len(rows) / (time.time() - t0)})
-            out.to_parquet(d / "out.parquet")
-            cache.commit(d)
+
+    def compute(d: Path, run_log: RunLogger) -> None:
+        t0 = time.time()
+        ds = _dataset(rows[["id", "input_ids", "response_mask"]]).map_batches(
+            ResponseNLL, fn_constructor_kwargs=dict(
+                model=_actor_model(cfg, str(adapter / "adapter") if adapter else None,
+                                   cfg.eval.pool), telemetry=_telemetry(cfg)),
+            **pool_kwargs(cfg.eval.pool))
+        out = _stream(ds, len(rows), f"eval nll {label}")
+        run_log.metrics({"rows_per_s": len(rows) / (time.time() - t0)})
+        out.to_parquet(d / "out.parquet")
+
+    def load(d: Path, run_log: RunLogger):
         out, _ = split_errors(pd.read_parquet(d / "out.parquet"), "eval-nll")
         m = rows[["id", "task"]].merge(out[["id", "nll_sum", "n_tokens"]], on="id", how="left")
         res = nll_summary(m)
         run_log.metrics({f"nll.{k}": v for k, v in res.items()})
         return res, m
+
+    return cached_stage(cache, tracker, "eval-nll", parts, compute=compute, load=load,
+                        run_name=f"eval-nll-{label}", tags={"raydapt.variant": label})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -399,30 +420,31 @@ def evaluate_nll(cfg: NTKSelectJob, cache: StageCache, tracker: Tracker, *, labe
 # ---------------------------------------------------------------------------------------------
 
 
-def run(cfg: NTKSelectJob) -> dict[str, Any]:
-    """Run the NTK-Selector job; returns the results dict also written to results.json. The
-    steps, in order (each a method of :class:`_Run`, which holds what they share). Per variant,
-    in order: (stage-2 scores →) selection → fine-tune → evaluation, so every finished variant
-    is complete in results.json (written after each one)."""
-    with job_context(cfg) as ctx:
-        r = _Run(cfg, ctx)
-        r.read()
-        r.warmup()
-        r.stage1()
-        if "base" in cfg.select.baselines:
-            r.evaluate("base", None)
-        if "domain_only" in cfg.select.baselines:
-            r.domain_only()
-        for name in cfg.select.selectors:
-            r.selection(name)
-        return r.report()
+class NTKSelectRecipe(Recipe):
+    """One NTK-Selector job: :meth:`run` lists the steps; each step sets its own attributes
+    below (the per-variant results are collected as the variants finish)."""
 
+    STAGE_VERSIONS = STAGE_VERSIONS
+    cfg: NTKSelectJob
 
-class _Run:
-    """One NTK-Selector run: its steps as methods, their shared state as attributes."""
+    data: dict[str, Any]  # read: pool, domain, tests, rejects, fingerprints (raw rows)
+    dom: pd.DataFrame  # read: D, tokenised
+    pool: pd.DataFrame  # read: the pool, tokenised
+    by_id: pd.DataFrame
+    prompts: pd.DataFrame  # read: MC test prompts
+    nll_items: pd.DataFrame | None  # read: held-out response-NLL rows (eval.nll)
+    rejects: list[pd.DataFrame]  # read, then every step appends its rejects
+    counts: dict[str, int]
+    n: int  # read: N selected
+    m_cand: int  # read: M stage-1 candidates
+    majority: dict[str, float]
+    warm: Path  # warmup: the warm-up adapter
+    inputs: SelectionInputs  # stage1 (votes), stage 2 (scores)
+    cand: pd.DataFrame  # stage1: the M candidates
 
-    def __init__(self, cfg: NTKSelectJob, ctx: JobContext) -> None:
-        self.cfg, self.ctx, self.s = cfg, ctx, cfg.select
+    def __init__(self, cfg: NTKSelectJob, ctx) -> None:
+        super().__init__(cfg, ctx)
+        self.s = cfg.select
         self.cache, self.tracker, self.out = ctx.cache, ctx.tracker, ctx.out
         self.timings: dict[str, float] = {}
         self.results: dict[str, dict[str, float]] = {}
@@ -432,6 +454,22 @@ class _Run:
         self.preds: list[pd.DataFrame] = []
         self.selections: dict[str, pd.DataFrame] = {}
 
+    def run(self) -> dict[str, Any]:
+        """The steps, in order; per variant: (stage-2 scores →) selection → fine-tune →
+        evaluation, so every finished variant is complete in results.json (written after each
+        one). Returns the results dict."""
+        cfg = self.cfg
+        self.read()
+        self.warmup()
+        self.stage1()
+        if "base" in cfg.select.baselines:
+            self.evaluate("base", None)
+        if "domain_only" in cfg.select.baselines:
+            self.domain_only()
+        for name in cfg.select.selectors:
+            self.selection(name)
+        return self.report()
+
     def read(self) -> None:
         """1. read: D, the pool, the test prompts; N and M."""
         cfg, s = self.cfg, self.s
@@ -440,7 +478,7 @@ class _Run:
             data = read_data(cfg)
             self.ctx.parent.params({"data_fingerprint": data["fingerprints"]})
             self.ctx.parent.datasets(data["fingerprints"])
-            tok = _tokenizer(cfg.model)
+            tok = tokenizer(cfg.model)
             dom, rej_d = encode_rows(data["domain"], tok, cfg)
             pool, rej_p = encode_rows(data["pool"], tok, cfg)
             prompts = pd.concat([mc_prompts(t, tok, cfg) for t in data["tests"].values()],
@@ -456,8 +494,7 @@ class _Run:
                       "rejects": sum(len(r) for r in rejects)}
             run_log.metrics(counts)
             _say(f"read: {counts}")
-        n = min(len(pool), s.n or max(1, round(s.n_factor * len(dom))))
-        m_cand = min(len(pool), max(n, math.ceil(s.m_factor * n)))
+        n, m_cand = s.sizes(len(dom), len(pool))
         self.ctx.parent.params({"selection": {"N": n, "M": m_cand, "D": len(dom)}})
         self.timings["read"] = time.time() - t0
         self.data, self.dom, self.pool, self.prompts = data, dom, pool, prompts
@@ -469,7 +506,7 @@ class _Run:
     def warmup(self) -> None:
         """2. warm-up LoRA on D."""
         t0 = time.time()
-        self.warm = _fit(self.cfg, self.cache, self.tracker, stage="lora", label="warmup",
+        self.warm = fit_lora_cached(self.cfg, self.cache, self.tracker, stage="lora", label="warmup",
                          rows=self.dom, train=self.cfg.warmup, storage=self.out / "train")
         self.timings["warmup"] = time.time() - t0
 
@@ -520,7 +557,7 @@ class _Run:
     def domain_only(self) -> None:
         """Baseline: LoRA on D alone, evaluated."""
         t0 = time.time()
-        ad = _fit(self.cfg, self.cache, self.tracker, stage="lora", label="finetune-domain_only",
+        ad = fit_lora_cached(self.cfg, self.cache, self.tracker, stage="lora", label="finetune-domain_only",
                   rows=self.dom, train=self.cfg.finetune, storage=self.out / "train")
         self.timings["finetune_domain_only"] = time.time() - t0
         self.evaluate("domain_only", ad)
@@ -532,7 +569,7 @@ class _Run:
         self.selections[name] = sel = self.select(name)
         t0 = time.time()
         rows = pd.concat([self.dom, self.by_id.loc[sel["id"]].reset_index()], ignore_index=True)
-        ad = _fit(self.cfg, self.cache, self.tracker, stage="lora", label=f"finetune-{name}",
+        ad = fit_lora_cached(self.cfg, self.cache, self.tracker, stage="lora", label=f"finetune-{name}",
                   rows=rows, train=self.cfg.finetune, storage=self.out / "train")
         self.timings[f"finetune_{name}"] = time.time() - t0
         self.evaluate(name, ad)
@@ -605,5 +642,12 @@ class _Run:
         return summary
 
 
-def _tokenizer(model_ref: str):
+def tokenizer(model_ref: str):
+    """The model's tokenizer, padding with EOS (what every NTK-Selector stage encodes with)."""
     return load_tokenizer(model_ref, pad_to_eos=True)
+
+
+def run(cfg: NTKSelectJob) -> dict[str, Any]:
+    """Run the NTK-Selector job (:class:`NTKSelectRecipe`); returns the results dict also
+    written to results.json."""
+    return NTKSelectRecipe.main(cfg)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import Field
@@ -113,6 +114,17 @@ class NTKSelectSection(Section):
     embed_pool: ActorPoolSection = Field(default_factory=ActorPoolSection)
     grad_pool: ActorPoolSection = Field(
         default_factory=lambda: ActorPoolSection(batch_size=32, threads=2))
+
+    def sizes(self, domain_rows: int, pool_rows: int | None) -> tuple[int, int | None]:
+        """N (rows selected) and M (stage-1 candidates) for ``domain_rows`` in D and
+        ``pool_rows`` in the pool: N = ``n`` or max(1, round(n_factor |D|)), M =
+        max(N, ceil(m_factor N)), both at most the pool (M None while the pool size is
+        unknown). The one formula the recipe, ``raydapt plan`` and the benchmarks use."""
+        n = self.n or max(1, round(self.n_factor * domain_rows))
+        if pool_rows is None:
+            return n, None
+        n = min(pool_rows, n)
+        return n, min(pool_rows, max(n, math.ceil(self.m_factor * n)))
 
 
 class NTKEvalSection(Section):

@@ -1,11 +1,14 @@
 """SimDA recipe: kNN-augmented LLM annotation of the target domain, then distillation.
 
-Stages, in order (each cached by content, each a child MLflow run):
+Steps, in order (:meth:`SimDARecipe.run`; each cached stage a child MLflow run):
 
 1. read      source (labeled) and target (unlabeled for training, labeled test split) -> rejects
+   (template  score ``teacher.templates`` on labelled source rows; only when given)
 2. teacher   one LLM pass over source, target-train and target-test prompts T(x):
              last-token hidden state (key / h_T) + verbalizer log-probs (p_LLM)
 3. store     FAISS index over the source keys, values = source labels
+   (select    k / tau / lam chosen on source or dev labels; then the config that runs is
+              recorded: MLflow params and config.yaml)
 4. knn       k nearest source keys for every target row -> p_kNN, neighbour ids
 5. prompted  LLM passes with demonstrations: ICL-random / ICL-nearest baselines on the test
              split, and the kNN-augmented prompt teacher (if ``annotate.teacher_prompt``)
@@ -18,8 +21,8 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -38,9 +41,8 @@ from raydapt.data.readers import (
     unit_hash,
 )
 from raydapt.engines.base import check_single_tokens
-from raydapt.engines.factory import engine_kwargs
 from raydapt.evaluate import accuracy, confusion_matrix, plot_confusions
-from raydapt.job import JobContext, job_context, speaker
+from raydapt.job import Recipe, speaker
 from raydapt.recipes.simda_config import SimDAJob
 from raydapt.stages.annotate import calibrator, mix
 from raydapt.stages.common import concat_rejects, pool_kwargs, split_errors
@@ -48,6 +50,14 @@ from raydapt.stages.sharded import sharded_pass
 from raydapt.stages.teacher import KnnSearch, TeacherScore, build_index, save_store
 from raydapt.train import steps_per_epoch
 from raydapt.train.student import StudentTrain, fit_student
+
+# The cached stages this recipe owns and their code versions (bump one when its code changes
+# what it writes; read / store / knn are not cached today: their versions only name them).
+STAGE_VERSIONS: dict[str, int] = {
+    "read": 1, "teacher": 3, "store": 1, "knn": 1, "prompted": 3,
+    "template": 1,  # teacher.templates scored on labelled source rows (one entry per template)
+    "teacher-dev": 1,  # the teacher pass over data.dev rows (annotate.select_on_dev)
+}
 
 _say = speaker("simda")
 
@@ -63,7 +73,7 @@ def check_verbalizer(cfg: SimDAJob) -> list[int]:
     return check_single_tokens(words, cfg.teacher.model)
 
 
-def _run_teacher(rows: pd.DataFrame, cfg: SimDAJob, *, keep_hidden: bool, stage: str,
+def run_teacher(rows: pd.DataFrame, cfg: SimDAJob, *, keep_hidden: bool, stage: str,
                  demo_texts: dict[str, str] | None = None,
                  demo_labels: dict[str, str] | None = None):
     """One Ray Data actor-pool pass of the teacher over ``rows`` (id, text[, demo_ids]).
@@ -76,7 +86,7 @@ def _run_teacher(rows: pd.DataFrame, cfg: SimDAJob, *, keep_hidden: bool, stage:
     return ds.map_batches(
         TeacherScore,
         fn_constructor_kwargs=dict(
-            engine=engine_kwargs(cfg.teacher, need_hidden=keep_hidden),
+            engine=cfg.teacher.engine_args(need_hidden=keep_hidden),
             label_words=[cfg.teacher.verbalizer[lab] for lab in cfg.data.labels],
             template=cfg.teacher.template, text_max_tokens=cfg.teacher.text_max_tokens,
             text_truncation=cfg.teacher.text_truncation,
@@ -126,122 +136,6 @@ def matched_steps(rows: int, batch_size: int, workers: int, epochs: int) -> int:
                            name="distill") * epochs
 
 
-def select_template(cfg: SimDAJob, ctx: JobContext, st: SimpleNamespace) -> SimDAJob:
-    """Score each of ``teacher.templates`` zero-shot on a seeded subset of labelled SOURCE rows
-    (p_LLM calibrated on those rows as the target's will be) and return the config with the
-    best as ``teacher.template``. Target labels are never used."""
-    t, a = cfg.teacher, cfg.annotate
-    rows = st.source.head(t.template_select_rows)  # source is already a seeded shuffle
-    accs = []
-    for i, tpl in enumerate(t.templates):
-        c = cfg.model_copy(update={"teacher": t.model_copy(update={"template": tpl})})
-        parts = {**_teacher_key(c.teacher), "data": st.fps,
-                 "ids": config_hash(rows["id"].tolist())}
-        got = sharded_pass(
-            ctx.cache, ctx.tracker, "template", parts, _by_length(rows[["id", "text"]]),
-            t.pool.shard_rows,
-            lambda shards, c=c, i=i: _run_teacher(pd.concat(shards), c, keep_hidden=False,
-                                                  stage=f"template-{i}"), _say,
-            run_name=f"template-{i}")
-        got, _ = split_errors(got, f"template-{i}")
-        y = rows.set_index("id").loc[got["id"], "y"].to_numpy()
-        p = _p_llm(got)
-        accs.append(accuracy(y, calibrator(a.calibrate_llm, p, a.calibrate_prior)(p).argmax(1)))
-    best = int(np.argmax(accs))
-    with ctx.tracker.child("select-template") as run_log:
-        run_log.params({"chosen": best, "template": t.templates[best], "rows": len(rows),
-                        **{f"template_{i}": tpl for i, tpl in enumerate(t.templates)}})
-        run_log.metrics({f"source_acc.template_{i}": v for i, v in enumerate(accs)})
-    (ctx.out / "select-template.json").write_text(json.dumps(
-        {"chosen": t.templates[best], "source_accuracy": dict(zip(t.templates, accs))}, indent=2))
-    _say(f"template chosen on {len(rows)} source rows: #{best} {t.templates[best]!r} "
-         f"(source accuracies {[round(x, 4) for x in accs]})")
-    return cfg.model_copy(update={"teacher": t.model_copy(update={"template": t.templates[best]})})
-
-
-def _choose_k_tau_lam(cfg: SimDAJob, ctx: JobContext, on: str, nbr_dist: np.ndarray,
-                      nbr_labels: np.ndarray, p_llm: np.ndarray, y: np.ndarray, *,
-                      params: dict[str, Any], in_json: dict[str, Any] | None = None
-                      ) -> tuple[SimDAJob, dict[str, float], list[dict[str, float]]]:
-    """Score the k / tau / lam grid on labelled rows (their neighbours in the source store,
-    their p_LLM calibrated on themselves as the target's is on the target rows, their gold
-    labels ``y``); log the curve to the MLflow child run ``select-on-<on>`` and to
-    ``select-on-<on>.json`` (``in_json`` first). Returns the config with the best set, the best
-    and the curve."""
-    from raydapt.stages.annotate import select_on_source as choose
-
-    a = cfg.annotate
-    p = calibrator(a.calibrate_llm, p_llm, a.calibrate_prior)(p_llm)
-    best, curve = choose(nbr_dist, nbr_labels, p, y, ks=a.k_grid, taus=a.tau_grid,
-                         lams=a.lam_grid, distance_norm=a.distance_norm)
-    out = ctx.out / f"select-on-{on}.json"
-    with ctx.tracker.child(f"select-on-{on}") as run_log:
-        run_log.params({"chosen": best, **params})
-        for r in curve:  # one series per (k, tau), stepped by lam in percent
-            run_log.metrics({f"{on}_acc.k{r['k']}.tau{r['tau']}": r["accuracy"]},
-                            int(round(r["lam"] * 100)))
-        run_log.metrics({f"best_{on}_accuracy": best["accuracy"]})
-        out.write_text(json.dumps({**(in_json or {}), "best": best, "curve": curve}))
-        run_log.artifact(out)
-    return cfg.model_copy(update={"annotate": a.model_copy(
-        update={k: best[k] for k in ("k", "tau", "lam")})}), best, curve
-
-
-def select_on_source(cfg: SimDAJob, ctx: JobContext, st: SimpleNamespace) -> SimDAJob:
-    """k, tau, lam chosen on the labelled source rows: leave-one-out neighbours in the source
-    store, the source rows' p_LLM calibrated on the source rows (as the target's is on the
-    target rows). Returns the config with them set; logs the curve."""
-    from raydapt.stages.teacher import loo_neighbours
-
-    a, source = cfg.annotate, st.source
-    d, idx = loo_neighbours(st.keys, max(a.k_grid), kind=a.index)
-    y = source["y"].to_numpy()
-    cfg, best, curve = _choose_k_tau_lam(cfg, ctx, "source", d, y[idx],
-                                         _p_llm(st.by_id.loc[source["id"]]), y,
-                                         params={"rows": len(source)})
-    _say(f"select on source ({len(source)} labelled rows, leave-one-out): k={best['k']} "
-         f"tau={best['tau']} lam={best['lam']} (source accuracy {best['accuracy']:.4f}; "
-         f"lam=0: {max(r['accuracy'] for r in curve if r['lam'] == 0):.4f}, lam=1 best: "
-         f"{max(r['accuracy'] for r in curve if r['lam'] == 1):.4f})")
-    return cfg
-
-
-def select_on_dev(cfg: SimDAJob, ctx: JobContext, st: SimpleNamespace) -> SimDAJob:
-    """k, tau, lam chosen on ``data.dev``, a labelled third domain taken as a target of the
-    source store: a teacher pass over the dev rows, their neighbours in the store, their p_LLM
-    calibrated on the dev rows (as the target's is on the target rows). Target labels are never
-    used. Returns the config with the choice set; logs the curve (docs/simda.md: why a source
-    choice over-weights kNN across a shift)."""
-    from raydapt.stages.teacher import store_neighbours
-
-    a, dev, t = cfg.annotate, st.dev, cfg.teacher
-    parts = {**_teacher_key(t), "data": {"dev": st.dev_fp},
-             "ids": config_hash(dev["id"].tolist())}
-    got = sharded_pass(
-        ctx.cache, ctx.tracker, "teacher-dev", parts, _by_length(dev[["id", "text"]]),
-        t.pool.shard_rows,
-        lambda shards: _run_teacher(pd.concat(shards), cfg, keep_hidden=True,
-                                    stage="teacher-dev"), _say, run_name="teacher-dev")
-    got, rej = split_errors(got, "teacher-dev")
-    st.rejects.append(rej)
-    got = got.set_index("id")
-    dev = dev[dev["id"].isin(got.index)]
-    if len(dev) == 0:
-        raise DataError(f"the teacher rejected every data.dev row ({cfg.data.dev.path}): "
-                        "check its texts")
-    keys = np.stack(got.loc[dev["id"], "hidden"].to_numpy()).astype(np.float32)
-    d, idx = store_neighbours(st.keys, keys, max(a.k_grid), kind=a.index)
-    info = {"dev": cfg.data.dev.path, "rows": len(dev)}
-    cfg, best, curve = _choose_k_tau_lam(cfg, ctx, "dev", d, st.source["y"].to_numpy()[idx],
-                                         _p_llm(got.loc[dev["id"]]), dev["y"].to_numpy(),
-                                         params=info, in_json=info)
-    lam0 = max(r["accuracy"] for r in curve if r["lam"] == 0)
-    _say(f"select on dev ({len(dev)} labelled {cfg.data.dev.path} rows as targets of the "
-         f"source store): k={best['k']} tau={best['tau']} lam={best['lam']} (dev accuracy "
-         f"{best['accuracy']:.4f}; lam=0: {lam0:.4f})")
-    return cfg
-
-
 def results_table(results: dict[str, float], students: dict[str, dict[str, Any]]) -> str:
     """method -> target-test accuracy, teacher read-outs first; students with rows and steps."""
     lines = []
@@ -264,79 +158,6 @@ def _p_llm(df: pd.DataFrame) -> np.ndarray:
     z = z - z.max(1, keepdims=True)
     p = np.exp(z)
     return p / p.sum(1, keepdims=True)
-
-
-def run(cfg: SimDAJob) -> dict[str, Any]:
-    """Run the SimDA job; returns the results dict also written to results.json. The steps, in
-    order, each a function below reading and extending the run's state ``st``."""
-    with job_context(cfg) as ctx:
-        st = SimpleNamespace(labels=cfg.data.labels, C=len(cfg.data.labels))
-        read(cfg, ctx, st)
-        check_verbalizer(cfg)
-        if cfg.teacher.templates:
-            cfg = select_template(cfg, ctx, st)
-        teacher_pass(cfg, ctx, st)
-        data_store(cfg, ctx, st)
-        if cfg.annotate.select_on_source:
-            cfg = select_on_source(cfg, ctx, st)
-        elif cfg.annotate.select_on_dev:
-            cfg = select_on_dev(cfg, ctx, st)
-        knn_pass(cfg, ctx, st)
-        prompted_passes(cfg, ctx, st)
-        annotate(cfg, ctx, st)
-        teacher_readouts(cfg, ctx, st)
-        train_students(cfg, ctx, st)
-        return report(cfg, ctx, st)
-
-
-def read(cfg: SimDAJob, ctx: JobContext, st: SimpleNamespace) -> None:
-    """1. read: source and target rows, splits, rejects, fingerprints."""
-    labels = st.labels
-    root = Path(cfg.data.root)
-    src_path, tgt_path = root / cfg.data.source.path, root / cfg.data.target.path
-    fps = {"source": fingerprint(src_path), "target": fingerprint(tgt_path)}
-    ctx.parent.params({"data_fingerprint": fps})
-    ctx.parent.datasets(fps, sources={"source": str(src_path), "target": str(tgt_path)})
-    with ctx.tracker.child("read") as run_log:
-        src_ds, src_rej = read_rows(src_path, fmt=cfg.data.source.format,
-                                    fields=_fields(cfg.data.source), labels=labels)
-        tgt_ds, tgt_rej = read_rows(tgt_path, fmt=cfg.data.target.format,
-                                    fields=_fields(cfg.data.target), labels=labels,
-                                    require_label=False)
-        src_df, src_dup = drop_duplicate_ids(src_ds.to_pandas(), file=str(src_path))
-        tgt_df, tgt_dup = drop_duplicate_ids(tgt_ds.to_pandas(), file=str(tgt_path))
-        check_disjoint_ids(src_df, tgt_df, what="source and target")
-        source, _ = split_and_subsample(src_df, seed=cfg.run.seed,
-                                        max_rows=cfg.data.max_source_rows)
-        tgt_train, tgt_test = split_and_subsample(
-            tgt_df, seed=cfg.run.seed,
-            test_fraction=cfg.data.target_test_fraction,
-            max_rows=cfg.data.max_target_train_rows,
-            max_test_rows=cfg.data.max_target_test_rows)
-        unlabeled_test = tgt_test[tgt_test["y"] < 0]
-        tgt_test = tgt_test[tgt_test["y"] >= 0].reset_index(drop=True)
-        rejects = [src_rej.to_pandas(), tgt_rej.to_pandas(), src_dup, tgt_dup, pd.DataFrame({
-            "file": str(tgt_path), "id": unlabeled_test["id"],
-            "reason": "target test row without a label", "raw": ""})]
-        counts = {"source_rows": len(source), "target_train_rows": len(tgt_train),
-                  "target_test_rows": len(tgt_test),
-                  "source_rejects": src_rej.count() + len(src_dup),
-                  "target_rejects": tgt_rej.count() + len(tgt_dup) + len(unlabeled_test)}
-        run_log.metrics(counts)
-        _say(f"read: {counts}")
-        if len(source) < cfg.annotate.k:
-            raise DataError(f"{len(source)} usable source rows < annotate.k={cfg.annotate.k}")
-        if len(tgt_train) == 0 or len(tgt_test) == 0:
-            raise DataError("the target train or test split is empty: check data.target, its "
-                            "labels and data.target_test_fraction")
-    st.dev = None
-    if cfg.annotate.select_on_dev:  # a labelled third domain (config checks data.dev is set)
-        st.dev, st.dev_fp = read_dev(cfg, source=src_df, target=tgt_df, rejects=rejects)
-        ctx.parent.params({"data_fingerprint": {"dev": st.dev_fp}})
-        _say(f"read: {len(st.dev)} dev rows ({cfg.data.dev.path}) for annotate.select_on_dev")
-    st.fps, st.source, st.tgt_train, st.tgt_test = fps, source, tgt_train, tgt_test
-    st.src_df = src_df  # every usable source row (the source_only_all reference student)
-    st.rejects, st.counts = rejects, counts
 
 
 def _fields(d) -> Fields:
@@ -362,280 +183,518 @@ def read_dev(cfg: SimDAJob, *, source: pd.DataFrame, target: pd.DataFrame,
     return dev.reset_index(drop=True), fingerprint(path)
 
 
-def teacher_pass(cfg: SimDAJob, ctx: JobContext, st: SimpleNamespace) -> None:
-    """2. teacher pass: keys + p_LLM for source / target-train / target-test."""
-    fps, source, tgt_train, tgt_test = st.fps, st.source, st.tgt_train, st.tgt_test
-    rejects = st.rejects
-    parts = {**_teacher_key(cfg.teacher),
-             "data": fps, "ids": config_hash({"s": source["id"].tolist(),
-                                              "tr": tgt_train["id"].tolist(),
-                                              "te": tgt_test["id"].tolist()})}
-    allrows = _by_length(pd.concat([source[["id", "text"]], tgt_train[["id", "text"]],
-                                    tgt_test[["id", "text"]]], ignore_index=True))
-    scored = sharded_pass(
-        ctx.cache, ctx.tracker, "teacher", parts, allrows, cfg.teacher.pool.shard_rows,
-        lambda shards: _run_teacher(pd.concat(shards), cfg, keep_hidden=True, stage="teacher"),
-        _say)
-    scored, rej = split_errors(scored, "teacher")
-    rejects.append(rej)
-    by_id = scored.set_index("id")
-    source = source[source["id"].isin(by_id.index)].reset_index(drop=True)
-    tgt_train = tgt_train[tgt_train["id"].isin(by_id.index)].reset_index(drop=True)
-    tgt_test = tgt_test[tgt_test["id"].isin(by_id.index)].reset_index(drop=True)
-    st.parts, st.by_id = parts, by_id
-    st.source, st.tgt_train, st.tgt_test = source, tgt_train, tgt_test
 
 
-def data_store(cfg: SimDAJob, ctx: JobContext, st: SimpleNamespace) -> None:
-    """3. data store: the source keys in a FAISS index, with their labels."""
-    by_id, source = st.by_id, st.source
-    store = ctx.out / "store"
-    keys = np.stack(by_id.loc[source["id"], "hidden"].to_numpy()).astype(np.float32)
-    save_store(store, build_index(keys, kind=cfg.annotate.index), source["id"].tolist(),
-               source["y"].to_numpy())
-    _say(f"store: {len(source)} keys of width {keys.shape[1]} ({cfg.annotate.index})")
-    st.store, st.keys = store, keys
+@dataclass(frozen=True)
+class Rows:
+    """What ``read`` gives: the seeded splits, fingerprints, counts."""
+
+    source: pd.DataFrame  # labelled source rows (a seeded subsample)
+    source_all: pd.DataFrame  # every usable source row (the source_only_all reference)
+    tgt_train: pd.DataFrame  # unlabelled for the teacher (gold kept only for evaluation)
+    tgt_test: pd.DataFrame
+    fps: dict[str, str]
+    counts: dict[str, int]
+    dev: pd.DataFrame | None = None  # data.dev rows (annotate.select_on_dev)
+    dev_fp: str | None = None
 
 
-def knn_pass(cfg: SimDAJob, ctx: JobContext, st: SimpleNamespace) -> None:
-    """4. kNN for the target rows."""
-    by_id, tgt_train, tgt_test, store, C = st.by_id, st.tgt_train, st.tgt_test, st.store, st.C
-    rejects = st.rejects
-    import ray
+class SimDARecipe(Recipe):
+    """One SimDA job: :meth:`run` lists the steps; each step sets its own attributes below."""
 
-    tgt_ids = pd.concat([tgt_train["id"], tgt_test["id"]], ignore_index=True)
-    q = pd.DataFrame({"id": tgt_ids, "hidden": list(by_id.loc[tgt_ids, "hidden"])})
-    knn = ray.data.from_pandas(q).map_batches(
-        KnnSearch, fn_constructor_kwargs=dict(
-            store=str(store.resolve()), k=cfg.annotate.k, num_classes=C,
-            tau=cfg.annotate.tau, distance_norm=cfg.annotate.distance_norm,
-            telemetry={"method": "simda", "run": cfg.run.name}),
-        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.25, batch_size=256,
-        batch_format="pandas").to_pandas()
-    knn, rej = split_errors(knn, "knn")
-    rejects.append(rej)
-    knn = knn.set_index("id")
-    st.knn = knn
+    STAGE_VERSIONS = STAGE_VERSIONS
+    cfg: SimDAJob
+
+    rows: Rows  # read
+    rejects: list[pd.DataFrame]  # read, then every step appends its rejects
+    parts: dict[str, Any]  # teacher: the teacher pass's cache key (the prompted pass extends it)
+    by_id: pd.DataFrame  # teacher: id -> llm_logp, hidden
+    source: pd.DataFrame  # teacher: the rows the teacher scored, per split
+    tgt_train: pd.DataFrame
+    tgt_test: pd.DataFrame
+    store: Path  # store
+    keys: np.ndarray
+    knn: pd.DataFrame  # knn: id -> nbr_ids, nbr_dist, p_knn
+    test_b: pd.DataFrame  # prompted: the test rows of the ICL baselines
+    prompted: pd.DataFrame  # prompted: id -> llm_logp
+    cal: Any  # annotate: the label-free calibration fitted on target-train rows
+    p_t: np.ndarray  # annotate
+    pseudo_acc: float
+    teacher_preds: dict[str, tuple[np.ndarray, np.ndarray]]  # teacher_readouts
+    results: dict[str, float]  # students (teacher read-outs added by the report)
+    students: dict[str, dict[str, Any]]
+    cms: dict[str, np.ndarray]
+    student_seed: int
+
+    def run(self) -> dict[str, Any]:
+        """The steps, in order; returns the results dict also written to results.json."""
+        cfg = self.cfg
+        self.read()
+        check_verbalizer(cfg)
+        if cfg.teacher.templates:
+            self.select_template()
+        self.teacher_pass()
+        self.data_store()
+        if cfg.annotate.select_on_source:
+            self.select_on_source()
+        elif cfg.annotate.select_on_dev:
+            self.select_on_dev()
+        self.record_config()  # the config that runs from here on: MLflow params, config.yaml
+        self.knn_pass()
+        self.prompted_passes()
+        self.annotate()
+        self.teacher_readouts()
+        self.train_students()
+        return self.report()
+
+    # -- 1. read ----------------------------------------------------------------------------
+
+    def read(self) -> None:
+        """1. read: source and target rows, splits, rejects, fingerprints."""
+        cfg, ctx, labels = self.cfg, self.ctx, self.cfg.data.labels
+        root = Path(cfg.data.root)
+        src_path, tgt_path = root / cfg.data.source.path, root / cfg.data.target.path
+        fps = {"source": fingerprint(src_path), "target": fingerprint(tgt_path)}
+        ctx.parent.params({"data_fingerprint": fps})
+        ctx.parent.datasets(fps, sources={"source": str(src_path), "target": str(tgt_path)})
+        with ctx.tracker.child("read") as run_log:
+            src_ds, src_rej = read_rows(src_path, fmt=cfg.data.source.format,
+                                        fields=_fields(cfg.data.source), labels=labels)
+            tgt_ds, tgt_rej = read_rows(tgt_path, fmt=cfg.data.target.format,
+                                        fields=_fields(cfg.data.target), labels=labels,
+                                        require_label=False)
+            src_df, src_dup = drop_duplicate_ids(src_ds.to_pandas(), file=str(src_path))
+            tgt_df, tgt_dup = drop_duplicate_ids(tgt_ds.to_pandas(), file=str(tgt_path))
+            check_disjoint_ids(src_df, tgt_df, what="source and target")
+            source, _ = split_and_subsample(src_df, seed=cfg.run.seed,
+                                            max_rows=cfg.data.max_source_rows)
+            tgt_train, tgt_test = split_and_subsample(
+                tgt_df, seed=cfg.run.seed,
+                test_fraction=cfg.data.target_test_fraction,
+                max_rows=cfg.data.max_target_train_rows,
+                max_test_rows=cfg.data.max_target_test_rows)
+            unlabeled_test = tgt_test[tgt_test["y"] < 0]
+            tgt_test = tgt_test[tgt_test["y"] >= 0].reset_index(drop=True)
+            rejects = [src_rej.to_pandas(), tgt_rej.to_pandas(), src_dup, tgt_dup, pd.DataFrame({
+                "file": str(tgt_path), "id": unlabeled_test["id"],
+                "reason": "target test row without a label", "raw": ""})]
+            counts = {"source_rows": len(source), "target_train_rows": len(tgt_train),
+                      "target_test_rows": len(tgt_test),
+                      "source_rejects": src_rej.count() + len(src_dup),
+                      "target_rejects": tgt_rej.count() + len(tgt_dup) + len(unlabeled_test)}
+            run_log.params({"source": str(src_path), "target": str(tgt_path),
+                            "seed": cfg.run.seed})
+            run_log.metrics(counts)
+            _say(f"read: {counts}")
+            if len(source) < cfg.annotate.k:
+                raise DataError(f"{len(source)} usable source rows < annotate.k={cfg.annotate.k}")
+            if len(tgt_train) == 0 or len(tgt_test) == 0:
+                raise DataError("the target train or test split is empty: check data.target, its "
+                                "labels and data.target_test_fraction")
+        dev = dev_fp = None
+        if cfg.annotate.select_on_dev:  # a labelled third domain (config checks data.dev is set)
+            dev, dev_fp = read_dev(cfg, source=src_df, target=tgt_df, rejects=rejects)
+            ctx.parent.params({"data_fingerprint": {"dev": dev_fp}})
+            _say(f"read: {len(dev)} dev rows ({cfg.data.dev.path}) for annotate.select_on_dev")
+        self.rows = Rows(source=source, source_all=src_df, tgt_train=tgt_train, tgt_test=tgt_test,
+                         fps=fps, counts=counts, dev=dev, dev_fp=dev_fp)
+        self.rejects = rejects
+
+    def _teacher_rows(self, stage: str, parts: dict[str, Any], rows: pd.DataFrame, cfg=None, *,
+                      keep_hidden: bool, run_name: str | None = None, **demos) -> pd.DataFrame:
+        """One sharded, cached teacher pass over ``rows`` (id, text[, demo_ids]) with ``cfg``'s
+        teacher (default the job's); returns the good rows, rejects kept."""
+        cfg = cfg or self.cfg
+        got = sharded_pass(
+            self.ctx.cache, self.ctx.tracker, stage, parts, _by_length(rows),
+            cfg.teacher.pool.shard_rows,
+            lambda shards: run_teacher(pd.concat(shards), cfg, keep_hidden=keep_hidden,
+                                       stage=run_name or stage, **demos), _say,
+            run_name=run_name)
+        got, rej = split_errors(got, run_name or stage)
+        self.rejects.append(rej)
+        return got
+
+    # -- template (optional) ----------------------------------------------------------------
+
+    def select_template(self) -> None:
+        """Score each of ``teacher.templates`` zero-shot on a seeded subset of labelled SOURCE
+        rows (p_LLM calibrated on those rows as the target's will be) and choose the best as
+        ``teacher.template``. Target labels are never used."""
+        cfg, ctx = self.cfg, self.ctx
+        t, a = cfg.teacher, cfg.annotate
+        rows = self.rows.source.head(t.template_select_rows)  # source is a seeded shuffle
+        accs = []
+        for i, tpl in enumerate(t.templates):
+            c = cfg.model_copy(update={"teacher": t.model_copy(update={"template": tpl})})
+            parts = {**_teacher_key(c.teacher), "data": self.rows.fps,
+                     "ids": config_hash(rows["id"].tolist())}
+            n_rej = len(self.rejects)
+            got = self._teacher_rows("template", parts, rows[["id", "text"]], c,
+                                     keep_hidden=False, run_name=f"template-{i}")
+            del self.rejects[n_rej:]  # a candidate template's failures are not the job's rejects
+            y = rows.set_index("id").loc[got["id"], "y"].to_numpy()
+            p = _p_llm(got)
+            accs.append(accuracy(y, calibrator(a.calibrate_llm, p, a.calibrate_prior)(p)
+                                 .argmax(1)))
+        best = int(np.argmax(accs))
+        with ctx.tracker.child("select-template") as run_log:
+            run_log.params({"chosen": best, "template": t.templates[best], "rows": len(rows),
+                            **{f"template_{i}": tpl for i, tpl in enumerate(t.templates)}})
+            run_log.metrics({f"source_acc.template_{i}": v for i, v in enumerate(accs)})
+        (ctx.out / "select-template.json").write_text(json.dumps(
+            {"chosen": t.templates[best], "source_accuracy": dict(zip(t.templates, accs))},
+            indent=2))
+        _say(f"template chosen on {len(rows)} source rows: #{best} {t.templates[best]!r} "
+             f"(source accuracies {[round(x, 4) for x in accs]})")
+        self.choose("teacher", template=t.templates[best])
+
+    # -- 2. teacher, 3. store ---------------------------------------------------------------
+
+    def teacher_pass(self) -> None:
+        """2. teacher pass: keys + p_LLM for source / target-train / target-test."""
+        r = self.rows
+        parts = {**_teacher_key(self.cfg.teacher),
+                 "data": r.fps, "ids": config_hash({"s": r.source["id"].tolist(),
+                                                    "tr": r.tgt_train["id"].tolist(),
+                                                    "te": r.tgt_test["id"].tolist()})}
+        allrows = pd.concat([r.source[["id", "text"]], r.tgt_train[["id", "text"]],
+                             r.tgt_test[["id", "text"]]], ignore_index=True)
+        by_id = self._teacher_rows("teacher", parts, allrows, keep_hidden=True).set_index("id")
+
+        def scored(df: pd.DataFrame) -> pd.DataFrame:
+            return df[df["id"].isin(by_id.index)].reset_index(drop=True)
+
+        self.parts, self.by_id = parts, by_id
+        self.source, self.tgt_train, self.tgt_test = (scored(r.source), scored(r.tgt_train),
+                                                      scored(r.tgt_test))
+
+    def data_store(self) -> None:
+        """3. data store: the source keys in a FAISS index, with their labels."""
+        store = self.ctx.out / "store"
+        keys = np.stack(self.by_id.loc[self.source["id"], "hidden"].to_numpy()).astype(np.float32)
+        save_store(store, build_index(keys, kind=self.cfg.annotate.index),
+                   self.source["id"].tolist(), self.source["y"].to_numpy())
+        _say(f"store: {len(self.source)} keys of width {keys.shape[1]} ({self.cfg.annotate.index})")
+        self.store, self.keys = store, keys
+
+    # -- select (optional): k / tau / lam on labelled rows ----------------------------------
+
+    def _choose_k_tau_lam(self, on: str, nbr_dist: np.ndarray, nbr_labels: np.ndarray,
+                          p_llm: np.ndarray, y: np.ndarray, *, params: dict[str, Any],
+                          in_json: dict[str, Any] | None = None
+                          ) -> tuple[dict[str, float], list[dict[str, float]]]:
+        """Score the k / tau / lam grid on labelled rows (their neighbours in the source
+        store, their p_LLM calibrated on themselves as the target's is on the target rows,
+        their gold labels ``y``); log the curve to the MLflow child run ``select-on-<on>`` and
+        to ``select-on-<on>.json`` (``in_json`` first); choose the best. Returns the best and
+        the curve."""
+        from raydapt.stages.annotate import select_on_source as choose
+
+        a, ctx = self.cfg.annotate, self.ctx
+        p = calibrator(a.calibrate_llm, p_llm, a.calibrate_prior)(p_llm)
+        best, curve = choose(nbr_dist, nbr_labels, p, y, ks=a.k_grid, taus=a.tau_grid,
+                             lams=a.lam_grid, distance_norm=a.distance_norm)
+        out = ctx.out / f"select-on-{on}.json"
+        with ctx.tracker.child(f"select-on-{on}") as run_log:
+            run_log.params({"chosen": best, **params})
+            for r in curve:  # one series per (k, tau), stepped by lam in percent
+                run_log.metrics({f"{on}_acc.k{r['k']}.tau{r['tau']}": r["accuracy"]},
+                                int(round(r["lam"] * 100)))
+            run_log.metrics({f"best_{on}_accuracy": best["accuracy"]})
+            out.write_text(json.dumps({**(in_json or {}), "best": best, "curve": curve}))
+            run_log.artifact(out)
+        self.choose("annotate", **{k: best[k] for k in ("k", "tau", "lam")})
+        return best, curve
+
+    def select_on_source(self) -> None:
+        """k, tau, lam chosen on the labelled source rows: leave-one-out neighbours in the
+        source store, the source rows' p_LLM calibrated on the source rows (as the target's is
+        on the target rows)."""
+        from raydapt.stages.teacher import loo_neighbours
+
+        a, source = self.cfg.annotate, self.source
+        d, idx = loo_neighbours(self.keys, max(a.k_grid), kind=a.index)
+        y = source["y"].to_numpy()
+        best, curve = self._choose_k_tau_lam("source", d, y[idx],
+                                             _p_llm(self.by_id.loc[source["id"]]), y,
+                                             params={"rows": len(source)})
+        _say(f"select on source ({len(source)} labelled rows, leave-one-out): k={best['k']} "
+             f"tau={best['tau']} lam={best['lam']} (source accuracy {best['accuracy']:.4f}; "
+             f"lam=0: {max(r['accuracy'] for r in curve if r['lam'] == 0):.4f}, lam=1 best: "
+             f"{max(r['accuracy'] for r in curve if r['lam'] == 1):.4f})")
+
+    def select_on_dev(self) -> None:
+        """k, tau, lam chosen on ``data.dev``, a labelled third domain taken as a target of the
+        source store: a teacher pass over the dev rows, their neighbours in the store, their
+        p_LLM calibrated on the dev rows (as the target's is on the target rows). Target labels
+        are never used (docs/simda.md: why a source choice over-weights kNN across a shift)."""
+        from raydapt.stages.teacher import store_neighbours
+
+        cfg, r = self.cfg, self.rows
+        a, dev = cfg.annotate, r.dev
+        parts = {**_teacher_key(cfg.teacher), "data": {"dev": r.dev_fp},
+                 "ids": config_hash(dev["id"].tolist())}
+        got = self._teacher_rows("teacher-dev", parts, dev[["id", "text"]], keep_hidden=True,
+                                 run_name="teacher-dev").set_index("id")
+        dev = dev[dev["id"].isin(got.index)]
+        if len(dev) == 0:
+            raise DataError(f"the teacher rejected every data.dev row ({cfg.data.dev.path}): "
+                            "check its texts")
+        keys = np.stack(got.loc[dev["id"], "hidden"].to_numpy()).astype(np.float32)
+        d, idx = store_neighbours(self.keys, keys, max(a.k_grid), kind=a.index)
+        info = {"dev": cfg.data.dev.path, "rows": len(dev)}
+        best, curve = self._choose_k_tau_lam("dev", d, self.source["y"].to_numpy()[idx],
+                                             _p_llm(got.loc[dev["id"]]), dev["y"].to_numpy(),
+                                             params=info, in_json=info)
+        lam0 = max(r["accuracy"] for r in curve if r["lam"] == 0)
+        _say(f"select on dev ({len(dev)} labelled {cfg.data.dev.path} rows as targets of the "
+             f"source store): k={best['k']} tau={best['tau']} lam={best['lam']} (dev accuracy "
+             f"{best['accuracy']:.4f}; lam=0: {lam0:.4f})")
+
+    # -- 4. knn, 5. prompted passes ----------------------------------------------------------
+
+    def knn_pass(self) -> None:
+        """4. kNN for the target rows."""
+        import ray
+
+        cfg, C = self.cfg, len(self.cfg.data.labels)
+        tgt_ids = pd.concat([self.tgt_train["id"], self.tgt_test["id"]], ignore_index=True)
+        q = pd.DataFrame({"id": tgt_ids, "hidden": list(self.by_id.loc[tgt_ids, "hidden"])})
+        knn = ray.data.from_pandas(q).map_batches(
+            KnnSearch, fn_constructor_kwargs=dict(
+                store=str(self.store.resolve()), k=cfg.annotate.k, num_classes=C,
+                tau=cfg.annotate.tau, distance_norm=cfg.annotate.distance_norm,
+                telemetry={"method": "simda", "run": cfg.run.name}),
+            compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.25, batch_size=256,
+            batch_format="pandas").to_pandas()
+        knn, rej = split_errors(knn, "knn")
+        self.rejects.append(rej)
+        self.knn = knn.set_index("id")
+
+    def prompted_passes(self) -> None:
+        """5. prompted passes (demonstrations): ICL baselines and the kNN-prompt teacher."""
+        cfg, labels, knn = self.cfg, self.cfg.data.labels, self.knn
+        source, tgt_train, tgt_test = self.source, self.tgt_train, self.tgt_test
+        src_text = dict(zip(source["id"], source["text"]))
+        src_word = {i: cfg.teacher.verbalizer[labels[y]].strip()
+                    for i, y in zip(source["id"], source["y"])}
+        pk = cfg.annotate.prompt_k
+        base = cfg.annotate.baselines
+        test_b = tgt_test.head(cfg.annotate.baseline_max_rows or len(tgt_test))
+        jobs = []
+        if "icl_random" in base:
+            u = unit_hash([f"{i}:{j}" for i in test_b["id"] for j in range(len(source))],
+                          seed=cfg.run.seed, salt="icl_random").reshape(len(test_b), -1)
+            demo = [list(source["id"].to_numpy()[np.argsort(r)[:pk]]) for r in u]
+            jobs.append(pd.DataFrame({"id": "icl_random:" + test_b["id"], "text": test_b["text"],
+                                      "demo_ids": demo}))
+        if {"icl_nearest", "knn_prompt"} & set(base):
+            jobs.append(pd.DataFrame({
+                "id": "icl_nearest:" + test_b["id"], "text": test_b["text"],
+                "demo_ids": [list(knn.loc[i, "nbr_ids"][:pk]) for i in test_b["id"]]}))
+        if cfg.annotate.teacher_prompt == "knn_prompt":
+            jobs.append(pd.DataFrame({
+                "id": "knn_prompt:" + tgt_train["id"], "text": tgt_train["text"],
+                "demo_ids": [list(knn.loc[i, "nbr_ids"][:pk]) for i in tgt_train["id"]]}))
+        prompted = pd.DataFrame(columns=["id", "llm_logp"])
+        if jobs:
+            rows = _by_length(pd.concat(jobs, ignore_index=True))
+            # the key is what the prompts are made of: the teacher (parts), each row and its
+            # demonstrations; not lam / k / tau or their grids, which change no prompt (a run
+            # that chooses them on source or dev rows reuses the passes)
+            parts = {**self.parts, "jobs": config_hash({
+                "ids": rows["id"].tolist(), "demos": [list(x) for x in rows["demo_ids"]]})}
+            prompted = self._teacher_rows("prompted", parts, rows, keep_hidden=False,
+                                          demo_texts=src_text, demo_labels=src_word)
+        self.test_b, self.prompted = test_b, prompted.set_index("id")
+
+    # -- 6. annotate, teacher read-outs ------------------------------------------------------
+
+    def annotate(self) -> None:
+        """6. annotation: p_T for the target-train rows."""
+        a, by_id, knn, tgt_train = self.cfg.annotate, self.by_id, self.knn, self.tgt_train
+        p_llm_tr = _p_llm(by_id.loc[tgt_train["id"]])
+        # label-free calibration fitted on the unlabelled target-train rows, applied to the
+        # test rows too (teacher_readouts)
+        self.cal = calibrator(a.calibrate_llm, p_llm_tr, a.calibrate_prior)
+        if a.teacher_prompt == "knn_prompt":
+            p_llm_tr = _p_llm(self.prompted.loc["knn_prompt:" + tgt_train["id"]])
+            p_llm_tr = calibrator(a.calibrate_llm, p_llm_tr, a.calibrate_prior)(p_llm_tr)
+        else:
+            p_llm_tr = self.cal(p_llm_tr)
+        p_knn_tr = np.stack(knn.loc[tgt_train["id"], "p_knn"].to_numpy())
+        p_t = mix(p_knn_tr, p_llm_tr, a.lam)
+        ann = pd.DataFrame({
+            "id": tgt_train["id"], "p_t": list(p_t), "pseudo_label": p_t.argmax(1),
+            "confidence": p_t.max(1), "p_llm": list(p_llm_tr), "p_knn": list(p_knn_tr),
+            "h_t": list(by_id.loc[tgt_train["id"], "hidden"]),
+            "nbr_ids": list(knn.loc[tgt_train["id"], "nbr_ids"]),
+        })
+        ann.to_parquet(self.ctx.out / "annotations.parquet")
+        pseudo_acc = accuracy(tgt_train["y"].to_numpy(), p_t.argmax(1)) if (
+            tgt_train["y"] >= 0).all() else float("nan")
+        _say(f"annotate: {len(ann)} rows, mean confidence {p_t.max(1).mean():.3f}, "
+             f"pseudo-label accuracy (gold hidden from the teacher) {pseudo_acc:.3f}")
+        self.p_t, self.pseudo_acc = p_t, pseudo_acc
+
+    def teacher_readouts(self) -> None:
+        """Teacher read-outs evaluated directly on the test split."""
+        a, base, test_b = self.cfg.annotate, self.cfg.annotate.baselines, self.test_b
+        by_id, knn, prompted, tgt_test = self.by_id, self.knn, self.prompted, self.tgt_test
+        y_te = tgt_test["y"].to_numpy()
+        p_zs_raw = _p_llm(by_id.loc[tgt_test["id"]])
+        p_zs = self.cal(p_zs_raw)
+
+        def cal_self(p: np.ndarray) -> np.ndarray:  # prompted baselines: fitted on their rows
+            return calibrator(a.calibrate_llm, p, a.calibrate_prior)(p)
+
+        p_knn_te = np.stack(knn.loc[tgt_test["id"], "p_knn"].to_numpy())
+        preds: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        if "zero_shot" in base:
+            preds["zero_shot_raw"] = (y_te, p_zs_raw.argmax(1))
+            preds["zero_shot"] = (y_te, p_zs.argmax(1))
+        if "knn" in base:
+            preds["knn"] = (y_te, p_knn_te.argmax(1))
+        yb = test_b["y"].to_numpy()
+        if "icl_random" in base:
+            preds["icl_random"] = (
+                yb, cal_self(_p_llm(prompted.loc["icl_random:" + test_b["id"]])).argmax(1))
+        if {"icl_nearest", "knn_prompt"} & set(base):
+            p_near = cal_self(_p_llm(prompted.loc["icl_nearest:" + test_b["id"]]))
+            if "icl_nearest" in base:
+                preds["icl_nearest"] = (yb, p_near.argmax(1))
+            if "knn_prompt" in base:
+                pk_b = np.stack(knn.loc[test_b["id"], "p_knn"].to_numpy())
+                preds["knn_prompt"] = (yb, mix(pk_b, p_near, a.lam).argmax(1))
+        preds["teacher"] = (y_te, mix(p_knn_te, p_zs, a.lam).argmax(1))
+        self.teacher_preds = preds
+
+    # -- 7. students -------------------------------------------------------------------------
+
+    def train_students(self) -> None:
+        """7. students on Ray Train."""
+        import ray
+
+        cfg, ctx = self.cfg, self.ctx
+        a, C, p_t, by_id = cfg.annotate, len(cfg.data.labels), self.p_t, self.by_id
+        source, tgt_train, tgt_test = self.source, self.tgt_train, self.tgt_test
+        dcfg = cfg.distill
+        train_kw = student_train_kw(dcfg)
+        sseed = cfg.run.seed if dcfg.seed is None else dcfg.seed
+        extra = {**dcfg.model_dump(include=set(LOSS_KEYS)), "min_confidence": a.min_confidence}
+        distill_df = pd.DataFrame({"text": tgt_train["text"], "p_t": list(p_t),
+                                   "h_t": list(by_id.loc[tgt_train["id"], "hidden"])})
+        # every student but the source_only_all reference trains the same number of steps
+        # (counted only when such a student runs: a too-small distillation set is an error)
+        steps = None
+        if set(dcfg.variants) - {"source_only_all"}:
+            steps = dcfg.steps or matched_steps(len(distill_df), dcfg.batch_size,
+                                                dcfg.num_workers, dcfg.epochs)
+        results: dict[str, Any] = {}
+        students: dict[str, dict[str, Any]] = {}
+        cms: dict[str, np.ndarray] = {}
+        for variant in dcfg.variants:
+            if variant in ("kl_sim", "kl", "ce"):
+                ds, objective = ray.data.from_pandas(distill_df), variant
+            elif variant == "source_only":
+                ds, objective = ray.data.from_pandas(source[["text", "y"]]), "supervised"
+            elif variant == "source_only_all":  # reference: every source row, `epochs` passes
+                ds, objective = (ray.data.from_pandas(self.rows.source_all[["text", "y"]]),
+                                 "supervised")
+            else:  # oracle: gold target labels (upper bound)
+                ds, objective = (ray.data.from_pandas(tgt_train[tgt_train["y"] >= 0][["text", "y"]]),
+                                 "supervised")
+            kw = {**train_kw, "steps": None if variant == "source_only_all" else steps}
+            _say(f"student {variant}: {objective} on {ds.count()} rows, "
+                 + (f"{dcfg.epochs} epochs" if kw["steps"] is None else f"{steps} steps")
+                 + f", {dcfg.num_workers} workers")
+            with ctx.tracker.child(f"student-{variant}",
+                                   tags={"raydapt.variant": variant}) as run_log:
+                run_log.params({"variant": variant, "objective": objective, **kw, **extra})
+                # same name = same training: Ray Train then resumes it from its last checkpoint
+                # (text_truncation at its default "head" is left out: students finished before
+                # the option existed keep their names)
+                key = config_hash({"v": variant, "train": {k: v for k, v in kw.items() if not (
+                                       k == "text_truncation" and v == "head")}, "extra": extra,
+                                   "student": dcfg.student, "seed": sseed,
+                                   "data": _frame_hash(ds.to_pandas()),
+                                   "eval": _frame_hash(tgt_test[["text", "y"]])})
+                m = fit_student(
+                    name=f"{cfg.run.name}-{variant}-{key[:10]}", objective=objective,
+                    train_ds=ds, eval_df=tgt_test, num_classes=C, student=dcfg.student,
+                    train=StudentTrain(**kw, **extra), seed=sseed,
+                    storage=str(ctx.out / "train"),
+                    mlflow_uri=ctx.tracker.uri if cfg.tracking.enabled else None,
+                    mlflow_run_id=run_log.run_id,
+                    telemetry={"stage": f"student-{variant}", "method": "simda",
+                               "run": cfg.run.name})
+            students[variant] = {"accuracy": m["accuracy"], "final_epoch_loss": m["loss"],
+                                 "epochs": m["epoch"], "rows": int(m.get("rows", ds.count())),
+                                 "steps": m.get("steps"),
+                                 "resumed_finished_run": bool(m.get("resumed", False))}
+            if variant in ("kl_sim", "kl", "ce") and (tgt_train["y"] >= 0).all():
+                # how far the student stays under the teacher it learns from
+                students[variant]["gap_to_pseudo_labels"] = m["accuracy"] - self.pseudo_acc
+            cms[f"student:{variant}"] = np.asarray(m["confusion"])
+            results[f"student:{variant}"] = m["accuracy"]
+            _say(f"student {variant}: target-test accuracy {m['accuracy']:.4f}")
+        self.results, self.students, self.cms, self.student_seed = results, students, cms, sseed
+
+    # -- 8. report ---------------------------------------------------------------------------
+
+    def report(self) -> dict[str, Any]:
+        """8. report: results.json, rejects, confusion plot, parent-run metrics and artifacts."""
+        cfg, ctx = self.cfg, self.ctx
+        a, labels, out, dcfg = cfg.annotate, cfg.data.labels, ctx.out, cfg.distill
+        C = len(labels)
+        results, cms, students = self.results, self.cms, self.students
+        for name, (yt, yp) in self.teacher_preds.items():
+            results[f"teacher:{name}"] = accuracy(yt, yp)
+            cms[f"teacher:{name}"] = confusion_matrix(yt, yp, C)
+        for v, s in students.items():  # distilled student vs its teacher p_T on the test split
+            if v in ("kl_sim", "kl", "ce"):
+                s["gap_to_teacher"] = s["accuracy"] - results["teacher:teacher"]
+        rej_df = concat_rejects(self.rejects)
+        rej_df.to_parquet(out / "rejects.parquet")
+        summary = {
+            "job": cfg.run.name, "source": cfg.data.source.path, "target": cfg.data.target.path,
+            "accuracy": results, "students": students, "pseudo_label_accuracy": self.pseudo_acc,
+            "counts": self.rows.counts,
+            "rejects": len(rej_df), "icl_test_rows": len(self.test_b),
+            "seconds": ctx.seconds(),
+            "teacher": cfg.teacher.model, "student": dcfg.student, "k": a.k, "lam": a.lam,
+            "tau": a.tau, "k_tau_lam_chosen_on": ("source" if a.select_on_source else
+                                                 f"dev:{cfg.data.dev.path}" if a.select_on_dev
+                                                 else "config"),
+            "student_seed": self.student_seed,
+        }
+        ctx.write_results(summary)
+        plot_confusions(cms, labels, out / "confusion.png")
+        ctx.parent.metrics({f"acc.{k.replace(':', '.')}": v for k, v in results.items()})
+        ctx.parent.results_table(
+            results, metric="target-test accuracy", seeds=[cfg.run.seed],
+            details={**{f"teacher:{n}": {"rows": len(yt)}
+                        for n, (yt, _) in self.teacher_preds.items()},
+                     **{f"student:{v}": {"rows": len(self.tgt_test), "epochs": s["epochs"]}
+                        for v, s in students.items()}},
+            title=f"{cfg.run.name}: target-test accuracy per teacher read-out and student",
+            out_dir=out)
+        ctx.parent.metrics({"pseudo_label_accuracy": self.pseudo_acc, "rejects": len(rej_df),
+                            "seconds": summary["seconds"]})
+        for f in ("annotations.parquet", "rejects.parquet", "results.json", "confusion.png"):
+            ctx.parent.artifact(out / f)
+        _say("target-test accuracy\n" + results_table(results, students))
+        _say(f"done in {summary['seconds']:.0f}s; outputs in {out}")
+        if cfg.tracking.enabled:
+            _say(f"browse the runs: mlflow ui --backend-store-uri {ctx.tracker.uri}")
+        return summary
 
 
-def prompted_passes(cfg: SimDAJob, ctx: JobContext, st: SimpleNamespace) -> None:
-    """5. prompted passes (demonstrations): ICL baselines and the kNN-prompt teacher."""
-    labels, source, tgt_train, tgt_test = st.labels, st.source, st.tgt_train, st.tgt_test
-    knn = st.knn
-    parts, rejects = st.parts, st.rejects
-    src_text = dict(zip(source["id"], source["text"]))
-    src_word = {i: cfg.teacher.verbalizer[labels[y]].strip()
-                for i, y in zip(source["id"], source["y"])}
-    pk = cfg.annotate.prompt_k
-    base = cfg.annotate.baselines
-    test_b = tgt_test.head(cfg.annotate.baseline_max_rows or len(tgt_test))
-    jobs = []
-    if "icl_random" in base:
-        u = unit_hash([f"{i}:{j}" for i in test_b["id"] for j in range(len(source))],
-                      seed=cfg.run.seed, salt="icl_random").reshape(len(test_b), -1)
-        demo = [list(source["id"].to_numpy()[np.argsort(r)[:pk]]) for r in u]
-        jobs.append(pd.DataFrame({"id": "icl_random:" + test_b["id"], "text": test_b["text"],
-                                  "demo_ids": demo}))
-    if {"icl_nearest", "knn_prompt"} & set(base):
-        jobs.append(pd.DataFrame({
-            "id": "icl_nearest:" + test_b["id"], "text": test_b["text"],
-            "demo_ids": [list(knn.loc[i, "nbr_ids"][:pk]) for i in test_b["id"]]}))
-    if cfg.annotate.teacher_prompt == "knn_prompt":
-        jobs.append(pd.DataFrame({
-            "id": "knn_prompt:" + tgt_train["id"], "text": tgt_train["text"],
-            "demo_ids": [list(knn.loc[i, "nbr_ids"][:pk]) for i in tgt_train["id"]]}))
-    prompted = pd.DataFrame(columns=["id", "llm_logp"])
-    if jobs:
-        rows = _by_length(pd.concat(jobs, ignore_index=True))
-        # the key is what the prompts are made of: the teacher (parts), each row and its
-        # demonstrations; not lam / k / tau or their grids, which change no prompt (a run that
-        # chooses them on source or dev rows reuses the passes)
-        parts = {**parts, "jobs": config_hash({"ids": rows["id"].tolist(),
-                                      "demos": [list(x) for x in rows["demo_ids"]]})}
-        prompted = sharded_pass(
-            ctx.cache, ctx.tracker, "prompted", parts, rows, cfg.teacher.pool.shard_rows,
-            lambda shards: _run_teacher(pd.concat(shards), cfg, keep_hidden=False,
-                                        stage="prompted", demo_texts=src_text,
-                                        demo_labels=src_word), _say)
-        prompted, rej = split_errors(prompted, "prompted")
-        rejects.append(rej)
-    prompted = prompted.set_index("id")
-    st.base, st.test_b, st.prompted = base, test_b, prompted
-
-
-def annotate(cfg: SimDAJob, ctx: JobContext, st: SimpleNamespace) -> None:
-    """6. annotation: p_T for the target-train rows."""
-    by_id, knn, prompted, tgt_train = st.by_id, st.knn, st.prompted, st.tgt_train
-    a = cfg.annotate
-    p_llm_tr = _p_llm(by_id.loc[tgt_train["id"]])
-    # label-free calibration fitted on the unlabelled target-train rows, applied to the test
-    # rows too (teacher_readouts)
-    st.cal = calibrator(a.calibrate_llm, p_llm_tr, a.calibrate_prior)
-    if a.teacher_prompt == "knn_prompt":
-        p_llm_tr = _p_llm(prompted.loc["knn_prompt:" + tgt_train["id"]])
-        p_llm_tr = calibrator(a.calibrate_llm, p_llm_tr, a.calibrate_prior)(p_llm_tr)
-    else:
-        p_llm_tr = st.cal(p_llm_tr)
-    p_knn_tr = np.stack(knn.loc[tgt_train["id"], "p_knn"].to_numpy())
-    p_t = mix(p_knn_tr, p_llm_tr, a.lam)
-    ann = pd.DataFrame({
-        "id": tgt_train["id"], "p_t": list(p_t), "pseudo_label": p_t.argmax(1),
-        "confidence": p_t.max(1), "p_llm": list(p_llm_tr), "p_knn": list(p_knn_tr),
-        "h_t": list(by_id.loc[tgt_train["id"], "hidden"]),
-        "nbr_ids": list(knn.loc[tgt_train["id"], "nbr_ids"]),
-    })
-    ann.to_parquet(ctx.out / "annotations.parquet")
-    pseudo_acc = accuracy(tgt_train["y"].to_numpy(), p_t.argmax(1)) if (
-        tgt_train["y"] >= 0).all() else float("nan")
-    _say(f"annotate: {len(ann)} rows, mean confidence {p_t.max(1).mean():.3f}, "
-         f"pseudo-label accuracy (gold hidden from the teacher) {pseudo_acc:.3f}")
-    st.p_t, st.pseudo_acc = p_t, pseudo_acc
-
-
-def teacher_readouts(cfg: SimDAJob, ctx: JobContext, st: SimpleNamespace) -> None:
-    """Teacher read-outs evaluated directly on the test split."""
-    a, base, test_b = cfg.annotate, st.base, st.test_b
-    by_id, knn, prompted = st.by_id, st.knn, st.prompted
-    tgt_test = st.tgt_test
-    y_te = tgt_test["y"].to_numpy()
-    p_zs_raw = _p_llm(by_id.loc[tgt_test["id"]])
-    p_zs = st.cal(p_zs_raw)
-
-    def cal_self(p: np.ndarray) -> np.ndarray:  # prompted baselines: fitted on their own rows
-        return calibrator(a.calibrate_llm, p, a.calibrate_prior)(p)
-
-    p_knn_te = np.stack(knn.loc[tgt_test["id"], "p_knn"].to_numpy())
-    teacher_preds: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    if "zero_shot" in base:
-        teacher_preds["zero_shot_raw"] = (y_te, p_zs_raw.argmax(1))
-        teacher_preds["zero_shot"] = (y_te, p_zs.argmax(1))
-    if "knn" in base:
-        teacher_preds["knn"] = (y_te, p_knn_te.argmax(1))
-    yb = test_b["y"].to_numpy()
-    if "icl_random" in base:
-        teacher_preds["icl_random"] = (
-            yb, cal_self(_p_llm(prompted.loc["icl_random:" + test_b["id"]])).argmax(1))
-    p_near = None
-    if {"icl_nearest", "knn_prompt"} & set(base):
-        p_near = cal_self(_p_llm(prompted.loc["icl_nearest:" + test_b["id"]]))
-        if "icl_nearest" in base:
-            teacher_preds["icl_nearest"] = (yb, p_near.argmax(1))
-        if "knn_prompt" in base:
-            pk_b = np.stack(knn.loc[test_b["id"], "p_knn"].to_numpy())
-            teacher_preds["knn_prompt"] = (yb, mix(pk_b, p_near, a.lam).argmax(1))
-    teacher_preds["teacher"] = (y_te, mix(p_knn_te, p_zs, a.lam).argmax(1))
-    st.teacher_preds = teacher_preds
-
-
-def train_students(cfg: SimDAJob, ctx: JobContext, st: SimpleNamespace) -> None:
-    """7. students on Ray Train."""
-    a, C, p_t, by_id = cfg.annotate, st.C, st.p_t, st.by_id
-    source, tgt_train, tgt_test = st.source, st.tgt_train, st.tgt_test
-    import ray
-
-    dcfg = cfg.distill
-    train_kw = student_train_kw(dcfg)
-    sseed = cfg.run.seed if dcfg.seed is None else dcfg.seed
-    extra = {**dcfg.model_dump(include=set(LOSS_KEYS)), "min_confidence": a.min_confidence}
-    distill_df = pd.DataFrame({"text": tgt_train["text"], "p_t": list(p_t),
-                               "h_t": list(by_id.loc[tgt_train["id"], "hidden"])})
-    # every student but the source_only_all reference trains the same number of steps
-    # (counted only when such a student runs: a too-small distillation set is an error then)
-    steps = None
-    if set(dcfg.variants) - {"source_only_all"}:
-        steps = dcfg.steps or matched_steps(len(distill_df), dcfg.batch_size,
-                                            dcfg.num_workers, dcfg.epochs)
-    results: dict[str, Any] = {}
-    students: dict[str, dict[str, Any]] = {}
-    cms: dict[str, np.ndarray] = {}
-    for variant in dcfg.variants:
-        if variant in ("kl_sim", "kl", "ce"):
-            ds, objective = ray.data.from_pandas(distill_df), variant
-        elif variant == "source_only":
-            ds, objective = ray.data.from_pandas(source[["text", "y"]]), "supervised"
-        elif variant == "source_only_all":  # reference: every source row, `epochs` passes
-            ds, objective = ray.data.from_pandas(st.src_df[["text", "y"]]), "supervised"
-        else:  # oracle: gold target labels (upper bound)
-            ds, objective = ray.data.from_pandas(tgt_train[tgt_train["y"] >= 0][["text", "y"]]), "supervised"
-        kw = {**train_kw, "steps": None if variant == "source_only_all" else steps}
-        _say(f"student {variant}: {objective} on {ds.count()} rows, "
-             + (f"{dcfg.epochs} epochs" if kw["steps"] is None else f"{steps} steps")
-             + f", {dcfg.num_workers} workers")
-        with ctx.tracker.child(f"student-{variant}", tags={"raydapt.variant": variant}) as run_log:
-            run_log.params({"variant": variant, "objective": objective, **kw, **extra})
-            # same name = same training: Ray Train then resumes it from its last checkpoint
-            # (text_truncation at its default "head" is left out: students finished before
-            # the option existed keep their names)
-            key = config_hash({"v": variant, "train": {k: v for k, v in kw.items() if not (
-                                   k == "text_truncation" and v == "head")}, "extra": extra,
-                               "student": dcfg.student, "seed": sseed,
-                               "data": _frame_hash(ds.to_pandas()),
-                               "eval": _frame_hash(tgt_test[["text", "y"]])})
-            m = fit_student(
-                name=f"{cfg.run.name}-{variant}-{key[:10]}", objective=objective, train_ds=ds,
-                eval_df=tgt_test, num_classes=C, student=dcfg.student,
-                train=StudentTrain(**kw, **extra), seed=sseed, storage=str(ctx.out / "train"),
-                mlflow_uri=ctx.tracker.uri if cfg.tracking.enabled else None,
-                mlflow_run_id=run_log.run_id,
-                telemetry={"stage": f"student-{variant}", "method": "simda",
-                           "run": cfg.run.name})
-        students[variant] = {"accuracy": m["accuracy"], "final_epoch_loss": m["loss"],
-                             "epochs": m["epoch"], "rows": int(m.get("rows", ds.count())),
-                             "steps": m.get("steps"),
-                             "resumed_finished_run": bool(m.get("resumed", False))}
-        if variant in ("kl_sim", "kl", "ce") and (tgt_train["y"] >= 0).all():
-            # how far the student stays under the teacher it learns from
-            students[variant]["gap_to_pseudo_labels"] = m["accuracy"] - st.pseudo_acc
-        cms[f"student:{variant}"] = np.asarray(m["confusion"])
-        results[f"student:{variant}"] = m["accuracy"]
-        _say(f"student {variant}: target-test accuracy {m['accuracy']:.4f}")
-    st.results, st.students, st.cms, st.student_seed = results, students, cms, sseed
-
-
-def report(cfg: SimDAJob, ctx: JobContext, st: SimpleNamespace) -> dict[str, Any]:
-    """8. report: results.json, rejects, confusion plot, parent-run metrics and artifacts."""
-    a, C, labels, out, dcfg = cfg.annotate, st.C, st.labels, ctx.out, cfg.distill
-    results, cms, rejects, counts = st.results, st.cms, st.rejects, st.counts
-    students, pseudo_acc, test_b = st.students, st.pseudo_acc, st.test_b
-    teacher_preds = st.teacher_preds
-    for name, (yt, yp) in teacher_preds.items():
-        results[f"teacher:{name}"] = accuracy(yt, yp)
-        cms[f"teacher:{name}"] = confusion_matrix(yt, yp, C)
-    for v, s in students.items():  # distilled student vs its teacher p_T on the test split
-        if v in ("kl_sim", "kl", "ce"):
-            s["gap_to_teacher"] = s["accuracy"] - results["teacher:teacher"]
-    rej_df = concat_rejects(rejects)
-    rej_df.to_parquet(out / "rejects.parquet")
-    summary = {
-        "job": cfg.run.name, "source": cfg.data.source.path, "target": cfg.data.target.path,
-        "accuracy": results, "students": students, "pseudo_label_accuracy": pseudo_acc,
-        "counts": counts,
-        "rejects": len(rej_df), "icl_test_rows": len(test_b), "seconds": ctx.seconds(),
-        "teacher": cfg.teacher.model, "student": dcfg.student, "k": a.k, "lam": a.lam,
-        "tau": a.tau, "k_tau_lam_chosen_on": ("source" if a.select_on_source else
-                                             f"dev:{cfg.data.dev.path}" if a.select_on_dev
-                                             else "config"),
-        "student_seed": st.student_seed,
-    }
-    ctx.write_results(summary)
-    plot_confusions(cms, labels, out / "confusion.png")
-    ctx.parent.metrics({f"acc.{k.replace(':', '.')}": v for k, v in results.items()})
-    ctx.parent.results_table(
-        results, metric="target-test accuracy", seeds=[cfg.run.seed],
-        details={**{f"teacher:{n}": {"rows": len(yt)} for n, (yt, _) in teacher_preds.items()},
-                 **{f"student:{v}": {"rows": len(st.tgt_test), "epochs": s["epochs"]}
-                    for v, s in students.items()}},
-        title=f"{cfg.run.name}: target-test accuracy per teacher read-out and student",
-        out_dir=out)
-    ctx.parent.metrics({"pseudo_label_accuracy": pseudo_acc, "rejects": len(rej_df),
-                    "seconds": summary["seconds"]})
-    for f in ("annotations.parquet", "rejects.parquet", "results.json", "confusion.png"):
-        ctx.parent.artifact(out / f)
-    _say("target-test accuracy\n" + results_table(results, students))
-    _say(f"done in {summary['seconds']:.0f}s; outputs in {out}")
-    if cfg.tracking.enabled:
-        _say(f"browse the runs: mlflow ui --backend-store-uri {ctx.tracker.uri}")
-    return summary
+def run(cfg: SimDAJob) -> dict[str, Any]:
+    """Run the SimDA job (:class:`SimDARecipe`); returns the results dict also written to
+    results.json."""
+    return SimDARecipe.main(cfg)
 
 
 def sweep_trial(cfg: SimDAJob, *, report, run_log) -> None:

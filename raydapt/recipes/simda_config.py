@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -112,6 +112,23 @@ class TeacherSection(EngineSection):
                              f" >= {tp} (GPUs per replica), got {self.pool.num_gpus}")
         return self
 
+
+
+    def engine_args(self, *, need_hidden: bool = False) -> dict[str, Any]:
+        """The plain arguments of :func:`raydapt.engines.factory.make_engine` for one pass.
+        vLLM gives no hidden states, so a pass that needs keys / teacher representations runs
+        the same model on the hf engine (the documented switch)."""
+        backend = "hf" if (need_hidden and self.backend == "vllm") else self.backend
+        kw = {"backend": backend, "model": self.model, "max_length": self.max_length,
+              "dtype": self.dtype, "chat": self.chat, "answer_prefix": self.answer_prefix,
+              "trust_remote_code": self.trust_remote_code, "revision": self.revision,
+              "device": self.device,
+              "num_threads": self.pool.threads or max(1, int(round(self.pool.num_cpus)))}
+        if backend == "vllm":
+            kw["engine_kwargs"] = dict(self.vllm)
+        else:
+            kw["token"] = self.hf_token
+        return kw
 
 class AnnotateSection(Section):
     """kNN retrieval and the teacher distribution p_T = lam*p_kNN + (1-lam)*p_LLM."""
@@ -238,6 +255,14 @@ class SimDAJob(JobBase):
             raise ValueError(f"annotate.calibrate_prior must be {C} non-negative weights "
                              f"(label order {self.data.labels}), got {a.calibrate_prior}")
         return self
+
+    def chosen_at_run_time(self) -> list[str]:
+        """``teacher.template`` when ``teacher.templates`` are scored; ``annotate.k`` / ``tau`` /
+        ``lam`` when chosen on source or dev rows."""
+        keys = ["teacher.template"] if self.teacher.templates else []
+        if self.annotate.select_on_source or self.annotate.select_on_dev:
+            keys += ["annotate.k", "annotate.tau", "annotate.lam"]
+        return keys
 
     def inputs(self) -> tuple[list[ModelInput], list[DataInput]]:
         root, t, d = data_root(self.data.root), self.teacher, self.data

@@ -74,11 +74,6 @@ def concat_rejects(rejects: list[pd.DataFrame]) -> pd.DataFrame:
         len(r) for r in rejects) else pd.DataFrame(columns=REJECT_COLUMNS)
 
 
-StageMetrics = StageTelemetry
-"""Ray metrics of a stage (:mod:`raydapt.core.telemetry`): rows processed / rejected, batch seconds,
-rows/s, tokens/s; a no-op outside Ray. The name the stages import."""
-
-
 class Timer:
     def __enter__(self) -> Timer:
         self.t0 = time.perf_counter()
@@ -86,6 +81,37 @@ class Timer:
 
     def __exit__(self, *exc: Any) -> None:
         self.seconds = time.perf_counter() - self.t0
+
+
+class Stage:
+    """Base of every Ray Data stage (a callable class for ``map_batches``): ``__call__`` runs
+    :meth:`process` on the batch with row-level failure isolation
+    (:func:`run_isolating_failures`), times it, and records rows, rejects, seconds and the
+    stage's own counts (:meth:`counts`: tokens, gradients) to its Ray metrics
+    (:class:`~raydapt.core.telemetry.StageTelemetry`), tagged with the method and run the
+    ``telemetry`` dict names (the dashboards filter on them). Subclasses load their model in
+    ``__init__`` (calling ``super().__init__(stage, telemetry)``) and implement
+    :meth:`process`."""
+
+    def __init__(self, stage: str, telemetry: dict[str, str] | None = None) -> None:
+        self.stage = stage
+        self.metrics = StageTelemetry(stage, **(telemetry or {}))
+
+    def process(self, batch: pd.DataFrame) -> pd.DataFrame:
+        raise NotImplementedError
+
+    def counts(self, out: pd.DataFrame, good: int) -> dict[str, int]:
+        """Extra :meth:`StageTelemetry.record_batch` counts of one output batch (``good``
+        rows without an error): ``tokens``, ``gradients``. None by default."""
+        return {}
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        with Timer() as t:
+            out = run_isolating_failures(batch, self.process, stage=self.stage)
+        bad = int((out[ERROR_COLUMN] != "").sum())
+        self.metrics.record_batch(rows=len(batch), rejected=bad, seconds=t.seconds,
+                                  **self.counts(out, len(out) - bad))
+        return out
 
 
 def pool_kwargs(section) -> dict[str, Any]:

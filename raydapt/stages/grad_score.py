@@ -32,7 +32,7 @@ from raydapt.select.ntk import (
     per_sample_grads,
     trainable_params,
 )
-from raydapt.stages.common import ERROR_COLUMN, StageMetrics, Timer, run_isolating_failures
+from raydapt.stages.common import Stage
 from raydapt.train.lora import load_causal_lm
 
 
@@ -51,20 +51,20 @@ def _pad(batch: pd.DataFrame, pad_id: int, device: str, side: str = "right"):
     return {k: v.to(device) for k, v in pad_batch(encs, pad_id=pad_id, side=side).items()}
 
 
-class EmbedLM:
+class EmbedLM(Stage):
     """Mean-pooled final hidden states of (prompt + response) sequences.
 
     Args:
         model: {model, adapter, dtype, threads, device} (see :func:`load_causal_lm`).
     """
 
-    def __init__(self, *, model: dict[str, Any], stage: str = "embed") -> None:
+    def __init__(self, *, model: dict[str, Any], stage: str = "embed",
+                 telemetry: dict[str, str] | None = None) -> None:
+        super().__init__(stage, telemetry)
         self.net, self.tok, self.device = _load(model)
-        self.stage = stage
-        self.metrics = StageMetrics(stage)
 
     @torch.inference_mode()
-    def _embed(self, batch: pd.DataFrame) -> pd.DataFrame:
+    def process(self, batch: pd.DataFrame) -> pd.DataFrame:
         b = _pad(batch, self.tok.pad_token_id, self.device)
         out = self.net(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
                        output_hidden_states=True, logits_to_keep=1)
@@ -73,15 +73,8 @@ class EmbedLM:
         emb = (h * m).sum(1) / m.sum(1).clamp_min(1.0)  # [B, H]
         return pd.DataFrame({"id": batch["id"].to_numpy(), "emb": list(emb.cpu().numpy())})
 
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        with Timer() as t:
-            out = run_isolating_failures(batch, self._embed, stage=self.stage)
-        self.metrics.record(rows=len(batch), rejected=int((out[ERROR_COLUMN] != "").sum()),
-                            seconds=t.seconds)
-        return out
 
-
-class GradProject:
+class GradProject(Stage):
     """Projected per-sample gradients of the NTK objective (or the LESS loss) w.r.t. LoRA.
 
     Args:
@@ -103,7 +96,9 @@ class GradProject:
                  chunk_rows: int = 1024, adam_state: str | None = None,
                  score_against: np.ndarray | None = None, score_kind: str = "inner",
                  vmap_chunk: int | None = None, grad_method: str = "hooks",
-                 micro_batch: int | None = None, stage: str = "grad") -> None:
+                 micro_batch: int | None = None, stage: str = "grad",
+                 telemetry: dict[str, str] | None = None) -> None:
+        super().__init__(stage, telemetry)
         self.net, self.tok, self.device = _load({**model, "trainable": True})
         for n, p in self.net.named_parameters():  # LoRA parameters are the θ of the kernel
             p.requires_grad_("lora_" in n)
@@ -124,10 +119,8 @@ class GradProject:
         self.vmap_chunk = vmap_chunk
         self.grad_method = grad_method
         self.micro_batch = micro_batch
-        self.stage = stage
-        self.metrics = StageMetrics(stage)
 
-    def _grads(self, batch: pd.DataFrame) -> pd.DataFrame:
+    def process(self, batch: pd.DataFrame) -> pd.DataFrame:
         # gradients per length-sorted micro-batch (little padding), one projection per batch:
         # the projection's cost is mostly fixed per call (expanding Π), so batches amortise it
         order = np.argsort([len(a) for a in batch["input_ids"]], kind="stable")
@@ -155,13 +148,8 @@ class GradProject:
             out["score"] = ntk_scores(self.against, gp, kind=self.score_kind).cpu().numpy()
         return out
 
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        with Timer() as t:
-            out = run_isolating_failures(batch, self._grads, stage=self.stage)
-        bad = int((out[ERROR_COLUMN] != "").sum())
-        self.metrics.record(rows=len(batch), rejected=bad, seconds=t.seconds,
-                            gradients=len(batch) - bad)
-        return out
+    def counts(self, out: pd.DataFrame, good: int) -> dict[str, int]:
+        return {"gradients": good}
 
 
 def letter_logprobs(net, tok, prompts: list[str], letter_ids: list[int], *, device: str,
@@ -184,7 +172,7 @@ def letter_logprobs(net, tok, prompts: list[str], letter_ids: list[int], *, devi
     return logp[:, letter_ids].cpu().numpy()
 
 
-class MCScore:
+class MCScore(Stage):
     """Multiple-choice scoring by the log-prob of each option letter after the answer prefix.
 
     Deterministic: no sampling; the prediction is the argmax letter among the row's options.
@@ -197,29 +185,21 @@ class MCScore:
     """
 
     def __init__(self, *, model: dict[str, Any], letters: list[str], max_length: int,
-                 stage: str = "eval") -> None:
+                 stage: str = "eval", telemetry: dict[str, str] | None = None) -> None:
+        super().__init__(stage, telemetry)
         self.net, self.tok, self.device = _load(model)
         words = {f" {x}": self.tok(f" {x}", add_special_tokens=False)["input_ids"]
                  for x in letters}
         self.letter_ids = check_single_tokens(words, model["model"])
         self.max_length = max_length
-        self.stage = stage
-        self.metrics = StageMetrics(stage)
 
-    def _score(self, batch: pd.DataFrame) -> pd.DataFrame:
+    def process(self, batch: pd.DataFrame) -> pd.DataFrame:
         lp = letter_logprobs(self.net, self.tok, list(batch["prompt"]), self.letter_ids,
                              device=self.device, max_length=self.max_length)
         n = batch["n_options"].to_numpy()
         rows = [lp[i, : int(n[i])] for i in range(len(batch))]
         return pd.DataFrame({"id": batch["id"].to_numpy(), "letter_logp": rows,
                              "pred": [int(np.argmax(r)) for r in rows]})
-
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        with Timer() as t:
-            out = run_isolating_failures(batch, self._score, stage=self.stage)
-        self.metrics.record(rows=len(batch), rejected=int((out[ERROR_COLUMN] != "").sum()),
-                            seconds=t.seconds)
-        return out
 
 
 def response_nll(net, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -247,7 +227,7 @@ def response_nll(net, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return total.cpu().numpy(), m.sum(dim=1).cpu().numpy().astype(np.int64)
 
 
-class ResponseNLL:
+class ResponseNLL(Stage):
     """Gold-response negative log-likelihood (prompt given) of encoded QA rows.
 
     ``input_ids``, ``response_mask`` (as :func:`raydapt.data.qa.encode_pair` makes them) →
@@ -257,19 +237,12 @@ class ResponseNLL:
         model: {model, adapter, dtype, threads, device}.
     """
 
-    def __init__(self, *, model: dict[str, Any], stage: str = "eval-nll") -> None:
+    def __init__(self, *, model: dict[str, Any], stage: str = "eval-nll",
+                 telemetry: dict[str, str] | None = None) -> None:
+        super().__init__(stage, telemetry)
         self.net, self.tok, self.device = _load(model)
-        self.stage = stage
-        self.metrics = StageMetrics(stage)
 
-    def _nll(self, batch: pd.DataFrame) -> pd.DataFrame:
+    def process(self, batch: pd.DataFrame) -> pd.DataFrame:
         b = _pad(batch, self.tok.pad_token_id, self.device)
         s, n = response_nll(self.net, b["input_ids"], b["attention_mask"], b["response_mask"])
         return pd.DataFrame({"id": batch["id"].to_numpy(), "nll_sum": s, "n_tokens": n})
-
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        with Timer() as t:
-            out = run_isolating_failures(batch, self._nll, stage=self.stage)
-        self.metrics.record(rows=len(batch), rejected=int((out[ERROR_COLUMN] != "").sum()),
-                            seconds=t.seconds)
-        return out

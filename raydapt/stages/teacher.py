@@ -20,10 +20,10 @@ import pandas as pd
 
 from raydapt.engines.factory import make_engine
 from raydapt.stages.annotate import build_prompt, fit_demos, knn_distribution
-from raydapt.stages.common import ERROR_COLUMN, StageMetrics, Timer, run_isolating_failures
+from raydapt.stages.common import Stage
 
 
-class TeacherScore:
+class TeacherScore(Stage):
     """Score prompts with the teacher LLM.
 
     Args:
@@ -50,6 +50,7 @@ class TeacherScore:
         keep_hidden: bool = True, stage: str = "teacher",
         telemetry: dict[str, str] | None = None,
     ) -> None:
+        super().__init__(stage, telemetry)
         self.engine = make_engine(engine, label_words)
         self.template = template
         self.text_max_tokens = text_max_tokens
@@ -60,8 +61,6 @@ class TeacherScore:
         self.demo_labels = demo_labels or {}
         self._demo_cache: dict[str, tuple[str, int]] = {}
         self.keep_hidden = keep_hidden
-        self.stage = stage
-        self.metrics = StageMetrics(stage, **(telemetry or {}))
 
     def _demo(self, did: str) -> tuple[str, int]:
         """One demonstration, its text truncated on its own, rendered; and its token count."""
@@ -91,7 +90,7 @@ class TeacherScore:
             out.append(query)
         return out
 
-    def _score(self, batch: pd.DataFrame) -> pd.DataFrame:
+    def process(self, batch: pd.DataFrame) -> pd.DataFrame:
         res = self.engine.score(self.prompts(batch))
         out = {"id": batch["id"].tolist(), "llm_logp": list(res.label_logprobs.astype(np.float32)),
                "prompt_tokens": res.prompt_tokens.astype(np.int64)}
@@ -101,14 +100,12 @@ class TeacherScore:
             out["hidden"] = list(res.hidden.astype(np.float32))
         return pd.DataFrame(out)
 
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        with Timer() as t:
-            out = run_isolating_failures(batch, self._score, stage=self.stage)
-        bad = int((out[ERROR_COLUMN] != "").sum())
-        tokens = int(pd.to_numeric(out.get("prompt_tokens"), errors="coerce").fillna(0).sum())
-        self.metrics.record_batch(rows=len(batch), rejected=bad, seconds=t.seconds,
-                                  tokens=tokens)
-        return out
+    def counts(self, out: pd.DataFrame, good: int) -> dict[str, int]:
+        # a batch whose every row failed has no prompt_tokens column
+        if "prompt_tokens" not in out:
+            return {"tokens": 0}
+        return {"tokens": int(pd.to_numeric(out["prompt_tokens"], errors="coerce")
+                              .fillna(0).sum())}
 
 
 # --------------------------------------------------------------------------------------------
@@ -171,7 +168,7 @@ def loo_neighbours(keys: np.ndarray, k: int, *, kind: str = "flat"
             np.stack([r[m][:k] for r, m in zip(idx, keep)]))
 
 
-class KnnSearch:
+class KnnSearch(Stage):
     """Retrieve k nearest source keys for each row's ``hidden`` and form p_kNN."""
 
     def __init__(self, *, store: str, k: int, num_classes: int, tau: float,
@@ -179,16 +176,15 @@ class KnnSearch:
                  telemetry: dict[str, str] | None = None) -> None:
         import faiss
 
+        super().__init__(stage, telemetry)
         self.index = faiss.read_index(str(Path(store) / "index.faiss"))
         vals = pd.read_parquet(Path(store) / "values.parquet")
         self.ids = vals["id"].to_numpy()
         self.y = vals["y"].to_numpy()
         self.k, self.C, self.tau, self.norm = k, num_classes, tau, distance_norm
         self.exclude_self = exclude_self
-        self.metrics = StageMetrics(stage, **(telemetry or {}))
-        self.stage = stage
 
-    def _search(self, batch: pd.DataFrame) -> pd.DataFrame:
+    def process(self, batch: pd.DataFrame) -> pd.DataFrame:
         q = np.stack(batch["hidden"].to_numpy()).astype(np.float32)
         kk = self.k + 1 if self.exclude_self else self.k
         d, idx = self.index.search(q, min(kk, self.index.ntotal))
@@ -204,10 +200,3 @@ class KnnSearch:
             "nbr_dist": list(d.astype(np.float32)),
             "p_knn": list(p),
         })
-
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        with Timer() as t:
-            out = run_isolating_failures(batch, self._search, stage=self.stage)
-        self.metrics.record_batch(rows=len(batch), rejected=int((out[ERROR_COLUMN] != "").sum()),
-                                  seconds=t.seconds)
-        return out

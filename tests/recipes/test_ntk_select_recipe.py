@@ -93,7 +93,7 @@ def test_stage2_scores_sharded_resume(ray_local, tmp_path):
     from raydapt.core.cache import StageCache
     from raydapt.core.tracking import Tracker
     from raydapt.data.qa import pad_batch
-    from raydapt.recipes.ntk_select import stage2_scores
+    from raydapt.recipes.ntk_select import STAGE_VERSIONS, stage2_scores
     from raydapt.select.ntk import RademacherProjector, per_sample_grads, trainable_params
     from raydapt.train.lora import load_causal_lm
 
@@ -112,7 +112,7 @@ def test_stage2_scores_sharded_resume(ray_local, tmp_path):
                         "select": {"proj_dim": 32, "proj_chunk_rows": 256, "shard_rows": 3,
                                    "grad_micro_batch": 2, "grad_pool": pool_sec}})
     against = np.random.default_rng(0).normal(size=32).astype(np.float32)
-    cache = StageCache(cfg.run.cache_dir)
+    cache = StageCache(cfg.run.cache_dir, versions=STAGE_VERSIONS)
     tracker = Tracker(enabled=False, uri="sqlite:///unused.db", experiment="x",
                       artifact_location="")
     got = stage2_scores(cfg, cache, tracker, adapter=adapter, rows=rows, kind="ntk",

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from raydapt.cli import main
 
@@ -138,3 +139,13 @@ def test_simda_end_to_end(tmp_path, capsys, monkeypatch, tiny_simda_job, data_di
     sel = [r for r in runs2 if r.data.tags.get("mlflow.runName") == "select-on-dev"]
     assert len(sel) == 1 and sel[0].data.metrics["best_dev_accuracy"] == pytest.approx(
         chosen["best"]["accuracy"])
+    # the recorded config is the config that ran: the chosen k / tau / lam under their own
+    # keys, the job file's values beside them as <key>.requested (issue 27)
+    p2 = client.get_run(sel[0].data.tags["mlflow.parentRunId"])
+    for key in ("k", "tau", "lam"):
+        assert float(p2.data.params[f"annotate.{key}"]) == float(res2[key]), key
+    assert p2.data.params["annotate.k.requested"] == "8"
+    assert p2.data.params["annotate.lam.requested"] == "0.5"
+    ran = yaml.safe_load((out / "config.yaml").read_text())
+    assert ran["annotate"]["k"] == res2["k"] and ran["annotate"]["lam"] == res2["lam"]
+    assert "#   annotate.k: " in (out / "config.yaml").read_text()

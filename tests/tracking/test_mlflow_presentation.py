@@ -7,6 +7,7 @@ import json
 
 import pandas as pd
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 from raydapt.config import load_job
@@ -115,3 +116,35 @@ def test_standard_run_metadata_and_datasets(tmp_path, store):
            for i in inputs}
     assert got == {"source": ("0123456789abcdef", "/data/books.jsonl"),
                    "target": ("fedcba9876543210", "target")}
+
+
+def test_params_and_config_yaml_are_the_config_that_ran(tmp_path, store, tiny_simda_job):
+    """Keys chosen at run time (SimDA's k / tau / lam on source labels, the template): the
+    params hold the chosen value once chosen and the job file's as ``<key>.requested``; the
+    config.yaml artifact and file are rewritten with the chosen values (issue 27)."""
+    path = tiny_simda_job(tmp_path, tracking={"uri": store, "experiment": "ui-ran"},
+                          annotate={"k": 32, "lam": 0.5, "select_on_source": True},
+                          teacher={"templates": ["A: {text}", "B: {text}"]})
+    cfg = load_job(path)
+    assert cfg.chosen_at_run_time() == ["teacher.template", "annotate.k", "annotate.tau",
+                                        "annotate.lam"]
+    with job_context(cfg, ray=False) as ctx:
+        run_id = ctx.parent.run_id
+        before = MlflowClient(tracking_uri=ctx.tracker.uri).get_run(run_id).data.params
+        ran = cfg.model_copy(update={
+            "annotate": cfg.annotate.model_copy(update={"k": 16, "tau": 0.3, "lam": 0.4}),
+            "teacher": cfg.teacher.model_copy(update={"template": "B: {text}"})})
+        ctx.record_config(ran)
+    assert "annotate.k" not in before and before["annotate.k.requested"] == "32"
+    params = MlflowClient(tracking_uri=ctx.tracker.uri).get_run(run_id).data.params
+    assert (params["annotate.k"], params["annotate.tau"], params["annotate.lam"]) == (
+        "16", "0.3", "0.4")
+    assert params["annotate.k.requested"] == "32" and params["annotate.lam.requested"] == "0.5"
+    assert params["teacher.template"] == "B: {text}"
+    assert params["annotate.k_grid"] == json.dumps(cfg.annotate.k_grid)  # the rest as before
+    text = (ctx.out / "config.yaml").read_text()
+    assert yaml.safe_load(text)["annotate"]["k"] == 16
+    assert "#   annotate.k: 16  (requested 32)" in text
+    art = MlflowClient(tracking_uri=ctx.tracker.uri).download_artifacts(
+        run_id, "config.yaml", str(tmp_path / "dl"))
+    assert open(art).read() == text

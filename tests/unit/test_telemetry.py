@@ -52,7 +52,8 @@ def test_checked_in_dashboard_is_up_to_date():
 
 
 def fed_in_code(pkg: Path = PKG) -> set[str]:
-    """What stage code feeds: the keywords of every ``record_batch`` / ``record`` call and a
+    """What stage code feeds: the keywords of every ``record_batch`` call, the keys a stage's
+    ``counts`` returns, and a
     ``timed_stage`` entry when it is called (read from the source with ``ast``; the telemetry
     module itself does not count)."""
     fed: set[str] = set()
@@ -64,12 +65,19 @@ def fed_in_code(pkg: Path = PKG) -> set[str]:
                 continue
             name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(
                 node.func, "id", "")
-            if name in ("record_batch", "record"):
+            if name == "record_batch":
                 kws = {k.arg for k in node.keywords if k.arg}
-                if "rows" in kws:  # a StageTelemetry call, not some other .record()
+                if "rows" in kws:  # a StageTelemetry call, not some other .record_batch()
                     fed |= kws
             elif name == "timed_stage":
                 fed.add("timed_stage")
+        # a Stage subclass's own counts (stages/common.Stage.counts): the keys it returns
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.FunctionDef) and node.name == "counts":
+                for ret in ast.walk(node):
+                    if isinstance(ret, ast.Return) and isinstance(ret.value, ast.Dict):
+                        fed |= {k.value for k in ret.value.keys
+                                if isinstance(k, ast.Constant)}
     return fed
 
 
@@ -215,3 +223,29 @@ def test_knn_stage_metrics_reach_the_ray_metrics_agent(tmp_path):
     stage_s = _value(lines, "ray_raydapt_stage_seconds", stage="read", method="simda",
                      run="metrics-test")
     assert stage_s is not None and stage_s >= 0.05, lines
+
+
+def test_every_stage_in_a_recipe_is_tagged_with_method_and_run():
+    """The dashboards filter every panel by method / run / stage: each Ray Data stage a recipe
+    builds passes ``telemetry`` (method and run tags), and those are the dashboard's filter
+    variables."""
+    from raydapt.core.telemetry import StageTelemetry
+
+    stages = {"TeacherScore", "KnnSearch", "EmbedLM", "GradProject", "MCScore", "ResponseNLL"}
+    seen = 0
+    for f in (PKG / "recipes").glob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr == "map_batches" and node.args
+                    and isinstance(node.args[0], ast.Name) and node.args[0].id in stages):
+                continue
+            seen += 1
+            kw = {k.arg: k.value for k in node.keywords}["fn_constructor_kwargs"]
+            keys = ({k.arg for k in kw.keywords} if isinstance(kw, ast.Call)
+                    else {k.value for k in kw.keys if isinstance(k, ast.Constant)})
+            assert "telemetry" in keys, f"{f.name}:{node.lineno} {node.args[0].id} untagged"
+    assert seen >= 7
+    model = json.loads((REPO / "dashboards" / "grafana" / "raydapt.json").read_text())
+    filters = {v["name"] for v in model["templating"]["list"] if v["type"] == "query"}
+    assert filters == set(StageTelemetry("x", method="m", run="r").tags) == {
+        "method", "run", "stage"}

@@ -75,7 +75,6 @@ def test_gpu_job_autoscaling_vllm_pool_and_engine_kwargs():
     from pathlib import Path
 
     from raydapt.config import ConfigError, load_job
-    from raydapt.engines.factory import engine_kwargs
     from raydapt.stages.common import pool_kwargs as _pool
 
     job = Path(__file__).resolve().parents[2] / "jobs" / "simda" / "amazon-mistral7b.gpu.yaml"
@@ -84,11 +83,11 @@ def test_gpu_job_autoscaling_vllm_pool_and_engine_kwargs():
     pool = _pool(cfg.teacher.pool)
     assert (pool["compute"].min_size, pool["compute"].max_size) == (1, 8)
     assert pool["num_gpus"] == 1
-    kw = engine_kwargs(cfg.teacher)  # a prompt-only pass: vLLM with the job's engine kwargs
+    kw = cfg.teacher.engine_args()  # a prompt-only pass: vLLM with the job's engine kwargs
     assert kw["backend"] == "vllm" and kw["device"] == "cuda"
     assert kw["engine_kwargs"]["max_model_len"] == 2048
     assert kw["engine_kwargs"]["tensor_parallel_size"] == 1
-    assert engine_kwargs(cfg.teacher, need_hidden=True)["backend"] == "hf"  # keys come from hf
+    assert cfg.teacher.engine_args(need_hidden=True)["backend"] == "hf"  # keys come from hf
     with pytest.raises(ConfigError, match="tensor_parallel_size=2 needs teacher.pool.num_gpus"):
         load_job(job, ["teacher.vllm.tensor_parallel_size=2"])
     two = load_job(job, ["teacher.vllm.tensor_parallel_size=2", "teacher.pool.num_gpus=2",

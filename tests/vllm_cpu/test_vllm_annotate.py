@@ -4,7 +4,7 @@ Runs only in the vLLM venv (``bash scripts/setup-vllm.sh && .venv-vllm/bin/pytho
 vllm tests/vllm_cpu``); the core venv has no vLLM and skips this module at import. One vLLM engine
 start (~50-130 s on 2 cores) serves every assertion, so everything runs in one pass:
 
-- the recipe's teacher stage (``raydapt.recipes.simda._run_teacher``: Ray Data, an actor pool
+- the recipe's teacher stage (``raydapt.recipes.simda.run_teacher``: Ray Data, an actor pool
   with ``concurrency: [min, max]``, ``TeacherScore``) with ``teacher.backend: vllm`` on the
   packaged SmolLM2-135M-Instruct over 32 Amazon kitchen reviews, then the same stage with
   ``backend: hf`` on the same rows;
@@ -77,9 +77,9 @@ def rows(data_dir):
 def _stage(rows, backend: str):
     import pandas as pd
 
-    from raydapt.recipes.simda import _run_teacher
+    from raydapt.recipes.simda import run_teacher
 
-    out = _run_teacher(rows, _job(backend), keep_hidden=False, stage=f"teacher-{backend}")
+    out = run_teacher(rows, _job(backend), keep_hidden=False, stage=f"teacher-{backend}")
     # block by block, as the recipe streams it (blocks with rejects hold nulls, not tensors)
     df = pd.concat(list(out.iter_batches(batch_format="pandas", batch_size=None)),
                    ignore_index=True) if hasattr(out, "iter_batches") else out
