@@ -147,9 +147,10 @@ class Fit:
 class Loop:
     """How :func:`run` drives a fit on one worker.
 
-    ``scratch``: where rank 0 writes the per-epoch checkpoint before Ray Train persists it
-    (None: no per-epoch checkpoint; with ``ray`` the fit's :meth:`Fit.finish` reports);
     ``ray``: inside a Ray Train worker (resume and report), else in-process;
+    ``report_every_epoch``: report the epoch's metrics to Ray Train after every epoch (off: the
+    fit's :meth:`Fit.finish` reports once); ``scratch``: where rank 0 writes the checkpoint of
+    each report before Ray Train persists it (None: reports without a checkpoint);
     ``rows_per_step``: rows one worker trains on per step (the rows/s of the progress line and
     the telemetry)."""
 
@@ -163,6 +164,7 @@ class Loop:
     world: int = 1
     scratch: str | None = None
     ray: bool = True
+    report_every_epoch: bool = True
     resume: bool = True
     telemetry: Any = None  # raydapt.core.telemetry.StageTelemetry: one record per step
 
@@ -204,7 +206,7 @@ def _report(fit: Fit, loop: Loop, epoch: int, metrics: dict[str, Any],
     import ray.train
 
     checkpoint = None
-    if loop.rank == 0:
+    if loop.rank == 0 and loop.scratch is not None:
         d = Path(loop.scratch) / f"ckpt-{epoch}"
         d.mkdir(parents=True, exist_ok=True)
         torch.save({"model": fit.model.state_dict(), **loop.optimiser.state_dict(),
@@ -257,7 +259,7 @@ def run(fit: Fit, loop: Loop) -> Any:
         metrics: dict[str, Any] = {"epoch": epoch + 1, "loss": float(np.mean(losses or [0]))}
         fit.end_epoch(epoch, metrics, r)
         r.history.append(dict(metrics))
-        if loop.ray and loop.scratch is not None:
+        if loop.ray and loop.report_every_epoch:
             _report(fit, loop, epoch, metrics, r.history)
     return fit.finish(r)
 

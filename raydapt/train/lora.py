@@ -266,7 +266,7 @@ def lora_sft_loop(config: dict[str, Any]) -> None:
     # not resumable: a LoRA fit reports once, at its end (a retried one starts again)
     run(fit, Loop(name=c.name, steps=steps, optimiser=DeepSpeedOptimiser(engine), log=log,
                   log_every=c.log_every, rows_per_step=micro, rank=rank, world=world,
-                  scratch=None, resume=False))
+                  report_every_epoch=False, resume=False))
 
 
 def fit_lora(*, name: str, train_ds, n_rows: int, model: str, lora: dict[str, Any],
