@@ -83,9 +83,10 @@ class DALLMiTrainSection(TrainSection):
     """A fit of the classifier (source fine-tune or target adaptation)."""
 
     in_process: bool = Field(
-        FitTrain.in_process, description="Run the training loop in this process instead of a TorchTrainer "
-        "(needs num_workers: 1; no Ray Train start-up, for grids and Tune trials).")
-    log_every: int = Field(FitTrain.log_every, ge=0, description="Steps between progress lines (0 = 4 per epoch).")
+        FitTrain.in_process, description="Run the training loop in this process instead of a "
+        "TorchTrainer (needs num_workers: 1; no Ray Train start-up, for grids and Tune trials).")
+    log_every: int = Field(FitTrain.log_every, ge=0,
+                           description="Steps between progress lines (0 = 4 per epoch).")
 
     @model_validator(mode="after")
     def _in_process_single(self) -> DALLMiTrainSection:
@@ -97,9 +98,12 @@ class DALLMiTrainSection(TrainSection):
 class AADSection(Section):
     """Adversarial adaptation with distillation (Ryu & Lee 2020; bzantium/bert-AAD defaults)."""
 
-    gen_weight: float = Field(AADLoss.gen_weight, ge=0, description="alpha: weight of the encoder's GAN loss.")
-    kd_weight: float = Field(AADLoss.kd_weight, ge=0, description="beta: weight of the distillation loss.")
-    temperature: float = Field(AADLoss.temperature, gt=0, description="KD temperature T (loss scaled by T^2).")
+    gen_weight: float = Field(AADLoss.gen_weight, ge=0,
+                              description="alpha: weight of the encoder's GAN loss.")
+    kd_weight: float = Field(AADLoss.kd_weight, ge=0,
+                             description="beta: weight of the distillation loss.")
+    temperature: float = Field(AADLoss.temperature, gt=0,
+                               description="KD temperature T (loss scaled by T^2).")
     disc_lr: float = Field(AADLoss.disc_lr, gt=0, description="Discriminator learning rate.")
     disc_hidden: int = Field(AADLoss.disc_hidden, ge=1, description="Discriminator hidden width.")
 
@@ -110,13 +114,16 @@ class AdaptSection(DALLMiTrainSection):
     alpha: float = Field(PULoss.alpha, gt=0, description="MixUp mu ~ Beta(alpha, beta).")
     beta: float = Field(PULoss.beta, gt=0)
     lam: float = Field(PULoss.lam, ge=0, description="Weight of the MixUp regulariser.")
-    mixup_level: Literal["embedding", "encoder", "pooled"] = PULoss.mixup_level  # type: ignore[assignment]
-    mixup_grad: bool = Field(PULoss.mixup_grad, description="False reproduces the reference code's detached "
-                             "regulariser.")
+    mixup_level: Literal["embedding", "encoder", "pooled"] = (
+        PULoss.mixup_level)  # type: ignore[assignment]
+    mixup_grad: bool = Field(PULoss.mixup_grad, description="False reproduces the reference "
+                             "code's detached regulariser.")
     positive_reduction: Literal["norm", "mean"] = Field(
-        PULoss.positive_reduction, description="Positive term of the norm loss: L2 norm (paper) or mean.")
-    random_share: float = Field(PULoss.random_share, ge=0, le=1, description="Share of each cycle-sampler "
-                                "batch drawn uniformly (rows without observed positives).")
+        PULoss.positive_reduction,  # type: ignore[arg-type]
+        description="Positive term of the norm loss: L2 norm (paper) or mean.")
+    random_share: float = Field(PULoss.random_share, ge=0, le=1, description="Share of each "
+                                "cycle-sampler batch drawn uniformly (rows without observed "
+                                "positives).")
     detach_target: bool = PULoss.detach_target
     aad: AADSection = Field(default_factory=AADSection)
 

@@ -65,8 +65,9 @@ class LoRASection(Section):
 
 
 class LoRATrainSection(Section):
-    """A LoRA fit on Ray Train with DeepSpeed (defaults: :class:`raydapt.train.settings.LoRATrain`,
-    defined once)."""
+    """A LoRA fit on Ray Train with DeepSpeed."""
+
+    # the defaults are LoRATrain's (raydapt.train.settings): every setting is defined once
 
     num_workers: int = Field(LoRATrain.num_workers, ge=1,
                              description="Ray Train workers (gloo on CPU, NCCL on GPU).")

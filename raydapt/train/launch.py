@@ -1,8 +1,9 @@
 """One Ray Train launcher for every fit (SimDA students, DALLMi classifiers, NTK LoRA).
 
-Each fit module owns its per-worker loop (and :mod:`raydapt.train.settings` its settings); how the loop reaches Ray Train —
-workers, CPUs / GPUs and custom resources per worker, the process-group backend, retries,
-checkpoint retention, run name and storage — is decided here once, from a :class:`Workers`.
+Each fit module owns its per-worker loop (:mod:`raydapt.train.settings` its settings); how the
+loop reaches Ray Train — workers, CPUs / GPUs and custom resources per worker, the
+process-group backend, retries, checkpoint retention, run name and storage — is decided here
+once, from a :class:`Workers`.
 """
 
 from __future__ import annotations

@@ -115,7 +115,8 @@ class StudentFit(Fit):
                                                                         per_worker, log)
 
     def start_epoch(self, epoch: int) -> None:
-        # RNG from (seed, epoch, rank): a run resumed at epoch e draws what an uninterrupted one does
+        # RNG from (seed, epoch, rank): a run resumed at epoch e draws what an uninterrupted
+        # one does
         torch.manual_seed(self.c.seed * 100_003 + epoch * 101 + self.rank)
         # train mode every epoch: from_pretrained returns the encoder in eval mode (dropout off),
         # so without this a fresh run's first epoch and a resumed run's first epoch differ
@@ -141,7 +142,7 @@ class StudentFit(Fit):
 
         c, t = self.c, self.c.train
         metrics.update(steps=run.step, rows=c.train_rows)
-        if t.eval_every_epoch or epoch == run.steps.epochs - 1:  # the last epoch is always evaluated
+        if t.eval_every_epoch or epoch == run.steps.epochs - 1:  # the last one: always
             cm = torch.as_tensor(_evaluate(self.ddp, self.tok, self.eval_rows, t.max_length,
                                            self.rank, self.world, c.num_classes))
             if dist.is_available() and dist.is_initialized():
