@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, Val
 from raydapt import RaydaptError
 from raydapt.core.secrets import redact
 from raydapt.methods import METHODS, config_classes
+from raydapt.train.settings import OptimFields
 
 
 class ConfigError(RaydaptError):
@@ -135,18 +136,22 @@ class EngineSection(Section):
 
 
 class TrainSection(Section):
-    """A Ray Train fit: workers, optimisation and (optionally) DeepSpeed."""
+    """A Ray Train fit: workers and optimisation. The defaults are the fit settings' own
+    (:mod:`raydapt.train.settings`, defined once)."""
 
-    num_workers: int = Field(2, ge=1, description="Ray Train workers (gloo on CPU).")
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(1, gt=0)
-    epochs: int = Field(3, ge=1)
-    batch_size: int = Field(32, ge=1, description="Global batch size (split across workers).")
-    lr: float = Field(5e-5, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
-    warmup_ratio: float = Field(0.1, ge=0, lt=1)
-    max_length: int = Field(128, gt=8, description="Student tokens per text.")
-    max_failures: int = Field(1, ge=0, description="Worker failures Ray Train retries.")
+    num_workers: int = Field(OptimFields.num_workers, ge=1,
+                             description="Ray Train workers (gloo on CPU).")
+    use_gpu: bool = OptimFields.use_gpu
+    cpus_per_worker: float = Field(OptimFields.cpus_per_worker, gt=0)
+    epochs: int = Field(OptimFields.epochs, ge=1)
+    batch_size: int = Field(OptimFields.batch_size, ge=1,
+                            description="Global batch size (split across workers).")
+    lr: float = Field(OptimFields.lr, gt=0)
+    weight_decay: float = Field(OptimFields.weight_decay, ge=0)
+    warmup_ratio: float = Field(OptimFields.warmup_ratio, ge=0, lt=1)
+    max_length: int = Field(OptimFields.max_length, gt=8, description="Student tokens per text.")
+    max_failures: int = Field(OptimFields.max_failures, ge=0,
+                              description="Worker failures Ray Train retries.")
     resources: dict[str, float] = Field(
         default_factory=dict, description="Custom Ray resources per worker, e.g. "
         "{train_gpu: 1}: steers the workers to the node type that offers them (cluster/).")

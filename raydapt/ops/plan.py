@@ -19,7 +19,7 @@ import math
 import os
 import re
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,8 @@ from raydapt import RaydaptError
 from raydapt.core.assets import load_tokenizer
 from raydapt.data.readers import split_and_subsample
 from raydapt.methods import METHODS, names
+from raydapt.train import Steps, per_worker_batch
+from raydapt.train.settings import FitTrain, LoRATrain, StudentTrain, from_section
 
 TABLE_PATH = Path(__file__).with_name("plan_table.yaml")
 
@@ -212,11 +214,41 @@ def llm_stage(name: str, *, rows: int | None, tokens_per_row: float | None, para
                                batch_size=pool.batch_size, backend=backend), note=note)
 
 
+def fit_steps(settings, rows: int | None, *, name: str) -> tuple[Steps | None, str | None]:
+    """A fit's :class:`~raydapt.train.Steps` on ``rows`` by the one rule the training loop
+    runs (``settings.steps_for``: StudentTrain, FitTrain or LoRATrain), or (None, why) when
+    the rows are unknown or no optimiser step would run."""
+    if rows is None:
+        return None, None
+    try:
+        return settings.steps_for(rows, name=name), None
+    except RaydaptError as e:
+        return None, str(e)
+
+
+def rows_per_step(settings) -> int:
+    """Rows one (micro) step of a fit consumes over all its workers."""
+    w = 1 if getattr(settings, "in_process", False) else settings.num_workers
+    if isinstance(settings, FitTrain):  # DALLMi: batch_size // workers rows per worker
+        return per_worker_batch(settings.batch_size, w) * w
+    return per_worker_batch(settings.batch_size, w, getattr(settings, "grad_accum", 1)) * w
+
+
+def steps_note(steps: Steps | None, per_step: int, why: str | None, *, passes: int = 1,
+               prefix: str = "") -> tuple[int | None, str | None]:
+    """(examples, note) of a fit of ``steps`` steps of ``per_step`` rows (x ``passes``)."""
+    if steps is None:
+        return None, (f"no optimiser step would run: {why}" if why else None)
+    ex = steps.total * per_step * passes
+    return ex, (f"{prefix}{steps.total} steps ({steps.epochs} epochs of {steps.per_epoch}) x "
+                f"{per_step} rows{' x 2 passes' if passes == 2 else ''} = {ex:,} examples")
+
+
 def train_stage(name: str, *, examples: int | None, tokens_per_example: int, params: float,
                 train, table: dict[str, Any], gpu: str, epochs: int | None = None,
                 rows: int | None = None, seen: str | None = None) -> StagePlan:
-    """One Ray Train fit: ``examples`` seen (``rows`` x ``epochs``, or what ``seen`` says, e.g. a
-    fixed step budget) at ``tokens_per_example``."""
+    """One Ray Train fit: ``examples`` seen (steps x rows per step, by the one step rule; see
+    :func:`fit_steps`, what ``seen`` says) at ``tokens_per_example``."""
     dev = "gpu" if train.use_gpu else "cpu"
     kind = gpu if dev == "gpu" else "cpu"
     hours = None
@@ -402,18 +434,24 @@ def plan_simda(cfg, table: dict[str, Any], gpu: str) -> Plan:
                                 params=params, backend=t.backend, pool=t.pool, table=table,
                                 gpu=gpu))
     s_params, s_how = model_params(dist.student, table)
+    # the students' steps by the rule their loop runs (StudentTrain.steps_for): step-matched
+    # students get distill.steps, or `epochs` epochs over the target-train rows; each cycles
+    # its own rows for them; source_only_all makes `epochs` passes over the source rows
+    st = from_section(StudentTrain, dist, min_confidence=0.0)
+    matched, why = (st.steps, None) if st.steps else (None, None)
+    if matched is None:
+        m, why = fit_steps(st, n_tr, name="distill")
+        matched = m and m.total
     for v in dist.variants:
-        # step-matched students see what the distilled ones see (distill.steps or epochs over
-        # the target-train rows); source_only_all makes `epochs` passes over the source rows
         n_v = n_src if v in ("source_only", "source_only_all") else n_tr
         if v == "source_only_all":
-            ex, seen = None if n_src is None else n_src * dist.epochs, None
-        elif dist.steps:
-            ex = dist.steps * dist.batch_size
-            seen = f"step-matched: {dist.steps} steps = {ex:,} examples"
+            steps, err = fit_steps(replace(st, steps=None), n_v, name=f"student-{v}")
+        elif matched is None:
+            steps, err = None, why
         else:
-            ex = None if n_tr is None else n_tr * dist.epochs
-            seen = None if ex is None else f"step-matched: {ex:,} examples"
+            steps, err = fit_steps(replace(st, steps=matched), n_v, name=f"student-{v}")
+        ex, seen = steps_note(steps, rows_per_step(st), err,
+                              prefix="" if v == "source_only_all" else "step-matched: ")
         stages.append(train_stage(f"student-{v}", examples=ex, tokens_per_example=dist.max_length,
                                   params=s_params, train=dist, table=table, gpu=gpu,
                                   epochs=dist.epochs, rows=n_v, seen=seen))
@@ -492,19 +530,25 @@ def plan_dallmi(cfg, table: dict[str, Any], gpu: str) -> Plan:
                  "= 6 x params x rows x epochs x max_length; dallmi / aad fits x2 for the "
                  "extra MixUp / discriminator passes")
     stages = [StagePlan("read", counts and sum(counts.values()), note="driver")]
-    stages.append(train_stage("source", examples=n_src and n_src * cfg.source.epochs,
+    # steps by the rule the loop runs (FitTrain.steps_for)
+    src = from_section(FitTrain, cfg.source)
+    steps, why = fit_steps(src, n_src, name="source")
+    ex, seen = steps_note(steps, rows_per_step(src), why)
+    stages.append(train_stage("source", examples=ex,
                               tokens_per_example=cfg.source.max_length, params=params,
-                              train=cfg.source, table=table, gpu=gpu, epochs=cfg.source.epochs))
+                              train=cfg.source, table=table, gpu=gpu, rows=n_src,
+                              epochs=cfg.source.epochs, seen=seen))
+    adapt = from_section(FitTrain, cfg.adapt)
     for m in cfg.methods:
         if m == "no_adapt":
             continue
         factor = 2 if m in ("dallmi", "dallmi_log", "aad") else 1
-        ex = n_tr and n_tr * cfg.adapt.epochs * factor
+        steps, why = fit_steps(adapt, n_tr, name=f"adapt-{m}")
+        ex, seen = steps_note(steps, rows_per_step(adapt), why, passes=factor)
         stages.append(train_stage(
             f"adapt-{m}", examples=ex, tokens_per_example=cfg.adapt.max_length, params=params,
             train=cfg.adapt, table=table, gpu=gpu, rows=n_tr, epochs=cfg.adapt.epochs,
-            seen=None if factor == 1 or ex is None else
-            f"{cfg.adapt.epochs} epochs x 2 passes = {ex:,} examples"))
+            seen=seen))
     stages.append(StagePlan("evaluate", n_te and n_te * len(cfg.methods),
                             note="test rows x methods, forward only"))
     return Plan("dallmi", gpu, stages, notes=notes)
@@ -530,11 +574,15 @@ def plan_ntk_select(cfg, table: dict[str, Any], gpu: str) -> Plan:
                  f"format.max_length = {tok} (an upper bound); LoRA fits counted at the full "
                  "6 x params FLOP per token")
     runs = len(s.selectors) + len(s.baselines)
+    # micro steps by the rule the loop runs (LoRATrain.steps_for)
+    warm, fine = from_section(LoRATrain, cfg.warmup), from_section(LoRATrain, cfg.finetune)
+    steps, why = fit_steps(warm, n_d, name="warmup")
+    ex, seen = steps_note(steps, rows_per_step(warm), why)
     stages = [
         StagePlan("read", None if pool is None else pool + n_d + n_eval, note="driver"),
-        train_stage("warmup", examples=n_d * cfg.warmup.epochs, tokens_per_example=tok,
-                    params=params, train=cfg.warmup, table=table, gpu=gpu,
-                    epochs=cfg.warmup.epochs),
+        train_stage("warmup", examples=ex, tokens_per_example=tok,
+                    params=params, train=cfg.warmup, table=table, gpu=gpu, rows=n_d,
+                    epochs=cfg.warmup.epochs, seen=seen),
         llm_stage("embed", rows=None if pool is None else pool + n_d, tokens_per_row=tok,
                   params=params, backend="hf", pool=s.embed_pool, table=table, gpu=gpu),
         llm_stage("grad", rows=None if m is None else m + n_d, tokens_per_row=tok, params=params,
@@ -544,9 +592,12 @@ def plan_ntk_select(cfg, table: dict[str, Any], gpu: str) -> Plan:
     ]
     for sel in [*s.selectors, *[b for b in s.baselines if b == "domain_only"]]:
         rows = n_d + (0 if sel == "domain_only" else n_sel)
-        stages.append(train_stage(f"finetune-{sel}", examples=rows * cfg.finetune.epochs,
+        steps, why = fit_steps(fine, rows, name=f"finetune-{sel}")
+        ex, seen = steps_note(steps, rows_per_step(fine), why)
+        stages.append(train_stage(f"finetune-{sel}", examples=ex,
                                   tokens_per_example=tok, params=params, train=cfg.finetune,
-                                  table=table, gpu=gpu, epochs=cfg.finetune.epochs))
+                                  table=table, gpu=gpu, rows=rows, epochs=cfg.finetune.epochs,
+                                  seen=seen))
     stages.append(llm_stage("eval", rows=n_eval * runs, tokens_per_row=cfg.eval.max_length,
                             params=params, backend="hf", pool=cfg.eval.pool, table=table,
                             gpu=gpu, note=f"{n_eval} items x {runs} models"))

@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,7 @@ from raydapt.train.multilabel import (
     predict_probs,
     tokenizer,
 )
+from raydapt.train.settings import from_section
 
 ADAPT_OBJECTIVE = {"bce_partial": ("bce", None), "bce_oracle": ("bce", None),
                    "aad": ("aad", None), "dallmi": ("dallmi", "norm"),
@@ -101,7 +102,7 @@ def _encoder(cfg: DALLMiJob, n_labels: int, init_state: str | None = None) -> En
 
 
 def _fit_train(section: DALLMiTrainSection) -> FitTrain:
-    return FitTrain(**section.model_dump(include={f.name for f in fields(FitTrain)}))
+    return from_section(FitTrain, section)
 
 
 def _loop(cfg: DALLMiJob, section: DALLMiTrainSection, *, name: str, objective: str,
@@ -257,15 +258,13 @@ def adapt(cfg: DALLMiJob, prep: Prepared, method: str, *, out: Path,
     objective, mode = ADAPT_OBJECTIVE[method]
     a = cfg.adapt
     y = prep.y_train if method == "bce_oracle" else prep.observed
-    pu = PULoss(alpha=a.alpha, beta=a.beta, lam=a.lam, mixup_level=a.mixup_level,
-                mixup_grad=a.mixup_grad, positive_reduction=a.positive_reduction,
-                random_share=a.random_share, detach_target=a.detach_target, mode=mode or "norm")
+    pu = from_section(PULoss, a, mode=mode or "norm")
     if objective == "dallmi":
         check_cycle_batch(cfg, int((y.sum(0) > 0).sum()))
     lc = _loop(cfg, a, name=f"{cfg.run.name}-{method}", objective=objective,
                vocab=prep.vocab, texts=prep.target_train["text"], y=y,
                eval_texts=prep.target_test["text"], eval_y=prep.y_test, seed=cfg.run.seed,
-               init_state=prep.source_state, pu=pu, aad=AADLoss(**a.aad.model_dump()),
+               init_state=prep.source_state, pu=pu, aad=from_section(AADLoss, a.aad),
                source_texts=list(prep.source["text"]),
                mlflow_uri=mlflow_uri if run_log is not None and run_log.enabled else None,
                mlflow_run_id=run_log.run_id if run_log is not None else None,

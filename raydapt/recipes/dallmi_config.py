@@ -14,6 +14,7 @@ from raydapt.config import (
     TrainSection,
     data_root,
 )
+from raydapt.train.settings import AADLoss, FitTrain, PULoss
 
 PUBMED_LABELS = ["A", "B", "C", "D", "E", "F", "G", "H", "I", "J", "L", "M", "N", "Z"]
 
@@ -82,9 +83,10 @@ class DALLMiTrainSection(TrainSection):
     """A fit of the classifier (source fine-tune or target adaptation)."""
 
     in_process: bool = Field(
-        False, description="Run the training loop in this process instead of a TorchTrainer "
-        "(needs num_workers: 1; no Ray Train start-up, for grids and Tune trials).")
-    log_every: int = Field(0, ge=0, description="Steps between progress lines (0 = 4 per epoch).")
+        FitTrain.in_process, description="Run the training loop in this process instead of a "
+        "TorchTrainer (needs num_workers: 1; no Ray Train start-up, for grids and Tune trials).")
+    log_every: int = Field(FitTrain.log_every, ge=0,
+                           description="Steps between progress lines (0 = 4 per epoch).")
 
     @model_validator(mode="after")
     def _in_process_single(self) -> DALLMiTrainSection:
@@ -96,27 +98,33 @@ class DALLMiTrainSection(TrainSection):
 class AADSection(Section):
     """Adversarial adaptation with distillation (Ryu & Lee 2020; bzantium/bert-AAD defaults)."""
 
-    gen_weight: float = Field(1.0, ge=0, description="alpha: weight of the encoder's GAN loss.")
-    kd_weight: float = Field(1.0, ge=0, description="beta: weight of the distillation loss.")
-    temperature: float = Field(20.0, gt=0, description="KD temperature T (loss scaled by T^2).")
-    disc_lr: float = Field(1e-5, gt=0, description="Discriminator learning rate.")
-    disc_hidden: int = Field(3072, ge=1, description="Discriminator hidden width.")
+    gen_weight: float = Field(AADLoss.gen_weight, ge=0,
+                              description="alpha: weight of the encoder's GAN loss.")
+    kd_weight: float = Field(AADLoss.kd_weight, ge=0,
+                             description="beta: weight of the distillation loss.")
+    temperature: float = Field(AADLoss.temperature, gt=0,
+                               description="KD temperature T (loss scaled by T^2).")
+    disc_lr: float = Field(AADLoss.disc_lr, gt=0, description="Discriminator learning rate.")
+    disc_hidden: int = Field(AADLoss.disc_hidden, ge=1, description="Discriminator hidden width.")
 
 
 class AdaptSection(DALLMiTrainSection):
     """Target adaptation: the DALLMi loss (and the baselines' fits) from the source checkpoint."""
 
-    alpha: float = Field(0.3, gt=0, description="MixUp mu ~ Beta(alpha, beta).")
-    beta: float = Field(0.3, gt=0)
-    lam: float = Field(1.0, ge=0, description="Weight of the MixUp regulariser.")
-    mixup_level: Literal["embedding", "encoder", "pooled"] = "embedding"
-    mixup_grad: bool = Field(True, description="False reproduces the reference code's detached "
-                             "regulariser.")
+    alpha: float = Field(PULoss.alpha, gt=0, description="MixUp mu ~ Beta(alpha, beta).")
+    beta: float = Field(PULoss.beta, gt=0)
+    lam: float = Field(PULoss.lam, ge=0, description="Weight of the MixUp regulariser.")
+    mixup_level: Literal["embedding", "encoder", "pooled"] = (
+        PULoss.mixup_level)  # type: ignore[assignment]
+    mixup_grad: bool = Field(PULoss.mixup_grad, description="False reproduces the reference "
+                             "code's detached regulariser.")
     positive_reduction: Literal["norm", "mean"] = Field(
-        "norm", description="Positive term of the norm loss: L2 norm (paper) or mean.")
-    random_share: float = Field(0.25, ge=0, le=1, description="Share of each cycle-sampler "
-                                "batch drawn uniformly (rows without observed positives).")
-    detach_target: bool = False
+        PULoss.positive_reduction,  # type: ignore[arg-type]
+        description="Positive term of the norm loss: L2 norm (paper) or mean.")
+    random_share: float = Field(PULoss.random_share, ge=0, le=1, description="Share of each "
+                                "cycle-sampler batch drawn uniformly (rows without observed "
+                                "positives).")
+    detach_target: bool = PULoss.detach_target
     aad: AADSection = Field(default_factory=AADSection)
 
 

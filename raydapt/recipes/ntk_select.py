@@ -46,6 +46,7 @@ from raydapt.stages.common import concat_rejects, pool_kwargs, split_errors
 from raydapt.stages.grad_score import EmbedLM, GradProject, MCScore
 from raydapt.stages.sharded import sharded_pass, stream_rows
 from raydapt.train.lora import LoRATrain, fit_lora
+from raydapt.train.settings import from_section
 
 LETTERS = [chr(ord("A") + i) for i in range(10)]
 
@@ -197,7 +198,7 @@ def fit_lora_cached(cfg: NTKSelectJob, cache: StageCache, tracker: Tracker, *, s
         m = fit_lora(name=f"{cfg.run.name}-{label}-{d.name[:8]}", train_ds=_dataset(rows),
                      n_rows=len(rows),
                      model=cfg.model, lora=cfg.lora.model_dump(mode="json"),
-                     train=LoRATrain(**tsec),
+                     train=from_section(LoRATrain, train),
                      seed=cfg.run.seed, storage=str(storage), out_dir=d,
                      mlflow_uri=tracker.uri if cfg.tracking.enabled else None,
                      mlflow_run_id=run_log.run_id)

@@ -15,6 +15,7 @@ from raydapt.config import (
     Section,
     data_root,
 )
+from raydapt.train.settings import LoRATrain
 
 
 class QATaskData(Section):
@@ -67,21 +68,28 @@ class LoRASection(Section):
 class LoRATrainSection(Section):
     """A LoRA fit on Ray Train with DeepSpeed."""
 
-    num_workers: int = Field(2, ge=1, description="Ray Train workers (gloo on CPU, NCCL on GPU).")
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(1, gt=0)
-    threads: int | None = Field(None, ge=1, description="torch threads per worker (CPU).")
-    epochs: int = Field(1, ge=1)
-    batch_size: int = Field(8, ge=1, description="Global batch (micro batch x accum x workers).")
-    grad_accum: int = Field(1, ge=1)
-    lr: float = Field(2e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_ratio: float = Field(0.03, ge=0, lt=1)
-    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
+    # the defaults are LoRATrain's (raydapt.train.settings): every setting is defined once
+
+    num_workers: int = Field(LoRATrain.num_workers, ge=1,
+                             description="Ray Train workers (gloo on CPU, NCCL on GPU).")
+    use_gpu: bool = LoRATrain.use_gpu
+    cpus_per_worker: float = Field(LoRATrain.cpus_per_worker, gt=0)
+    threads: int | None = Field(LoRATrain.threads, ge=1,
+                                description="torch threads per worker (CPU).")
+    epochs: int = Field(LoRATrain.epochs, ge=1)
+    batch_size: int = Field(LoRATrain.batch_size, ge=1,
+                            description="Global batch (micro batch x accum x workers).")
+    grad_accum: int = Field(LoRATrain.grad_accum, ge=1)
+    lr: float = Field(LoRATrain.lr, gt=0)
+    weight_decay: float = Field(LoRATrain.weight_decay, ge=0)
+    warmup_ratio: float = Field(LoRATrain.warmup_ratio, ge=0, lt=1)
+    zero_stage: Literal[0, 1, 2, 3] = Field(LoRATrain.zero_stage,  # type: ignore[assignment]
+                                            description="DeepSpeed ZeRO stage.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="float32 on CPU (fp16 is refused there), bfloat16 on GPUs.")
-    offload_optimizer: bool = False
-    gradient_checkpointing: bool = False
+        LoRATrain.dtype,  # type: ignore[assignment]
+        description="float32 on CPU (fp16 is refused there), bfloat16 on GPUs.")
+    offload_optimizer: bool = LoRATrain.offload_optimizer
+    gradient_checkpointing: bool = LoRATrain.gradient_checkpointing
     resources: dict[str, float] = Field(
         default_factory=dict, description="Custom Ray resources per worker, e.g. "
         "{train_gpu: 1}: steers the workers to the node type that offers them (cluster/).")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from dataclasses import fields as dc_fields
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +49,9 @@ from raydapt.stages.annotate import calibrator, mix
 from raydapt.stages.common import concat_rejects, pool_kwargs, split_errors
 from raydapt.stages.sharded import sharded_pass
 from raydapt.stages.teacher import KnnSearch, TeacherScore, build_index, save_store
-from raydapt.train import steps_per_epoch
-from raydapt.train.student import StudentTrain, fit_student
+from raydapt.train import per_worker_batch, plan_steps
+from raydapt.train.settings import StudentTrain, from_section
+from raydapt.train.student import fit_student
 
 # The cached stages this recipe owns and their code versions (bump one when its code changes
 # what it writes; read / store / knn are not cached today: their versions only name them).
@@ -123,17 +125,20 @@ LOSS_KEYS = ("beta", "temperature", "sim_tau", "sim_loss", "sim_center")
 
 
 def student_train_kw(dcfg) -> dict[str, Any]:
-    """A student's optimisation and scaling fields of the distill section (what
-    :class:`~raydapt.train.student.StudentTrain` takes besides the loss knobs)."""
-    return dcfg.model_dump(mode="json", exclude={"student", "variants", "seed", *LOSS_KEYS})
+    """A student's optimisation and scaling fields of the distill section: the
+    :class:`~raydapt.train.settings.StudentTrain` fields (:func:`from_section`) but the loss
+    knobs and ``min_confidence`` (its run-name hash and MLflow params)."""
+    train = from_section(StudentTrain, dcfg, min_confidence=0.0)
+    return {f.name: getattr(train, f.name) for f in dc_fields(train)
+            if f.name not in (*LOSS_KEYS, "min_confidence")}
 
 
 def matched_steps(rows: int, batch_size: int, workers: int, epochs: int) -> int:
-    """Optimiser steps of ``epochs`` passes over ``rows`` (per worker batch_size // workers,
-    equal slices, last partial batch dropped), as :func:`raydapt.train.student.student_loop`
-    counts them: the budget every step-matched student gets."""
-    return steps_per_epoch(rows, workers=workers, per_worker_batch=max(1, batch_size // workers),
-                           name="distill") * epochs
+    """Optimiser steps of ``epochs`` passes over ``rows``, as the students count them (the one
+    rule, :func:`raydapt.train.plan_steps`: per worker batch_size // workers, equal slices, last
+    partial batch dropped): the budget every step-matched student gets."""
+    return plan_steps(rows, workers=workers, per_worker_batch=per_worker_batch(
+        batch_size, workers), epochs=epochs, name="distill").total
 
 
 def results_table(results: dict[str, float], students: dict[str, dict[str, Any]]) -> str:
@@ -606,12 +611,23 @@ class SimDARecipe(Recipe):
                 ds, objective = (ray.data.from_pandas(tgt_train[tgt_train["y"] >= 0][["text", "y"]]),
                                  "supervised")
             kw = {**train_kw, "steps": None if variant == "source_only_all" else steps}
-            _say(f"student {variant}: {objective} on {ds.count()} rows, "
-                 + (f"{dcfg.epochs} epochs" if kw["steps"] is None else f"{steps} steps")
-                 + f", {dcfg.num_workers} workers")
+            train = from_section(StudentTrain, dcfg, steps=kw["steps"],
+                                 min_confidence=a.min_confidence)
+            n_rows = ds.count()
+            ran = train.steps_for(n_rows, name=f"student {variant}")  # what the loop runs
+            _say(f"student {variant}: {objective} on {n_rows} rows, {ran.total} steps = "
+                 f"{ran.epochs} epoch(s) of {ran.per_epoch}"
+                 + (f" (distill.steps={steps} wins over distill.epochs={dcfg.epochs})"
+                    if dcfg.steps and kw["steps"] is not None and ran.epochs != dcfg.epochs
+                    else "") + f", {dcfg.num_workers} workers")
             with ctx.tracker.child(f"student-{variant}",
                                    tags={"raydapt.variant": variant}) as run_log:
-                run_log.params({"variant": variant, "objective": objective, **kw, **extra})
+                # what ran: the epochs and steps of this student (distill.epochs as requested
+                # beside them when distill.steps overrode it)
+                run_log.params({"variant": variant, "objective": objective, **kw, **extra,
+                                "epochs": ran.epochs, "steps": ran.total,
+                                **({"epochs.requested": dcfg.epochs}
+                                   if ran.epochs != dcfg.epochs else {})})
                 # same name = same training: Ray Train then resumes it from its last checkpoint
                 # (text_truncation at its default "head" is left out: students finished before
                 # the option existed keep their names)
@@ -623,7 +639,7 @@ class SimDARecipe(Recipe):
                 m = fit_student(
                     name=f"{cfg.run.name}-{variant}-{key[:10]}", objective=objective,
                     train_ds=ds, eval_df=tgt_test, num_classes=C, student=dcfg.student,
-                    train=StudentTrain(**kw, **extra), seed=sseed,
+                    train=train, seed=sseed,
                     storage=str(ctx.out / "train"),
                     mlflow_uri=ctx.tracker.uri if cfg.tracking.enabled else None,
                     mlflow_run_id=run_log.run_id,

@@ -16,6 +16,7 @@ from raydapt.config import (
     TrainSection,
     data_root,
 )
+from raydapt.train.settings import StudentTrain
 
 
 class DomainData(Section):
@@ -186,16 +187,19 @@ class DistillSection(TrainSection):
     """Student training: L = L_KL + beta * L_sim, plus ablations and baselines."""
 
     student: str = Field("pkg:all-minilm-l6-v2", description="Student encoder reference.")
-    beta: float = Field(1.0, ge=0, description="Weight of the similarity-alignment loss.")
-    temperature: float = Field(1.0, gt=0, description="KL distillation temperature T.")
+    beta: float = Field(StudentTrain.beta, ge=0,
+                        description="Weight of the similarity-alignment loss.")
+    temperature: float = Field(StudentTrain.temperature, gt=0,
+                               description="KL distillation temperature T.")
     sim_tau: float = Field(
-        1.0, gt=0, description="Temperature of the row-wise similarity softmax (unknown in the "
-        "paper). Measured on books->kitchen: 0.1 lets L_sim swamp L_KL (student 0.51-0.62), "
-        "1.0 does not (0.70, same as KL alone after one epoch).")
-    sim_loss: Literal["kl", "mse"] = "kl"
+        StudentTrain.sim_tau, gt=0, description="Temperature of the row-wise similarity "
+        "softmax (unknown in the paper). Measured on books->kitchen: 0.1 lets L_sim swamp L_KL "
+        "(student 0.51-0.62), 1.0 does not (0.70, same as KL alone after one epoch).")
+    sim_loss: Literal["kl", "mse"] = StudentTrain.sim_loss  # type: ignore[assignment]
     sim_center: bool = Field(
-        True, description="Centre teacher/student representations on the batch mean before "
-        "the cosines (LLM states are anisotropic; without it the student collapses).")
+        StudentTrain.sim_center, description="Centre teacher/student representations on the "
+        "batch mean before the cosines (LLM states are anisotropic; without it the student "
+        "collapses).")
     variants: list[Literal["kl_sim", "kl", "ce", "source_only", "oracle",
                            "source_only_all"]] = Field(
         default_factory=lambda: ["source_only", "kl_sim", "kl", "ce", "oracle"],
@@ -209,15 +213,18 @@ class DistillSection(TrainSection):
         "the students on the same split and cached teacher outputs (run.seed also draws the "
         "data subsample).")
     eval_every_epoch: bool = Field(
-        True, description="Evaluate every student on the target test split after every epoch "
-        "(MLflow curve); false: after the last one only (each evaluation is a forward pass "
-        "over the test rows: ~10 s per epoch at 300 rows on 2 CPU cores).")
+        StudentTrain.eval_every_epoch, description="Evaluate every student on the target test "
+        "split after every epoch (MLflow curve); false: after the last one only (each "
+        "evaluation is a forward pass over the test rows: ~10 s per epoch at 300 rows on 2 CPU "
+        "cores).")
     steps: int | None = Field(
-        None, ge=1, description="Optimiser steps of every student but source_only_all (the "
-        "same for distilled students and baselines). None = `epochs` passes over the "
-        "target-train rows.")
+        StudentTrain.steps, ge=1, description="Optimiser steps of every student but "
+        "source_only_all (the same for distilled students and baselines); when set it wins "
+        "over `epochs` for them (the run says so, and logs the epochs that ran). None = "
+        "`epochs` passes over the target-train rows.")
     text_truncation: Literal["head", "tail", "head_tail"] = Field(
-        "head", description="Which tokens of a text longer than max_length every student "
+        StudentTrain.text_truncation, description="Which tokens of a text longer than "
+        "max_length every student "
         "(distilled and baseline, in training and evaluation) keeps: head (the tokenizer's own "
         "truncation), tail, or head_tail (first and last halves, as the teacher's "
         "teacher.text_truncation).")

@@ -1,8 +1,9 @@
 """One Ray Train launcher for every fit (SimDA students, DALLMi classifiers, NTK LoRA).
 
-Each fit module owns its per-worker loop and its loop config; how the loop reaches Ray Train —
-workers, CPUs / GPUs and custom resources per worker, the process-group backend, retries,
-checkpoint retention, run name and storage — is decided here once, from a :class:`Workers`.
+Each fit module owns its per-worker loop (:mod:`raydapt.train.settings` its settings); how the
+loop reaches Ray Train — workers, CPUs / GPUs and custom resources per worker, the
+process-group backend, retries, checkpoint retention, run name and storage — is decided here
+once, from a :class:`Workers`.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -32,38 +33,6 @@ class Workers:
         """Ray resources of one worker: its CPUs, one GPU when ``use_gpu``, custom ones."""
         return {"CPU": self.cpus_per_worker, **({"GPU": 1.0} if self.use_gpu else {}),
                 **dict(self.resources)}
-
-
-@dataclass(frozen=True)
-class ScalingFields:
-    """The scaling half of a fit's typed config (a base of StudentTrain, LoRATrain, FitTrain):
-    the fields a job's train section names, and the :class:`Workers` they make. A subclass
-    sets ``keep_checkpoints`` (class level) and may change the defaults."""
-
-    num_workers: int = 1
-    cpus_per_worker: float = 1.0
-    use_gpu: bool = False
-    resources: dict[str, float] = field(default_factory=dict)
-    max_failures: int = 1
-    keep_checkpoints: ClassVar[int | None] = 1
-
-    @property
-    def workers(self) -> Workers:
-        return Workers(self.num_workers, float(self.cpus_per_worker), self.use_gpu,
-                       dict(self.resources), self.max_failures, self.keep_checkpoints)
-
-
-@dataclass(frozen=True)
-class OptimFields(ScalingFields):
-    """The optimisation fields every encoder fit shares (a job's TrainSection): the base of
-    StudentTrain and FitTrain, with the section's defaults."""
-
-    epochs: int = 3
-    batch_size: int = 32
-    lr: float = 5e-5
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
-    max_length: int = 128
 
 
 def launch(loop: Callable[[dict[str, Any]], None], config: dict[str, Any], *, name: str,

@@ -25,7 +25,7 @@ import tempfile
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,31 +34,12 @@ from raydapt.core.assets import load_tokenizer, resolve_model
 from raydapt.core.tracking import RunLogger
 from raydapt.data.qa import pad_batch
 from raydapt.select.ntk import response_loss_objective
-from raydapt.train import say, steps_per_epoch
-from raydapt.train.launch import ScalingFields, launch
+from raydapt.train import per_worker_batch
+from raydapt.train.launch import launch
+from raydapt.train.loop import DeepSpeedOptimiser, Fit, Loop, LoopRun, run, warmup_steps
+from raydapt.train.settings import LoRATrain
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass(frozen=True)
-class LoRATrain(ScalingFields):
-    """How a LoRA adapter trains: the LoRATrainSection's scaling, optimisation and DeepSpeed
-    fields (``batch_size`` is global: micro batch x ``grad_accum`` x workers)."""
-
-    num_workers: int = 2
-    max_failures: int = 0  # not retried (LoRATrainSection has no max_failures)
-    keep_checkpoints: ClassVar[int | None] = None  # every checkpoint is kept
-    threads: int | None = None
-    epochs: int = 1
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.03
-    zero_stage: int = 2
-    dtype: str = "float32"
-    offload_optimizer: bool = False
-    gradient_checkpointing: bool = False
 
 
 @dataclass(frozen=True)
@@ -174,6 +155,76 @@ def _collate(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, torch.Tenso
     return pad_batch(encs, pad_id=pad_id, side="right")
 
 
+class LoRAFit(Fit):
+    """One LoRA SFT on one worker: the DeepSpeed engine, this worker's shard of the
+    pre-tokenised rows and :func:`sft_loss`. One report at the end (no per-epoch checkpoint):
+    the adapter, the Adam second moments and ``train.json``."""
+
+    def __init__(self, c: LoRALoopConfig, engine, named, tok, *, rank: int, world: int,
+                 micro: int, device, log) -> None:
+        import ray.train
+
+        self.c, self.engine, self.named, self.tok = c, engine, named, tok
+        self.model = engine.module
+        self.rank, self.world, self.micro, self.device, self.log = rank, world, micro, device, log
+        self.shard = ray.train.get_dataset_shard("train")
+
+    def start_epoch(self, epoch: int) -> None:
+        self.engine.train()
+
+    def batches(self, epoch: int):
+        # the skeleton stops at steps.per_epoch: equal step counts on every rank (ZeRO
+        # collectives)
+        return self.shard.iter_batches(batch_size=self.micro, batch_format="numpy",
+                                       drop_last=True, local_shuffle_buffer_size=256,
+                                       local_shuffle_seed=self.c.seed + epoch)
+
+    def loss(self, batch) -> torch.Tensor:
+        b = {k: v.to(self.device) for k, v in _collate(batch, self.tok.pad_token_id).items()}
+        return sft_loss(self.engine, b)
+
+    def finish(self, run: LoopRun) -> None:
+        import deepspeed
+        import ray.train
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        t, named, step, losses = self.c.train, self.named, run.step, run.losses
+        # second moments of Adam over the LoRA params (a collective under ZeRO: every rank
+        # calls it)
+        vs = []
+        for _, p in named:
+            v = safe_get_full_optimizer_state(p, "exp_avg_sq")
+            vs.append(torch.zeros(p.numel()) if v is None else
+                      v.detach().float().reshape(-1).cpu())
+        adam_v = torch.cat(vs)
+        net = self.engine.module
+        if t.zero_stage == 3:
+            params = [p for _, p in named]
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                state = {n: p.detach().cpu().clone() for n, p in named}
+        else:
+            state = None
+        seconds = time.time() - run.t0
+        metrics = {"steps": step,
+                   "loss": float(np.mean(losses[-max(1, run.steps.per_epoch):] or [0])),
+                   "first_loss": losses[0] if losses else float("nan"),
+                   "seconds": seconds,
+                   "rows_per_s": step * self.micro * self.world / max(1e-9, seconds)}
+        self.log.metrics({"final_loss": metrics["loss"]}, step)
+        with tempfile.TemporaryDirectory() as d:
+            ckpt = None
+            if self.rank == 0:
+                if state is not None:  # ZeRO-3: write the gathered LoRA weights
+                    net.save_pretrained(os.path.join(d, "adapter"), state_dict=state)
+                else:
+                    net.save_pretrained(os.path.join(d, "adapter"))
+                torch.save({"names": [n for n, _ in named], "exp_avg_sq": adam_v},
+                           os.path.join(d, "adam_exp_avg_sq.pt"))
+                Path(d, "train.json").write_text(json.dumps({**metrics, "losses": losses}))
+                ckpt = ray.train.Checkpoint.from_directory(d)
+            ray.train.report(metrics, checkpoint=ckpt)
+
+
 def lora_sft_loop(config: dict[str, Any]) -> None:
     """Per-worker LoRA SFT with DeepSpeed (runs inside each Ray Train worker); ``config`` holds
     the fields of a :class:`LoRALoopConfig`."""
@@ -183,7 +234,6 @@ def lora_sft_loop(config: dict[str, Any]) -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
     import ray.train
-    from deepspeed.utils import safe_get_full_optimizer_state
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -197,14 +247,13 @@ def lora_sft_loop(config: dict[str, Any]) -> None:
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
-    micro = max(1, t.batch_size // (world * t.grad_accum))
-    steps_per_epoch = max(1, (c.train_rows // world) // micro)
-    total_micro = steps_per_epoch * t.epochs
-    total_opt = max(1, total_micro // t.grad_accum)
+    micro = per_worker_batch(t.batch_size, world, t.grad_accum)
+    steps = t.steps_for(c.train_rows, workers=world, name=c.name)
+    total_opt = t.optimiser_steps(steps)
     ds_cfg = deepspeed_config(
         micro_batch=micro, grad_accum=t.grad_accum, world=world, lr=t.lr,
         weight_decay=t.weight_decay, total_steps=total_opt,
-        warmup_steps=int(t.warmup_ratio * total_opt), zero_stage=t.zero_stage,
+        warmup_steps=warmup_steps(total_opt, t.warmup_ratio), zero_stage=t.zero_stage,
         dtype=t.dtype, cpu=not t.use_gpu, offload_optimizer=t.offload_optimizer)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(
@@ -212,60 +261,12 @@ def lora_sft_loop(config: dict[str, Any]) -> None:
         dist_init_required=False)
     log = RunLogger(c.mlflow_uri, c.mlflow_run_id) if rank == 0 else \
         RunLogger(None, None)
-    shard = ray.train.get_dataset_shard("train")
-    step, losses, t0 = 0, [], time.time()
-    engine.train()
-    for epoch in range(t.epochs):
-        n = 0
-        for batch in shard.iter_batches(batch_size=micro, batch_format="numpy", drop_last=True,
-                                        local_shuffle_buffer_size=256,
-                                        local_shuffle_seed=c.seed + epoch):
-            if n >= steps_per_epoch:  # equal step counts on every rank (ZeRO collectives)
-                break
-            b = {k: v.to(device) for k, v in _collate(batch, tok.pad_token_id).items()}
-            loss = sft_loss(engine, b)
-            engine.backward(loss)
-            engine.step()
-            n += 1
-            step += 1
-            losses.append(loss.item())
-            if rank == 0 and (step % c.log_every == 0 or step == total_micro):
-                rate = step / max(1e-9, time.time() - t0)
-                recent = float(np.mean(losses[-c.log_every:]))
-                say(f"[{c.name}] epoch {epoch + 1}/{t.epochs} step {step}/"
-                    f"{total_micro} loss {recent:.4f} {rate * micro * world:.2f} rows/s "
-                    f"ETA {(total_micro - step) / max(rate, 1e-9):.0f}s")
-                log.metrics({"train_loss": recent, "lr": engine.get_lr()[0]}, step)
-    # second moments of Adam over the LoRA params (a collective under ZeRO: every rank calls it)
-    vs = []
-    for _, p in named:
-        v = safe_get_full_optimizer_state(p, "exp_avg_sq")
-        vs.append(torch.zeros(p.numel()) if v is None else v.detach().float().reshape(-1).cpu())
-    adam_v = torch.cat(vs)
-    net = engine.module
-    if t.zero_stage == 3:
-        params = [p for _, p in named]
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            state = {n: p.detach().cpu().clone() for n, p in named}
-    else:
-        state = None
-    metrics = {"steps": step, "loss": float(np.mean(losses[-max(1, steps_per_epoch):] or [0])),
-               "first_loss": losses[0] if losses else float("nan"),
-               "seconds": time.time() - t0, "rows_per_s": step * micro * world /
-               max(1e-9, time.time() - t0)}
-    log.metrics({"final_loss": metrics["loss"]}, step)
-    with tempfile.TemporaryDirectory() as d:
-        ckpt = None
-        if rank == 0:
-            if state is not None:  # ZeRO-3: write the gathered LoRA weights
-                net.save_pretrained(os.path.join(d, "adapter"), state_dict=state)
-            else:
-                net.save_pretrained(os.path.join(d, "adapter"))
-            torch.save({"names": [n for n, _ in named], "exp_avg_sq": adam_v},
-                       os.path.join(d, "adam_exp_avg_sq.pt"))
-            Path(d, "train.json").write_text(json.dumps({**metrics, "losses": losses}))
-            ckpt = ray.train.Checkpoint.from_directory(d)
-        ray.train.report(metrics, checkpoint=ckpt)
+    fit = LoRAFit(c, engine, named, tok, rank=rank, world=world, micro=micro, device=device,
+                  log=log)
+    # not resumable: a LoRA fit reports once, at its end (a retried one starts again)
+    run(fit, Loop(name=c.name, steps=steps, optimiser=DeepSpeedOptimiser(engine), log=log,
+                  log_every=c.log_every, rows_per_step=micro, rank=rank, world=world,
+                  report_every_epoch=False, resume=False))
 
 
 def fit_lora(*, name: str, train_ds, n_rows: int, model: str, lora: dict[str, Any],
@@ -274,8 +275,7 @@ def fit_lora(*, name: str, train_ds, n_rows: int, model: str, lora: dict[str, An
     """Fit a LoRA adapter with Ray Train + DeepSpeed (:func:`raydapt.train.launch.launch`);
     copy the final checkpoint (adapter, Adam second moments, train.json) into ``out_dir``;
     return the metrics."""
-    steps_per_epoch(n_rows, workers=train.num_workers, name=name, per_worker_batch=max(
-        1, train.batch_size // (train.num_workers * train.grad_accum)))
+    train.steps_for(n_rows, name=name)  # no optimiser step would run: an error, here
     loop = LoRALoopConfig(
         name=name, seed=seed, model=model, lora=dict(lora), train=train, train_rows=n_rows,
         mlflow_uri=mlflow_uri, mlflow_run_id=mlflow_run_id,

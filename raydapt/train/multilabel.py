@@ -33,7 +33,6 @@ from __future__ import annotations
 import copy
 import math
 import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -48,10 +47,12 @@ from raydapt.core.assets import load_tokenizer
 from raydapt.core.tracking import RunLogger
 from raydapt.evaluate import binarised_map, f1_scores, mean_average_precision
 from raydapt.losses.pu import dallmi_loss
-from raydapt.train import say
-from raydapt.train.launch import OptimFields, launch
+from raydapt.train import per_worker_batch, say
+from raydapt.train.launch import launch
+from raydapt.train.loop import Fit, Loop, LoopRun, TorchOptimiser, run
 from raydapt.train.models import EncoderClassifier
 from raydapt.train.samplers import ClassCycleSampler
+from raydapt.train.settings import AADLoss, FitTrain, PULoss
 
 OBJECTIVES = ("bce", "dallmi", "aad")
 
@@ -68,42 +69,6 @@ class EncoderSpec:
     trust_remote_code: bool = False
     train_layers: int | None = None
     init_state: str | None = None
-
-
-@dataclass(frozen=True)
-class FitTrain(OptimFields):
-    """How one fit trains: a DALLMi train section's scaling and optimisation fields.
-    ``in_process`` runs the loop in this process (one worker, no Ray Train)."""
-
-    in_process: bool = False
-    log_every: int = 0
-
-
-@dataclass(frozen=True)
-class PULoss:
-    """The DALLMi objective's knobs (see :func:`raydapt.losses.pu.dallmi_loss`) and the
-    class-cycle sampler's random share."""
-
-    alpha: float = 0.3
-    beta: float = 0.3
-    lam: float = 1.0
-    mixup_level: str = "embedding"
-    mixup_grad: bool = True
-    positive_reduction: str = "norm"
-    detach_target: bool = False
-    mode: str = "norm"
-    random_share: float = 0.25
-
-
-@dataclass(frozen=True)
-class AADLoss:
-    """AAD's knobs: GAN and distillation weights, KD temperature, discriminator."""
-
-    gen_weight: float = 1.0
-    kd_weight: float = 1.0
-    temperature: float = 20.0
-    disc_lr: float = 1e-5
-    disc_hidden: int = 3072
 
 
 @dataclass(frozen=True)
@@ -253,6 +218,114 @@ def binary_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: flo
 # ---------------------------------------------------------------------------------------------
 
 
+class MultilabelFit(Fit):
+    """One classifier fit on one worker: the model (and AAD's teacher and discriminator), the
+    batches of its objective and its loss; :func:`raydapt.train.loop.run` does the rest."""
+
+    report_history = True  # the driver (fit) reads the whole history from the last report
+
+    def __init__(self, c: MultilabelLoopConfig, *, rank: int, world: int, device) -> None:
+        t = c.train
+        self.c, self.rank, self.world, self.device = c, rank, world, device
+        if c.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {c.objective!r}")
+        self.model = model = build_model(c.model, seed=c.seed).to(device)
+        self.tok = tokenizer(c.model)
+        self.train_texts = np.asarray(c.train_texts, dtype=object)
+        self.train_y = np.asarray(c.train_y, dtype=np.float32)  # [N, L] observed / full labels
+        self.per_worker = per_worker_batch(t.batch_size, world)
+        # DALLMi's step count (FitTrain.steps_for: the global batch counts the epoch, see there)
+        self.steps = t.steps_for(len(self.train_texts), workers=world, name=c.name)
+        self.teacher = self.disc = self.opt_d = None
+        if c.objective == "aad":
+            self.teacher = copy.deepcopy(model).eval()  # frozen source encoder + head
+            for p in self.teacher.parameters():
+                p.requires_grad_(False)
+            for p in model.classifier.parameters():  # the source classifier stays fixed
+                p.requires_grad_(False)
+            torch.manual_seed(c.seed + 1)
+            self.disc = Discriminator(model.hidden_size, c.aad.disc_hidden).to(device)
+            self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=c.aad.disc_lr)
+            self.src_texts = np.asarray(c.source_texts, dtype=object)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.sampler = None
+        if c.objective == "dallmi":
+            # num_batches is over all ranks: each rank yields steps.per_epoch of them
+            self.sampler = ClassCycleSampler(
+                self.train_y, self.per_worker, random_share=c.pu.random_share,
+                num_batches=self.steps.per_epoch * world, seed=c.seed, rank=rank,
+                world_size=world)
+        self.gen = torch.Generator().manual_seed(int(c.seed) * 1000 + rank)
+        self.eval_texts = np.asarray(c.eval_texts, dtype=object)
+        self.eval_y = np.asarray(c.eval_y)
+        self.log = (RunLogger(c.mlflow_uri, c.mlflow_run_id) if rank == 0
+                    else RunLogger(None, None))
+
+    def sync_grads(self) -> None:
+        """Gradients averaged over the workers by hand, not by DDP: the MixUp pass of the
+        DALLMi loss calls the model's embed / encode / pool / head steps directly, which DDP's
+        forward hook would not see (see the module docstring)."""
+        _sync_grads(self.params, self.world)
+
+    def start_epoch(self, epoch: int) -> None:
+        self.extra: dict[str, list[float]] = {}
+
+    def batches(self, epoch: int):
+        per = self.steps.per_epoch
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch)
+            batches = list(self.sampler)
+        else:
+            batches = _shuffled_batches(len(self.train_texts), self.per_worker, per,
+                                        seed=self.c.seed, epoch=epoch, rank=self.rank)
+        self.src_batches = None
+        if self.c.objective == "aad":
+            self.src_batches = _shuffled_batches(len(self.src_texts), self.per_worker, per,
+                                                 seed=self.c.seed + 11, epoch=epoch,
+                                                 rank=self.rank)
+        return enumerate(batches)
+
+    def loss(self, batch) -> torch.Tensor:
+        b, rows = batch
+        c, ML, extra = self.c, self.c.train.max_length, self.extra
+        rows = np.asarray(rows)
+        ids, mask = _encode(self.tok, self.train_texts[rows], ML, self.device)
+        y = torch.as_tensor(self.train_y[rows], device=self.device)
+        if c.objective == "bce":
+            logits, _ = self.model(ids, mask)
+            return F.binary_cross_entropy_with_logits(logits, y)
+        if c.objective == "dallmi":
+            out = _dallmi(self.model, ids, mask, y, c.pu, self.gen)
+            extra.setdefault("variational", []).append(out.variational.item())
+            extra.setdefault("regularizer", []).append(out.regularizer.item())
+            return out.loss
+        sids, smask = _encode(self.tok, self.src_texts[self.src_batches[b]], ML, self.device)
+        loss, parts = _aad_step(self.model, self.teacher, self.disc, self.opt_d, ids, mask,
+                                sids, smask, c.aad, self.world)
+        for k, v in parts.items():
+            extra.setdefault(k, []).append(v)
+        return loss
+
+    def end_epoch(self, epoch: int, metrics: dict[str, Any], run: LoopRun) -> None:
+        c = self.c
+        metrics.update({k: float(np.mean(v)) for k, v in self.extra.items()})
+        if self.rank == 0 and len(self.eval_texts):
+            probs = predict_probs(self.model, self.tok, self.eval_texts,
+                                  max_length=c.train.max_length, device=self.device)
+            metrics.update(multilabel_metrics(self.eval_y, probs, c.threshold))
+            say(f"[{c.name}] epoch {epoch + 1}: eval mAP {metrics['map']:.4f} "
+                f"binarised {metrics['map_bin']:.4f} micro-F1 {metrics['micro_f1']:.4f} "
+                f"macro-F1 {metrics['macro_f1']:.4f}")
+        self.log.metrics({k: v for k, v in metrics.items() if k != "epoch"}, epoch + 1)
+        if c.on_epoch:  # in-process hook (Tune trials report per epoch)
+            c.on_epoch(dict(metrics))
+
+    def finish(self, run: LoopRun) -> dict[str, Any] | None:
+        if self.c.train.in_process:
+            return {"history": run.history, "state": self.model.state_dict()}
+        return None
+
+
 def multilabel_loop(config: dict[str, Any]) -> dict[str, Any] | None:
     """Per-worker training function; ``config`` holds the fields of a
     :class:`MultilabelLoopConfig`. In-process it returns ``{"history", "state"}``; inside Ray
@@ -271,137 +344,16 @@ def multilabel_loop(config: dict[str, Any]) -> dict[str, Any] | None:
         device = ray.train.torch.get_device()
     if c.threads:
         torch.set_num_threads(int(c.threads))
-    objective = c.objective
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-    model = build_model(c.model, seed=c.seed).to(device)
-    tok = tokenizer(c.model)
-    ML = t.max_length
-    train_texts = np.asarray(c.train_texts, dtype=object)
-    train_y = np.asarray(c.train_y, dtype=np.float32)  # [N, L] observed (or full) labels
-    n = len(train_texts)
-    per_worker = max(1, t.batch_size // world)
-    global_steps = max(1, math.ceil(n / t.batch_size))  # batches per epoch, all workers
-    steps_per_epoch = math.ceil(global_steps / world)  # per worker
-    total = steps_per_epoch * t.epochs
-
-    teacher = disc = opt_d = None
-    if objective == "aad":
-        teacher = copy.deepcopy(model).eval()  # frozen source encoder + head
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-        for p in model.classifier.parameters():  # the source classifier stays fixed
-            p.requires_grad_(False)
-        torch.manual_seed(c.seed + 1)
-        disc = Discriminator(model.hidden_size, c.aad.disc_hidden).to(device)
-        opt_d = torch.optim.Adam(disc.parameters(), lr=c.aad.disc_lr)
-        src_texts = np.asarray(c.source_texts, dtype=object)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-    warm = int(t.warmup_ratio * total)
-    sched = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, then linear decay to 0
-        opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / max(1, total - warm)))
-    sampler = None
-    if objective == "dallmi":
-        sampler = ClassCycleSampler(train_y, per_worker, random_share=c.pu.random_share,
-                                    num_batches=global_steps, seed=c.seed,
-                                    rank=rank, world_size=world)
-    gen = torch.Generator().manual_seed(int(c.seed) * 1000 + rank)
-
-    start_epoch = 0
-    if not in_process:
-        import ray.train
-
-        ckpt = ray.train.get_checkpoint()
-        if ckpt is not None:  # resume after a worker failure
-            with ckpt.as_directory() as d:
-                state = torch.load(os.path.join(d, "state.pt"), weights_only=True)
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["opt"])
-            sched.load_state_dict(state["sched"])
-            start_epoch = int(state["epoch"]) + 1
-    log = RunLogger(c.mlflow_uri, c.mlflow_run_id) if rank == 0 else RunLogger(None, None)
-    eval_texts = np.asarray(c.eval_texts, dtype=object)
-    eval_y = np.asarray(c.eval_y)
-    log_every = t.log_every or max(1, math.ceil(steps_per_epoch / 4))
-    history: list[dict[str, float]] = []
-    step = start_epoch * steps_per_epoch
-    t0 = time.time()
-    model.train()
-    for epoch in range(start_epoch, t.epochs):
-        losses: list[float] = []
-        extra: dict[str, list[float]] = {}
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-            batches = list(sampler)
-        else:
-            batches = _shuffled_batches(n, per_worker, steps_per_epoch, seed=c.seed,
-                                        epoch=epoch, rank=rank)
-        if objective == "aad":
-            src_batches = _shuffled_batches(len(src_texts), per_worker, steps_per_epoch,
-                                            seed=c.seed + 11, epoch=epoch, rank=rank)
-        for b, rows in enumerate(batches):
-            rows = np.asarray(rows)
-            ids, mask = _encode(tok, train_texts[rows], ML, device)
-            y = torch.as_tensor(train_y[rows], device=device)
-            if objective == "bce":
-                logits, _ = model(ids, mask)
-                loss = F.binary_cross_entropy_with_logits(logits, y)
-            elif objective == "dallmi":
-                out = _dallmi(model, ids, mask, y, c.pu, gen)
-                loss = out.loss
-                extra.setdefault("variational", []).append(out.variational.item())
-                extra.setdefault("regularizer", []).append(out.regularizer.item())
-            else:
-                sids, smask = _encode(tok, src_texts[src_batches[b]], ML, device)
-                loss, parts = _aad_step(model, teacher, disc, opt_d, ids, mask, sids, smask,
-                                        c.aad, world)
-                for k, v in parts.items():
-                    extra.setdefault(k, []).append(v)
-            opt.zero_grad()
-            loss.backward()
-            _sync_grads(params, world)
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            step += 1
-            losses.append(loss.item())
-            if rank == 0 and (step % log_every == 0 or step == total):
-                rate = (step - start_epoch * steps_per_epoch) / max(1e-9, time.time() - t0)
-                eta = (total - step) / max(rate, 1e-9)
-                recent = float(np.mean(losses[-log_every:]))
-                say(f"[{c.name}] epoch {epoch + 1}/{t.epochs} step {step}/{total} "
-                    f"loss {recent:.4f} {rate:.2f} steps/s ({rate * t.batch_size:.1f} "
-                    f"rows/s) ETA {eta:.0f}s")
-                log.metrics({"train_loss": recent}, step)
-        metrics: dict[str, Any] = {"epoch": epoch + 1, "loss": float(np.mean(losses or [0]))}
-        metrics.update({k: float(np.mean(v)) for k, v in extra.items()})
-        if rank == 0 and len(eval_texts):
-            probs = predict_probs(model, tok, eval_texts, max_length=ML, device=device)
-            metrics.update(multilabel_metrics(eval_y, probs, c.threshold))
-            say(f"[{c.name}] epoch {epoch + 1}: eval mAP {metrics['map']:.4f} "
-                f"binarised {metrics['map_bin']:.4f} micro-F1 {metrics['micro_f1']:.4f} "
-                f"macro-F1 {metrics['macro_f1']:.4f}")
-        log.metrics({k: v for k, v in metrics.items() if k != "epoch"}, epoch + 1)
-        history.append(dict(metrics))
-        if c.on_epoch:  # in-process hook (Tune trials report per epoch)
-            c.on_epoch(dict(metrics))
-        if not in_process:
-            import ray.train
-
-            checkpoint = None
-            if rank == 0:
-                d = Path(c.scratch) / f"ckpt-{epoch}"
-                d.mkdir(parents=True, exist_ok=True)
-                torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
-                            "sched": sched.state_dict(), "epoch": epoch}, d / "state.pt")
-                checkpoint = ray.train.Checkpoint.from_directory(str(d))
-            # the scratch copy goes once Ray Train has persisted it into the run's storage
-            ray.train.report({**metrics, "history": history}, checkpoint=checkpoint,
-                             delete_local_checkpoint_after_upload=checkpoint is not None)
-    if in_process:
-        return {"history": history, "state": model.state_dict()}
-    return None
+    fit = MultilabelFit(c, rank=rank, world=world, device=device)
+    steps = fit.steps
+    opt = TorchOptimiser(fit.params, lr=t.lr, weight_decay=t.weight_decay, total=steps.total,
+                         warmup_ratio=t.warmup_ratio, sync=fit.sync_grads)
+    fit.model.train()
+    return run(fit, Loop(
+        name=c.name, steps=steps, optimiser=opt, log=fit.log, rank=rank, world=world,
+        log_every=t.log_every or max(1, math.ceil(steps.per_epoch / 4)),
+        rows_per_step=fit.per_worker, scratch=None if in_process else c.scratch,
+        ray=not in_process))
 
 
 def _dallmi(model, ids, mask, y, pu: PULoss, gen):

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -30,31 +29,13 @@ from raydapt.core.tracking import RunLogger
 from raydapt.data.text import truncate_text
 from raydapt.evaluate import confusion_matrix
 from raydapt.losses.distill import kl_distillation, pseudo_label_ce, similarity_alignment
-from raydapt.train import say, steps_per_epoch
-from raydapt.train.launch import OptimFields, launch
+from raydapt.train import per_worker_batch
+from raydapt.train.launch import launch
+from raydapt.train.loop import Fit, Loop, LoopRun, TorchOptimiser, run
 from raydapt.train.models import EncoderClassifier
+from raydapt.train.settings import StudentTrain
 
 OBJECTIVES = ("kl_sim", "kl", "ce", "supervised")
-
-
-@dataclass(frozen=True)
-class StudentTrain(OptimFields):
-    """How one student trains: the DistillSection's optimisation, scaling and loss fields.
-
-    ``steps`` (if set) is the number of optimiser steps whatever the row count (step-matched
-    baselines); otherwise ``epochs`` passes over the rows. The loss knobs only matter to the
-    distilled objectives (``min_confidence`` drops pseudo-labels below it)."""
-
-    num_workers: int = 2
-    steps: int | None = None
-    beta: float = 1.0
-    temperature: float = 1.0
-    sim_tau: float = 1.0
-    sim_loss: str = "kl"
-    sim_center: bool = True
-    min_confidence: float = 0.0
-    eval_every_epoch: bool = True
-    text_truncation: str = "head"
 
 
 @dataclass(frozen=True)
@@ -121,11 +102,62 @@ def _evaluate(model, tok, rows: dict[str, np.ndarray], max_length: int, rank: in
     return cm
 
 
+class StudentFit(Fit):
+    """One student on one worker: the encoder (DDP), the training rows and the loss of
+    :func:`_loss`; :func:`raydapt.train.loop.run` does the rest."""
+
+    def __init__(self, c: StudentLoopConfig, model, tok, data: dict[str, np.ndarray],
+                 eval_rows: dict[str, np.ndarray], cols: list[str], rank: int, world: int,
+                 per_worker: int, log) -> None:
+        self.c, self.ddp, self.tok, self.data, self.eval_rows = c, model, tok, data, eval_rows
+        self.model = model.module if hasattr(model, "module") else model
+        self.cols, self.rank, self.world, self.per_worker, self.log = (cols, rank, world,
+                                                                        per_worker, log)
+
+    def start_epoch(self, epoch: int) -> None:
+        # RNG from (seed, epoch, rank): a run resumed at epoch e draws what an uninterrupted
+        # one does
+        torch.manual_seed(self.c.seed * 100_003 + epoch * 101 + self.rank)
+        # train mode every epoch: from_pretrained returns the encoder in eval mode (dropout off),
+        # so without this a fresh run's first epoch and a resumed run's first epoch differ
+        self.ddp.train()
+
+    def batches(self, epoch: int):
+        n_data = len(self.data["text"])
+        order = np.random.default_rng(self.c.seed + epoch).permutation(n_data)
+        mine = order[self.rank::self.world][: n_data // self.world]  # equal slices: lockstep
+        for s in range(len(mine) // self.per_worker):  # drop_last
+            ix = mine[s * self.per_worker : (s + 1) * self.per_worker]
+            yield {col: self.data[col][ix] for col in self.cols}
+
+    def loss(self, batch) -> torch.Tensor:
+        t = self.c.train
+        enc = self.tok(list(batch["text"]), truncation=True, max_length=t.max_length,
+                       padding=True, return_tensors="pt")
+        logits, pooled = self.ddp(enc["input_ids"], enc["attention_mask"])
+        return _loss(self.c.objective, t, logits, pooled, batch)
+
+    def end_epoch(self, epoch: int, metrics: dict[str, Any], run: LoopRun) -> None:
+        import torch.distributed as dist
+
+        c, t = self.c, self.c.train
+        metrics.update(steps=run.step, rows=c.train_rows)
+        if t.eval_every_epoch or epoch == run.steps.epochs - 1:  # the last one: always
+            cm = torch.as_tensor(_evaluate(self.ddp, self.tok, self.eval_rows, t.max_length,
+                                           self.rank, self.world, c.num_classes))
+            if dist.is_available() and dist.is_initialized():
+                dist.all_reduce(cm)
+            cm = cm.numpy()
+            metrics.update(accuracy=float(np.trace(cm) / max(1, cm.sum())),
+                           confusion=cm.tolist())
+            self.log.metrics({"accuracy": metrics["accuracy"]}, epoch + 1)
+        self.log.metrics({"epoch_loss": metrics["loss"], "steps": run.step}, epoch + 1)
+
+
 def student_loop(config: dict[str, Any]) -> None:
     """Per-worker training function (runs inside each Ray Train worker); ``config`` holds the
     fields of a :class:`StudentLoopConfig`."""
     import ray.train
-    import torch.distributed as dist
 
     c = StudentLoopConfig(**config)
     t = c.train
@@ -135,35 +167,15 @@ def student_loop(config: dict[str, Any]) -> None:
     torch.manual_seed(c.seed)  # same init on every worker (DDP also broadcasts)
     if c.threads:
         torch.set_num_threads(c.threads)
-    C = c.num_classes
-    model = EncoderClassifier(c.student, C, pooling="mean")
+    model = EncoderClassifier(c.student, c.num_classes, pooling="mean")
     tok = load_tokenizer(c.student)  # at the reference's revision (hf: models)
     model = ray.train.torch.prepare_model(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-    n_rows = c.train_rows
-    per_worker = max(1, t.batch_size // world)
-    per_epoch = steps_per_epoch(n_rows, workers=world, per_worker_batch=per_worker,
-                                name=c.name)
+    per_worker = per_worker_batch(t.batch_size, world)
     # a fixed step budget (train.steps) makes baselines and distilled students comparable
     # whatever their row counts: the data is cycled for ceil(steps / per_epoch) epochs
-    total = int(t.steps or per_epoch * t.epochs)
-    n_epochs = math.ceil(total / per_epoch)
-    warm = int(t.warmup_ratio * total)
-    sched = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, then linear decay to 0
-        opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / max(1, total - warm)))
-    start_epoch, last_metrics = 0, None
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:  # resume: model, optimizer, scheduler, epoch
-        with ckpt.as_directory() as d:
-            state = torch.load(os.path.join(d, "state.pt"), weights_only=True)
-        (model.module if hasattr(model, "module") else model).load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        start_epoch = int(state["epoch"]) + 1
-        last_metrics = state.get("metrics")
-        if rank == 0:
-            say(f"[{c.name}] resumed from the checkpoint of epoch {start_epoch}/"
-                f"{n_epochs}")
+    steps = t.steps_for(c.train_rows, workers=world, name=c.name)
+    opt = TorchOptimiser(model.parameters(), lr=t.lr, weight_decay=t.weight_decay,
+                         total=steps.total, warmup_ratio=t.warmup_ratio)
     log = RunLogger(c.mlflow_uri, c.mlflow_run_id) if rank == 0 else RunLogger(None, None)
     cols = ["text", "y"] if c.objective == "supervised" else ["text", "p_t", "h_t"]
     # Every worker reads the whole (student-sized) training set once, in source order; each
@@ -183,72 +195,11 @@ def student_loop(config: dict[str, Any]) -> None:
                                                 t.text_truncation), dtype=object)
         eval_rows = {**eval_rows, "text": np.asarray(student_texts(
             tok, eval_rows["text"], t.max_length, t.text_truncation), dtype=object)}
-    n_data = len(data["text"])
-    step = start_epoch * per_epoch
-    t0 = time.time()
-    tm = StageTelemetry(**{"stage": "student", **c.telemetry})  # Ray metrics
-    if start_epoch >= n_epochs:  # restored a finished run: report its final metrics again
-        ray.train.report({**(last_metrics or {}), "resumed": True})
-        return
-    for epoch in range(start_epoch, n_epochs):
-        # RNG from (seed, epoch, rank): a run resumed at epoch e draws what an uninterrupted one does
-        torch.manual_seed(c.seed * 100_003 + epoch * 101 + rank)
-        # train mode every epoch: from_pretrained returns the encoder in eval mode (dropout off),
-        # so without this a fresh run's first epoch and a resumed run's first epoch differ
-        model.train()
-        losses = []
-        order = np.random.default_rng(c.seed + epoch).permutation(n_data)
-        mine = order[rank::world][: n_data // world]  # equal slices: DDP steps in lockstep
-        for s in range(len(mine) // per_worker):  # drop_last
-            if step >= total:
-                break
-            t_batch = time.perf_counter()
-            ix = mine[s * per_worker : (s + 1) * per_worker]
-            batch = {col: data[col][ix] for col in cols}
-            enc = tok(list(batch["text"]), truncation=True, max_length=t.max_length,
-                      padding=True, return_tensors="pt")
-            logits, pooled = model(enc["input_ids"], enc["attention_mask"])
-            loss = _loss(c.objective, t, logits, pooled, batch)
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            step += 1
-            losses.append(loss.item())
-            tm.record_batch(rows=len(batch["text"]), seconds=time.perf_counter() - t_batch)
-            if rank == 0 and (step % c.log_every == 0 or step == total):
-                rate = (step - start_epoch * per_epoch) / max(1e-9, time.time() - t0)
-                eta = (total - step) / max(rate, 1e-9)
-                say(f"[{c.name}] epoch {epoch + 1}/{n_epochs} step {step}/{total} "
-                    f"loss {np.mean(losses[-c.log_every:]):.4f} {rate:.2f} steps/s "
-                    f"ETA {eta:.0f}s")
-                log.metrics({"train_loss": float(np.mean(losses[-c.log_every:]))}, step)
-        metrics = {"epoch": epoch + 1, "loss": float(np.mean(losses or [0])), "steps": step,
-                   "rows": n_rows}
-        if t.eval_every_epoch or epoch == n_epochs - 1:  # the last epoch is always evaluated
-            cm = torch.as_tensor(_evaluate(model, tok, eval_rows, t.max_length, rank, world,
-                                           C))
-            if dist.is_available() and dist.is_initialized():
-                dist.all_reduce(cm)
-            cm = cm.numpy()
-            metrics.update(accuracy=float(np.trace(cm) / max(1, cm.sum())),
-                           confusion=cm.tolist())
-            log.metrics({"accuracy": metrics["accuracy"]}, epoch + 1)
-        log.metrics({"epoch_loss": metrics["loss"], "steps": step}, epoch + 1)
-        checkpoint = None
-        if rank == 0 and c.checkpoint:
-            d = Path(c.scratch) / f"ckpt-{epoch}"
-            d.mkdir(parents=True, exist_ok=True)
-            net = model.module if hasattr(model, "module") else model
-            torch.save({"model": net.state_dict(), "opt": opt.state_dict(),
-                        "sched": sched.state_dict(), "epoch": epoch, "metrics": metrics},
-                       d / "state.pt")
-            checkpoint = ray.train.Checkpoint.from_directory(str(d))
-        # the scratch copy goes once Ray Train has persisted it into the run's storage (it kept
-        # every epoch's 270 MB state before: 1.6 GB per six-epoch student)
-        ray.train.report(metrics, checkpoint=checkpoint,
-                         delete_local_checkpoint_after_upload=checkpoint is not None)
+    fit = StudentFit(c, model, tok, data, eval_rows, cols, rank, world, per_worker, log)
+    run(fit, Loop(name=c.name, steps=steps, optimiser=opt, log=log, log_every=c.log_every,
+                  rows_per_step=per_worker, rank=rank, world=world,
+                  scratch=c.scratch if c.checkpoint else None,
+                  telemetry=StageTelemetry(**{"stage": "student", **c.telemetry})))
 
 
 def fit_student(
@@ -275,8 +226,7 @@ def fit_student(
         return {**json.loads(final.read_text()), "resumed": True}
     n_rows = train_ds.count()
     # fail before Ray Train starts if no optimiser step would run (was: 0 steps, loss 0.0)
-    steps_per_epoch(n_rows, workers=train.num_workers, name=name,
-                    per_worker_batch=max(1, train.batch_size // train.num_workers))
+    train.steps_for(n_rows, name=name)
     loop = StudentLoopConfig(
         name=name, objective=objective, seed=seed, student=student, num_classes=num_classes,
         train_rows=n_rows, train=train,

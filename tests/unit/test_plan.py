@@ -24,7 +24,7 @@ def _job(tmp_path, n_src=30, n_tgt=40, **over):
            "teacher": {"pool": {"concurrency": [1, 2], "num_gpus": 1, "num_cpus": 2}},
            "annotate": {"baselines": ["zero_shot", "icl_random"], "baseline_max_rows": 6},
            "distill": {"variants": ["source_only", "kl"], "epochs": 2, "use_gpu": True,
-                       "num_workers": 4, "max_length": 64}}
+                       "num_workers": 4, "max_length": 64, "batch_size": 8}}
     raw.update(over)
     return validate_job(raw)
 
@@ -38,11 +38,14 @@ def test_plan_rows_tokens_hours_resources(tmp_path):
     # source 30; target 40 -> 20 train, min(20, 10) = 10 test; ICL on min(10, 6) = 6 rows
     assert st["read"].rows == 70 and st["teacher"].rows == 30 + 20 + 10
     assert st["knn"].rows == 30 and st["prompted"].rows == 6
-    # rows are rows (as in every other stage); step-matched: source-only sees as many examples
-    # as the distilled student (2 epochs over its 20 target-train rows)
+    # rows are rows (as in every other stage); step-matched: source-only takes as many steps
+    # as the distilled student, counted by the students' own rule: 20 target-train rows on 4
+    # workers = 5 each, batches of 8 // 4 = 2 -> 2 steps per epoch, 2 epochs = 4 steps of 8
+    # rows; source-only cycles its 30 rows (7 per worker, 3 steps per epoch) for them
     assert st["student-source_only"].rows == 30 and st["student-kl"].rows == 20
-    assert "step-matched: 40 examples" in st["student-kl"].note
-    assert "step-matched: 40 examples" in st["student-source_only"].note
+    assert "step-matched: 4 steps (2 epochs of 2) x 8 rows = 32 examples" in st["student-kl"].note
+    assert "step-matched: 4 steps (2 epochs of 3) x 8 rows = 32 examples" in \
+        st["student-source_only"].note
     # hours by hand from the table: 2*N*tokens / rate + model load per replica (max 2)
     n, _ = model_params(cfg.teacher.model, table)
     tok = st["teacher"].llm_tokens
@@ -51,7 +54,7 @@ def test_plan_rows_tokens_hours_resources(tmp_path):
     assert st["teacher"].device == "gpu" and st["teacher"].hours == pytest.approx(want)
     assert st["prompted"].llm_tokens / 6 > tok / 60  # demonstrations make prompts longer
     ns, _ = model_params(cfg.distill.student, table)
-    wall = 6 * ns * 40 * 64 / (table["devices"]["a100"]["train"] * 4) + \
+    wall = 6 * ns * 32 * 64 / (table["devices"]["a100"]["train"] * 4) + \
         table["fixed_seconds"]["train_fit"]["gpu"]
     assert st["student-source_only"].hours == pytest.approx(wall * 4 / 3600)
     assert st["teacher"].resources == {"actors": "1-2", "CPU/actor": 2.0, "GPU/actor": 1.0,
@@ -149,3 +152,21 @@ def test_plan_offline_hub_teacher_falls_back_at_once(tmp_path, monkeypatch, chat
     else:
         assert p.prompt.endswith("Answer with one word.The sentiment is")  # what the model sees
         assert "teacher.chat is false" in p.prompt_header
+
+
+def test_plan_counts_steps_by_the_loops_rule_and_says_when_none_would_run(tmp_path):
+    """plan's step counts are the training loops' (raydapt.train.plan_steps): a student whose
+    rows per worker do not fill one batch is said to take no step (the fit would fail), not
+    given 'rows x epochs' examples."""
+    cfg = _job(tmp_path, distill={"variants": ["kl"], "epochs": 2, "num_workers": 4,
+                                  "batch_size": 32, "steps": 10})
+    kl = {s.name: s for s in make_plan(cfg, gpu="a100").stages}["student-kl"]
+    assert "step-matched: 10 steps" not in kl.note  # 20 rows / 4 workers < a batch of 8
+    assert "no optimiser step would run" in kl.note and kl.hours is None
+    ok = _job(tmp_path, distill={"variants": ["kl", "source_only_all"], "epochs": 2,
+                                 "num_workers": 2, "batch_size": 4, "steps": 7})
+    st = {s.name: s for s in make_plan(ok, gpu="a100").stages}
+    # distill.steps wins: 7 steps of 2 x 2 rows; 20 rows -> 10 per worker, 5 steps per epoch
+    assert "step-matched: 7 steps (2 epochs of 5) x 4 rows = 28 examples" in st["student-kl"].note
+    # source_only_all: `epochs` passes over the 30 source rows: 15 per worker, 7 per epoch
+    assert "14 steps (2 epochs of 7) x 4 rows = 56 examples" in st["student-source_only_all"].note
