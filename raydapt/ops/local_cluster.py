@@ -84,8 +84,8 @@ def read_state(path: str | Path | None = None) -> dict[str, Any] | None:
 
 
 def up(*, state: str | Path | None = None, node_types_file: str | Path | None = None,
-       heartbeat_timeout_s: int = 10, timeout_s: float = 120.0, quiet: bool = False
-       ) -> dict[str, Any]:
+       heartbeat_timeout_s: int = 10, timeout_s: float = 180.0, quiet: bool = False,
+       attempts: int = 3) -> dict[str, Any]:
     """Start the head and the autoscaler; returns (and writes) the state: ``address`` (the GCS,
     for ``ray.init``), ``dashboard`` (the job server, for ``raydapt submit``), ``temp_dir``,
     ``node_types`` (the local node types as started)."""
@@ -100,6 +100,35 @@ def up(*, state: str | Path | None = None, node_types_file: str | Path | None = 
     if not _token_available():  # `ray start` with token auth needs a token to exist
         subprocess.run([str(ray_bin), "get-auth-token", "--generate"], check=True,
                        capture_output=True, timeout=60)
+    last = ""
+    for attempt in range(1, attempts + 1):
+        st = _start_head(local, ray_bin, state_path, heartbeat_timeout_s, timeout_s)
+        try:
+            r = subprocess.run(st.pop("_cmd"), env=st.pop("_env"), capture_output=True,
+                               text=True, timeout=timeout_s)
+            if r.returncode == 0:
+                _wait_ready(st["dashboard"], timeout_s)
+                break
+            last = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["?"]
+            last = last[0]
+        except BaseException:
+            down(state=state_path, quiet=True)
+            raise
+        # Ray waits a fixed 30 s for the head's raylet to register: an overloaded machine can
+        # miss that. Clean up this try completely and start again on fresh ports.
+        down(state=state_path, quiet=True)
+        if attempt == attempts:
+            raise RaydaptError(f"ray start failed {attempts} times; last: {last}")
+        print(f"raydapt: ray start failed ({last[:200]}); retrying", file=sys.stderr)
+    if not quiet:
+        print(render(st))
+    return st
+
+
+def _start_head(local, ray_bin: Path, state_path: Path, heartbeat_timeout_s: int,
+                timeout_s: float) -> dict[str, Any]:
+    """Pick a temp dir and free ports, write the autoscaler config and the state file; returns
+    the state with the ``ray start --head`` command (``_cmd``) and environment (``_env``)."""
     temp_dir = tempfile.mkdtemp(prefix="rdc-", dir="/tmp")  # short: unix socket paths
     gcs, dash, client, agent, agent_grpc, renv, metrics, nm, om = free_ports(9)
     picked = {gcs, dash, client, agent, agent_grpc, renv, metrics, nm, om}
@@ -139,17 +168,7 @@ def up(*, state: str | Path | None = None, node_types_file: str | Path | None = 
           "state_file": str(state_path)}
     state_path.parent.mkdir(parents=True, exist_ok=True)
     state_path.write_text(json.dumps(st, indent=1))  # before start: `down` can clean a half-up one
-    try:
-        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
-        if r.returncode != 0:
-            raise RaydaptError("ray start failed: " + (r.stderr or r.stdout)[-1500:])
-        _wait_ready(st["dashboard"], timeout_s)
-    except BaseException:
-        down(state=state_path, quiet=True)
-        raise
-    if not quiet:
-        print(render(st))
-    return st
+    return {**st, "_cmd": cmd, "_env": env}
 
 
 def render(st: dict[str, Any]) -> str:
@@ -164,6 +183,8 @@ def render(st: dict[str, Any]) -> str:
         rng = "1" if n == st["head_node_type"] else f"{t['min_workers']}..{t['max_workers']}"
         res = ", ".join(f"{k}={v:g}" for k, v in types.offered(n).items())
         lines.append(f"    {n:<14}{rng:>6}  {res}")
+    lines.append("  clients: export RAY_AUTH_MODE=token (Ray token auth; the token is "
+                 "~/.ray/auth_token)")
     lines.append(f"  state: {st['state_file']}; stop with `raydapt cluster down`")
     return "\n".join(lines)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import BaseModel
 
 from raydapt import RaydaptError
 
@@ -173,7 +174,7 @@ def job_requests(cfg) -> dict[str, dict[str, float]]:
         elif isinstance(node, TrainSection):
             out[path] = {"CPU": node.cpus_per_worker, "GPU": 1.0 if node.use_gpu else 0.0,
                          **node.resources}
-        if hasattr(node, "model_fields"):
+        if isinstance(node, BaseModel):
             for name in type(node).model_fields:
                 walk(getattr(node, name), f"{path}.{name}" if path else name)
 
