@@ -136,7 +136,7 @@ def _start_head(local, ray_bin: Path, state_path: Path, heartbeat_timeout_s: int
     while any(lo <= p < lo + 100 for p in picked):
         lo += 100
     gcs_address = f"127.0.0.1:{gcs}"
-    cfg = nt_mod.autoscaler_config(local, gcs_address)
+    cfg = nt_mod.autoscaler_config(local, gcs_address, nodes_dir=f"{temp_dir}/nodes")
     cfg_path = Path(temp_dir) / "autoscaler.json"
     cfg_path.write_text(json.dumps(cfg, indent=1))
     head_res = dict(local.types[local.head]["resources"])
@@ -146,6 +146,8 @@ def _start_head(local, ray_bin: Path, state_path: Path, heartbeat_timeout_s: int
     env = {**os.environ, "PATH": f"{ray_bin.parent}:{os.environ.get('PATH', '')}",
            "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_FAKE_CLUSTER": "1",
            "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+           # a loaded machine: give a starting node's agents longer to report their ports
+           "RAY_agent_register_timeout_ms": "300000",
            "AUTOSCALER_HEARTBEAT_TIMEOUT_S": str(heartbeat_timeout_s)}
     env.pop("RAY_ADDRESS", None)
     cmd = [str(ray_bin), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),

@@ -123,10 +123,11 @@ def local(raw: dict[str, Any] | None = None) -> NodeTypes:
                      float(loc.get("idle_timeout_minutes", raw["idle_timeout_minutes"])), "local")
 
 
-def autoscaler_config(nt: NodeTypes, gcs_address: str, *, upscaling_speed: float = 1.0
-                      ) -> dict[str, Any]:
+def autoscaler_config(nt: NodeTypes, gcs_address: str, *, nodes_dir: str,
+                      upscaling_speed: float = 1.0) -> dict[str, Any]:
     """The autoscaler config of a local cluster: Ray's fake multi-node provider (every worker
-    node a raylet on this machine), the node types of ``nt``. The head type is renamed to
+    node a raylet on this machine, each in its own temp dir under ``nodes_dir``:
+    :mod:`raydapt.ops.fake_nodes`), the node types of ``nt``. The head type is renamed to
     Ray's fixed ``ray.head.default``."""
     types: dict[str, Any] = {}
     for name, t in nt.types.items():
@@ -141,7 +142,9 @@ def autoscaler_config(nt: NodeTypes, gcs_address: str, *, upscaling_speed: float
         "max_workers": sum(t["max_workers"] for n, t in nt.types.items() if n != nt.head),
         "upscaling_speed": upscaling_speed,
         "idle_timeout_minutes": nt.idle_timeout_minutes,
-        "provider": {"type": "fake_multinode", "gcs_address": gcs_address,
+        "provider": {"type": "external",
+                     "module": "raydapt.ops.fake_nodes.SeparateDirsFakeProvider",
+                     "nodes_dir": nodes_dir, "gcs_address": gcs_address,
                      "use_node_id_as_ip": True, "disable_node_updaters": True,
                      "disable_launch_config_check": True},
         "auth": {"ssh_user": "ubuntu"},

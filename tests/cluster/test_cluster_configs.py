@@ -366,7 +366,7 @@ def test_local_node_types_mirror_the_cloud_ones():
         assert nt.fitting({"CPU": 0.5, "annotate_gpu": 1}) == ["annotate_gpu"]
         assert nt.fitting({"CPU": 1, "train_gpu": 1}) == ["train_gpu"]
         assert "head" not in nt.fitting({"CPU": 0.25})
-    cfg = node_types.autoscaler_config(lo, "127.0.0.1:1")
+    cfg = node_types.autoscaler_config(lo, "127.0.0.1:1", nodes_dir="/tmp/x")
     assert cfg["available_node_types"]["ray.head.default"]["resources"]["CPU"] == 0
     assert cfg["max_workers"] == sum(t["max_workers"] for n, t in lo.types.items() if n != "head")
 
