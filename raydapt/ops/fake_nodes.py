@@ -82,3 +82,56 @@ class SeparateDirsFakeProvider(FakeMultiNodeProvider):
             }
             all_tags.update(tags)
             self._nodes[next_id] = {"tags": all_tags, "node": node}
+
+
+# --------------------------------------------------------------------------------------------
+# Patience on a loaded machine
+# --------------------------------------------------------------------------------------------
+
+#: Seconds a starting node may take to register with the GCS (Ray's own wait is a fixed 30 s,
+#: which a 2-core machine under load misses: the raylet registers only after its Python
+#: dashboard agent has started).
+REGISTER_WAIT_S = float(os.environ.get("RAYDAPT_NODE_REGISTER_WAIT_S", "300"))
+
+
+def patient_get_node() -> None:
+    """Make ``ray._private.services.get_node`` (what ``Node.__init__`` polls, for at most 30 s,
+    to see its raylet registered) itself wait up to :data:`REGISTER_WAIT_S` for the node."""
+    import time
+
+    import ray._private.services as services
+
+    if getattr(services.get_node, "_raydapt_patient", False):
+        return
+    orig = services.get_node
+
+    def get_node(gcs_address, node_id):
+        t0 = time.monotonic()
+        while True:
+            try:
+                return orig(gcs_address, node_id)
+            except RuntimeError:
+                if time.monotonic() - t0 > REGISTER_WAIT_S:
+                    raise
+                time.sleep(0.5)
+
+    get_node._raydapt_patient = True
+    services.get_node = get_node
+
+
+patient_get_node()  # in the autoscaler's process, for the worker nodes it starts
+
+
+def ray_cli() -> None:
+    """``ray`` with :func:`patient_get_node` (``python -m raydapt.ops.fake_nodes start
+    --head ...``), for the head."""
+    import sys
+
+    from ray.scripts.scripts import main
+
+    sys.argv[0] = "ray"
+    main()
+
+
+if __name__ == "__main__":
+    ray_cli()

@@ -85,7 +85,7 @@ def read_state(path: str | Path | None = None) -> dict[str, Any] | None:
 
 def up(*, state: str | Path | None = None, node_types_file: str | Path | None = None,
        heartbeat_timeout_s: int = 10, timeout_s: float = 180.0, quiet: bool = False,
-       attempts: int = 3) -> dict[str, Any]:
+       attempts: int = 5) -> dict[str, Any]:
     """Start the head and the autoscaler; returns (and writes) the state: ``address`` (the GCS,
     for ``ray.init``), ``dashboard`` (the job server, for ``raydapt submit``), ``temp_dir``,
     ``node_types`` (the local node types as started)."""
@@ -150,7 +150,8 @@ def _start_head(local, ray_bin: Path, state_path: Path, heartbeat_timeout_s: int
            "RAY_agent_register_timeout_ms": "300000",
            "AUTOSCALER_HEARTBEAT_TIMEOUT_S": str(heartbeat_timeout_s)}
     env.pop("RAY_ADDRESS", None)
-    cmd = [str(ray_bin), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
+    # `ray start`, with a longer wait for the head's raylet to register (raydapt.ops.fake_nodes)
+    cmd = [sys.executable, "-m", "raydapt.ops.fake_nodes", "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
            "--ray-client-server-port", str(client), "--dashboard-agent-listen-port", str(agent),
            "--dashboard-agent-grpc-port", str(agent_grpc), "--runtime-env-agent-port", str(renv),
