@@ -91,7 +91,7 @@ class SeparateDirsFakeProvider(FakeMultiNodeProvider):
 #: Seconds a starting node may take to register with the GCS (Ray's own wait is a fixed 30 s,
 #: which a 2-core machine under load misses: the raylet registers only after its Python
 #: dashboard agent has started).
-REGISTER_WAIT_S = float(os.environ.get("RAYDAPT_NODE_REGISTER_WAIT_S", "300"))
+REGISTER_WAIT_S = float(os.environ.get("RAYDAPT_NODE_REGISTER_WAIT_S", "120"))
 
 
 def patient_get_node() -> None:

@@ -84,7 +84,7 @@ def read_state(path: str | Path | None = None) -> dict[str, Any] | None:
 
 
 def up(*, state: str | Path | None = None, node_types_file: str | Path | None = None,
-       heartbeat_timeout_s: int = 10, timeout_s: float = 180.0, quiet: bool = False,
+       heartbeat_timeout_s: int = 10, timeout_s: float = 450.0, quiet: bool = False,
        attempts: int = 5) -> dict[str, Any]:
     """Start the head and the autoscaler; returns (and writes) the state: ``address`` (the GCS,
     for ``ray.init``), ``dashboard`` (the job server, for ``raydapt submit``), ``temp_dir``,
@@ -111,6 +111,8 @@ def up(*, state: str | Path | None = None, node_types_file: str | Path | None = 
                 break
             last = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["?"]
             last = last[0]
+        except subprocess.TimeoutExpired:
+            last = f"ray start took over {timeout_s:.0f}s"
         except BaseException:
             down(state=state_path, quiet=True)
             raise

@@ -49,7 +49,8 @@ N_SOURCE, N_TARGET, N_TRAIN, N_TEST = 24, 64, 24, 8
 TEACHER = "MapWorker(" + rh.TEACHER_ACTOR + ")"
 #: Ray's own actors that may sit on the CPU-0 head (zero CPUs): not a stage's work.
 HEAD_OK = {"JobSupervisor", "_StatsActor", "AutoscalingRequester", "DatasetStatsActor",
-           "TrainController", "TrainStateActor", "SynchronizationActor", "_StatsActorWrapper"}
+           "_AutoscalingCoordinatorActor", "ActorLocationTracker", "TrainController",
+           "TrainStateActor", "SynchronizationActor", "_StatsActorWrapper", "SplitCoordinator"}
 
 
 def job_sections(cluster: bool) -> dict:
