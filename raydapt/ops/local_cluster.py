@@ -116,8 +116,10 @@ def up(*, state: str | Path | None = None, node_types_file: str | Path | None = 
         except BaseException:
             down(state=state_path, quiet=True)
             raise
-        # Ray waits a fixed 30 s for the head's raylet to register: an overloaded machine can
-        # miss that. Clean up this try completely and start again on fresh ports.
+        last += _raylet_fatal(st["temp_dir"])
+        # Ray waits a fixed time for a starting raylet (and the raylet for its dashboard
+        # agent): an overloaded machine can miss it. Clean up this try completely and start
+        # again on fresh ports.
         down(state=state_path, quiet=True)
         if attempt == attempts:
             raise RaydaptError(f"ray start failed {attempts} times; last: {last}")
@@ -174,6 +176,16 @@ def _start_head(local, ray_bin: Path, state_path: Path, heartbeat_timeout_s: int
     state_path.parent.mkdir(parents=True, exist_ok=True)
     state_path.write_text(json.dumps(st, indent=1))  # before start: `down` can clean a half-up one
     return {**st, "_cmd": cmd, "_env": env}
+
+
+def _raylet_fatal(temp_dir: str) -> str:
+    """The head raylet's fatal log line, if it died (Ray's own reason, e.g. its dashboard agent
+    not reporting its port within Ray's fixed wait on an overloaded machine)."""
+    for f in sorted(Path(temp_dir).glob("session_*/logs/raylet.out")):
+        for line in f.read_text(errors="replace").splitlines():
+            if " C " in line[:40] and "Check failed" in line:
+                return " [raylet: " + line.split("Check failed:", 1)[1].strip()[:200] + "]"
+    return ""
 
 
 def render(st: dict[str, Any]) -> str:
