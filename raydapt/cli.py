@@ -8,6 +8,7 @@
     raydapt cache ls | rm [--stage S]           list or remove cached stage outputs
     raydapt dashboards generate [--check]       regenerate dashboards/grafana/raydapt.json
     raydapt submit | jobs | plan | runs         cluster scale (see raydapt/ops/cli_cluster.py)
+    raydapt cluster up --local | down           a local autoscaling multi-node Ray cluster
 
 User errors (bad config, missing data, missing model package) print one clear message and exit 2;
 no stack trace.
@@ -171,6 +172,11 @@ COMMAND_HELP = {
     "plan": ("Estimate a job before running it: rows, LLM tokens, GPU-hours and Ray resources "
              "per stage, and one rendered prompt.",
              "raydapt plan jobs/simda/amazon-mistral7b.gpu.yaml --gpu a100"),
+    "cluster": ("Start / stop a multi-node autoscaling Ray cluster on this machine (real "
+                "autoscaler, fake multi-node provider, node types of cluster/node_types.yaml): "
+                "rehearse a cluster job before paying for GPUs.",
+                "raydapt cluster up --local\n  raydapt submit JOB.yaml --address "
+                "http://127.0.0.1:PORT --follow\n  raydapt cluster down"),
     "runs": ("Compare the runs of an MLflow experiment (terminal table, compare.csv, "
              "compare.png).",
              "raydapt runs compare --experiment simda --metric 'acc.student.*'"),

@@ -4,6 +4,7 @@
     raydapt jobs status|logs|stop ID --address URL [--follow]
     raydapt plan JOB.yaml [key=value ...] [--gpu h100] [--json]
     raydapt runs compare --experiment NAME [--metric M] [--out DIR]
+    raydapt cluster up --local | down | status [--state FILE]
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from raydapt import RaydaptError
 from raydapt.config import load_job
 from raydapt.ops.plan import make_plan
 from raydapt.ops.submit import jobs, submit
@@ -21,7 +23,28 @@ def _submit(args: argparse.Namespace) -> int:
                   follow=args.follow, runtime_env_file=args.runtime_env, env=args.env,
                   entrypoint_num_cpus=args.entrypoint_num_cpus,
                   entrypoint_num_gpus=args.entrypoint_num_gpus, plan=not args.no_plan,
-                  cluster_tracking_uri=args.cluster_tracking_uri)
+                  cluster_tracking_uri=args.cluster_tracking_uri, node_types=args.node_types)
+
+
+def _cluster(args: argparse.Namespace) -> int:
+    from raydapt.ops import local_cluster as lc
+
+    if args.action == "up":
+        if not args.local:
+            raise RaydaptError("only `raydapt cluster up --local` starts a cluster here; a cloud "
+                               "cluster starts with `ray up cluster/aws.yaml` (cluster/README.md)")
+        lc.up(state=args.state, node_types_file=args.node_types_file)
+        return 0
+    if args.action == "down":
+        lc.down(state=args.state)
+        return 0
+    st = lc.read_state(args.state)
+    if st is None or not lc.cluster_processes(st["temp_dir"]):
+        print("no local cluster running" + (f" (stale state {st['state_file']})" if st else ""))
+        return 1
+    print(lc.render(st))
+    print(f"  processes: {len(lc.cluster_processes(st['temp_dir']))}")
+    return 0
 
 
 def _jobs(args: argparse.Namespace) -> int:
@@ -29,7 +52,12 @@ def _jobs(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    plan = make_plan(load_job(args.job, args.overrides), gpu=args.gpu)
+    cfg = load_job(args.job, args.overrides)
+    plan = make_plan(cfg, gpu=args.gpu)
+    if args.node_types != "none":
+        from raydapt.ops.plan import place_on_node_types
+
+        place_on_node_types(plan, cfg, args.node_types)
     print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.render())
     return 0
 
@@ -70,6 +98,10 @@ def add_commands(sub) -> None:
     s.add_argument("--cluster-tracking-uri", default=None,
                    help="MLflow URI as the cluster reaches it, if not tracking.uri (which this "
                    "machine uses to create the parent run), e.g. over a port-forward")
+    s.add_argument("--node-types", default="auto", choices=["auto", "cloud", "local", "none"],
+                   help="check every stage's resources against these node types "
+                   "(cluster/node_types.yaml) before submitting: auto = local when the address "
+                   "is the `raydapt cluster up --local` cluster, else cloud; none = no check")
     s.set_defaults(fn=_submit)
 
     j = sub.add_parser("jobs", help="status, logs or stop of a submitted job")
@@ -87,7 +119,22 @@ def add_commands(sub) -> None:
     p.add_argument("--gpu", default="h100", choices=_gpu_types(),
                    help="GPU type of the throughput table (default h100)")
     p.add_argument("--json", action="store_true", help="the plan as JSON")
+    p.add_argument("--node-types", default="cloud", choices=["cloud", "local", "none"],
+                   help="say which node type of cluster/node_types.yaml each stage lands on "
+                   "(default cloud; none: leave it out)")
     p.set_defaults(fn=_plan)
+
+    c = sub.add_parser("cluster", help="a local multi-node autoscaling Ray cluster (rehearsal)")
+    c.add_argument("action", choices=["up", "down", "status"],
+                   help="up --local: head + autoscaler + fake multi-node provider; down: stop "
+                   "all of it; status: addresses and node types")
+    c.add_argument("--local", action="store_true",
+                   help="on this machine (the only kind `raydapt cluster` starts)")
+    c.add_argument("--state", default=None,
+                   help="state file (default RAYDAPT_LOCAL_CLUSTER or ~/.raydapt/local-cluster.json)")
+    c.add_argument("--node-types-file", default=None,
+                   help="node types (default cluster/node_types.yaml, its local half)")
+    c.set_defaults(fn=_cluster)
 
     runs = sub.add_parser("runs", help="compare runs of an MLflow experiment")
     runs_sub = runs.add_subparsers(dest="action", required=True, metavar="compare")

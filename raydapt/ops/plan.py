@@ -602,3 +602,53 @@ def plan_ntk_select(cfg, table: dict[str, Any], gpu: str) -> Plan:
                             params=params, backend="hf", pool=cfg.eval.pool, table=table,
                             gpu=gpu, note=f"{n_eval} items x {runs} models"))
     return Plan("ntk_select", gpu, stages, notes=notes)
+
+
+# --------------------------------------------------------------------------------------------
+# Node types: where each stage lands on a cluster (cluster/node_types.yaml)
+# --------------------------------------------------------------------------------------------
+
+_PER_UNIT = {"CPU/actor": "CPU", "CPU/worker": "CPU", "GPU/actor": "GPU", "GPU/worker": "GPU"}
+_NOT_RESOURCES = {"actors", "workers", "batch_size", "backend", "on"}
+
+
+def stage_request(s: StagePlan) -> dict[str, float] | None:
+    """The Ray resources one actor / worker of a planned stage asks for; None for a stage that
+    runs in the job driver (no resources)."""
+    if not s.resources:
+        return None
+    req: dict[str, float] = {}
+    for k, v in s.resources.items():
+        if k in _PER_UNIT:
+            req[_PER_UNIT[k]] = float(v)
+        elif k not in _NOT_RESOURCES and isinstance(v, (int, float)):
+            req[k] = float(v)
+    return req
+
+
+def place_on_node_types(plan: Plan, cfg=None, which: str = "cloud") -> Plan:
+    """Add ``on=<node types>`` to each stage's resources: the node types of
+    ``cluster/node_types.yaml`` (``cloud`` or ``local`` half) one of its actors / workers fits
+    on (the head, CPU: 0, runs only the driver). A stage no node type can run gets
+    ``on=NONE`` and a note naming the resource, as ``raydapt submit`` would refuse it."""
+    from raydapt.ops import node_types as ntm
+
+    nt = ntm.local() if which == "local" else ntm.cloud()
+    for s in plan.stages:
+        req = stage_request(s)
+        if req is None:
+            s.resources["on"] = f"{nt.head} (driver)"
+            continue
+        fit = [n for n in nt.fitting(req) if n != nt.head] or nt.fitting(req)
+        if fit:
+            s.resources["on"] = "|".join(fit)
+        else:
+            missing = sorted(k for k, v in req.items()
+                             if not any(nt.offered(n).get(k, 0.0) >= v for n in nt.types))
+            s.resources["on"] = "NONE"
+            plan.notes.append(f"stage {s.name} asks for "
+                              f"{', '.join(f'{k}={req[k]:g}' for k in missing)}, which no "
+                              f"{nt.where} node type offers ({nt.describe()})")
+    plan.notes.append(f"node types: {nt.where} half of cluster/node_types.yaml "
+                      f"({', '.join(nt.types)}; the head runs only the job driver)")
+    return plan

@@ -219,13 +219,20 @@ def submit(job: str | Path, overrides: list[str], *, address: str | None, pip: b
            follow: bool = False, runtime_env_file: str | None = None,
            env: list[str] | None = None, entrypoint_num_cpus: float | None = None,
            entrypoint_num_gpus: float | None = None, plan: bool = True,
-           cluster_tracking_uri: str | None = None) -> int:
+           cluster_tracking_uri: str | None = None, node_types: str = "auto") -> int:
     """Submit a job; with ``follow`` stream its logs and return its exit code (EXIT_CODES).
+
+    ``node_types``: check every actor pool / Ray Train section against the node types of
+    ``cluster/node_types.yaml`` before anything is submitted (:func:`check_node_types`), so a
+    stage asking for a resource no node type offers fails here instead of waiting forever for
+    the autoscaler. ``auto``: the local half when ``address`` is the ``raydapt cluster up
+    --local`` cluster, else the cloud half; ``none``: no check (a cluster of your own).
 
     ``cluster_tracking_uri``: the MLflow URI as the cluster sees it, when it differs from the
     one this machine uses (``tracking.uri``, e.g. a port-forwarded http://localhost:5000 here
     and http://mlflow.raydapt.svc.cluster.local:5000 there). Both must name the same server."""
     cfg, raw = prepare(job, overrides)
+    check_node_types(cfg, address, node_types)
     extra_env: dict[str, str] = {}
     for item in env or []:
         if "=" not in item:
@@ -290,6 +297,30 @@ def submit(job: str | Path, overrides: list[str], *, address: str | None, pip: b
     if not follow:
         return 0
     return follow_job(cl, sid)
+
+
+def check_node_types(cfg, address: str | None, which: str = "auto") -> dict[str, list[str]]:
+    """Section -> node types its actors / workers fit on; raises (naming the section, the
+    resource and the node types) when one fits nowhere. ``which``: auto | cloud | local |
+    none (see :func:`submit`)."""
+    from raydapt.ops import local_cluster, node_types
+
+    if which == "none":
+        return {}
+    if which == "auto":
+        addr = address or os.environ.get("RAY_API_SERVER_ADDRESS") or \
+            os.environ.get("RAY_ADDRESS") or ""
+        st = local_cluster.read_state()
+        which = "local" if st and addr.rstrip("/") in (st["dashboard"], st["address"]) \
+            else "cloud"
+    nt = node_types.local() if which == "local" else node_types.cloud()
+    try:
+        return node_types.placement(cfg, nt)
+    except node_types.NodeTypesError as exc:
+        raise RaydaptError(f"not submitted: {exc}. The autoscaler could never add a node for "
+                           "it; fix the job's resources, or the node types in "
+                           "cluster/node_types.yaml (or --node-types none for a cluster of "
+                           "your own)") from None
 
 
 def _b64(raw: dict[str, Any]) -> str:

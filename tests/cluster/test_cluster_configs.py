@@ -324,3 +324,65 @@ def test_pool_sections_pass_custom_resources_to_ray_data():
     kw = _pool(ActorPoolSection(num_gpus=1, resources={"annotate_gpu": 1}))
     assert kw["resources"] == {"annotate_gpu": 1.0} and kw["num_gpus"] == 1
     assert "resources" not in _pool(ActorPoolSection())
+
+
+# --------------------------------------------------------------------------------------------
+# One node-types file: cluster/node_types.yaml
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", LAUNCHERS)
+def test_launchers_carry_the_node_types_file(name):
+    """aws.yaml / gcp.yaml cannot include a file, so they carry a copy of the node types; this
+    is what keeps the copy equal to cluster/node_types.yaml (the local cluster and
+    `raydapt plan` read that file)."""
+    from raydapt.ops import node_types
+
+    raw = node_types.load()
+    cfg = _launcher(name)
+    assert cfg["head_node_type"] == raw["head_node_type"]
+    assert cfg["idle_timeout_minutes"] == raw["idle_timeout_minutes"]
+    got = {n: {k: t[k] for k in ("resources", "min_workers", "max_workers") if k in t}
+           for n, t in cfg["available_node_types"].items()}
+    assert got == raw["node_types"], f"{name} drifted from cluster/node_types.yaml"
+
+
+def test_local_node_types_mirror_the_cloud_ones():
+    from raydapt.ops import node_types
+
+    cl, lo = node_types.cloud(), node_types.local()
+    assert set(lo.types) == set(cl.types) and lo.head == cl.head == "head"
+    assert lo.offered("head") == {"CPU": 0.0}                   # the driver only
+    assert lo.types["annotate_gpu"]["min_workers"] == 0 and lo.types["annotate_gpu"]["max_workers"] == 3
+    assert lo.types["train_gpu"]["min_workers"] == 0 and lo.types["train_gpu"]["max_workers"] == 2
+    assert lo.types["cpu"]["min_workers"] == 0
+    assert lo.idle_timeout_minutes < 1
+    for n in cl.types:  # the same steering resources, no GPU
+        custom = set(cl.offered(n)) - {"CPU", "GPU"}
+        assert set(lo.offered(n)) - {"CPU"} == custom, n
+        assert "GPU" not in lo.offered(n)
+    # a teacher actor {CPU: 0.5, annotate_gpu: 1} fits only annotation nodes, in both halves
+    for nt in (cl, lo):
+        assert nt.fitting({"CPU": 0.5, "annotate_gpu": 1}) == ["annotate_gpu"]
+        assert nt.fitting({"CPU": 1, "train_gpu": 1}) == ["train_gpu"]
+        assert "head" not in nt.fitting({"CPU": 0.25})
+    cfg = node_types.autoscaler_config(lo, "127.0.0.1:1", nodes_dir="/tmp/x")
+    assert cfg["available_node_types"]["ray.head.default"]["resources"]["CPU"] == 0
+    assert cfg["max_workers"] == sum(t["max_workers"] for n, t in lo.types.items() if n != "head")
+
+
+def test_a_broken_node_types_file_is_refused(tmp_path):
+    from raydapt.ops import node_types
+
+    raw = node_types.load()
+    bad = json.loads(json.dumps(raw))
+    bad["local"]["node_types"]["cpu"]["resources"]["train_gpu"] = 1
+    p = tmp_path / "nt.yaml"
+    p.write_text(yaml.safe_dump(bad))
+    with pytest.raises(node_types.NodeTypesError, match="cpu offers .'train_gpu'., which its cloud"):
+        node_types.load(p)
+    bad = json.loads(json.dumps(raw))
+    bad["node_types"]["cpu"]["min_workers"] = 9
+    p.write_text(yaml.safe_dump(bad))
+    with pytest.raises(node_types.NodeTypesError, match="min_workers <= max_workers"):
+        node_types.load(p)

@@ -1,0 +1,286 @@
+"""The cluster rehearsal, recorded: a tiny SimDA job on a local multi-node autoscaling Ray
+cluster (`raydapt cluster up --local`: CPU-0 head, Ray's real autoscaler, the fake multi-node
+provider, node types of cluster/node_types.yaml), with node losses, against a single-node run
+of the same job on the same machine.
+
+    python benchmarks/cluster_rehearsal.py [--kills teacher,train] \
+        [--out benchmarks/results/cluster-rehearsal-cpu.json] \
+        [--plot docs/img/cluster-rehearsal-timeline.png]
+
+Records: the node-count timeline per node type (polled every 0.5 s from the GCS), where each
+stage ran (actors and tasks -> node type, from Ray's state API), time from submission to the
+first annotation node, for each kill what was lost (finished teacher shards rewritten:
+must be 0; in-flight teacher tasks failed on the killed node and retried; for a training-node
+kill, whether Ray Train resumed from a checkpoint), the job's wall time on the cluster and the
+wall time of `raydapt run` of the same job on one local Ray node (run after the cluster is
+down, so the two do not share the cores).
+
+What this is not: no GPU (annotate_gpu / train_gpu are custom resources on CPU raylets), one
+physical machine (every "node" shares its 2 cores, RAM and disk), no cross-host network
+(object transfers go over loopback). docs/cluster.md says so next to the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import describe  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARD_ROWS = 4
+N_SOURCE, N_TARGET, N_TRAIN, N_TEST = 24, 64, 24, 8
+
+
+def write_job(d: Path, *, cluster: bool, tag: str) -> Path:
+    """The rehearsal job (the one tests/cluster/test_rehearsal.py runs): books -> kitchen,
+    teacher pool [1, 3] actors, a 2-worker student."""
+    data = Path(os.environ.get("RAYDAPT_DATA", REPO.parent / "shared/data")) / "amazon"
+    books = (data / "books.jsonl").read_text().splitlines()[:N_SOURCE]
+    kitchen = (data / "kitchen.jsonl").read_text().splitlines()[:N_TARGET]
+    (d / "src.jsonl").write_text("\n".join(books) + "\n")
+    (d / "tgt.jsonl").write_text("\n".join(kitchen) + "\n")
+    pool = {"concurrency": [1, 3], "num_cpus": 1, "threads": 1, "batch_size": 2,
+            "shard_rows": SHARD_ROWS, "max_restarts": 3, "max_task_retries": 3}
+    distill = {"variants": ["kl"], "epochs": 2, "batch_size": 8, "max_length": 24,
+               "num_workers": 2, "cpus_per_worker": 1, "max_failures": 2}
+    if cluster:
+        pool["resources"] = {"annotate_gpu": 1}
+        distill["resources"] = {"train_gpu": 1}
+    job = {"method": "simda",
+           "run": {"name": "rehearsal", "output_dir": f"{d}/runs-{tag}",
+                   "cache_dir": f"{d}/cache-{tag}"},
+           "tracking": {"uri": f"sqlite:///{d}/mlruns-{tag}.db",
+                        "artifact_location": f"{d}/art-{tag}", "experiment": "rehearsal"},
+           "ray": {"num_cpus": 2, "progress": False},
+           "data": {"root": str(d), "source": {"path": "src.jsonl"},
+                    "target": {"path": "tgt.jsonl"}, "max_target_train_rows": N_TRAIN,
+                    "max_target_test_rows": N_TEST},
+           "teacher": {"text_max_tokens": 24, "pool": pool},
+           "annotate": {"k": 8, "baselines": ["zero_shot", "knn"]},
+           "distill": distill}
+    p = d / f"job-{tag}.yaml"
+    p.write_text(yaml.safe_dump(job, sort_keys=False))
+    return p
+
+
+def _shards(cache: Path) -> dict[str, int]:
+    return {str(p): p.stat().st_mtime_ns for p in cache.glob("teacher/*/part-*.parquet")}
+
+
+def _env() -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONUNBUFFERED": "1", "RAY_AUTH_MODE": "token"}
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def rehearse(d: Path, kills: list[str]) -> dict:
+    import ray
+    from ray.job_submission import JobSubmissionClient
+
+    from raydapt.ops import local_cluster as lc
+    from raydapt.ops import rehearsal as rh
+    from raydapt.ops.submit import submit
+
+    os.environ["RAY_AUTH_MODE"] = "token"
+    state = d / "state.json"
+    job = write_job(d, cluster=True, tag="cluster")
+    cache = d / "cache-cluster"
+    n_shards = -(-(N_SOURCE + N_TRAIN + N_TEST) // SHARD_ROWS)
+    rec: dict = {"kills": []}
+    t_up = time.time()
+    st = lc.up(state=state, quiet=True)
+    rec["cluster_up_seconds"] = round(time.time() - t_up, 1)
+    try:
+        ray.init(address=st["address"], logging_level="WARNING", log_to_driver=False)
+        with rh.NodeWatch(st) as watch:
+            t_submit = time.time() - watch.t0
+            assert submit(job, [], address=st["dashboard"], pip=False) == 0
+            cl = JobSubmissionClient(st["dashboard"])
+            teacher = "MapWorker(" + rh.TEACHER_ACTOR + ")"
+
+            def status() -> str:
+                return str(cl.get_job_status("rehearsal")).rsplit(".", 1)[-1]
+
+            if "teacher" in kills:  # a node running a teacher actor, after the first shard
+                while not _shards(cache) and status() in ("PENDING", "RUNNING"):
+                    time.sleep(0.3)
+                done = _shards(cache)
+                alive = rh.nodes_of(st, teacher, "ALIVE")
+                if alive and len(done) < n_shards:
+                    victim = alive[0]
+                    before = {n for n, t in watch.types.items() if t == "annotate_gpu"}
+                    rh.kill_raylet(st, victim)
+                    rec["kills"].append({"what": "annotation node running a teacher actor",
+                                         "node": victim, "at_s": round(time.time() - watch.t0, 1),
+                                         "shards_done_before": len(done),
+                                         "shards_total": n_shards, "_done": done,
+                                         "_before": before})
+            if "train" in kills:  # a node running a Ray Train worker, after a checkpoint
+                out = d / "runs-cluster"
+                while status() in ("PENDING", "RUNNING"):
+                    snaps = list(out.glob("rehearsal/train/*/checkpoint_manager_snapshot.json"))
+                    if any(json.loads(s.read_text() or "{}").get("checkpoint_results")
+                           for s in snaps if s.stat().st_size):
+                        break
+                    time.sleep(0.3)
+                alive = rh.nodes_of(st, rh.TRAIN_WORKER, "ALIVE")
+                if alive and status() == "RUNNING":
+                    rh.kill_raylet(st, alive[0])
+                    rec["kills"].append({"what": "training node running a Ray Train worker",
+                                         "node": alive[0],
+                                         "at_s": round(time.time() - watch.t0, 1)})
+            while status() in ("PENDING", "RUNNING"):
+                time.sleep(1)
+            info = cl.get_job_info("rehearsal")
+            rec["job_status"] = status()
+            rec["job_wall_seconds"] = round((info.end_time - info.start_time) / 1000, 1)
+            logs = cl.get_job_logs("rehearsal")
+            t_done = time.time() - watch.t0
+            watch.wait_for(lambda c: c["annotate_gpu"] == c["train_gpu"] == c["cpu"] == 0,
+                           300, "scale-down")
+            t_down = time.time() - watch.t0
+            where = rh.placement(st, watch)
+            tasks = rh.task_placement(st, watch)
+            for k in rec["kills"]:
+                if "_done" in k:
+                    after = _shards(cache)
+                    k["finished_shards_rewritten"] = sum(after.get(p) != m
+                                                         for p, m in k.pop("_done").items())
+                    k["shards_written_after"] = len(after) - k["shards_done_before"]
+                    lost = rh.failed_tasks_on(st, k["node"], rh.TEACHER_ACTOR)
+                    k["teacher_tasks_in_flight_retried"] = len(lost)
+                    k["rows_in_flight_retried"] = len(lost) * 2  # batch_size 2 rows per task
+                    before = k.pop("_before")
+                    k["replacement_annotation_nodes"] = [
+                        n for n, t in watch.types.items() if t == "annotate_gpu"
+                        and n not in before and watch.first_seen[n] > k["at_s"]]
+                else:
+                    k["ray_train_resumed_from_checkpoint"] = \
+                        "resumed from the checkpoint of epoch" in logs
+            first_ann = watch.first_time("annotate_gpu")
+            rec.update({
+                "timeline": [{"t": t, **c} for t, c in watch.timeline],
+                "submitted_at_s": round(t_submit, 1),
+                "time_to_first_annotation_node_s": None if first_ann is None
+                else round(first_ann - t_submit, 1),
+                "time_to_first_training_node_s": None if watch.first_time("train_gpu") is None
+                else round(watch.first_time("train_gpu") - t_submit, 1),
+                "job_done_at_s": round(t_done, 1), "scaled_down_at_s": round(t_down, 1),
+                "nodes_seen": dict(sorted(__import__("collections").Counter(
+                    watch.types.values()).items())),
+                "actors_on": {c: dict(n) for c, n in where.items()},
+                "tasks_on": {c: dict(n) for c, n in tasks.items()},
+            })
+        rec["results"] = json.loads((d / "runs-cluster/rehearsal/results.json").read_text())
+    finally:
+        ray.shutdown()
+        lc.down(state=state, quiet=True)
+    return rec
+
+
+def single_node(d: Path) -> dict:
+    job = write_job(d, cluster=False, tag="single")
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "-m", "raydapt.cli", "run", str(job)],
+                       capture_output=True, text=True, env=_env(), timeout=3600)
+    wall = time.time() - t0
+    if r.returncode != 0:
+        raise SystemExit((r.stdout + r.stderr)[-4000:])
+    return {"wall_seconds": round(wall, 1),
+            "results": json.loads((d / "runs-single/rehearsal/results.json").read_text())}
+
+
+def compare(d: Path) -> dict:
+    import numpy as np
+    import pandas as pd
+
+    a = pd.read_parquet(d / "runs-single/rehearsal/annotations.parquet")
+    b = pd.read_parquet(d / "runs-cluster/rehearsal/annotations.parquet")
+    assert a["id"].tolist() == b["id"].tolist()
+    pa, pb = np.stack(a["p_t"]), np.stack(b["p_t"])
+    return {"rows": len(a), "pseudo_labels_equal": bool((a["pseudo_label"] ==
+                                                         b["pseudo_label"]).all()),
+            "p_t_max_abs_diff": float(np.abs(pa - pb).max())}
+
+
+def plot(rec: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tl = rec["cluster"]["timeline"]
+    end = rec["cluster"]["scaled_down_at_s"] + 5
+    fig, ax = plt.subplots(figsize=(7, 2.8), dpi=110)
+    for typ, colour in (("cpu", "tab:gray"), ("annotate_gpu", "tab:orange"),
+                        ("train_gpu", "tab:blue")):
+        xs = [p["t"] for p in tl] + [end]
+        ys = [p[typ] for p in tl] + [tl[-1][typ]]
+        ax.step(xs, ys, where="post", label=typ, color=colour, lw=2)
+    for k in rec["cluster"]["kills"]:
+        ax.axvline(k["at_s"], color="red", ls="--", lw=1)
+        ax.text(k["at_s"], 3.1, " kill", color="red", fontsize=8)
+    ax.axvline(rec["cluster"]["submitted_at_s"], color="k", ls=":", lw=1)
+    ax.axvline(rec["cluster"]["job_done_at_s"], color="k", ls=":", lw=1)
+    ax.text(rec["cluster"]["submitted_at_s"], 3.1, " submit", fontsize=8)
+    ax.text(rec["cluster"]["job_done_at_s"], 3.1, " done", fontsize=8)
+    ax.set_xlabel("seconds since the cluster came up")
+    ax.set_ylabel("alive nodes")
+    ax.set_ylim(-0.2, 3.5)
+    ax.set_yticks([0, 1, 2, 3])
+    ax.legend(loc="upper right", fontsize=8)
+    ax.set_title("local autoscaling cluster: worker nodes per type (SimDA rehearsal)",
+                 fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--kills", default="teacher,train",
+                    help="comma list: teacher (an annotation node mid-pass), train (a training "
+                    "node mid-fit); empty for none")
+    ap.add_argument("--out", default=str(REPO / "benchmarks/results/cluster-rehearsal-cpu.json"))
+    ap.add_argument("--plot", default=str(REPO / "docs/img/cluster-rehearsal-timeline.png"))
+    args = ap.parse_args()
+    kills = [k for k in args.kills.split(",") if k]
+    with tempfile.TemporaryDirectory(prefix="rdc-bench-") as tmp:
+        d = Path(tmp)
+        t0 = time.time()
+        rec = {"command": "python benchmarks/cluster_rehearsal.py"
+               + (f" --kills {args.kills}" if args.kills != "teacher,train" else ""),
+               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+               "machine": describe(), "load_average_at_start": os.getloadavg(),
+               "job": {"source_rows": N_SOURCE, "target_rows": N_TARGET,
+                       "teacher_rows": N_SOURCE + N_TRAIN + N_TEST, "shard_rows": SHARD_ROWS,
+                       "teacher_pool": "concurrency [1, 3], {annotate_gpu: 1}, 1 CPU each",
+                       "student": "kl, 2 Ray Train workers, {train_gpu: 1} each, 2 epochs"},
+               "node_types": "cluster/node_types.yaml (local half)"}
+        rec["cluster"] = rehearse(d, kills)
+        rec["single_node"] = single_node(d)
+        rec["same_numbers"] = compare(d)
+        rec["load_average_at_end"] = os.getloadavg()
+        rec["bench_seconds"] = round(time.time() - t0, 1)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(rec, indent=1, default=str) + "\n")
+    plot(rec, Path(args.plot))
+    summary = {k: rec["cluster"][k] for k in ("time_to_first_annotation_node_s",
+                                              "job_wall_seconds", "kills")}
+    print(json.dumps({**summary, "single_node_wall_s": rec["single_node"]["wall_seconds"],
+                      "same_numbers": rec["same_numbers"]}, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""Run storage on a local path or an object store (``s3://bucket/prefix``), through
+``pyarrow.fs``: what the stage cache, the sharded pass, outputs and checkpoints need when the
+nodes of a cluster share no disk.
+
+    store = Store("s3://bucket/raydapt/cache")        # or "/shared/cache", "gs://..."
+    store.check()                                     # unreachable: one-line StorageError
+    sh = ShardedStore(store, "teacher/3f2a...", n_rows=900, shard_rows=256)
+    for i in sh.missing(): sh.write(i, frame_of_shard_i)
+    sh.commit({"rows": 900})                          # the _SUCCESS marker, written last
+    sh.committed(), sh.read_all()
+
+Atomicity: on a local path every object is written to a temporary name and renamed
+(``os.replace``); on S3 a PUT is atomic by itself (an object is either absent or complete), so a
+shard is written in one PUT and a finished directory is marked by a ``_SUCCESS`` object written
+after every shard: a reader that sees ``_SUCCESS`` sees every shard. A killed writer leaves no
+partial shard; a rerun writes only the shards still ``missing()``.
+
+S3 endpoint: AWS's defaults (env / ``~/.aws``), or an S3-compatible server through
+``RAYDAPT_S3_ENDPOINT`` (``http://127.0.0.1:9000``) or ``AWS_ENDPOINT_URL``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import posixpath
+import uuid
+from pathlib import Path
+from typing import Any
+
+from raydapt import RaydaptError
+
+MARKER = "_SUCCESS"
+
+
+class StorageError(RaydaptError):
+    """An unreachable or unusable storage location (one line, before any stage starts)."""
+
+
+def is_uri(path: str | Path) -> bool:
+    s = str(path)
+    return "://" in s and not s.startswith("file://")
+
+
+def _s3(endpoint: str | None):
+    import pyarrow.fs as pafs
+
+    kw: dict[str, Any] = {"region": os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+                          "connect_timeout": 5, "request_timeout": 20,
+                          "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=2)}
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        kw.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
+    return pafs.S3FileSystem(**kw)
+
+
+def filesystem(root: str | Path):
+    """(pyarrow filesystem, base path) of a local path or a URI."""
+    import pyarrow.fs as pafs
+
+    s = str(root)
+    if not is_uri(s):
+        p = s[len("file://"):] if s.startswith("file://") else s
+        return pafs.LocalFileSystem(), str(Path(p).expanduser().resolve())
+    if s.startswith("s3://"):
+        endpoint = os.environ.get("RAYDAPT_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL")
+        return _s3(endpoint), s[len("s3://"):].rstrip("/")
+    try:
+        return pafs.FileSystem.from_uri(s)
+    except Exception as exc:
+        raise StorageError(f"cannot use storage {s}: {str(exc).splitlines()[0]}") from None
+
+
+class Store:
+    """A root directory (path or URI) and the objects under it, by relative path."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = str(root)
+        self.fs, self.base = filesystem(root)
+        self.local = not is_uri(root)
+
+    def __repr__(self) -> str:
+        return f"Store({self.root!r})"
+
+    def path(self, rel: str = "") -> str:
+        return posixpath.join(self.base, rel) if rel else self.base
+
+    def uri(self, rel: str = "") -> str:
+        return self.root.rstrip("/") + ("/" + rel if rel else "")
+
+    def check(self) -> None:
+        """Write, read and delete a probe object: a location that cannot be used fails here,
+        in one line, before any stage runs."""
+        probe = f".raydapt-probe-{uuid.uuid4().hex[:8]}"
+        try:
+            self.write_bytes(probe, b"ok")
+            ok = self.read_bytes(probe) == b"ok"
+            self.delete(probe)
+        except Exception as exc:
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise StorageError(f"storage {self.root} is not usable: {msg[:300]}") from None
+        if not ok:
+            raise StorageError(f"storage {self.root}: a probe object read back differently")
+
+    # objects -------------------------------------------------------------------------------
+
+    def exists(self, rel: str) -> bool:
+        import pyarrow.fs as pafs
+
+        return self.fs.get_file_info(self.path(rel)).type != pafs.FileType.NotFound
+
+    def read_bytes(self, rel: str) -> bytes:
+        with self.fs.open_input_stream(self.path(rel)) as f:
+            return f.read()
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Write one object atomically (local: temp name + rename; S3: one PUT)."""
+        target = self.path(rel)
+        parent = posixpath.dirname(target)
+        if self.local:
+            os.makedirs(parent, exist_ok=True)
+            tmp = posixpath.join(parent, f".{posixpath.basename(target)}.{uuid.uuid4().hex[:8]}.tmp")
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, target)
+            return
+        with self.fs.open_output_stream(target) as f:  # S3: a single PUT at close
+            f.write(data)
+
+    def delete(self, rel: str) -> None:
+        self.fs.delete_file(self.path(rel))
+
+    def delete_dir(self, rel: str) -> None:
+        import pyarrow.fs as pafs
+
+        if self.fs.get_file_info(self.path(rel)).type != pafs.FileType.NotFound:
+            self.fs.delete_dir(self.path(rel))
+
+    def ls(self, rel: str = "") -> list[str]:
+        """Names directly under ``rel`` (objects and prefixes), sorted; [] when absent."""
+        import pyarrow.fs as pafs
+
+        sel = pafs.FileSelector(self.path(rel), allow_not_found=True, recursive=False)
+        return sorted(posixpath.basename(i.path.rstrip("/")) for i in self.fs.get_file_info(sel))
+
+    def write_json(self, rel: str, obj: Any) -> None:
+        self.write_bytes(rel, json.dumps(obj, indent=1, sort_keys=True).encode())
+
+    def read_json(self, rel: str) -> Any:
+        return json.loads(self.read_bytes(rel))
+
+    def write_parquet(self, rel: str, df) -> None:
+        buf = io.BytesIO()
+        df.to_parquet(buf, index=True)
+        self.write_bytes(rel, buf.getvalue())
+
+    def read_parquet(self, rel: str):
+        import pandas as pd
+
+        return pd.read_parquet(io.BytesIO(self.read_bytes(rel)))
+
+    # directories committed by a marker ------------------------------------------------------
+
+    def commit(self, rel_dir: str, meta: dict[str, Any] | None = None) -> None:
+        """Mark ``rel_dir`` complete: the marker object, written after everything in it."""
+        self.write_json(posixpath.join(rel_dir, MARKER), meta or {})
+
+    def committed(self, rel_dir: str) -> bool:
+        return self.exists(posixpath.join(rel_dir, MARKER))
+
+
+class ShardedStore:
+    """The shards of one sharded stage output under ``rel_dir`` of a :class:`Store`:
+    ``part-00000.parquet`` ... each written whole and atomically, the directory committed by
+    ``_SUCCESS`` once all are there (the same layout as :class:`raydapt.core.cache.ShardedOutput`
+    on a local disk)."""
+
+    def __init__(self, store: Store, rel_dir: str, n_rows: int, shard_rows: int) -> None:
+        self.store, self.d = store, rel_dir.strip("/")
+        self.n_rows, self.shard_rows = n_rows, shard_rows
+        self.n_shards = max(1, -(-n_rows // shard_rows))
+
+    def name(self, i: int) -> str:
+        return posixpath.join(self.d, f"part-{i:05d}.parquet")
+
+    def rows(self, i: int) -> slice:
+        return slice(i * self.shard_rows, min((i + 1) * self.shard_rows, self.n_rows))
+
+    def missing(self) -> list[int]:
+        have = set(self.store.ls(self.d))
+        return [i for i in range(self.n_shards) if f"part-{i:05d}.parquet" not in have]
+
+    def write(self, i: int, df) -> None:
+        self.store.write_parquet(self.name(i), df)
+
+    def read_all(self):
+        import pandas as pd
+
+        missing = self.missing()
+        if missing:
+            raise RuntimeError(f"{self.store.uri(self.d)}: shards {missing[:5]} missing")
+        return pd.concat([self.store.read_parquet(self.name(i)) for i in range(self.n_shards)])
+
+    def commit(self, meta: dict[str, Any] | None = None) -> None:
+        missing = self.missing()
+        if missing:
+            raise RuntimeError(f"{self.store.uri(self.d)}: cannot commit, shards {missing[:5]} "
+                               "missing")
+        self.store.commit(self.d, {"n_rows": self.n_rows, "shard_rows": self.shard_rows,
+                                   **(meta or {})})
+
+    def committed(self) -> bool:
+        return self.store.committed(self.d)
