@@ -179,6 +179,31 @@ class JobBase(Section):
         return []
 
 
+def check_template(template: str, *, allowed: tuple[str, ...], required: tuple[str, ...] = ()
+                   ) -> str:
+    """A ``str.format`` template that uses only ``allowed`` fields and every ``required`` one
+    (``{{`` / ``}}`` are literal braces). Returns it; raises ValueError saying what is wrong, so
+    a pydantic field validator reports it under the field's dotted key."""
+    import string
+
+    try:
+        fields = {f.split(".")[0].split("[")[0] for _, f, _, _ in string.Formatter().parse(template)
+                  if f is not None}
+    except ValueError as exc:  # a lone { or }
+        raise ValueError(f"not a valid template ({exc}; write {{{{ and }}}} for literal "
+                         "braces)") from None
+    unknown = sorted(fields - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown placeholder {', '.join('{' + f + '}' for f in unknown)}; "
+                         f"allowed: {', '.join('{' + f + '}' for f in allowed)}")
+    missing = [f for f in required if f not in fields]
+    if missing:
+        raise ValueError(f"must contain {' and '.join('{' + f + '}' for f in missing)} "
+                         "(without it every row gets the same prompt)" if "text" in missing
+                         else f"must contain {' and '.join('{' + f + '}' for f in missing)}")
+    return template
+
+
 @dataclass(frozen=True)
 class ModelInput:
     """A model reference a job names, with its config key (for the message)."""
@@ -287,7 +312,11 @@ def format_validation_error(model: type[BaseModel], err: ValidationError) -> str
         else:
             got = e.get("input")
             got_s = "" if isinstance(got, dict) else f" (got {got!r})"
-            lines.append(f"  {key}: {e['msg']}{got_s}")
+            if e["type"] == "string_type" and isinstance(got, dict | list):
+                # `key=Review: {text}` parses as YAML (a mapping): the text needs quotes
+                got_s = (f" (got the YAML {type(got).__name__} {got!r}; quote a text with "
+                         f"':' or braces: {key}='\"...\"' on the command line)")
+            lines.append(f"  {key}: {e['msg'].removeprefix('Value error, ')}{got_s}")
     return "invalid job config:\n" + "\n".join(lines)
 
 

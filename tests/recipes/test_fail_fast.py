@@ -128,3 +128,35 @@ def test_bad_model_reference_fails_before_ray_starts(tmp_path, method, override)
     assert override.split("=")[0] in line, line
     assert "ray started: False" in p.stdout
     assert not (tmp_path / "mlruns.db").exists() and not (tmp_path / "runs/ff").exists()
+
+
+@pytest.mark.parametrize("command", ["run", "plan"])
+@pytest.mark.parametrize("override,want", [
+    ("teacher.template=Review", "teacher.template: must contain {text}"),
+    ('teacher.template="Review: {txt}"', "teacher.template: unknown placeholder {txt}; "
+     "allowed: {text}"),
+    ("teacher.demo_template='{text} is good'", "teacher.demo_template: must contain {label}"),
+    ("teacher.templates=['Review: {text}', 'Review']", "teacher.templates: templates[1] "
+     "'Review': must contain {text}"),
+])
+def test_prompt_templates_are_checked_at_config_load(tmp_path, capsys, command, override, want):
+    """Issue 28: a template without {text} ran the whole job (every read-out 0.5714); {txt}
+    crashed plan with a KeyError and run in the teacher pass. Both are one config error naming
+    the key, before anything starts."""
+    job = simda_job(tmp_path, source=_rows(20, "s"), target=_rows(20, "t", None))
+    assert main([command, str(job), override]) == 2
+    cap = capsys.readouterr()
+    assert "Traceback" not in cap.err
+    assert want in cap.err, cap.err
+    assert len(_error_lines(cap.err)) == 1
+    assert not (tmp_path / "mlruns.db").exists() and not (tmp_path / "runs").exists()
+
+
+def test_qa_templates_are_checked_at_config_load(tmp_path, capsys):
+    job = _minimal_job(tmp_path, "ntk_select")
+    assert main(["run", str(job), 'format.prompt="{context}{q}"']) == 2
+    err = capsys.readouterr().err
+    assert "format.prompt: unknown placeholder {q}; allowed: {context}, {question}, " \
+        "{options}" in err, err
+    assert main(["config", "show", str(job), 'format.response="{rationale}"']) == 2
+    assert "format.response: must contain {answer}" in capsys.readouterr().err
