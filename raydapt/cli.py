@@ -25,6 +25,7 @@ import textwrap
 from raydapt import RaydaptError, __version__
 from raydapt.config import json_schema, load_job, to_yaml
 from raydapt.core.assets import PACKAGED, PackagedModel, resolve_model
+from raydapt.core.runtime import Terminated, handle_sigterm
 from raydapt.core.tracking import absolute_tracking_uri
 from raydapt.methods import METHODS
 from raydapt.ops.cli_cluster import add_commands as add_cluster_commands
@@ -194,26 +195,26 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run a job YAML")
     r.add_argument("job", help="job YAML (jobs/<method>/*.yaml)")
-    r.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    r.add_argument("overrides", nargs="*", default=[], help="dotted key=value overrides")
     r.add_argument("--verbose", action="store_true",
                    help="show Ray's full console stream (INFO logs, progress bars, warnings)")
     r.set_defaults(fn=_run)
     w = sub.add_parser("sweep", help="Ray Tune sweep over a job's keys (search space in YAML)")
     w.add_argument("sweep", help="sweep YAML (jobs/<method>/*.sweep.yaml)")
-    w.add_argument("overrides", nargs="*", help="sweep keys (num_samples=2) or job keys")
+    w.add_argument("overrides", nargs="*", default=[], help="sweep keys (num_samples=2) or job keys")
     w.set_defaults(fn=_sweep)
     c = sub.add_parser("config", help="show a resolved config or the JSON schema")
     c.add_argument("action", choices=["show", "schema"],
                    help="show: the resolved config of JOB; schema: the JSON schema")
     c.add_argument("job", nargs="?", help="job YAML (for show)")
-    c.add_argument("overrides", nargs="*", help="dotted key=value overrides (for show)")
+    c.add_argument("overrides", nargs="*", default=[], help="dotted key=value overrides (for show)")
     c.add_argument("--method", default=None, choices=sorted(METHODS),
                    help="schema of one method's job config (default: all)")
     c.set_defaults(fn=_config)
     m = sub.add_parser("models", help="list or prepare packaged models")
     m.add_argument("action", choices=["list", "prepare"],
                    help="list: packaged models; prepare: resolve / de-quantise REFs")
-    m.add_argument("refs", nargs="*", metavar="REF",
+    m.add_argument("refs", nargs="*", default=[], metavar="REF",
                    help="pkg:<alias>, hf:<repo>[@rev] or a directory (default: the packaged "
                    "student and teacher)")
     m.set_defaults(fn=_models)
@@ -230,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    handle_sigterm()  # SIGTERM ends a job as Ctrl-C does (again after ray.init: init_ray)
     args = build_parser().parse_args(argv)
     if getattr(args, "verbose", False):
         os.environ["RAYDAPT_VERBOSE"] = "1"  # raydapt.core.runtime: Ray's full stream
@@ -242,10 +244,11 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # the flush at exit must not fail again
         return 141  # 128 + SIGPIPE, as a shell tool killed by it
-    except KeyboardInterrupt:
-        print("raydapt: interrupted; rerun the same command to resume from cached stages",
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated)
+        what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        print(f"raydapt: {what}; rerun the same command to resume from cached stages",
               file=sys.stderr)
-        return 130
+        return 143 if isinstance(exc, Terminated) else 130
 
 
 if __name__ == "__main__":

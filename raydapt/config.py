@@ -340,6 +340,18 @@ def load_job(path: str | Path, overrides: list[str] | None = None) -> Section:
     """Read a job YAML, apply dotted overrides, validate. Raises :class:`ConfigError`."""
     p = Path(path)
     if not p.is_file():
+        if p.is_dir():
+            raise ConfigError(f"{p} is a directory, not a job file (e.g. {p}/<name>.yaml)")
+        if p.is_symlink():
+            try:
+                target = p.resolve(strict=True)
+                why = f"resolves to {target}, which is not a file"
+            except RuntimeError:  # Python 3.11 raises this for a loop
+                why = "is a symlink loop"
+            except OSError as exc:
+                why = ("is a symlink loop" if "loop" in str(exc).lower() else
+                       f"is a symlink to a missing target ({os.readlink(p)})")
+            raise ConfigError(f"job file {p} {why}")
         raise ConfigError(f"job file not found: {p}")
     try:
         raw = yaml.safe_load(p.read_bytes().decode("utf-8"))
@@ -348,6 +360,9 @@ def load_job(path: str | Path, overrides: list[str] | None = None) -> Section:
     except yaml.YAMLError as exc:
         raise ConfigError(f"{p}: not valid YAML: {exc}") from None
     if raw is None:
+        if not overrides:
+            raise ConfigError(f"{p} is empty: a job file names its method ({', '.join(sorted(METHODS))}) "
+                              "and its data; start from one of jobs/<method>/*.yaml")
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{p}: a job config must be a YAML mapping, got {type(raw).__name__}")

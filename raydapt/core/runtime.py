@@ -1,13 +1,37 @@
-"""Process-level set-up shared by recipes: Ray start-up, seeding, quiet logs."""
+"""Process-level set-up shared by recipes: Ray start-up, seeding, quiet logs, SIGTERM."""
 
 from __future__ import annotations
 
 import logging
 import os
 import random
+import signal
 import sys
+import threading
 
 import numpy as np
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (Kubernetes, spot preemption, ``ray job stop``, ``kill``), raised in the main
+    thread as Ctrl-C raises KeyboardInterrupt, so a terminated job unwinds the same way: stages
+    stop, MLflow runs are marked KILLED, Ray shuts down, the CLI says how to resume."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    # one is enough: a second SIGTERM during the clean-up must not interrupt it (a SIGKILL
+    # after the grace period still ends it)
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    raise Terminated()
+
+
+def handle_sigterm() -> None:
+    """SIGTERM -> :class:`Terminated` in the main thread. ``ray.init`` installs its own handler
+    (``sys.exit(15)``: the interpreter then exits under Ray's running threads, and its C++ core
+    aborts with a crash dump, rc 134), so :func:`init_ray` calls this again after it. A no-op
+    outside the main thread."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
 
 
 def seed_everything(seed: int) -> None:
@@ -178,6 +202,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
             raise RaydaptError(f"Ray could not {where}: {str(exc).splitlines()[0][:300]}"
                                + ("" if addr else " (an overloaded machine? retry, or set "
                                   "ray.address / RAY_ADDRESS to a running cluster)")) from None
+        handle_sigterm()  # ray.init replaced ours (see handle_sigterm)
     ctx = ray.data.DataContext.get_current()
     # Ray Data's bars only on a terminal: piped to a file (CI, nohup, > log) they never close
     # and fill it with cursor codes; our stages print their own rows / rate / ETA lines

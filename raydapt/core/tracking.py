@@ -338,6 +338,9 @@ class Tracker:
         try:
             yield self.parent
             status = "FINISHED"
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM (raydapt.core.runtime.Terminated)
+            status = "KILLED"
+            raise
         finally:
             client.set_terminated(run_id, status=status)
 
@@ -364,5 +367,8 @@ class Tracker:
         try:
             yield RunLogger(self.uri, run_id)
             status = "FINISHED"
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
         finally:
             client.set_terminated(run_id, status=status)
