@@ -8,6 +8,9 @@ import random
 import signal
 import sys
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 
@@ -32,6 +35,38 @@ def handle_sigterm() -> None:
     outside the main thread."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+@contextmanager
+def exclusive(path: str | Path, what: str, say: Callable[[str], None] | None = None
+              ) -> Iterator[None]:
+    """Hold an exclusive lock on the file ``path`` (created) for the block. A second process
+    that wants it (two identical runs at once: same Ray Train run name and storage) says who
+    holds it and waits. The lock is the kernel's (``flock``): it goes away with the process
+    that held it, even one that was SIGKILLed, so no stale lock file can block a rerun."""
+    import fcntl
+    import socket
+
+    say = say or (lambda m: print(m, flush=True))
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with open(p, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            say(f"raydapt: {what} is in use by {holder} (an identical run at the same time); "
+                f"waiting for it to finish ({p})")
+            fcntl.flock(f, fcntl.LOCK_EX)
+            say(f"raydapt: {what} is free; going on (from its last checkpoint)")
+        try:
+            f.truncate(0)
+            f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+            f.flush()
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def seed_everything(seed: int) -> None:

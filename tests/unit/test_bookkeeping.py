@@ -62,3 +62,44 @@ def test_runs_of_a_sigkilled_job_are_closed_by_the_next_run(tmp_path):
         assert mine.info.status == "RUNNING"
         with Tracker(**kw).job("job"):  # a concurrent run of the same job: this one is alive
             assert client.get_run(parent.run_id).info.status == "RUNNING"
+
+
+def test_an_identical_run_waits_for_the_ray_train_storage_lock(tmp_path):
+    """Issue 28: two identical runs at once shared one Ray Train run (same name, same storage);
+    the second failed on the other's checkpoint files. The second now waits on a lock, with a
+    message, and the lock dies with its holder, even a SIGKILLed one."""
+    import os
+    import signal
+
+
+    lock = tmp_path / "train" / ".student-abc.lock"
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from raydapt.core.runtime import exclusive
+        with exclusive({str(lock)!r}, "Ray Train run student-abc"):
+            print("held", flush=True)
+            time.sleep(600)
+    """)], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    waiter = None
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        waiter = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+            from raydapt.core.runtime import exclusive
+            with exclusive({str(lock)!r}, "Ray Train run student-abc"):
+                print("got it", flush=True)
+        """)], stdout=subprocess.PIPE, text=True, start_new_session=True)
+        first = waiter.stdout.readline()
+        assert first.startswith(f"raydapt: Ray Train run student-abc is in use by pid "
+                                f"{holder.pid} on "), first
+        assert "waiting for it to finish" in first
+        assert waiter.poll() is None  # still waiting while the holder lives
+        os.killpg(holder.pid, signal.SIGKILL)  # the holder dies without unlocking
+        holder.wait(timeout=60)
+        rest = waiter.communicate(timeout=120)[0]
+        assert "is free; going on" in rest and rest.rstrip().endswith("got it")
+        assert waiter.returncode == 0
+    finally:
+        for p in (holder, waiter):
+            if p is not None and p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(timeout=60)
