@@ -6,6 +6,7 @@
     raydapt config schema [--method simda]      print the JSON schema of job configs
     raydapt models prepare [REF ...]            resolve / de-quantise packaged models once
     raydapt cache ls | rm [--stage S]           list or remove cached stage outputs
+    raydapt ui [JOB.yaml] [--experiment E]      MLflow UI on the job's store, links to its runs
     raydapt dashboards generate [--check]       regenerate dashboards/grafana/raydapt.json
     raydapt submit | jobs | plan | runs         cluster scale (see raydapt/ops/cli_cluster.py)
 
@@ -41,6 +42,26 @@ def _run(args: argparse.Namespace) -> int:
     with checked_job(cfg):
         METHODS[cfg.method].load("run")(cfg)  # the recipe (imports torch / Ray now)
     _log_plan_next_to_actuals(cfg)
+    if cfg.tracking.enabled:  # the last lines: where to look (straight to the runs)
+        from raydapt.core.tracking import browse_lines
+
+        for line in browse_lines(cfg.tracking.uri, cfg.tracking.experiment, cfg.run.name):
+            print(line, flush=True)
+    return 0
+
+
+def _ui(args: argparse.Namespace) -> int:
+    from raydapt.ops.compare import default_uri
+    from raydapt.ops.ui import ui
+
+    run_name = None
+    if args.job:
+        cfg = load_job(args.job, args.overrides)
+        uri, experiment, run_name = cfg.tracking.uri, cfg.tracking.experiment, cfg.run.name
+    else:
+        uri, experiment = default_uri(), None
+    ui(args.tracking_uri or uri, args.experiment or experiment, run_name, host=args.host,
+       port=args.port, wait=not args.no_wait)
     return 0
 
 
@@ -140,6 +161,7 @@ examples:
   raydapt run jobs/simda/amazon-books-to-kitchen.cpu.yaml      the CPU SimDA job (minutes)
   raydapt plan jobs/simda/amazon-mistral7b.gpu.yaml --gpu a100  cost before running
   raydapt runs compare --experiment simda                       compare the jobs' results
+  raydapt ui jobs/simda/amazon-books-to-kitchen.cpu.yaml        open the job's MLflow runs
   raydapt COMMAND --help                                        each command's options"""
 
 # per command: (one-line description, example); shown by `raydapt COMMAND --help`
@@ -172,6 +194,10 @@ COMMAND_HELP = {
     "plan": ("Estimate a job before running it: rows, LLM tokens, GPU-hours and Ray resources "
              "per stage, and one rendered prompt.",
              "raydapt plan jobs/simda/amazon-mistral7b.gpu.yaml --gpu a100"),
+    "ui": ("Serve a job's MLflow store (mlflow ui) and print links straight to its runs, to the "
+           "job's run (accuracy per method) and to its methods side by side.",
+           "raydapt ui jobs/simda/amazon-books-to-kitchen.cpu.yaml\n"
+           "  raydapt ui --tracking-uri sqlite:///mlruns.db --experiment simda"),
     "runs": ("Compare the runs of an MLflow experiment (terminal table, compare.csv, "
              "compare.png).",
              "raydapt runs compare --experiment simda --metric 'acc.student.*'"),
@@ -223,6 +249,17 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--dir", default=".raydapt/cache", help="cache directory (run.cache_dir)")
     k.add_argument("--stage", default=None, help="only this stage (e.g. teacher)")
     k.set_defaults(fn=_cache)
+    u = sub.add_parser("ui", help="serve a job's MLflow store and print links to its runs")
+    u.add_argument("job", nargs="?", help="job YAML (its tracking.uri, experiment and run)")
+    u.add_argument("overrides", nargs="*", default=[], help="dotted key=value overrides")
+    u.add_argument("--tracking-uri", default=None, help="MLflow store or server (default: the "
+                   "job's tracking.uri, else MLFLOW_TRACKING_URI, else sqlite:///mlruns.db)")
+    u.add_argument("--experiment", default=None, help="experiment to link (default: the job's)")
+    u.add_argument("--host", default="127.0.0.1", help="interface to serve on")
+    u.add_argument("--port", type=int, default=5000, help="port (a free one if taken)")
+    u.add_argument("--no-wait", action="store_true",
+                   help="print the links and stop the server (for scripts)")
+    u.set_defaults(fn=_ui)
     add_dashboards_command(sub)  # dashboards generate [--check]
     add_cluster_commands(sub)  # submit, jobs, plan, runs compare
     _describe(sub)

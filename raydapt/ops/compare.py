@@ -137,4 +137,8 @@ def compare(experiment: str, *, uri: str | None = None, metric: str | None = Non
     plot(df, cols, png, f"{experiment}: {what} ({len(df)} runs, {len(cols)} metrics)")
     print_table(df.drop(columns=["run_id"]), cols)
     print(f"\n{len(df)} runs; table {csv}; plot {png}")
+    from raydapt.core.tracking import browse_lines
+
+    for line in browse_lines(uri or default_uri(), experiment):
+        print(line)
     return {"csv": csv, "png": png}
