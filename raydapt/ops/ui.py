@@ -42,9 +42,10 @@ def serve(uri: str, *, host: str = "127.0.0.1", port: int = UI_PORT,
           start_timeout: float = 180.0) -> tuple[subprocess.Popen, str]:
     """Start ``mlflow ui`` on a local store; return the process and its base URL once its
     ``/health`` answers. Raises RaydaptError if it does not start."""
-    if not _port_free(host, port):
+    if port == 0 or not _port_free(host, port):  # 0: any free port
         new = _free_port(host)
-        print(f"raydapt: port {port} is in use; serving on {new}", file=sys.stderr)
+        if port:
+            print(f"raydapt: port {port} is in use; serving on {new}", file=sys.stderr)
         port = new
     mlflow_bin = Path(sys.executable).with_name("mlflow")
     cmd = [str(mlflow_bin) if mlflow_bin.exists() else "mlflow", "ui", "--backend-store-uri",
