@@ -19,10 +19,15 @@ Needs ``chromium`` (Debian: ``apt-get install chromium``). Prints each file and 
 from __future__ import annotations
 
 import argparse
+import base64
+import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -30,15 +35,87 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
          "--hide-scrollbars"]
 
 
-def shoot(url: str, path: Path, *, size: str = "1600,1000", wait_ms: int = 25000) -> None:
-    """One screenshot of ``url`` in a fresh profile, after ``wait_ms`` of virtual time."""
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    if browser is None:
-        raise SystemExit("chromium not found (apt-get install chromium)")
-    with tempfile.TemporaryDirectory(prefix="raydapt-chromium-") as profile:
-        subprocess.run([browser, *FLAGS, f"--user-data-dir={profile}", f"--screenshot={path}",
-                        f"--window-size={size}", f"--virtual-time-budget={wait_ms}", url],
-                       check=True, capture_output=True, timeout=300)
+class Browser:
+    """Headless Chromium driven over the DevTools protocol on a pipe (``--remote-debugging-pipe``:
+    fds 3 and 4, NUL-separated JSON; no extra package). A screenshot is taken once the page
+    shows a given text, so a slow machine gets a rendered page, not MLflow's loading
+    skeleton."""
+
+    def __init__(self) -> None:
+        browser = shutil.which("chromium") or shutil.which("chromium-browser")
+        if browser is None:
+            raise SystemExit("chromium not found (apt-get install chromium)")
+        self._profile = tempfile.TemporaryDirectory(prefix="raydapt-chromium-")
+        to_child_r, self._to_child = os.pipe()
+        self._from_child, from_child_w = os.pipe()
+
+        def fds() -> None:  # the child's fd 3 reads our commands, fd 4 writes its answers
+            a, b = os.dup(to_child_r), os.dup(from_child_w)  # (a pipe may already be 3 or 4)
+            os.dup2(a, 3)  # dup2 makes them inheritable
+            os.dup2(b, 4)
+
+        self.proc = subprocess.Popen(
+            [browser, *FLAGS, f"--user-data-dir={self._profile.name}",
+             "--remote-debugging-pipe", "about:blank"],
+            stdout=subprocess.DEVNULL, stderr=open(os.environ.get("CHROMIUM_LOG", os.devnull), "w"),
+            preexec_fn=fds,
+            close_fds=False, start_new_session=True)
+        os.close(to_child_r)
+        os.close(from_child_w)
+        self._id, self._buf = 0, b""
+
+    def send(self, method: str, session: str | None = None, **params) -> dict:
+        self._id += 1
+        msg = {"id": self._id, "method": method, "params": params}
+        if session:
+            msg["sessionId"] = session
+        os.write(self._to_child, json.dumps(msg).encode() + b"\0")
+        while True:
+            while b"\0" not in self._buf:
+                chunk = os.read(self._from_child, 1 << 20)
+                if not chunk:
+                    raise RuntimeError("chromium closed the DevTools pipe")
+                self._buf += chunk
+            raw, self._buf = self._buf.split(b"\0", 1)
+            reply = json.loads(raw)
+            if reply.get("id") == self._id:
+                if "error" in reply:
+                    raise RuntimeError(f"{method}: {reply['error']}")
+                return reply.get("result", {})
+
+    def shoot(self, url: str, path: Path, *, wait_for: str, width: int = 1600,
+              height: int = 1000, timeout: float = 240.0) -> bool:
+        """Open ``url`` in a fresh tab, wait until its text contains ``wait_for`` (then 3 s
+        for charts), save a PNG. Returns whether the text appeared."""
+        target = self.send("Target.createTarget", url="about:blank")["targetId"]
+        s = self.send("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        self.send("Emulation.setDeviceMetricsOverride", s, width=width, height=height,
+                  deviceScaleFactor=1, mobile=False)
+        self.send("Page.enable", s)
+        self.send("Page.navigate", s, url=url)
+        t0, seen = time.time(), False
+        while time.time() - t0 < timeout:
+            r = self.send("Runtime.evaluate", s, returnByValue=True, expression=(
+                f"!!document.body && document.body.innerText.includes({json.dumps(wait_for)})"))
+            if r.get("result", {}).get("value"):
+                seen = True
+                break
+            time.sleep(1)
+        time.sleep(3)
+        data = self.send("Page.captureScreenshot", s, format="png")["data"]
+        path.write_bytes(base64.b64decode(data))
+        self.send("Target.closeTarget", targetId=target)
+        return seen
+
+    def close(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        os.close(self._to_child)
+        os.close(self._from_child)
+        self._profile.cleanup()
 
 
 def main() -> int:
@@ -64,19 +141,26 @@ def main() -> int:
         if "job" not in links:
             raise SystemExit(f"no run {args.run_name!r} in experiment {args.experiment!r}")
         eid = links["runs"].split("/experiments/")[1].split("/")[0]
-        shots = {"runs": links["runs"], "bare": f"{base}/#/experiments/{eid}",
-                 "job": links["job"], "compare": links.get("compare")}
+        shots = {"runs": (links["runs"], args.run_name),
+                 "bare": (f"{base}/#/experiments/{eid}", "Traces"),
+                 "job": (links["job"], "acc."),
+                 "compare": (links.get("compare"), "accuracy")}
         cl = MlflowClient(tracking_uri=uri)
-        parent = links["job"].rsplit("/", 1)[1]
+        parent = links["job"].split("?")[0].rsplit("/", 1)[1]
         sel = cl.search_runs([eid], filter_string=f"tags.mlflow.parentRunId = '{parent}' and "
                              "tags.mlflow.runName = 'select-on-source'")
         if sel:
             shots["curves"] = (f"{base}/#/experiments/{eid}/runs/{sel[0].info.run_id}/"
-                               "artifacts/select-on-source-curves.png")
-        for name, url in shots.items():
-            if url:
-                shoot(url, out / f"{name}.png")
-                print(f"{out / name}.png  {url}")
+                               "artifacts/select-on-source-curves.png?workflowType=machine_learning",
+                               "curves.png")
+        browser = Browser()
+        try:
+            for name, (url, wait_for) in shots.items():
+                if url:
+                    ok = browser.shoot(url, out / f"{name}.png", wait_for=wait_for)
+                    print(f"{out / name}.png  {'' if ok else '(text not seen) '}{url}")
+        finally:
+            browser.close()
     finally:
         stop(proc)
     return 0

@@ -468,7 +468,7 @@ def runs_url(base: str, experiment_id: str) -> str:
 def run_url(base: str, experiment_id: str, run_id: str) -> str:
     """One run's page: its overview lists every metric (each method's accuracy on a job's
     parent run) with params, tags and artifacts (``results.png``)."""
-    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
 
 
 def compare_url(base: str, experiment_id: str, run_ids: list[str]) -> str:
@@ -476,15 +476,16 @@ def compare_url(base: str, experiment_id: str, run_ids: list[str]) -> str:
     from urllib.parse import quote
 
     runs = quote(json.dumps(list(run_ids), separators=(",", ":")), safe="")
-    return f"{base}/#/compare-runs?runs={runs}&experiments={quote(json.dumps([experiment_id]))}"
+    exps = quote(json.dumps([experiment_id]), safe="")
+    return f"{base}/#/compare-runs?runs={runs}&experiments={exps}&workflowType=machine_learning"
 
 
 def job_links(uri: str, experiment: str, run_name: str | None = None, *,
               base: str | None = None) -> dict[str, str]:
     """Links for a job: ``runs`` (the experiment's runs table), and for the newest parent run
-    named ``run_name``: ``job`` (its page: every method's accuracy in its metrics table) and
-    ``compare`` (the compare view of its student / method child runs, one column each). Empty
-    if the store or experiment is not there."""
+    named ``run_name`` (without it: the newest parent run): ``job`` (its page: every method's
+    accuracy in its metrics table) and ``compare`` (the compare view of its student / method
+    child runs, one column each). Empty if the store or experiment is not there."""
     from mlflow.tracking import MlflowClient
 
     uri = absolute_tracking_uri(uri)
@@ -495,20 +496,21 @@ def job_links(uri: str, experiment: str, run_name: str | None = None, *,
         return {}
     eid = exp.experiment_id
     links = {"runs": runs_url(base, eid)}
-    if run_name:
-        runs = cl.search_runs([eid], filter_string=f"tags.mlflow.runName = '{_q(run_name)}'",
-                              order_by=["start_time DESC"], max_results=50)
-        parent = next((r for r in runs if "mlflow.parentRunId" not in r.data.tags), None)
-        if parent is not None:
-            links["job"] = run_url(base, eid, parent.info.run_id)
-            kids = cl.search_runs([eid], filter_string="tags.mlflow.parentRunId = "
-                                  f"'{parent.info.run_id}'", max_results=1000)
-            # the runs that carry a headline metric: students (SimDA), methods (DALLMi) ...
-            heads = [r for r in kids if r.data.tags.get("raydapt.variant", "-") != "-"
-                     or r.data.tags.get("raydapt.stage") == "student"]
-            if heads:
-                ids = [r.info.run_id for r in sorted(heads, key=lambda r: r.info.run_name)]
-                links["compare"] = compare_url(base, eid, ids)
+    # the job's newest parent run (any job's without run_name)
+    filt = f"tags.mlflow.runName = '{_q(run_name)}'" if run_name else ""
+    runs = cl.search_runs([eid], filter_string=filt, order_by=["start_time DESC"],
+                          max_results=200)
+    parent = next((r for r in runs if "mlflow.parentRunId" not in r.data.tags), None)
+    if parent is not None:
+        links["job"] = run_url(base, eid, parent.info.run_id)
+        kids = cl.search_runs([eid], filter_string="tags.mlflow.parentRunId = "
+                              f"'{parent.info.run_id}'", max_results=1000)
+        # the runs that carry a headline metric: students (SimDA), methods (DALLMi) ...
+        heads = [r for r in kids if r.data.tags.get("raydapt.variant", "-") != "-"
+                 or r.data.tags.get("raydapt.stage") == "student"]
+        if heads:
+            ids = [r.info.run_id for r in sorted(heads, key=lambda r: r.info.run_name)]
+            links["compare"] = compare_url(base, eid, ids)
     return links
 
 
@@ -527,7 +529,8 @@ def browse_lines(uri: str, experiment: str, run_name: str | None = None) -> list
                      "(serves the store; then open:)")
     lines.append(f"  runs:    {links['runs']}")
     if "job" in links:
-        lines.append(f"  this job (accuracy per method, results.png): {links['job']}")
+        what = "this job" if run_name else "the newest job"
+        lines.append(f"  {what} (accuracy per method, results.png): {links['job']}")
     if "compare" in links:
         lines.append(f"  methods side by side: {links['compare']}")
     return lines

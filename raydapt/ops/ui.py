@@ -100,7 +100,8 @@ def ui(uri: str, experiment: str | None, run_name: str | None = None, *,
             names = sorted(e.name for e in MlflowClient(tracking_uri=uri).search_experiments())
             raise RaydaptError(f"no experiment {experiment!r} in {uri}; experiments: {names}")
         print(f"MLflow UI: {base}" + (f" (serving {uri}; Ctrl-C stops it)" if proc else ""))
-        for k, label in (("runs", "runs"), ("job", "this job (accuracy per method)"),
+        job = "this job" if run_name else "the newest job"
+        for k, label in (("runs", "runs"), ("job", f"{job} (accuracy per method)"),
                          ("compare", "methods side by side")):
             if k in links:
                 print(f"  {label}: {links[k]}")

@@ -216,9 +216,11 @@ def test_job_links_open_the_runs_not_the_genai_page(tmp_path, store):
     links = job_links(tr.uri, "ui-links", "books")
     base = "http://127.0.0.1:5000"
     assert links["runs"] == f"{base}/#/experiments/{eid}/runs?workflowType=machine_learning"
-    assert links["job"] == f"{base}/#/experiments/{eid}/runs/{parent.run_id}"
+    assert links["job"] == (f"{base}/#/experiments/{eid}/runs/{parent.run_id}"
+                            "?workflowType=machine_learning")
     assert unquote(links["compare"]) == (f'{base}/#/compare-runs?runs=["{a.run_id}",'
-                                         f'"{b.run_id}"]&experiments=["{eid}"]')
+                                         f'"{b.run_id}"]&experiments=["{eid}"]'
+                                         "&workflowType=machine_learning")
     lines = browse_lines(tr.uri, "ui-links", "books")
     assert lines[0].startswith(f"MLflow: raydapt ui --tracking-uri {tr.uri} --experiment "
                                "ui-links")
