@@ -14,6 +14,25 @@ storage, as a first visit):
 - ``curves.png``: the select-on-source lam curves (artifact viewer), if that run exists.
 
 Needs ``chromium`` (Debian: ``apt-get install chromium``). Prints each file and its URL.
+
+docs/img/mlflow-runs-link.png, mlflow-job-metrics.png and mlflow-lambda-curves.png are crops of
+runs.png, job.png and curves.png for this tiny SimDA job (the first 120 rows of
+amazon/books.jsonl as src.jsonl, the first 160 of kitchen.jsonl as tgt.jsonl; ~18 min on the
+loaded 2-core dev machine), run with ``raydapt run job.yaml``::
+
+    method: simda
+    run: {name: books-to-kitchen-tiny, output_dir: /tmp/demo/runs, cache_dir: /tmp/demo/cache}
+    tracking: {uri: "sqlite:////tmp/demo/mlruns.db", artifact_location: /tmp/demo/art}
+    ray: {num_cpus: 2, progress: false}
+    data: {root: /tmp/demo, source: {path: src.jsonl}, target: {path: tgt.jsonl}}
+    teacher: {text_max_tokens: 48, demo_max_tokens: 24,
+              pool: {concurrency: 1, num_cpus: 1, batch_size: 8}}
+    annotate: {k: 8, select_on_source: true, k_grid: [4, 8, 16], tau_grid: [0.3, 1.0],
+               baselines: [zero_shot, knn]}
+    distill: {variants: [kl_sim, source_only], epochs: 2, batch_size: 8, max_length: 48,
+              num_workers: 1, cpus_per_worker: 1}
+
+(its experiment is ``raydapt``: a ``tracking`` section without ``experiment``).
 """
 
 from __future__ import annotations
@@ -141,10 +160,12 @@ def main() -> int:
         if "job" not in links:
             raise SystemExit(f"no run {args.run_name!r} in experiment {args.experiment!r}")
         eid = links["runs"].split("/experiments/")[1].split("/")[0]
-        shots = {"runs": (links["runs"], args.run_name),
-                 "bare": (f"{base}/#/experiments/{eid}", "Traces"),
-                 "job": (links["job"], "acc."),
-                 "compare": (links.get("compare"), "accuracy")}
+        # (url, text to wait for, window height): the job and compare pages are tall so that
+        # their metrics tables (each method's accuracy) are in the picture
+        shots = {"runs": (links["runs"], args.run_name, 900),
+                 "bare": (f"{base}/#/experiments/{eid}", "Traces", 900),
+                 "job": (links["job"], "acc.", 1900),
+                 "compare": (links.get("compare"), "accuracy", 2300)}
         cl = MlflowClient(tracking_uri=uri)
         parent = links["job"].split("?")[0].rsplit("/", 1)[1]
         sel = cl.search_runs([eid], filter_string=f"tags.mlflow.parentRunId = '{parent}' and "
@@ -152,12 +173,13 @@ def main() -> int:
         if sel:
             shots["curves"] = (f"{base}/#/experiments/{eid}/runs/{sel[0].info.run_id}/"
                                "artifacts/select-on-source-curves.png?workflowType=machine_learning",
-                               "curves.png")
+                               "curves.png", 700)
         browser = Browser()
         try:
-            for name, (url, wait_for) in shots.items():
+            for name, (url, wait_for, height) in shots.items():
                 if url:
-                    ok = browser.shoot(url, out / f"{name}.png", wait_for=wait_for)
+                    ok = browser.shoot(url, out / f"{name}.png", wait_for=wait_for,
+                                       width=1400, height=height)
                     print(f"{out / name}.png  {'' if ok else '(text not seen) '}{url}")
         finally:
             browser.close()
