@@ -26,7 +26,7 @@ import textwrap
 from raydapt import RaydaptError, __version__
 from raydapt.config import json_schema, load_job, to_yaml
 from raydapt.core.assets import PACKAGED, PackagedModel, resolve_model
-from raydapt.core.runtime import Terminated, handle_sigterm
+from raydapt.core.runtime import Terminated, handle_sigterm, terminated
 from raydapt.core.tracking import absolute_tracking_uri
 from raydapt.methods import METHODS
 from raydapt.ops.cli_cluster import add_commands as add_cluster_commands
@@ -282,10 +282,11 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())  # the flush at exit must not fail again
         return 141  # 128 + SIGPIPE, as a shell tool killed by it
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated)
-        what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        term = isinstance(exc, Terminated) or terminated()  # ray.get re-raises it plain
+        what = "terminated (SIGTERM)" if term else "interrupted"
         print(f"raydapt: {what}; rerun the same command to resume from cached stages",
               file=sys.stderr)
-        return 143 if isinstance(exc, Terminated) else 130
+        return 143 if term else 130
 
 
 if __name__ == "__main__":

@@ -21,7 +21,19 @@ class Terminated(KeyboardInterrupt):
     stop, MLflow runs are marked KILLED, Ray shuts down, the CLI says how to resume."""
 
 
+_SIGTERM_RECEIVED = False
+
+
+def terminated() -> bool:
+    """Whether this process received SIGTERM. Ray's blocking calls (``ray.get``) turn the
+    interrupted wait into a plain KeyboardInterrupt, not our :class:`Terminated`: the CLI asks
+    this to say which one it was."""
+    return _SIGTERM_RECEIVED
+
+
 def _on_sigterm(signum, frame) -> None:
+    global _SIGTERM_RECEIVED
+    _SIGTERM_RECEIVED = True
     # one is enough: a second SIGTERM during the clean-up must not interrupt it (a SIGKILL
     # after the grace period still ends it)
     signal.signal(signal.SIGTERM, lambda *_: None)
