@@ -234,9 +234,8 @@ def student_loop(config: dict[str, Any]) -> None:
             cm = cm.numpy()
             metrics.update(accuracy=float(np.trace(cm) / max(1, cm.sum())),
                            confusion=cm.tolist())
-            # a curve over epochs, or one summary value (step 0) when only the end is evaluated
-            log.metrics({"accuracy": metrics["accuracy"]}, epoch + 1 if t.eval_every_epoch else 0)
-        log.metrics({"epoch_loss": metrics["loss"]}, epoch + 1)  # steps: a param, not a curve
+            log.metrics({"accuracy": metrics["accuracy"]}, epoch + 1)
+        log.metrics({"epoch_loss": metrics["loss"], "steps": step}, epoch + 1)
         checkpoint = None
         if rank == 0 and c.checkpoint:
             d = Path(c.scratch) / f"ckpt-{epoch}"
