@@ -6,6 +6,7 @@
     raydapt config schema [--method simda]      print the JSON schema of job configs
     raydapt models prepare [REF ...]            resolve / de-quantise packaged models once
     raydapt cache ls | rm [--stage S]           list or remove cached stage outputs
+    raydapt ui [JOB.yaml] [--experiment E]      MLflow UI on the job's store, links to its runs
     raydapt dashboards generate [--check]       regenerate dashboards/grafana/raydapt.json
     raydapt submit | jobs | plan | runs         cluster scale (see raydapt/ops/cli_cluster.py)
     raydapt cluster up --local | down           a local autoscaling multi-node Ray cluster
@@ -26,6 +27,7 @@ import textwrap
 from raydapt import RaydaptError, __version__
 from raydapt.config import json_schema, load_job, to_yaml
 from raydapt.core.assets import PACKAGED, PackagedModel, resolve_model
+from raydapt.core.runtime import Terminated, handle_sigterm, terminated
 from raydapt.core.tracking import absolute_tracking_uri
 from raydapt.methods import METHODS
 from raydapt.ops.cli_cluster import add_commands as add_cluster_commands
@@ -41,6 +43,26 @@ def _run(args: argparse.Namespace) -> int:
     with checked_job(cfg):
         METHODS[cfg.method].load("run")(cfg)  # the recipe (imports torch / Ray now)
     _log_plan_next_to_actuals(cfg)
+    if cfg.tracking.enabled:  # the last lines: where to look (straight to the runs)
+        from raydapt.core.tracking import browse_lines
+
+        for line in browse_lines(cfg.tracking.uri, cfg.tracking.experiment, cfg.run.name):
+            print(line, flush=True)
+    return 0
+
+
+def _ui(args: argparse.Namespace) -> int:
+    from raydapt.ops.compare import default_uri
+    from raydapt.ops.ui import ui
+
+    run_name = None
+    if args.job:
+        cfg = load_job(args.job, args.overrides)
+        uri, experiment, run_name = cfg.tracking.uri, cfg.tracking.experiment, cfg.run.name
+    else:
+        uri, experiment = default_uri(), None
+    ui(args.tracking_uri or uri, args.experiment or experiment, run_name, host=args.host,
+       port=args.port, wait=not args.no_wait)
     return 0
 
 
@@ -140,6 +162,7 @@ examples:
   raydapt run jobs/simda/amazon-books-to-kitchen.cpu.yaml      the CPU SimDA job (minutes)
   raydapt plan jobs/simda/amazon-mistral7b.gpu.yaml --gpu a100  cost before running
   raydapt runs compare --experiment simda                       compare the jobs' results
+  raydapt ui jobs/simda/amazon-books-to-kitchen.cpu.yaml        open the job's MLflow runs
   raydapt COMMAND --help                                        each command's options"""
 
 # per command: (one-line description, example); shown by `raydapt COMMAND --help`
@@ -177,6 +200,10 @@ COMMAND_HELP = {
                 "rehearse a cluster job before paying for GPUs.",
                 "raydapt cluster up --local\n  raydapt submit JOB.yaml --address "
                 "http://127.0.0.1:PORT --follow\n  raydapt cluster down"),
+    "ui": ("Serve a job's MLflow store (mlflow ui) and print links straight to its runs, to the "
+           "job's run (accuracy per method) and to its methods side by side.",
+           "raydapt ui jobs/simda/amazon-books-to-kitchen.cpu.yaml\n"
+           "  raydapt ui --tracking-uri sqlite:///mlruns.db --experiment simda"),
     "runs": ("Compare the runs of an MLflow experiment (terminal table, compare.csv, "
              "compare.png).",
              "raydapt runs compare --experiment simda --metric 'acc.student.*'"),
@@ -200,26 +227,26 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run a job YAML")
     r.add_argument("job", help="job YAML (jobs/<method>/*.yaml)")
-    r.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    r.add_argument("overrides", nargs="*", default=[], help="dotted key=value overrides")
     r.add_argument("--verbose", action="store_true",
                    help="show Ray's full console stream (INFO logs, progress bars, warnings)")
     r.set_defaults(fn=_run)
     w = sub.add_parser("sweep", help="Ray Tune sweep over a job's keys (search space in YAML)")
     w.add_argument("sweep", help="sweep YAML (jobs/<method>/*.sweep.yaml)")
-    w.add_argument("overrides", nargs="*", help="sweep keys (num_samples=2) or job keys")
+    w.add_argument("overrides", nargs="*", default=[], help="sweep keys (num_samples=2) or job keys")
     w.set_defaults(fn=_sweep)
     c = sub.add_parser("config", help="show a resolved config or the JSON schema")
     c.add_argument("action", choices=["show", "schema"],
                    help="show: the resolved config of JOB; schema: the JSON schema")
     c.add_argument("job", nargs="?", help="job YAML (for show)")
-    c.add_argument("overrides", nargs="*", help="dotted key=value overrides (for show)")
+    c.add_argument("overrides", nargs="*", default=[], help="dotted key=value overrides (for show)")
     c.add_argument("--method", default=None, choices=sorted(METHODS),
                    help="schema of one method's job config (default: all)")
     c.set_defaults(fn=_config)
     m = sub.add_parser("models", help="list or prepare packaged models")
     m.add_argument("action", choices=["list", "prepare"],
                    help="list: packaged models; prepare: resolve / de-quantise REFs")
-    m.add_argument("refs", nargs="*", metavar="REF",
+    m.add_argument("refs", nargs="*", default=[], metavar="REF",
                    help="pkg:<alias>, hf:<repo>[@rev] or a directory (default: the packaged "
                    "student and teacher)")
     m.set_defaults(fn=_models)
@@ -228,6 +255,17 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--dir", default=".raydapt/cache", help="cache directory (run.cache_dir)")
     k.add_argument("--stage", default=None, help="only this stage (e.g. teacher)")
     k.set_defaults(fn=_cache)
+    u = sub.add_parser("ui", help="serve a job's MLflow store and print links to its runs")
+    u.add_argument("job", nargs="?", help="job YAML (its tracking.uri, experiment and run)")
+    u.add_argument("overrides", nargs="*", default=[], help="dotted key=value overrides")
+    u.add_argument("--tracking-uri", default=None, help="MLflow store or server (default: the "
+                   "job's tracking.uri, else MLFLOW_TRACKING_URI, else sqlite:///mlruns.db)")
+    u.add_argument("--experiment", default=None, help="experiment to link (default: the job's)")
+    u.add_argument("--host", default="127.0.0.1", help="interface to serve on")
+    u.add_argument("--port", type=int, default=5000, help="port (a free one if taken)")
+    u.add_argument("--no-wait", action="store_true",
+                   help="print the links and stop the server (for scripts)")
+    u.set_defaults(fn=_ui)
     add_dashboards_command(sub)  # dashboards generate [--check]
     add_cluster_commands(sub)  # submit, jobs, plan, runs compare
     _describe(sub)
@@ -236,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    handle_sigterm()  # SIGTERM ends a job as Ctrl-C does (again after ray.init: init_ray)
     args = build_parser().parse_args(argv)
     if getattr(args, "verbose", False):
         os.environ["RAYDAPT_VERBOSE"] = "1"  # raydapt.core.runtime: Ray's full stream
@@ -248,10 +287,12 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # the flush at exit must not fail again
         return 141  # 128 + SIGPIPE, as a shell tool killed by it
-    except KeyboardInterrupt:
-        print("raydapt: interrupted; rerun the same command to resume from cached stages",
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated)
+        term = isinstance(exc, Terminated) or terminated()  # ray.get re-raises it plain
+        what = "terminated (SIGTERM)" if term else "interrupted"
+        print(f"raydapt: {what}; rerun the same command to resume from cached stages",
               file=sys.stderr)
-        return 130
+        return 143 if term else 130
 
 
 if __name__ == "__main__":

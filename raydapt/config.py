@@ -184,6 +184,31 @@ class JobBase(Section):
         return []
 
 
+def check_template(template: str, *, allowed: tuple[str, ...], required: tuple[str, ...] = ()
+                   ) -> str:
+    """A ``str.format`` template that uses only ``allowed`` fields and every ``required`` one
+    (``{{`` / ``}}`` are literal braces). Returns it; raises ValueError saying what is wrong, so
+    a pydantic field validator reports it under the field's dotted key."""
+    import string
+
+    try:
+        fields = {f.split(".")[0].split("[")[0] for _, f, _, _ in string.Formatter().parse(template)
+                  if f is not None}
+    except ValueError as exc:  # a lone { or }
+        raise ValueError(f"not a valid template ({exc}; write {{{{ and }}}} for literal "
+                         "braces)") from None
+    unknown = sorted(fields - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown placeholder {', '.join('{' + f + '}' for f in unknown)}; "
+                         f"allowed: {', '.join('{' + f + '}' for f in allowed)}")
+    missing = [f for f in required if f not in fields]
+    if missing:
+        raise ValueError(f"must contain {' and '.join('{' + f + '}' for f in missing)} "
+                         "(without it every row gets the same prompt)" if "text" in missing
+                         else f"must contain {' and '.join('{' + f + '}' for f in missing)}")
+    return template
+
+
 @dataclass(frozen=True)
 class ModelInput:
     """A model reference a job names, with its config key (for the message)."""
@@ -292,7 +317,11 @@ def format_validation_error(model: type[BaseModel], err: ValidationError) -> str
         else:
             got = e.get("input")
             got_s = "" if isinstance(got, dict) else f" (got {got!r})"
-            lines.append(f"  {key}: {e['msg']}{got_s}")
+            if e["type"] == "string_type" and isinstance(got, dict | list):
+                # `key=Review: {text}` parses as YAML (a mapping): the text needs quotes
+                got_s = (f" (got the YAML {type(got).__name__} {got!r}; quote a text with "
+                         f"':' or braces: {key}='\"...\"' on the command line)")
+            lines.append(f"  {key}: {e['msg'].removeprefix('Value error, ')}{got_s}")
     return "invalid job config:\n" + "\n".join(lines)
 
 
@@ -316,6 +345,18 @@ def load_job(path: str | Path, overrides: list[str] | None = None) -> Section:
     """Read a job YAML, apply dotted overrides, validate. Raises :class:`ConfigError`."""
     p = Path(path)
     if not p.is_file():
+        if p.is_dir():
+            raise ConfigError(f"{p} is a directory, not a job file (e.g. {p}/<name>.yaml)")
+        if p.is_symlink():
+            try:
+                target = p.resolve(strict=True)
+                why = f"resolves to {target}, which is not a file"
+            except RuntimeError:  # Python 3.11 raises this for a loop
+                why = "is a symlink loop"
+            except OSError as exc:
+                why = ("is a symlink loop" if "loop" in str(exc).lower() else
+                       f"is a symlink to a missing target ({os.readlink(p)})")
+            raise ConfigError(f"job file {p} {why}")
         raise ConfigError(f"job file not found: {p}")
     try:
         raw = yaml.safe_load(p.read_bytes().decode("utf-8"))
@@ -324,6 +365,9 @@ def load_job(path: str | Path, overrides: list[str] | None = None) -> Section:
     except yaml.YAMLError as exc:
         raise ConfigError(f"{p}: not valid YAML: {exc}") from None
     if raw is None:
+        if not overrides:
+            raise ConfigError(f"{p} is empty: a job file names its method ({', '.join(sorted(METHODS))}) "
+                              "and its data; start from one of jobs/<method>/*.yaml")
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{p}: a job config must be a YAML mapping, got {type(raw).__name__}")

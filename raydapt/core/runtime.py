@@ -1,13 +1,84 @@
-"""Process-level set-up shared by recipes: Ray start-up, seeding, quiet logs."""
+"""Process-level set-up shared by recipes: Ray start-up, seeding, quiet logs, SIGTERM."""
 
 from __future__ import annotations
 
 import logging
 import os
 import random
+import signal
 import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (Kubernetes, spot preemption, ``ray job stop``, ``kill``), raised in the main
+    thread as Ctrl-C raises KeyboardInterrupt, so a terminated job unwinds the same way: stages
+    stop, MLflow runs are marked KILLED, Ray shuts down, the CLI says how to resume."""
+
+
+_SIGTERM_RECEIVED = False
+
+
+def terminated() -> bool:
+    """Whether this process received SIGTERM. Ray's blocking calls (``ray.get``) turn the
+    interrupted wait into a plain KeyboardInterrupt, not our :class:`Terminated`: the CLI asks
+    this to say which one it was."""
+    return _SIGTERM_RECEIVED
+
+
+def _on_sigterm(signum, frame) -> None:
+    global _SIGTERM_RECEIVED
+    _SIGTERM_RECEIVED = True
+    # one is enough: a second SIGTERM during the clean-up must not interrupt it (a SIGKILL
+    # after the grace period still ends it)
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    raise Terminated()
+
+
+def handle_sigterm() -> None:
+    """SIGTERM -> :class:`Terminated` in the main thread. ``ray.init`` installs its own handler
+    (``sys.exit(15)``: the interpreter then exits under Ray's running threads, and its C++ core
+    aborts with a crash dump, rc 134), so :func:`init_ray` calls this again after it. A no-op
+    outside the main thread."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+@contextmanager
+def exclusive(path: str | Path, what: str, say: Callable[[str], None] | None = None
+              ) -> Iterator[None]:
+    """Hold an exclusive lock on the file ``path`` (created) for the block. A second process
+    that wants it (two identical runs at once: same Ray Train run name and storage) says who
+    holds it and waits. The lock is the kernel's (``flock``): it goes away with the process
+    that held it, even one that was SIGKILLed, so no stale lock file can block a rerun."""
+    import fcntl
+    import socket
+
+    say = say or (lambda m: print(m, flush=True))
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with open(p, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            say(f"raydapt: {what} is in use by {holder} (an identical run at the same time); "
+                f"waiting for it to finish ({p})")
+            fcntl.flock(f, fcntl.LOCK_EX)
+            say(f"raydapt: {what} is free; going on (from its last checkpoint)")
+        try:
+            f.truncate(0)
+            f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+            f.flush()
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def seed_everything(seed: int) -> None:
@@ -178,6 +249,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
             raise RaydaptError(f"Ray could not {where}: {str(exc).splitlines()[0][:300]}"
                                + ("" if addr else " (an overloaded machine? retry, or set "
                                   "ray.address / RAY_ADDRESS to a running cluster)")) from None
+        handle_sigterm()  # ray.init replaced ours (see handle_sigterm)
     ctx = ray.data.DataContext.get_current()
     # Ray Data's bars only on a terminal: piped to a file (CI, nohup, > log) they never close
     # and fill it with cursor codes; our stages print their own rows / rate / ETA lines

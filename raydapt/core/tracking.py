@@ -23,7 +23,8 @@ from typing import Any
 from raydapt.core.secrets import redact, scrub  # re-exported
 from raydapt.core.telemetry import timed_stage
 
-__all__ = ["RunLogger", "Tracker", "absolute_tracking_uri", "flatten", "redact", "scrub"]
+__all__ = ["RunLogger", "Tracker", "absolute_tracking_uri", "flatten", "job_links", "redact",
+           "scrub", "ui_base_url"]
 
 # MLflow 3 opens an experiment on its GenAI page ("Traces") unless the experiment says it is for
 # model development; this tag (value from MLflow's ExperimentKind) selects the training view.
@@ -195,6 +196,29 @@ class RunLogger:
         self._client().log_table(self.run_id, df.astype(object).where(df.notna(), None),
                                  "results_table.json")
 
+    def curves(self, rows: list[dict[str, Any]], *, x: str, y: str, series: tuple[str, ...],
+               name: str, title: str, best: dict[str, Any] | None = None,
+               out_dir: str | Path | None = None) -> None:
+        """A family of curves (e.g. accuracy over lam, one curve per (k, tau)) as MLflow
+        shows them truthfully: the rows as a table artifact ``<name>.json`` (MLflow's table
+        viewer; one row per point) and ``<name>.png``, a line plot with ``x`` on its x-axis,
+        one line per ``series`` value, ``best`` marked. Not metric steps: MLflow would label
+        ``x`` "Step", and its table would show each curve's last point, not its best."""
+        if not rows or (not self.enabled and out_dir is None):
+            return
+        import pandas as pd
+
+        df = pd.DataFrame(rows)
+        with tempfile.TemporaryDirectory() as tmp:
+            d = Path(out_dir) if out_dir is not None else Path(tmp)
+            d.mkdir(parents=True, exist_ok=True)
+            line_chart(df, d / f"{name}.png", x=x, y=y, series=series, title=title, best=best)
+            if not self.enabled:
+                return
+            self.artifact(d / f"{name}.png")
+        self._client().log_table(self.run_id, df.astype(object).where(df.notna(), None),
+                                 f"{name}.json")
+
     def datasets(self, fingerprints: dict[str, str], sources: dict[str, str] | None = None
                  ) -> None:
         """The job's data files as MLflow dataset inputs (name, digest = raydapt's sha256
@@ -218,6 +242,38 @@ class RunLogger:
             f = Path(d) / name
             f.write_text(scrub(text))
             self.artifact(f)
+
+
+def line_chart(df: Any, path: str | Path, *, x: str, y: str, series: tuple[str, ...],
+               title: str, best: dict[str, Any] | None = None) -> None:
+    """``y`` over ``x``, one line per combination of the ``series`` columns (labelled
+    ``k=8 tau=1.0``), the ``best`` point circled and labelled; saved as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    groups = df.groupby(list(series), sort=True) if series else [((), df)]
+    for key, g in groups:
+        key = key if isinstance(key, tuple) else (key,)
+        g = g.sort_values(x)
+        label = " ".join(f"{s}={v}" for s, v in zip(series, key))
+        ax.plot(g[x], g[y], marker="o", markersize=3, linewidth=1.2, label=label)
+    if best is not None:
+        ax.scatter([best[x]], [best[y]], s=120, facecolors="none", edgecolors="black",
+                   linewidths=1.5, zorder=5)
+        what = " ".join(f"{s}={best[s]}" for s in series)
+        ax.annotate(f"best: {y} {best[y]:.4f}\n{what} {x}={best[x]}", (best[x], best[y]),
+                    textcoords="offset points", xytext=(8, -28), fontsize=8)
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _driver_tags() -> dict[str, str]:
@@ -295,6 +351,7 @@ class Tracker:
         self.parent: RunLogger = RunLogger(None, None)
         self._experiment_id: str | None = None
         self._job_tags = {"method": "", "run": ""}  # Ray metric tags of child stages
+        self._stage_params: dict[str, dict[str, Any]] = {}
 
     def _ensure_experiment(self) -> str:
         import mlflow
@@ -338,14 +395,27 @@ class Tracker:
         try:
             yield self.parent
             status = "FINISHED"
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM (raydapt.core.runtime.Terminated)
+            status = "KILLED"
+            raise
         finally:
             client.set_terminated(run_id, status=status)
 
+    def stage_params(self, name: str, params: dict[str, Any]) -> None:
+        """Params for the child run ``name`` that a helper opens later (e.g. a sharded
+        pass): logged when it opens, so every stage run says what it ran with."""
+        self._stage_params[name] = {**self._stage_params.get(name, {}), **params}
+
     @contextmanager
-    def child(self, name: str, *, tags: dict[str, str] | None = None) -> Iterator[RunLogger]:
-        """A child run for one stage; its wall time also goes to the Ray metric
+    def child(self, name: str, *, tags: dict[str, str] | None = None,
+              params: dict[str, Any] | None = None) -> Iterator[RunLogger]:
+        """A child run for one stage, with ``params`` (and those given to
+        :meth:`stage_params` for ``name``); its wall time also goes to the Ray metric
         ``raydapt_stage_seconds{stage=name}`` (raydapt.core.telemetry), tracking on or off."""
         with timed_stage(name, **self._job_tags), self._child_run(name, tags=tags) as log:
+            merged = {**self._stage_params.pop(name, {}), **(params or {})}
+            if merged:
+                log.params(merged)
             yield log
 
     @contextmanager
@@ -364,5 +434,103 @@ class Tracker:
         try:
             yield RunLogger(self.uri, run_id)
             status = "FINISHED"
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
         finally:
             client.set_terminated(run_id, status=status)
+
+
+# --------------------------------------------------------------------------------------------
+# Where to look: links into the MLflow UI
+# --------------------------------------------------------------------------------------------
+
+UI_PORT = 5000
+"""The port ``raydapt ui`` (and ``mlflow ui``) serves on by default."""
+
+
+def ui_base_url(uri: str, port: int = UI_PORT, host: str = "127.0.0.1") -> str:
+    """The UI of a tracking URI: an http(s) tracking server serves its own; a local store
+    (sqlite, file) is served by ``raydapt ui`` on ``host:port``."""
+    uri = str(uri)
+    if uri.startswith(("http://", "https://")):
+        return uri.rstrip("/")
+    return f"http://{host}:{port}"
+
+
+def runs_url(base: str, experiment_id: str) -> str:
+    """The experiment's runs table. ``workflowType=machine_learning``: MLflow 3 opens an
+    experiment on its GenAI overview otherwise (its sidebar switch lives in the browser's local
+    storage and starts on GenAI, whatever the experiment's ``mlflow.experimentKind``)."""
+    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def run_url(base: str, experiment_id: str, run_id: str) -> str:
+    """One run's page: its overview lists every metric (each method's accuracy on a job's
+    parent run) with params, tags and artifacts (``results.png``)."""
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+
+
+def compare_url(base: str, experiment_id: str, run_ids: list[str]) -> str:
+    """MLflow's compare view of ``run_ids``: one column per run; params and metrics as rows."""
+    from urllib.parse import quote
+
+    runs = quote(json.dumps(list(run_ids), separators=(",", ":")), safe="")
+    exps = quote(json.dumps([experiment_id]), safe="")
+    return f"{base}/#/compare-runs?runs={runs}&experiments={exps}&workflowType=machine_learning"
+
+
+def job_links(uri: str, experiment: str, run_name: str | None = None, *,
+              base: str | None = None) -> dict[str, str]:
+    """Links for a job: ``runs`` (the experiment's runs table), and for the newest parent run
+    named ``run_name`` (without it: the newest parent run): ``job`` (its page: every method's
+    accuracy in its metrics table) and ``compare`` (the compare view of its student / method
+    child runs, one column each). Empty if the store or experiment is not there."""
+    from mlflow.tracking import MlflowClient
+
+    uri = absolute_tracking_uri(uri)
+    base = base or ui_base_url(uri)
+    cl = MlflowClient(tracking_uri=uri)
+    exp = cl.get_experiment_by_name(experiment)
+    if exp is None:
+        return {}
+    eid = exp.experiment_id
+    links = {"runs": runs_url(base, eid)}
+    # the job's newest parent run (any job's without run_name)
+    filt = f"tags.mlflow.runName = '{_q(run_name)}'" if run_name else ""
+    runs = cl.search_runs([eid], filter_string=filt, order_by=["start_time DESC"],
+                          max_results=200)
+    parent = next((r for r in runs if "mlflow.parentRunId" not in r.data.tags), None)
+    if parent is not None:
+        links["job"] = run_url(base, eid, parent.info.run_id)
+        kids = cl.search_runs([eid], filter_string="tags.mlflow.parentRunId = "
+                              f"'{parent.info.run_id}'", max_results=1000)
+        # the runs that carry a headline metric: students (SimDA), methods (DALLMi) ...
+        heads = [r for r in kids if r.data.tags.get("raydapt.variant", "-") != "-"
+                 or r.data.tags.get("raydapt.stage") == "student"]
+        if heads:
+            ids = [r.info.run_id for r in sorted(heads, key=lambda r: r.info.run_name)]
+            links["compare"] = compare_url(base, eid, ids)
+    return links
+
+
+def browse_lines(uri: str, experiment: str, run_name: str | None = None) -> list[str]:
+    """What a job prints last: how to open its MLflow runs (best effort: [] on any error)."""
+    try:
+        links = job_links(uri, experiment, run_name)
+    except Exception:
+        return []
+    if not links:
+        return []
+    uri = absolute_tracking_uri(uri)
+    lines = []
+    if not uri.startswith(("http://", "https://")):
+        lines.append(f"MLflow: raydapt ui --tracking-uri {uri} --experiment {experiment}  "
+                     "(serves the store; then open:)")
+    lines.append(f"  runs:    {links['runs']}")
+    if "job" in links:
+        what = "this job" if run_name else "the newest job"
+        lines.append(f"  {what} (accuracy per method, results.png): {links['job']}")
+    if "compare" in links:
+        lines.append(f"  methods side by side: {links['compare']}")
+    return lines

@@ -80,7 +80,7 @@ def add_commands(sub) -> None:
     """Add submit / jobs / plan / runs to the ``raydapt`` sub-parsers."""
     s = sub.add_parser("submit", help="submit a job to a Ray cluster (Job Submission API)")
     s.add_argument("job", help="job YAML")
-    s.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    s.add_argument("overrides", nargs="*", default=[], help="dotted key=value overrides")
     s.add_argument("--address", default=None,
                    help="Ray dashboard / job server, e.g. http://127.0.0.1:8265 "
                    "(default: RAY_API_SERVER_ADDRESS or RAY_ADDRESS)")
@@ -115,7 +115,7 @@ def add_commands(sub) -> None:
 
     p = sub.add_parser("plan", help="rows, LLM tokens, GPU-hours and resources per stage")
     p.add_argument("job", help="job YAML")
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    p.add_argument("overrides", nargs="*", default=[], help="dotted key=value overrides")
     p.add_argument("--gpu", default="h100", choices=_gpu_types(),
                    help="GPU type of the throughput table (default h100)")
     p.add_argument("--json", action="store_true", help="the plan as JSON")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import fnmatch
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -94,25 +95,34 @@ def plot(df: pd.DataFrame, cols: list[str], path: Path, title: str) -> dict:
     return bar_chart(values, path, title=title, xlabel=xlabel, families=families)
 
 
-def print_table(shown: pd.DataFrame, cols: list[str], width: int | None = None) -> None:
-    """The table within the terminal's width: metric headers without their shared prefix
-    (``acc.``), as many metric columns as fit; the rest are in compare.csv."""
+def print_table(shown: pd.DataFrame, cols: list[str], width: int | None = None, *,
+                fit: bool | None = None) -> None:
+    """The table: metric headers without their shared prefix (``acc.``). On a terminal
+    (``fit``, default: stdout is one) as many metric columns as fit its width, best value
+    first, the hidden ones then listed by name; piped (a file, ``| less``, CI) every column."""
+    fit = sys.stdout.isatty() if fit is None else fit
     width = width or shutil.get_terminal_size((120, 24)).columns
     prefix = os.path.commonprefix(cols).rpartition(".")[0] if len(cols) > 1 else ""
     t = shown.rename(columns={c: c[len(prefix) + 1:] for c in cols} if prefix else {})
     metric_cols = [c for c in t.columns if c not in ID_COLUMNS]
+    # the best number first: a narrow terminal never hides the headline column
+    order = sorted(metric_cols, key=lambda c: -(t[c].max() if t[c].notna().any() else -1e300))
+    t = t[[c for c in t.columns if c in ID_COLUMNS] + order]
+    metric_cols = order
     keep = len(metric_cols)
-    fmt = {"display.max_columns": 200, "display.width": 10_000,
+    fmt = {"display.max_columns": None, "display.width": 10_000,
            "display.float_format": "{:.4f}".format}
     with pd.option_context(*[x for kv in fmt.items() for x in kv]):
-        while keep > 1 and max(map(len, t.drop(columns=metric_cols[keep:]).to_string(
+        while fit and keep > 1 and max(map(len, t.drop(columns=metric_cols[keep:]).to_string(
                 index=False).splitlines())) > width:
             keep -= 1
         if prefix:
             print(f"metrics {prefix}.*")
         print(t.drop(columns=metric_cols[keep:]).to_string(index=False))
     if keep < len(metric_cols):
-        print(f"(+{len(metric_cols) - keep} more metric columns in compare.csv)")
+        hidden = metric_cols[keep:]
+        print(f"(+{len(hidden)} more metric columns, in compare.csv: {', '.join(hidden)}; "
+              "piped, every column is printed)")
 
 
 def compare(experiment: str, *, uri: str | None = None, metric: str | None = None,
@@ -127,4 +137,8 @@ def compare(experiment: str, *, uri: str | None = None, metric: str | None = Non
     plot(df, cols, png, f"{experiment}: {what} ({len(df)} runs, {len(cols)} metrics)")
     print_table(df.drop(columns=["run_id"]), cols)
     print(f"\n{len(df)} runs; table {csv}; plot {png}")
+    from raydapt.core.tracking import browse_lines
+
+    for line in browse_lines(uri or default_uri(), experiment):
+        print(line)
     return {"csv": csv, "png": png}

@@ -64,6 +64,15 @@ class Plan:
     def total_hours(self, device: str) -> float:
         return sum(s.hours or 0.0 for s in self.stages if s.device == device)
 
+    def _total_text(self, device: str, unit: str) -> str:
+        """``1.234 GPU-hours``, or ``GPU-hours unknown (>= 0.078; rows of teacher, knn
+        unknown)`` when a stage on that device has no estimate (its data is not here)."""
+        unknown = [s.name for s in self.stages if s.device == device and s.hours is None]
+        if not unknown:
+            return f"{self.total_hours(device):.3f} {unit}"
+        return (f"{unit} unknown (>= {self.total_hours(device):.3f}; rows of "
+                f"{', '.join(unknown)} unknown)")
+
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "gpu": self.gpu, "notes": self.notes,
                 "prompt": self.prompt,
@@ -94,8 +103,8 @@ class Plan:
             lines.append(f"{s.name:<22}{rows:>9}{tok:>13}{hrs:>10}  {s.device:<6}  {res}")
             if s.note:
                 lines.append(f"{'':<22}  ({s.note})")
-        lines.append(f"total: {self.total_hours('gpu'):.3f} GPU-hours, "
-                     f"{self.total_hours('cpu'):.3f} CPU-worker-hours")
+        lines.append(f"total: {self._total_text('gpu', 'GPU-hours')}, "
+                     f"{self._total_text('cpu', 'CPU-worker-hours')}")
         lines += [f"note: {n}" for n in self.notes]
         if self.prompt:
             lines += ["", self.prompt_header,

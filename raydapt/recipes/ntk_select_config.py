@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from raydapt.config import (
     ActorPoolSection,
@@ -13,6 +13,7 @@ from raydapt.config import (
     JobBase,
     ModelInput,
     Section,
+    check_template,
     data_root,
 )
 from raydapt.train.settings import LoRATrain
@@ -54,6 +55,17 @@ class QAFormatSection(Section):
     max_length: int = Field(192, gt=16, description="Tokens per prompt+response (train, scoring).")
     context_max_chars: int = Field(1200, ge=0)
     rationale_max_chars: int = Field(600, ge=0)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_fields(cls, v: str) -> str:
+        return check_template(v, allowed=("context", "question", "options"),
+                              required=("question",))
+
+    @field_validator("response")
+    @classmethod
+    def _response_fields(cls, v: str) -> str:
+        return check_template(v, allowed=("rationale", "answer"), required=("answer",))
 
 
 class LoRASection(Section):

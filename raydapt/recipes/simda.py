@@ -310,6 +310,9 @@ class SimDARecipe(Recipe):
         """One sharded, cached teacher pass over ``rows`` (id, text[, demo_ids]) with ``cfg``'s
         teacher (default the job's); returns the good rows, rejects kept."""
         cfg = cfg or self.cfg
+        self.ctx.tracker.stage_params(run_name or stage, {  # the teacher run's params
+            "rows": len(rows), "keep_hidden": keep_hidden, "demonstrations": bool(demos),
+            **cfg.teacher.model_dump(mode="json", exclude={"hf_token", "verbalizer"})})
         got = sharded_pass(
             self.ctx.cache, self.ctx.tracker, stage, parts, _by_length(rows),
             cfg.teacher.pool.shard_rows,
@@ -403,9 +406,9 @@ class SimDARecipe(Recipe):
         out = ctx.out / f"select-on-{on}.json"
         with ctx.tracker.child(f"select-on-{on}") as run_log:
             run_log.params({"chosen": best, **params})
-            for r in curve:  # one series per (k, tau), stepped by lam in percent
-                run_log.metrics({f"{on}_acc.k{r['k']}.tau{r['tau']}": r["accuracy"]},
-                                int(round(r["lam"] * 100)))
+            run_log.curves(curve, x="lam", y="accuracy", series=("k", "tau"), best=best,
+                           name=f"select-on-{on}-curves", title=f"{on} accuracy over lam per "
+                           f"(k, tau); chosen k={best['k']} tau={best['tau']} lam={best['lam']}")
             run_log.metrics({f"best_{on}_accuracy": best["accuracy"]})
             out.write_text(json.dumps({**(in_json or {}), "best": best, "curve": curve}))
             run_log.artifact(out)
@@ -702,8 +705,6 @@ class SimDARecipe(Recipe):
             ctx.parent.artifact(out / f)
         _say("target-test accuracy\n" + results_table(results, students))
         _say(f"done in {summary['seconds']:.0f}s; outputs in {out}")
-        if cfg.tracking.enabled:
-            _say(f"browse the runs: mlflow ui --backend-store-uri {ctx.tracker.uri}")
         return summary
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from raydapt.config import (
     ActorPoolSection,
@@ -14,6 +14,7 @@ from raydapt.config import (
     ModelInput,
     Section,
     TrainSection,
+    check_template,
     data_root,
 )
 from raydapt.train.settings import StudentTrain
@@ -103,6 +104,26 @@ class TeacherSection(EngineSection):
         description="Label -> word; each must be ONE token (leading space included).",
     )
     pool: ActorPoolSection = Field(default_factory=ActorPoolSection)
+
+    @field_validator("template")
+    @classmethod
+    def _template_fields(cls, v: str) -> str:
+        return check_template(v, allowed=("text",), required=("text",))
+
+    @field_validator("demo_template")
+    @classmethod
+    def _demo_template_fields(cls, v: str) -> str:
+        return check_template(v, allowed=("text", "label"), required=("text", "label"))
+
+    @field_validator("templates")
+    @classmethod
+    def _templates_fields(cls, v: list[str]) -> list[str]:
+        for i, t in enumerate(v):
+            try:
+                check_template(t, allowed=("text",), required=("text",))
+            except ValueError as exc:
+                raise ValueError(f"templates[{i}] {t!r}: {exc}") from None
+        return v
 
     @model_validator(mode="after")
     def _vllm_replica_fits(self) -> TeacherSection:

@@ -20,7 +20,7 @@ import pandas as pd
 
 from raydapt.engines.factory import make_engine
 from raydapt.stages.annotate import build_prompt, fit_demos, knn_distribution
-from raydapt.stages.common import Stage
+from raydapt.stages.common import ERROR_COLUMN, Stage
 
 
 class TeacherScore(Stage):
@@ -106,6 +106,34 @@ class TeacherScore(Stage):
             return {"tokens": 0}
         return {"tokens": int(pd.to_numeric(out["prompt_tokens"], errors="coerce")
                               .fillna(0).sum())}
+
+    def _columns_of_failed_batch(self, out: pd.DataFrame) -> pd.DataFrame:
+        """A batch whose every row failed has only ``id`` and ``_error``: give it the columns of
+        a scored batch (NaN arrays of the right width, 0 tokens), so its block has the schema
+        of the others and its rows reach the recipe as reject records. The widths come from
+        one short probe prompt, scored once per actor."""
+        if "llm_logp" in out.columns or not len(out):
+            return out
+        if not hasattr(self, "_widths"):
+            probe = self.engine.score(["probe"])
+            self._widths = (probe.label_logprobs.shape[1],
+                            None if probe.hidden is None else probe.hidden.shape[1])
+        n_labels, width = self._widths
+        cols = {"id": out["id"].tolist(),
+                "llm_logp": [np.full(n_labels, np.nan, np.float32) for _ in range(len(out))],
+                "prompt_tokens": np.zeros(len(out), np.int64)}
+        if self.keep_hidden and width is not None:
+            cols["hidden"] = [np.full(width, np.nan, np.float32) for _ in range(len(out))]
+        return pd.DataFrame({**cols, ERROR_COLUMN: out[ERROR_COLUMN].tolist()})
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        out = super().__call__(batch)
+        if len(out) and (out[ERROR_COLUMN] != "").all():
+            try:
+                out = self._columns_of_failed_batch(out)
+            except Exception:  # the engine cannot score at all: the rows stay rejects
+                pass
+        return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ def launch(loop: Callable[[dict[str, Any]], None], config: dict[str, Any], *, na
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from raydapt.core.runtime import verbose
+    from raydapt.core.runtime import exclusive, verbose
 
     trainer = TorchTrainer(
         loop, train_loop_config=config,
@@ -68,7 +68,9 @@ def launch(loop: Callable[[dict[str, Any]], None], config: dict[str, Any], *, na
         datasets=datasets or {},
         **({"dataset_config": dataset_config} if dataset_config is not None else {}),
     )
-    result = trainer.fit()
+    # two identical runs at once would share this run's checkpoints: the second waits
+    with exclusive(Path(storage) / f".{name}.lock", f"Ray Train run {name}"):
+        result = trainer.fit()
     if result.error:
         raise result.error
     return result

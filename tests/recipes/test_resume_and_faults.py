@@ -182,3 +182,48 @@ def test_killed_runs_resume_to_the_same_outputs(tmp_path, tiny_simda_job):
     np.testing.assert_array_equal(np.stack(ra["p_t"]), np.stack(rb["p_t"]))
     np.testing.assert_array_equal(np.stack(ra["h_t"]), np.stack(rb["h_t"]))
     print(f"killed after {kill_after}/{n_shards} shards; resumed at epochs {resumed_at}")
+
+
+@pytest.mark.parametrize("stage", ["teacher", "student"])
+def test_sigterm_is_a_clean_resumable_exit(tmp_path, tiny_simda_job, stage):
+    """Issue 28: SIGTERM (Kubernetes, spot preemption, ``ray job stop``) ended a run with rc 134
+    and a crash dump of Ray's C++ core. It is now handled as Ctrl-C: rc 143, one line saying how
+    to resume, MLflow runs marked KILLED, Ray's processes gone, finished shards kept, and the
+    rerun resumes."""
+    from mlflow.tracking import MlflowClient
+
+    job = _job(tiny_simda_job, tmp_path, "t")
+    cache, out, log = tmp_path / "cache-t", tmp_path / "runs-t/tiny", tmp_path / "1.log"
+    p = _start(job, log)
+    if stage == "teacher":
+        _wait(p, lambda: len(_shards(cache)) >= 1, "a teacher shard")
+    else:
+        _wait(p, lambda: _snapshot_has_checkpoint(out), "the student's first checkpoint")
+    kids = psutil.Process(p.pid).children(recursive=True)
+    p.send_signal(signal.SIGTERM)
+    try:
+        rc = p.wait(timeout=300)
+    finally:
+        _kill_tree(p) if p.poll() is None else None
+    text = log.read_text()
+    assert rc == 143, text[-3000:]
+    assert "raydapt: terminated (SIGTERM); rerun the same command to resume" in text
+    for crash in ("Traceback", "SIGABRT", "core dumped", "*** Aborted", "Fatal Python error",
+                  "check failed"):
+        assert crash not in text, text[-3000:]
+    _, alive = psutil.wait_procs(kids, timeout=120)  # Ray shut down with the driver
+    for k in alive:
+        k.kill()
+    assert not alive, [" ".join(k.cmdline()[:3]) for k in alive]
+    cl = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlruns-t.db")
+    runs = cl.search_runs([cl.get_experiment_by_name("simda").experiment_id])
+    status = {r.info.run_name: r.info.status for r in runs}
+    assert status["tiny"] == "KILLED" and "RUNNING" not in status.values(), status
+    assert status["teacher" if stage == "teacher" else "student-kl"] == "KILLED", status
+    if stage == "teacher":
+        assert _shards(cache) and not list(cache.glob("teacher/*/_SUCCESS"))
+        return
+    p = _start(job, tmp_path / "2.log")  # the rerun resumes from the cache and the checkpoint
+    assert p.wait(timeout=900) == 0, (tmp_path / "2.log").read_text()[-3000:]
+    text = (tmp_path / "2.log").read_text()
+    assert "teacher: cached" in text and "resumed from the checkpoint of epoch" in text

@@ -148,3 +148,85 @@ def test_params_and_config_yaml_are_the_config_that_ran(tmp_path, store, tiny_si
     art = MlflowClient(tracking_uri=ctx.tracker.uri).download_artifacts(
         run_id, "config.yaml", str(tmp_path / "dl"))
     assert open(art).read() == text
+
+
+def test_lambda_curves_are_a_table_and_a_plot_with_lambda_on_x(tmp_path, store):
+    """Issue 28: select-on-source logged each lam curve as a metric with step = lam x 100 (shown
+    as "Step"), and the runs table showed each curve's last point (lam = 1.0) beside the best.
+    Now: a table artifact, one row per point, and a PNG with lam on the x-axis; no metric
+    curves."""
+    tr = _tracker(tmp_path, store, "ui-curves")
+    curve = [{"k": k, "tau": 1.0, "lam": lam, "accuracy": acc}
+             for k, accs in ((4, (0.70, 0.90, 0.83)), (8, (0.70, 0.85, 0.80)))
+             for lam, acc in zip((0.0, 0.5, 1.0), accs)]
+    best = max(curve, key=lambda r: r["accuracy"])
+    with tr.job("j"), tr.child("select-on-source") as run_log:
+        run_log.curves(curve, x="lam", y="accuracy", series=("k", "tau"), best=best,
+                       name="select-on-source-curves", title="source accuracy over lam",
+                       out_dir=tmp_path / "out")
+    cl = MlflowClient(tracking_uri=tr.uri)
+    arts = {a.path for a in cl.list_artifacts(run_log.run_id)}
+    assert {"select-on-source-curves.json", "select-on-source-curves.png"} <= arts
+    table = json.loads(open(cl.download_artifacts(
+        run_log.run_id, "select-on-source-curves.json", str(tmp_path))).read())
+    assert table["columns"] == ["k", "tau", "lam", "accuracy"]
+    assert [r[2] for r in table["data"]] == [0.0, 0.5, 1.0, 0.0, 0.5, 1.0]
+    assert max(r[3] for r in table["data"]) == 0.90
+    assert cl.get_run(run_log.run_id).data.metrics == {}  # no lam-stepped metric curves
+    png = tmp_path / "out/select-on-source-curves.png"
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_stage_runs_carry_their_params_and_ctrl_c_marks_runs_killed(tmp_path, store):
+    """Issue 28: the teacher and read child runs had no params; SIGTERM / Ctrl-C (both end in
+    KeyboardInterrupt) left runs FAILED or RUNNING instead of KILLED."""
+    tr = _tracker(tmp_path, store, "ui-params")
+    tr.stage_params("teacher", {"model": "pkg:smollm2-135m-instruct", "rows": 48})
+    with pytest.raises(KeyboardInterrupt), tr.job("j") as parent:
+        with tr.child("read", params={"source": "books.jsonl"}) as read:
+            pass
+        with tr.child("teacher") as teacher:
+            raise KeyboardInterrupt
+    cl = MlflowClient(tracking_uri=tr.uri)
+    assert cl.get_run(read.run_id).data.params == {"source": "books.jsonl"}
+    assert cl.get_run(teacher.run_id).data.params == {"model": "pkg:smollm2-135m-instruct",
+                                                      "rows": "48"}
+    assert cl.get_run(teacher.run_id).info.status == "KILLED"
+    assert cl.get_run(parent.run_id).info.status == "KILLED"
+    assert cl.get_run(read.run_id).info.status == "FINISHED"
+
+
+def test_job_links_open_the_runs_not_the_genai_page(tmp_path, store):
+    """Issue 28: `mlflow ui` opened the experiment on MLflow 3's empty GenAI overview. The links
+    a job prints go to the runs (workflowType=machine_learning), to the job's run and to its
+    methods side by side (the compare view of its variant runs)."""
+    from urllib.parse import unquote
+
+    from raydapt.core.tracking import browse_lines, job_links
+
+    tr = _tracker(tmp_path, store, "ui-links")
+    with tr.job("books", tags={"raydapt.method": "simda"}) as parent:
+        with tr.child("teacher"):
+            pass
+        with tr.child("student-kl_sim", tags={"raydapt.variant": "kl_sim"}) as a:
+            pass
+        with tr.child("student-source_only", tags={"raydapt.variant": "source_only"}) as b:
+            pass
+    eid = MlflowClient(tracking_uri=tr.uri).get_experiment_by_name("ui-links").experiment_id
+    links = job_links(tr.uri, "ui-links", "books")
+    base = "http://127.0.0.1:5000"
+    assert links["runs"] == f"{base}/#/experiments/{eid}/runs?workflowType=machine_learning"
+    assert links["job"] == (f"{base}/#/experiments/{eid}/runs/{parent.run_id}"
+                            "?workflowType=machine_learning")
+    assert unquote(links["compare"]) == (f'{base}/#/compare-runs?runs=["{a.run_id}",'
+                                         f'"{b.run_id}"]&experiments=["{eid}"]'
+                                         "&workflowType=machine_learning")
+    lines = browse_lines(tr.uri, "ui-links", "books")
+    assert lines[0].startswith(f"MLflow: raydapt ui --tracking-uri {tr.uri} --experiment "
+                               "ui-links")
+    assert any(links["runs"] in ln for ln in lines) and any(links["compare"] in ln
+                                                             for ln in lines)
+    # an http tracking server is its own UI
+    assert job_links(tr.uri, "ui-links", base="http://mlflow:8080")["runs"].startswith(
+        "http://mlflow:8080/#/experiments/")
+    assert browse_lines(tr.uri, "no-such-experiment") == []

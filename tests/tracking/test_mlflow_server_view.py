@@ -60,3 +60,26 @@ def test_the_ui_view_through_the_rest_api(mlflow_server):
     files = {f["path"] for f in _get(url, "/api/2.0/mlflow/artifacts/list",
                                      run_id=parent.run_id).get("files", [])}
     assert {"results.csv", "results.png", "results_table.json"} <= files
+
+
+def test_raydapt_ui_serves_the_store_and_prints_the_runs_link(tmp_path, capsys):
+    """`raydapt ui --no-wait` starts `mlflow ui` on a local store, prints the direct runs link
+    (which the server answers), and stops the server it started."""
+    import psutil
+
+    from raydapt.cli import main
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    tr = Tracker(enabled=True, uri=uri, experiment="simda", artifact_location=str(tmp_path))
+    with tr.job("books", tags={"raydapt.method": "simda"}), \
+            tr.child("student-kl", tags={"raydapt.variant": "kl"}):
+        pass
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    assert main(["ui", "--tracking-uri", uri, "--experiment", "simda", "--port", "0",
+                 "--no-wait"]) == 0
+    out = capsys.readouterr().out
+    (runs,) = [ln.split(": ", 1)[1] for ln in out.splitlines() if ln.strip().startswith("runs:")]
+    assert runs.endswith("/runs?workflowType=machine_learning") and "/#/experiments/" in runs
+    assert "methods side by side: http://" in out
+    # the server is gone (its process group was stopped)
+    assert {p.pid for p in psutil.Process().children(recursive=True)} <= before

@@ -65,3 +65,23 @@ def test_compare_errors(store, tmp_path, capsys):
     assert main(["runs", "compare", "--experiment", "cmp",
                  "--tracking-uri", f"sqlite:///{tmp_path}/missing.db"]) == 2
     assert "no MLflow store" in capsys.readouterr().err
+
+
+def test_compare_never_hides_the_headline_column(store, tmp_path, capsys):
+    """Issue 28: piped, `runs compare` hid `teacher.zero_shot` (the best number) as '+2 more
+    metric columns in compare.csv'. Piped it prints every column; on a narrow terminal the best
+    column comes first and the hidden ones are named."""
+    from raydapt.ops.compare import print_table, runs_table
+
+    uri, _ = store
+    assert main(["runs", "compare", "--experiment", "cmp", "--tracking-uri", uri,
+                 "--out", str(tmp_path)]) == 0  # capsys: stdout is not a terminal
+    out = capsys.readouterr().out
+    header = next(ln for ln in out.splitlines() if ln.lstrip().startswith("run"))
+    assert "student.kl" in header and "teacher.knn" in header and "more metric" not in out
+    df, cols = runs_table("cmp", uri=uri)
+    print_table(df.drop(columns=["run_id"]), cols, width=60, fit=True)
+    out = capsys.readouterr().out
+    header = next(ln for ln in out.splitlines() if ln.lstrip().startswith("run"))
+    assert "student.kl" in header  # the best value (0.80) is kept
+    assert "(+1 more metric columns, in compare.csv: teacher.knn;" in out

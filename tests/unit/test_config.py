@@ -115,3 +115,43 @@ def test_relative_tracking_uris_become_absolute(tmp_path, monkeypatch):
     assert absolute_tracking_uri("sqlite:////abs/x.db") == "sqlite:////abs/x.db"
     assert absolute_tracking_uri("http://host:5000") == "http://host:5000"
     assert absolute_tracking_uri("mlruns") == (tmp_path / "mlruns").as_uri()
+
+
+def test_job_file_messages_say_what_is_wrong(tmp_path, capsys):
+    """Issue 28: an empty YAML said `method: must be one of [...] (got None)`; a directory and a
+    symlink loop both said "not found"; `raydapt run` with no job called overrides required."""
+    from raydapt.cli import main
+
+    (tmp_path / "empty.yaml").write_text("# nothing yet\n")
+    (tmp_path / "a.yaml").symlink_to(tmp_path / "b.yaml")
+    (tmp_path / "b.yaml").symlink_to(tmp_path / "a.yaml")
+    (tmp_path / "gone.yaml").symlink_to(tmp_path / "missing.yaml")
+    cases = {"empty.yaml": "empty.yaml is empty: a job file names its method (dallmi, "
+                           "ntk_select, simda) and its data",
+             ".": "is a directory, not a job file",
+             "a.yaml": "a.yaml is a symlink loop",
+             "gone.yaml": f"gone.yaml is a symlink to a missing target ({tmp_path}/missing.yaml)"}
+    for name, want in cases.items():
+        assert main(["run", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("raydapt: error:") and want in err, (name, err)
+        assert "not found" not in err
+    # an empty file plus overrides is a job built on the command line
+    assert main(["config", "show", str(tmp_path / "empty.yaml"), "method=simda"]) == 0
+    assert capsys.readouterr().out.startswith("method: simda")
+    with pytest.raises(SystemExit):
+        main(["run"])
+    err = capsys.readouterr().err
+    assert "the following arguments are required: job" in err and "overrides" not in \
+        err.splitlines()[-1]
+
+
+def test_plan_without_data_says_unknown_not_zero(tmp_path):
+    """Issue 28: `plan` with absent data printed 0.000 GPU-hours."""
+    from raydapt.ops.plan import make_plan
+
+    cfg = load_job(REPO / "jobs/simda/amazon-mistral7b.gpu.yaml", [f"data.root={tmp_path}"])
+    text = make_plan(cfg).render()
+    (total,) = [ln for ln in text.splitlines() if ln.startswith("total:")]
+    assert total.startswith("total: GPU-hours unknown (>= "), total
+    assert "teacher" in total and "0.000 GPU-hours" not in total

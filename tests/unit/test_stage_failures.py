@@ -40,3 +40,31 @@ def test_failed_rows_keep_array_columns_as_tensors():
 def test_all_rows_failing_gives_ids_and_reasons():
     out = run_isolating_failures(pd.DataFrame({"id": ["a"], "x": [-1]}), _score, stage="s")
     assert out.to_dict("list") == {"id": ["a"], "_error": ["s: ValueError: negative input"]}
+
+
+def test_teacher_batch_whose_every_row_fails_becomes_rejects():
+    """Issue 28: when every row of a teacher batch failed, the pass crashed in the token count
+    ('numpy.float64' object has no attribute 'fillna'). The rows come back as rejects, with the
+    columns (and Arrow schema) of a scored batch."""
+    from raydapt.stages.common import split_errors
+    from raydapt.stages.teacher import TeacherScore
+
+    kw = dict(engine={"backend": "hf", "model": "pkg:smollm2-135m-instruct", "max_length": 64,
+                      "chat": False, "num_threads": 2},
+              label_words=[" negative", " positive"], text_max_tokens=16)
+    batch = pd.DataFrame({"id": ["a", "b"], "text": ["good pan", "bad pan"]})
+    good = TeacherScore(template="Review: {text}\nThe sentiment is", **kw)(batch)
+    # a template the stage cannot render (config validation stops this one in a job): every
+    # row fails
+    out = TeacherScore(template="Review: {txt}\nThe sentiment is", **kw)(batch)
+    assert out["id"].tolist() == ["a", "b"]
+    assert out["_error"].tolist() == ["teacher: KeyError: 'txt'"] * 2
+    assert list(out.columns) == list(good.columns)
+    assert out["llm_logp"][0].shape == (2,) and np.isnan(out["llm_logp"][0]).all()
+    assert out["hidden"][1].shape == good["hidden"][1].shape
+    assert out["prompt_tokens"].tolist() == [0, 0]
+    schema = BlockAccessor.batch_to_block(out, block_type=BlockType.ARROW).schema
+    assert schema == BlockAccessor.batch_to_block(good, block_type=BlockType.ARROW).schema
+    kept, rej = split_errors(out, "teacher")
+    assert kept.empty and rej["id"].tolist() == ["a", "b"]
+    assert set(rej["reason"]) == {"teacher: KeyError: 'txt'"}
