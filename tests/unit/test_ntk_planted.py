@@ -154,6 +154,11 @@ def test_original_pool_fails_the_same_checks(both_pools):
     # the exact substring of the issue: in the 100 planted medical rows and no other row
     hits = {r["id"] for r in rows if "\nOptions:\n(A)" in r["question"]}
     assert hits == med
+    # the issue's hand rules, as benchmarks/ntk_needles.py reports them: 86, 71 and 99 of 100
+    rules = _bench().issue_rules(rows, med, 100)
+    assert (rules["letter_then_longest_question"], rules["longest_question"]) == (0.86, 0.71)
+    gsm = set(info["groups"]["gsm8k"])
+    assert _bench().issue_rules(rows, gsm, 100)["most_equals_in_rationale"] == 0.99
 
 
 def test_render_template_and_parse_round_trip():
