@@ -16,6 +16,18 @@ N = 100, M = 150, K = 64):
   100 GSM8K rows, the medical rows count as general — selection must follow D, not "looks like
   an exam question".
 
+--pool matched (issue 26; raydapt.select.planted.build_matched_needles_data, settings stored as
+'matched-<name>'): the same 1,000 general rows, 100 planted medical rows and 100 FLAN-AQuA rows
+(group 'arith', planted for the arith D, a decoy for the medical D; no GSM8K), every row in one
+of the same three templates and each planted row matched to a general twin's template,
+rationale presence and lengths, so no surface feature tells planted from general rows (the
+two-sample tests per feature go into 'format_matching'). --trivial-only runs the model-free
+selectors alone (format, length, tfidf; raydapt.select.selectors) and random, no model; every
+full run reports them too, with the issue's hand rules ('issue_rules') and 'bar_issue26': NTK
+>= 5x random's exact expectation and >= every trivial selector. --selection-seed S seeds the
+warm-up fit and the projection (select.proj_seed), D and the pool fixed: NTK's selection
+seeds, like random's.
+
 Per selector (ntk = stage 1 + 2, less, embedding = stage-1 votes alone, random over seeds 0-2):
 precision / recall of the planted rows among the N selected, ROC-AUC of its ranking over the whole
 pool (ntk / less: candidates by their stage-2 score above the non-candidates, which keep their
@@ -23,12 +35,12 @@ vote order), and — what stage 2 adds — ROC-AUC of the stage-2 score and of t
 M candidates*, and how many planted rows the candidates hold (the most stage 2 can find).
 
 Expected result (full size, benchmarks/results/ntk-needles-cpu.json): medical -- stage 1 keeps
-94 of the 100 medical rows among its 150 candidates, NTK selects 86 (precision 0.86 = 14x random's
-0.06 +- 0.03; votes alone 85, LESS 82); arith -- stage 1 keeps only 15 of the 100 GSM8K rows, NTK
+94 of the 100 medical rows among its 150 candidates, NTK selects 86 (precision 0.86 = 10.3x
+random's exact expectation 100 / 1,200; votes alone 85, LESS 82); arith -- stage 1 keeps only 15 of the 100 GSM8K rows, NTK
 puts all 15 in its top 100 (AUC 0.95 within the candidates; votes 0.50) for a precision of 0.15 =
-1.7x random's 0.087 +- 0.006 (votes 0.11, LESS 0.13): the bar is met on medical and missed on
-arith, by stage 1's recall. With --m-factor 6 (M = 600) NTK selects 59 GSM8K rows (6.8x
-random) and with --m-factor 12 (the whole pool through stage 2) 74 (8.5x), while the medical D
+1.8x random's expectation (votes 0.11, LESS 0.13): the bar is met on medical and missed on
+arith, by stage 1's recall. With --m-factor 6 (M = 600) NTK selects 59 GSM8K rows (7.1x
+random) and with --m-factor 12 (the whole pool through stage 2) 74 (8.9x), while the medical D
 drops to 75 there: stage 2 costs ~0.2 s per candidate. Cost on 2 idle cores, from an empty
 --work: arith 12.5 min (warm-up 5 min, stage 1 4 min, NTK and LESS scores ~1.7 min each);
 medical about the same (its warm-up, stage 1 and NTK scores are shared with
@@ -51,7 +63,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import describe  # noqa: E402
 
 from raydapt.config import load_job  # noqa: E402
-from raydapt.select.planted import build_needles_data, precision_recall, roc_auc  # noqa: E402
+from raydapt.select.planted import (  # noqa: E402
+    build_matched_needles_data,
+    build_needles_data,
+    format_features,
+    format_only_auc,
+    matching_stats,
+    precision_recall,
+    roc_auc,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[1]
@@ -59,8 +79,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _setting_overrides(name: str, info: dict, work: Path, *, n: int = 100,
                        n_domain: int = 160) -> list[str]:
+    run = f"needles-{name}" if info.get("variant", "original") == "original" else (
+        f"needles-{info['variant']}-{name}")
     common = [f"data.root={info['root']}", f"data.pool=[{info['pool']}]", "data.max_pool_rows=null",
-              f"select.n={n}", "select.m_factor=1.5", "select.k=64", f"run.name=needles-{name}",
+              f"select.n={n}", "select.m_factor=1.5", "select.k=64", f"run.name={run}",
               f"run.cache_dir={work / 'cache'}", f"run.output_dir={work / 'out'}",
               "tracking.enabled=false"]
     if name == "arith":
@@ -71,17 +93,23 @@ def _setting_overrides(name: str, info: dict, work: Path, *, n: int = 100,
 
 
 def warmup_and_stage1(cfg, cache, tracker, *, dom: pd.DataFrame, pool: pd.DataFrame,
-                      inputs, out: Path, secs: dict[str, float] | None = None):
+                      inputs, out: Path, secs: dict[str, float] | None = None,
+                      warmup_seed: int | None = None):
     """The recipe's warm-up LoRA and stage 1 (embed D ∪ pool, votes, the M candidates) with its
     own stage functions and cache; fills ``inputs`` (votes) and returns (warm-up adapter,
-    candidates). ``secs`` gets the two stages' seconds."""
+    candidates). ``secs`` gets the two stages' seconds. ``warmup_seed`` (default run.seed)
+    seeds the warm-up fit alone (LoRA init, data order): D's rows stay the ones given."""
     from raydapt.recipes.ntk_select import fit_lora_cached, stage1_candidates, stage1_embed
     from raydapt.stages.common import split_errors
 
     secs = {} if secs is None else secs
     t0 = time.time()
-    warm = fit_lora_cached(cfg, cache, tracker, stage="lora", label="warmup", rows=dom, train=cfg.warmup,
-                storage=out / "train")
+    cfg_w = cfg
+    if warmup_seed is not None and warmup_seed != cfg.run.seed:
+        cfg_w = cfg.model_copy(deep=True)
+        cfg_w.run.seed = warmup_seed
+    warm = fit_lora_cached(cfg_w, cache, tracker, stage="lora", label="warmup", rows=dom,
+                           train=cfg.warmup, storage=out / "train")
     secs["warmup"] = time.time() - t0
     t0 = time.time()
     emb, _ = split_errors(stage1_embed(cfg, cache, tracker, adapter=warm,
@@ -92,9 +120,22 @@ def warmup_and_stage1(cfg, cache, tracker, *, dom: pd.DataFrame, pool: pd.DataFr
     return warm, cand
 
 
+def pool_text(rows: pd.DataFrame, cfg) -> list[tuple[str, str]]:
+    """Rendered (prompt, response) per row, as the recipe renders them before the chat
+    template: what the trivial selectors read."""
+    from raydapt.data.qa import render
+    from raydapt.recipes.ntk_select import qa_format
+
+    fmt = qa_format(cfg)
+    return [render(r, fmt) for r in rows.to_dict("records")]
+
+
 def run_setting(name: str, cfg, planted_ids: set[str], random_seeds: list[int],
-                kinds: tuple[str, ...] = ("ntk", "less")) -> dict:
-    """The recipe's stages up to the selections (no fine-tunes) and the planted-row metrics."""
+                kinds: tuple[str, ...] = ("ntk", "less"), *, trivial_only: bool = False,
+                warmup_seed: int | None = None) -> dict:
+    """The recipe's stages up to the selections (no fine-tunes) and the planted-row metrics,
+    with the trivial selectors (format, length, tfidf) and random beside them; with
+    ``trivial_only`` no model runs (no warm-up, stage 1 or 2; the pool is read, not encoded)."""
     from raydapt.core.cache import StageCache
     from raydapt.core.tracking import Tracker
     from raydapt.recipes.ntk_select import (
@@ -104,64 +145,57 @@ def run_setting(name: str, cfg, planted_ids: set[str], random_seeds: list[int],
         read_data,
         tokenizer,
     )
-    from raydapt.select.selectors import SELECTORS, SelectionInputs
+    from raydapt.select.selectors import SELECTORS, TRIVIAL, SelectionInputs
     from raydapt.stages.common import split_errors
 
     t_all = time.time()
     secs: dict[str, float] = {}
-    cache = StageCache(cfg.run.cache_dir, versions=STAGE_VERSIONS)
-    tracker = Tracker(enabled=False, uri=cfg.tracking.uri, experiment="needles",
-                      artifact_location=cfg.tracking.artifact_location)
-    out = Path(cfg.run.output_dir) / cfg.run.name
-    out.mkdir(parents=True, exist_ok=True)
     data = read_data(cfg)
-    tok = tokenizer(cfg.model)
-    dom, _ = encode_rows(data["domain"], tok, cfg)
-    pool, rej = encode_rows(data["pool"], tok, cfg)
     n = cfg.select.n
-    inputs = SelectionInputs(pool_ids=pool["id"].to_numpy())
-    warm, cand = warmup_and_stage1(cfg, cache, tracker, dom=dom, pool=pool, inputs=inputs,
-                                   out=out, secs=secs)
-    for kind in kinds:
-        t0 = time.time()
-        sc, _ = split_errors(candidate_scores(cfg, cache, tracker, adapter=warm, dom=dom,
-                                               cand=cand, kind=kind), f"scores-{kind}")
-        inputs.scores[kind] = sc.set_index("id")["score"]
-        secs[f"stage2_{kind}"] = time.time() - t0
+    if trivial_only:
+        dom, pool, rej, kinds = data["domain"], data["pool"], [], ()
+        inputs = SelectionInputs(pool_ids=pool["id"].to_numpy())
+    else:
+        cache = StageCache(cfg.run.cache_dir, versions=STAGE_VERSIONS)
+        tracker = Tracker(enabled=False, uri=cfg.tracking.uri, experiment="needles",
+                          artifact_location=cfg.tracking.artifact_location)
+        out = Path(cfg.run.output_dir) / cfg.run.name
+        out.mkdir(parents=True, exist_ok=True)
+        tok = tokenizer(cfg.model)
+        dom, _ = encode_rows(data["domain"], tok, cfg)
+        pool, rej = encode_rows(data["pool"], tok, cfg)
+        inputs = SelectionInputs(pool_ids=pool["id"].to_numpy())
+        warm, cand = warmup_and_stage1(cfg, cache, tracker, dom=dom, pool=pool, inputs=inputs,
+                                       out=out, secs=secs, warmup_seed=warmup_seed)
+        for kind in kinds:
+            t0 = time.time()
+            sc, _ = split_errors(candidate_scores(cfg, cache, tracker, adapter=warm, dom=dom,
+                                                   cand=cand, kind=kind), f"scores-{kind}")
+            inputs.scores[kind] = sc.set_index("id")["score"]
+            secs[f"stage2_{kind}"] = time.time() - t0
+    by_id = data["pool"].set_index("id")
+    inputs.pool_text = pool_text(by_id.loc[pool["id"]].reset_index(), cfg)
+    inputs.domain_text = pool_text(data["domain"].set_index("id").loc[dom["id"]].reset_index(),
+                                   cfg)
 
     ids = pool["id"].to_numpy()
     y = np.array([i in planted_ids for i in ids])
     n_planted = int(y.sum())
-    # a ranking score over the whole pool per selector (higher = selected first)
-    votes_rank = pd.Series(inputs.votes + inputs.vote_sim / (inputs.vote_sim.max() + 1.0) * 0.999,
-                           index=ids)  # votes, ties by summed similarity
-    cand_ids = list(cand["id"])
-    in_cand = pd.Series(ids).isin(cand_ids).to_numpy()
     res: dict = {"sizes": {"D": len(dom), "pool": len(pool), "planted_in_pool": n_planted,
-                           "M": len(cand), "N": n, "pool_encode_rejects": len(rej)},
-                 "candidates_planted": int(pd.Series(cand_ids).isin(planted_ids).sum()),
-                 "selectors": {}}
-    res["candidates_recall"] = res["candidates_planted"] / max(n_planted, 1)
+                           "N": n, "pool_encode_rejects": len(rej)}, "selectors": {}}
 
     def report(sel_ids, full_score) -> dict:
         p, r = precision_recall(sel_ids, planted_ids)
         return {"precision": p, "recall": r, "planted_selected": int(round(p * len(sel_ids))),
                 "auc_pool": roc_auc(full_score, y)}
 
-    res["selectors"]["embedding"] = report(
-        SELECTORS["embedding"](seed=cfg.run.seed).select(inputs, n)["id"], votes_rank.to_numpy())
-    for kind in kinds:
-        sc = inputs.scores[kind]
-        sel = SELECTORS[kind](seed=cfg.run.seed).select(inputs, n)
-        # candidates above non-candidates, by stage-2 score; non-candidates by votes
-        rank = pd.Series(sc.rank(method="average").reindex(ids).to_numpy(), index=ids)
-        full = np.where(in_cand, 1e6 + rank.fillna(0).to_numpy(), votes_rank.to_numpy())
-        r = report(sel["id"], full)
-        cy = np.array([i in planted_ids for i in sc.index])
-        r["auc_within_candidates"] = roc_auc(sc.to_numpy(), cy)
-        res["selectors"][kind] = r
-    cy = np.array([i in planted_ids for i in cand_ids])
-    res["votes_auc_within_candidates"] = roc_auc(votes_rank.loc[cand_ids].to_numpy(), cy)
+    for kind in TRIVIAL:  # no model: the rendered text's layout, length, words
+        selector = SELECTORS[kind](seed=cfg.run.seed)
+        res["selectors"][kind] = report(selector.select(inputs, n)["id"],
+                                        selector.pool_scores(inputs))
+    if not trivial_only:
+        res.update(_model_selectors(res, cfg, inputs, cand, ids, y, planted_ids, n, kinds,
+                                    report))
     rnd = []
     for seed in random_seeds:
         sel = SELECTORS["random"](seed=seed).select(inputs, n)
@@ -177,19 +211,73 @@ def run_setting(name: str, cfg, planted_ids: set[str], random_seeds: list[int],
         k: round(v["precision"] / base, 2) for k, v in res["selectors"].items() if k != "random"}
     res["selected_sources"] = {}
     src = data["pool"].set_index("id")["source"]
-    for kind in (*kinds, "embedding"):
+    for kind in (*kinds, *(() if trivial_only else ("embedding",)), *TRIVIAL):
         sel = SELECTORS[kind](seed=cfg.run.seed).select(inputs, n)
         res["selected_sources"][kind] = src.loc[sel["id"]].value_counts().to_dict()
     sels = res["selectors"]
-    res["bar"] = {  # issue 14: ntk precision ≥ 5x random's and ≥ the stage-1 votes' alone
-        "ntk_precision": sels["ntk"]["precision"],
-        "random_precision_mean": sels["random"]["precision_mean"],
-        "votes_precision": sels["embedding"]["precision"],
-        "passed": bool(sels["ntk"]["precision"] >= 5 * sels["random"]["precision_mean"]
-                       and sels["ntk"]["precision"] >= sels["embedding"]["precision"])}
+    if "ntk" in sels:
+        res["bar"] = {  # issue 14: ntk precision ≥ 5x random's and ≥ the stage-1 votes' alone
+            "ntk_precision": sels["ntk"]["precision"],
+            "random_precision_mean": sels["random"]["precision_mean"],
+            "votes_precision": sels["embedding"]["precision"],
+            "passed": bool(sels["ntk"]["precision"] >= 5 * sels["random"]["precision_mean"]
+                           and sels["ntk"]["precision"] >= sels["embedding"]["precision"])}
+        best_trivial = max(TRIVIAL, key=lambda k: sels[k]["precision"])
+        res["bar_issue26"] = {  # ≥ 5x random's exact expectation and ≥ every trivial selector
+            "ntk_precision": sels["ntk"]["precision"], "random_expected": base,
+            "ntk_over_expected": round(sels["ntk"]["precision"] / base, 2),
+            "best_trivial": best_trivial,
+            "best_trivial_precision": sels[best_trivial]["precision"],
+            "passed": bool(sels["ntk"]["precision"] >= 5 * base
+                           and all(sels["ntk"]["precision"] >= sels[k]["precision"]
+                                   for k in TRIVIAL))}
     res["stage_seconds"] = secs
     res["seconds"] = time.time() - t_all
     return res
+
+
+def _model_selectors(res, cfg, inputs, cand, ids, y, planted_ids, n, kinds, report) -> dict:
+    """embedding / ntk / less metrics into res["selectors"]; returns the stage-1 keys."""
+    from raydapt.select.selectors import SELECTORS
+
+    votes_rank = pd.Series(inputs.votes + inputs.vote_sim / (inputs.vote_sim.max() + 1.0) * 0.999,
+                           index=ids)  # votes, ties by summed similarity
+    cand_ids = list(cand["id"])
+    in_cand = pd.Series(ids).isin(cand_ids).to_numpy()
+    extra = {"candidates_planted": int(pd.Series(cand_ids).isin(planted_ids).sum())}
+    extra["candidates_recall"] = extra["candidates_planted"] / max(int(y.sum()), 1)
+    res["sizes"]["M"] = len(cand)
+    res["selectors"]["embedding"] = report(
+        SELECTORS["embedding"](seed=cfg.run.seed).select(inputs, n)["id"], votes_rank.to_numpy())
+    for kind in kinds:
+        sc = inputs.scores[kind]
+        sel = SELECTORS[kind](seed=cfg.run.seed).select(inputs, n)
+        # candidates above non-candidates, by stage-2 score; non-candidates by votes
+        rank = pd.Series(sc.rank(method="average").reindex(ids).to_numpy(), index=ids)
+        full = np.where(in_cand, 1e6 + rank.fillna(0).to_numpy(), votes_rank.to_numpy())
+        r = report(sel["id"], full)
+        cy = np.array([i in planted_ids for i in sc.index])
+        r["auc_within_candidates"] = roc_auc(sc.to_numpy(), cy)
+        res["selectors"][kind] = r
+    cy = np.array([i in planted_ids for i in cand_ids])
+    extra["votes_auc_within_candidates"] = roc_auc(votes_rank.loc[cand_ids].to_numpy(), cy)
+    return extra
+
+
+def issue_rules(rows: list[dict], planted_ids: set[str], n: int) -> dict:
+    """Issue 26's hand rules on raw pool rows (precision in the top n): answer a bracketed
+    letter, then the longest question; the longest question; the most ``=`` in the rationale.
+    Question length in characters (options included), as the issue counted."""
+    df = pd.DataFrame(rows)
+    q = df["question"].astype(str).str.len()
+    letter = df["answer"].astype(str).str.fullmatch(r"\([A-J]\)")
+    eq = df["rationale"].fillna("").astype(str).str.count("=")
+    out = {}
+    for name, key in (("letter_then_longest_question", letter * 1e6 + q),
+                      ("longest_question", q), ("most_equals_in_rationale", eq + q * 1e-6)):
+        top = df.loc[key.sort_values(ascending=False, kind="stable").index[:n], "id"]
+        out[name] = precision_recall(top, planted_ids)[0]
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -209,13 +297,25 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--kinds", default="ntk,less", help="stage-2 selectors to score")
     ap.add_argument("--merge", action="store_true",
                     help="add this run's settings to an existing --out file")
+    ap.add_argument("--pool", choices=("original", "matched"), default="original",
+                    help="original: the first pool (planted rows told apart by format); "
+                    "matched: every row in the same templates, planted rows matched to general "
+                    "twins (settings stored as 'matched-<name>')")
+    ap.add_argument("--trivial-only", action="store_true",
+                    help="only the model-free selectors (format, length, tfidf) and random: "
+                    "no warm-up, no stage 1 or 2 (settings stored as '<key>-trivial')")
+    ap.add_argument("--selection-seed", type=int, default=0,
+                    help="seeds the warm-up fit and the projection (select.proj_seed); D and "
+                    "the pool stay fixed (settings other than 0 stored as '<key>-s<seed>')")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     work = Path(args.work)
-    info = build_needles_data(args.data, work / "data", n_general=args.n_general,
-                              n_planted=args.n_planted, n_arith_domain=args.n_domain)
-    report = {"benchmark": "ntk-needles", "command": "python benchmarks/ntk_needles.py "
-              + " ".join(sys.argv[1:] if argv is None else argv), "machine": describe(),
+    build = build_needles_data if args.pool == "original" else build_matched_needles_data
+    info = build(args.data, work / ("data" if args.pool == "original" else "data-matched"),
+                 n_general=args.n_general, n_planted=args.n_planted, n_arith_domain=args.n_domain)
+    info.setdefault("variant", args.pool)
+    cmd = "python benchmarks/ntk_needles.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    report = {"benchmark": "ntk-needles", "command": cmd, "machine": describe(),
               "job": str(Path(args.job).relative_to(REPO)) if Path(args.job).is_relative_to(REPO)
               else args.job, "pool_groups": {k: len(v) for k, v in info["groups"].items()},
               "settings": {}}
@@ -224,25 +324,42 @@ def main(argv: list[str] | None = None) -> dict:
         report["command"] = "one run per setting: see settings.<name>.command"
     from raydapt.core.runtime import init_ray
 
+    pool_rows = [json.loads(x) for x in (Path(info["root"]) / info["pool"]).read_text(
+        encoding="utf-8").splitlines()]
+    feats = format_features(pool_rows)
     m_ov = [] if args.m_factor == 1.5 else [f"select.m_factor={args.m_factor}"]
+    s_ov = [] if args.selection_seed == 0 else [f"select.proj_seed={args.selection_seed}"]
     for name in args.settings.split(","):
-        ov = _setting_overrides(name, info, work, n=args.n, n_domain=args.n_domain) + m_ov + list(
-            args.overrides)
+        ov = _setting_overrides(name, info, work, n=args.n, n_domain=args.n_domain) + m_ov + (
+            s_ov + list(args.overrides))
         cfg = load_job(args.job, ov)
-        init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.progress)
-        planted = set(info["groups"]["medical" if name == "medical" else "gsm8k"])
-        res = run_setting(name, cfg, planted, [0, 1, 2], tuple(args.kinds.split(",")))
+        if not args.trivial_only:
+            init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.progress)
+        group = "medical" if name == "medical" else (
+            "gsm8k" if args.pool == "original" else "arith")
+        planted = set(info["groups"][group])
+        res = run_setting(name, cfg, planted, [0, 1, 2], tuple(args.kinds.split(",")),
+                          trivial_only=args.trivial_only, warmup_seed=args.selection_seed)
+        res["pool"] = args.pool
         res["pool_groups"] = {k: len(v) for k, v in info["groups"].items()}
-        res["planted_group"] = "medical" if name == "medical" else "gsm8k"
+        res["planted_group"] = group
+        res["format_matching"] = {  # two-sample tests, planted vs every other pool row
+            "per_feature": matching_stats(feats, planted),
+            "format_only_classifier_auc": format_only_auc(feats, planted)}
+        res["issue_rules"] = issue_rules(pool_rows, planted, args.n)
+        if args.selection_seed:
+            res["selection_seed"] = {"warmup_seed": args.selection_seed,
+                                     "proj_seed": args.selection_seed}
         res["overrides"] = ov
         res["machine"] = report["machine"]  # per setting: --merge adds runs of other hours
-        res["command"] = "python benchmarks/ntk_needles.py " + " ".join(
-            sys.argv[1:] if argv is None else argv)
-        key = name if not m_ov else f"{name}-m{res['sizes']['M']}"
+        res["command"] = cmd
+        key = name if args.pool == "original" else f"matched-{name}"
+        key += f"-m{res['sizes']['M']}" if m_ov else ""
+        key += f"-s{args.selection_seed}" if args.selection_seed else ""
+        key += "-trivial" if args.trivial_only else ""
         report["settings"][key] = res
-        print(json.dumps({key: {k: res[k] for k in ("candidates_planted", "precision_over_random",
-                                                        "votes_auc_within_candidates")}}),
-              flush=True)
+        print(json.dumps({key: {k: res.get(k) for k in (
+            "candidates_planted", "precision_over_random", "bar_issue26")}}), flush=True)
         Path(args.out).write_text(json.dumps(report, indent=2))
     return report
 

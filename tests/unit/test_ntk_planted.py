@@ -1,6 +1,8 @@
 """The planted-pool benchmark's construction (benchmarks/ntk_needles.py): no leakage between D,
-the pool, the planted rows and the evaluation rows; planted rows look like pool rows; the
-metrics against hand-computed values. No Ray, no model."""
+the pool, the planted rows and the evaluation rows; on the format-matched pool no surface
+feature (question length, response length, empty rationale, layout) separates planted from
+general rows, while the original pool fails the same checks; the metrics against hand-computed
+values. No Ray, no model."""
 
 from __future__ import annotations
 
@@ -14,10 +16,17 @@ import pytest
 from raydapt.config import load_job
 from raydapt.data.qa import QAFormat, read_qa, render
 from raydapt.select.planted import (
+    build_matched_needles_data,
     build_needles_data,
+    format_features,
+    format_only_auc,
+    layout_of,
+    matching_stats,
     mc_to_pool_row,
+    parse_pool_options,
     pool_row_to_mc,
     precision_recall,
+    render_template,
     roc_auc,
 )
 
@@ -88,3 +97,103 @@ def test_planted_metrics_hand_computed():
     assert roc_auc([0.9, 0.8, 0.4, 0.4, 0.1], [1, 0, 1, 0, 0]) == pytest.approx(4.5 / 6)
     assert np.isnan(roc_auc([1.0, 2.0], [0, 0]))
     assert precision_recall(["a", "b", "c", "d"], ["a", "c", "x"]) == (0.5, pytest.approx(2 / 3))
+
+
+# the format-matched variant (issue 26): no surface feature tells planted rows from general ones
+
+
+@pytest.fixture(scope="module")
+def both_pools(tmp_path_factory, data_dir):
+    out = {}
+    for name, build in (("original", build_needles_data), ("matched", build_matched_needles_data)):
+        root = tmp_path_factory.mktemp(name)
+        info = build(data_dir, root / "data")
+        rows = [json.loads(x) for x in (root / "data" / info["pool"]).read_text().splitlines()]
+        out[name] = (info, rows, format_features(rows))
+    return out
+
+
+def test_matched_pool_gives_nothing_away_by_format(both_pools):
+    info, rows, feats = both_pools["matched"]
+    g = info["groups"]
+    assert [len(g[k]) for k in ("general", "medical", "arith")] == [1000, 100, 100]
+    assert len({r["id"] for r in rows}) == 1200
+    pool, rej = read_qa(Path(info["root"]) / info["pool"])
+    assert len(rej) == 0 and len(pool) == 1200
+    # the same general rows as the original pool's (only their template / rationale differ)
+    assert set(g["general"]) == set(both_pools["original"][0]["groups"]["general"])
+    # AQuA is in the pool (the arithmetic group: a decoy for the medical D), none of D's rows
+    assert {r["source"] for r in rows if r["id"] in set(g["arith"])} == {"flan/aqua"}
+    assert not set(g["arith"]) & set(info["aqua_ids"])
+    assert {i.split("-")[0] for i in g["medical"]} == {"medqa", "medbullets", "medexqa"}
+    # the old giveaways: the "(A)" layout and the empty rationale occur in general rows too
+    general = feats[feats["id"].isin(set(g["general"]))]
+    assert (general["layout"] == "paren/letter").mean() > 0.1
+    assert general["empty_rationale"].mean() > 0.2
+    for grp in ("medical", "arith"):
+        st = matching_stats(feats, g[grp])
+        assert set(st) == {"q_words", "resp_words", "empty_rationale", "layout"}
+        for f, r in st.items():
+            assert r["pvalue"] > 0.05, (grp, f, r)  # no feature separates the groups
+            if r["test"] == "ks":
+                assert r["statistic"] < 0.15, (grp, f, r)
+        # and no combination of the four: a classifier on them is at chance
+        assert format_only_auc(feats, g[grp]) < 0.6
+
+
+def test_original_pool_fails_the_same_checks(both_pools):
+    """The checks above can fail: on the first pool the medical rows are told apart by every
+    feature (issue 26's giveaway: "(A)" layout and empty rationales only in planted rows)."""
+    info, rows, feats = both_pools["original"]
+    med = set(info["groups"]["medical"])
+    st = matching_stats(feats, med)
+    assert all(r["pvalue"] < 1e-6 for r in st.values()), st
+    assert st["layout"]["planted_share"] == {"paren/letter": 1.0}
+    assert "paren/letter" not in st["layout"]["general_share"]
+    assert format_only_auc(feats, med) > 0.95
+    # the exact substring of the issue: in the 100 planted medical rows and no other row
+    hits = {r["id"] for r in rows if "\nOptions:\n(A)" in r["question"]}
+    assert hits == med
+    # the issue's hand rules, as benchmarks/ntk_needles.py reports them: 86, 71 and 99 of 100
+    rules = _bench().issue_rules(rows, med, 100)
+    assert (rules["letter_then_longest_question"], rules["longest_question"]) == (0.86, 0.71)
+    gsm = set(info["groups"]["gsm8k"])
+    assert _bench().issue_rules(rows, gsm, 100)["most_equals_in_rationale"] == 0.99
+
+
+def test_render_template_and_parse_round_trip():
+    row = {"id": "e1", "source": "flan/ecqa", "answer": "cake",
+           "question": "What is sweet?\nOptions:\n- salt\n- cake"}
+    stem, opts, ans = parse_pool_options(row)
+    assert (stem, opts, ans) == ("What is sweet?", {"A": "salt", "B": "cake"}, "B")
+    assert render_template(stem, opts, ans, "", "letter") == (
+        "What is sweet?\nOptions:\n(A) salt\n(B) cake", "(B)")
+    assert render_template(stem, opts, ans, "", "text") == (
+        "What is sweet?\nOptions:\n- salt\n- cake", "cake")
+    assert render_template(stem, opts, ans, "", "open") == ("What is sweet?", "cake")
+    q = {"id": "q", "question": "Which?\nOptions:\n- (A) x\n- (B) y", "answer": "(B)"}
+    assert parse_pool_options(q)[1:] == ({"A": "x", "B": "y"}, "B")
+    assert parse_pool_options({"id": "s", "question": "Is it?", "answer": "yes"}) == (
+        "Is it?", None, "yes")
+    with pytest.raises(ValueError, match="open template"):
+        render_template("Is it?", None, "yes", "", "letter")
+    assert layout_of("Q\nOptions:\n(A) x", "(A)") == "paren/letter"
+    assert layout_of("Q\nOptions:\n- (A) x", "(A)") == "dash-paren/letter"
+    assert layout_of("Q\nOptions:\n- x", "x") == "dash/text"
+    assert layout_of("Q", "7") == "none/text"
+
+
+def test_matching_stats_hand_checked():
+    import pandas as pd
+    from scipy.stats import chi2_contingency
+
+    feats = pd.DataFrame({"id": list("abcdef"), "q_words": [1, 2, 3, 10, 11, 12],
+                          "resp_words": [5, 5, 5, 5, 5, 5],
+                          "empty_rationale": [True, True, False, False, False, False],
+                          "layout": ["x", "x", "x", "y", "y", "y"]})
+    st = matching_stats(feats, ["a", "b", "c"])
+    assert st["q_words"]["statistic"] == 1.0 and st["resp_words"]["statistic"] == 0.0
+    # planted: 2 empty / 1 not; others 0 / 3
+    assert st["empty_rationale"]["statistic"] == pytest.approx(
+        chi2_contingency([[1, 3], [2, 0]], correction=False)[0])
+    assert st["layout"]["planted_share"] == {"x": 1.0}
