@@ -85,11 +85,27 @@ def _cfg(pair: str, overrides: list[str], job: str):
                           "distill.variants=[]", *overrides])
 
 
+def ray_up(cfg, tries: int = 10) -> None:
+    """Start (or join) Ray, retrying: on a loaded machine a local start can time out."""
+    from raydapt.core.runtime import init_ray
+
+    for i in range(tries):
+        try:
+            return init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.progress)
+        except Exception as e:  # noqa: BLE001 - Ray's start error is a plain Exception
+            if i == tries - 1:
+                raise
+            print(f"Ray did not start ({e}); retrying", flush=True)
+            time.sleep(15)
+
+
 def arrays(pair: str, overrides: list[str], job: str, cache: Path) -> dict:
     f = cache / f"{pair.replace(':', '-to-')}.pkl"
     if f.exists():
         return pickle.loads(f.read_bytes())
-    a = _Arrays.main(_cfg(pair, overrides, job))
+    cfg = _cfg(pair, overrides, job)
+    ray_up(cfg)
+    a = _Arrays.main(cfg)
     f.parent.mkdir(parents=True, exist_ok=True)
     f.write_bytes(pickle.dumps(a))
     return a
@@ -199,7 +215,7 @@ def prior_settings(a: dict, mask: np.ndarray, cal_kind: str, prior: str | None, 
 def cmd_prior(args, cfg_of) -> dict:
     out: dict = {"shares": SHARES, "calibrations": {k: list(v) for k, v in CALS.items()},
                  "pairs": {}}
-    for pair in PRIOR_PAIRS:
+    for pair in [p for p in PRIOR_PAIRS if p in args.pairs]:
         cfg = cfg_of(pair)
         ca = cfg.annotate
         a = arrays(pair, args.overrides, args.job, args.arrays)
@@ -254,12 +270,10 @@ def fit_kl_sim(cfg, a: dict, mask: np.ndarray, pt: np.ndarray, seed: int, name: 
 
 
 def cmd_students(args, cfg_of, report: dict) -> dict:
-    from raydapt.core.runtime import init_ray
-
     out = report.get(f"students_{args.what}", {})
-    for pair in (args.pairs if args.what == "rules" else PRIOR_PAIRS):
+    for pair in [p for p in args.pairs if args.what == "rules" or p in PRIOR_PAIRS]:
         cfg = cfg_of(pair)
-        init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.progress)
+        ray_up(cfg)
         ca = cfg.annotate
         a = arrays(pair, args.overrides, args.job, args.arrays)
         nb = neighbours(a, max(ca.k_grid), ca.index)
@@ -320,13 +334,60 @@ def cmd_ablation(args) -> dict:
     return out
 
 
+def cmd_tables(report: dict) -> str:
+    """Markdown tables of the JSON (docs/simda.md's section is pasted from these)."""
+    out = []
+    r = report.get("rules")
+    if r:
+        pairs = list(r["pairs"])
+        out.append("| rule | " + " | ".join(f"{p}: k / τ / λ → p_T" for p in pairs)
+                   + " | pairs p_T ≥ zero-shot | mean p_T − zero-shot |")
+        out.append("|---|" + "---:|" * (len(pairs) + 2))
+        out.append("| calibrated zero-shot | " + " | ".join(
+            f"{r['pairs'][p]['zero_shot']:.3f}" for p in pairs) + " | | |")
+        for rule in r["rules"]:
+            cells = []
+            for p in pairs:
+                x = r["pairs"][p]["rules"][rule]
+                cells.append(f"{x['k']} / {x['tau']} / {x['lam']} → {x['p_t']:.3f}")
+            sm = r["summary"][rule]
+            out.append(f"| {rule} | " + " | ".join(cells)
+                       + f" | {sm['pairs_p_t_ge_zero_shot']} of {len(pairs)} | "
+                       f"{sm['mean_p_t_minus_zero_shot']:+.3f} |")
+        out.append("")
+    pr = report.get("prior")
+    if pr:
+        out.append("| target-train (positive share) | calibration | prior used | zero-shot test "
+                   "| pseudo-labels (zero-shot) | p_T test [source λ] | pseudo-labels [source λ] |")
+        out.append("|---|---|---|---:|---:|---:|---:|")
+        for key, e in pr["pairs"].items():
+            for cname, c in e["calibrations"].items():
+                used = "—" if c["prior_used"] is None else "/".join(
+                    f"{x:.2f}" for x in c["prior_used"])
+                ps = c["p_t[source]"]
+                out.append(f"| {key} ({e['train_rows']} rows) | {cname} | {used} | "
+                           f"{c['zero_shot']:.3f} | {c['zero_shot_pseudo']:.3f} | "
+                           f"{ps['test']:.3f} (λ {ps['lam']}) | {ps['pseudo']:.3f} |")
+        out.append("")
+    for what in ("students_rules", "students_prior"):
+        st = report.get(what)
+        if st:
+            out.append(f"| {what} setting | choice | KL + sim student, seeds |")
+            out.append("|---|---|---|")
+            for key, e in st.items():
+                out.append(f"| {key} | {e['choice']} | " + " / ".join(
+                    f"{v:.3f}" for v in e["seeds"].values()) + " |")
+            out.append("")
+    return "\n".join(out)
+
+
 def _write(path: Path, report: dict) -> None:
     path.write_text(json.dumps(report, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("what_to_run", choices=["rules", "prior", "students", "ablation"])
+    ap.add_argument("what_to_run", choices=["rules", "prior", "students", "ablation", "tables"])
     ap.add_argument("--job", default=str(REPO / "jobs/simda/amazon-benchmark.cpu.yaml"))
     ap.add_argument("--pairs", nargs="+", default=PAIRS)
     ap.add_argument("--arrays", type=Path, default=Path("runs/knn-shift"),
@@ -349,6 +410,9 @@ def main(argv: list[str] | None = None) -> dict:
         return _cfg(pair, args.overrides, args.job)
 
     w = args.what_to_run
+    if w == "tables":
+        print(cmd_tables(report))
+        return report
     if w == "rules":
         report["rules"] = {"command": cmd, **cmd_rules(args, cfg_of)}
     elif w == "prior":

@@ -396,7 +396,7 @@ class SimDARecipe(Recipe):
         from raydapt.stages.annotate import select_on_source as choose
 
         a, ctx = self.cfg.annotate, self.ctx
-        p = calibrator(a.calibrate_llm, p_llm, a.calibrate_prior)(p_llm)
+        p = self._calibrate_labelled(p_llm, y)
         best, curve = choose(nbr_dist, nbr_labels, p, y, ks=a.k_grid, taus=a.tau_grid,
                              lams=a.lam_grid, distance_norm=a.distance_norm)
         out = ctx.out / f"select-on-{on}.json"
@@ -410,6 +410,15 @@ class SimDARecipe(Recipe):
             run_log.artifact(out)
         self.choose("annotate", **{k: best[k] for k in ("k", "tau", "lam")})
         return best, curve
+
+    def _calibrate_labelled(self, p_llm: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Labelled rows' p_LLM calibrated on themselves as the target's is on the target rows;
+        with a non-uniform calibrate_prior (the target's), to their own label prior instead."""
+        a = self.cfg.annotate
+        if a.calibrate_llm == "prior" and a.calibrate_prior is not None:
+            own = np.bincount(y, minlength=p_llm.shape[1]) / len(y)
+            return calibrator("prior", p_llm, list(own))(p_llm)
+        return calibrator(a.calibrate_llm, p_llm, a.calibrate_prior)(p_llm)
 
     def select_on_source(self) -> None:
         """k, tau, lam chosen on the labelled source rows: leave-one-out neighbours in the
@@ -473,7 +482,7 @@ class SimDARecipe(Recipe):
         y = source["y"].to_numpy()
         p_s = _p_llm(self.by_id.loc[source["id"]])
         p_t = _p_llm(self.by_id.loc[tr["id"]])
-        p_s = calibrator(a.calibrate_llm, p_s, a.calibrate_prior)(p_s)
+        p_s = self._calibrate_labelled(p_s, y)
         p_t = calibrator(a.calibrate_llm, p_t, a.calibrate_prior)(p_t)
         best, curve = choose(d_s, y[i_s], p_s, y, d_t, y[i_t], p_t, src_keys=self.keys,
                              tgt_keys=tgt_keys, rule=a.target_rule, ks=a.k_grid,

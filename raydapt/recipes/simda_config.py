@@ -260,8 +260,8 @@ class SimDAJob(JobBase):
         chosen_on = [n for n in ("select_on_source", "select_on_dev", "select_on_target")
                      if getattr(a, n)]
         if len(chosen_on) > 1:
-            raise ValueError(f"annotate.{' and annotate.'.join(chosen_on)} are all true: "
-                             "choose one")
+            raise ValueError(f"annotate.{' and annotate.'.join(chosen_on)} are "
+                             f"{'both' if len(chosen_on) == 2 else 'all'} true: choose one")
         if a.select_on_dev and self.data.dev is None:
             raise ValueError("annotate.select_on_dev needs data.dev: a labelled file of a third "
                              "domain (e.g. data.dev.path=dvd.jsonl)")
