@@ -240,10 +240,14 @@ class SimDARecipe(Recipe):
             self.select_template()
         self.teacher_pass()
         self.data_store()
+        if isinstance(cfg.annotate.calibrate_prior, str):
+            self.estimate_prior()
         if cfg.annotate.select_on_source:
             self.select_on_source()
         elif cfg.annotate.select_on_dev:
             self.select_on_dev()
+        elif cfg.annotate.select_on_target:
+            self.select_on_target()
         self.record_config()  # the config that runs from here on: MLflow params, config.yaml
         self.knn_pass()
         self.prompted_passes()
@@ -400,7 +404,7 @@ class SimDARecipe(Recipe):
         from raydapt.stages.annotate import select_on_source as choose
 
         a, ctx = self.cfg.annotate, self.ctx
-        p = calibrator(a.calibrate_llm, p_llm, a.calibrate_prior)(p_llm)
+        p = self._calibrate_labelled(p_llm, y)
         best, curve = choose(nbr_dist, nbr_labels, p, y, ks=a.k_grid, taus=a.tau_grid,
                              lams=a.lam_grid, distance_norm=a.distance_norm)
         out = ctx.out / f"select-on-{on}.json"
@@ -414,6 +418,15 @@ class SimDARecipe(Recipe):
             run_log.artifact(out)
         self.choose("annotate", **{k: best[k] for k in ("k", "tau", "lam")})
         return best, curve
+
+    def _calibrate_labelled(self, p_llm: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Labelled rows' p_LLM calibrated on themselves as the target's is on the target rows;
+        with a non-uniform calibrate_prior (the target's), to their own label prior instead."""
+        a = self.cfg.annotate
+        if a.calibrate_llm == "prior" and a.calibrate_prior is not None:
+            own = np.bincount(y, minlength=p_llm.shape[1]) / len(y)
+            return calibrator("prior", p_llm, list(own))(p_llm)
+        return calibrator(a.calibrate_llm, p_llm, a.calibrate_prior)(p_llm)
 
     def select_on_source(self) -> None:
         """k, tau, lam chosen on the labelled source rows: leave-one-out neighbours in the
@@ -459,6 +472,74 @@ class SimDARecipe(Recipe):
         _say(f"select on dev ({len(dev)} labelled {cfg.data.dev.path} rows as targets of the "
              f"source store): k={best['k']} tau={best['tau']} lam={best['lam']} (dev accuracy "
              f"{best['accuracy']:.4f}; lam=0: {lam0:.4f})")
+
+    def select_on_target(self) -> None:
+        """k, tau, lam chosen for the target without its labels (``annotate.target_rule``):
+        the unlabelled target-train rows' neighbours in the source store and their p_LLM
+        calibrated on themselves, the labelled source rows (leave-one-out neighbours, p_LLM
+        calibrated on themselves) and the teacher keys. No teacher pass; the test split is
+        never read."""
+        from raydapt.stages.annotate import select_on_target as choose
+        from raydapt.stages.teacher import loo_neighbours, store_neighbours
+
+        a, ctx, source, tr = self.cfg.annotate, self.ctx, self.source, self.tgt_train
+        kmax = max(a.k_grid)
+        d_s, i_s = loo_neighbours(self.keys, kmax, kind=a.index)
+        tgt_keys = np.stack(self.by_id.loc[tr["id"], "hidden"].to_numpy()).astype(np.float32)
+        d_t, i_t = store_neighbours(self.keys, tgt_keys, kmax, kind=a.index)
+        y = source["y"].to_numpy()
+        p_s = _p_llm(self.by_id.loc[source["id"]])
+        p_t = _p_llm(self.by_id.loc[tr["id"]])
+        p_s = self._calibrate_labelled(p_s, y)
+        p_t = calibrator(a.calibrate_llm, p_t, a.calibrate_prior)(p_t)
+        best, curve = choose(d_s, y[i_s], p_s, y, d_t, y[i_t], p_t, src_keys=self.keys,
+                             tgt_keys=tgt_keys, rule=a.target_rule, ks=a.k_grid,
+                             taus=a.tau_grid, lams=a.lam_grid, distance_norm=a.distance_norm,
+                             seed=self.cfg.run.seed)
+        info = {"rule": a.target_rule, "source_rows": len(source), "target_rows": len(tr)}
+        out = ctx.out / "select-on-target.json"
+        with ctx.tracker.child("select-on-target") as run_log:
+            run_log.params({"chosen": best, **info})
+            run_log.metrics({"best_score": best["score"]})
+            out.write_text(json.dumps({**info, "best": best, "curve": curve}))
+            run_log.artifact(out)
+        self.choose("annotate", **{k: best[k] for k in ("k", "tau", "lam")})
+        extra = (f"; kNN target accuracy estimated {best['knn_acc_target_est']:.3f}, source "
+                 f"{best['knn_acc_source']:.3f}" if "knn_acc_target_est" in best else "")
+        _say(f"select on target ({a.target_rule}: {len(tr)} unlabelled target rows, "
+             f"{len(source)} labelled source rows): k={best['k']} tau={best['tau']} "
+             f"lam={best['lam']} (score {best['score']:.4f}{extra})")
+
+    def estimate_prior(self) -> None:
+        """The target's class prior estimated without labels (``annotate.calibrate_prior``:
+        em or bbse) from the target-train rows' p_LLM and the labelled source rows'; the
+        estimate becomes the calibrate_prior that runs (and is recorded)."""
+        from raydapt.stages.annotate import estimate_prior
+
+        a, source = self.cfg.annotate, self.source
+        method = a.calibrate_prior
+        pi = estimate_prior(_p_llm(self.by_id.loc[source["id"]]), source["y"].to_numpy(),
+                            _p_llm(self.by_id.loc[self.tgt_train["id"]]), method=method)
+        prior = [round(float(x), 4) for x in pi]
+        with self.ctx.tracker.child("estimate-prior") as run_log:
+            run_log.params({"method": method, "prior": prior})
+        self.choose("annotate", calibrate_prior=prior)
+        _say(f"target class prior estimated ({method}, {len(self.tgt_train)} unlabelled target "
+             f"rows): {dict(zip(self.cfg.data.labels, prior))}")
+
+    def _prior_said(self) -> str:
+        """The prior the calibration forces on the target rows, for the console."""
+        a, labels = self.cfg.annotate, self.cfg.data.labels
+        if a.calibrate_llm in ("none", "domain_mean"):
+            return f"calibration {a.calibrate_llm} (no class prior forced)"
+        pr = (np.full(len(labels), 1 / len(labels)) if a.calibrate_prior is None
+              or a.calibrate_llm == "median" else np.asarray(a.calibrate_prior, float))
+        pr = pr / pr.sum()
+        src = "uniform" if a.calibrate_prior is None or a.calibrate_llm == "median" else (
+            f"estimated: {self.ctx.requested.get('annotate.calibrate_prior')}"
+            if "annotate.calibrate_prior" in self.ctx.requested else "configured")
+        return (f"calibration {a.calibrate_llm}, class prior "
+                + "/".join(f"{lab} {x:.2f}" for lab, x in zip(labels, pr)) + f" ({src})")
 
     # -- 4. knn, 5. prompted passes ----------------------------------------------------------
 
@@ -542,8 +623,9 @@ class SimDARecipe(Recipe):
         ann.to_parquet(self.ctx.out / "annotations.parquet")
         pseudo_acc = accuracy(tgt_train["y"].to_numpy(), p_t.argmax(1)) if (
             tgt_train["y"] >= 0).all() else float("nan")
-        _say(f"annotate: {len(ann)} rows, mean confidence {p_t.max(1).mean():.3f}, "
-             f"pseudo-label accuracy (gold hidden from the teacher) {pseudo_acc:.3f}")
+        _say(f"annotate: {len(ann)} rows, {self._prior_said()}, lam={a.lam}, mean confidence "
+             f"{p_t.max(1).mean():.3f}, pseudo-label accuracy (gold hidden from the teacher) "
+             f"{pseudo_acc:.3f}")
         self.p_t, self.pseudo_acc = p_t, pseudo_acc
 
     def teacher_readouts(self) -> None:
@@ -685,7 +767,9 @@ class SimDARecipe(Recipe):
             "teacher": cfg.teacher.model, "student": dcfg.student, "k": a.k, "lam": a.lam,
             "tau": a.tau, "k_tau_lam_chosen_on": ("source" if a.select_on_source else
                                                  f"dev:{cfg.data.dev.path}" if a.select_on_dev
-                                                 else "config"),
+                                                 else f"target:{a.target_rule}"
+                                                 if a.select_on_target else "config"),
+            "calibrate_llm": a.calibrate_llm, "calibrate_prior": a.calibrate_prior,
             "student_seed": self.student_seed,
         }
         ctx.write_results(summary)

@@ -169,9 +169,12 @@ class AnnotateSection(Section):
         "margin); median = the same, two classes only; domain_mean divides p_LLM by its mean "
         "over the target rows; none keeps the raw distribution.",
     )
-    calibrate_prior: list[float] | None = Field(
+    calibrate_prior: list[float] | Literal["em", "bbse"] | None = Field(
         None, description="Class prior for calibrate_llm=prior, in label order (None = "
-        "uniform). Must not come from target labels.")
+        "uniform; median always calibrates to the uniform prior). Must not come from target "
+        "labels. em / bbse: estimated from the unlabelled target-train rows' p_LLM and the "
+        "labelled source rows (EM, Saerens et al. 2002; black-box shift estimation, Lipton et "
+        "al. 2018), then recorded as the list that ran; needs calibrate_llm=prior.")
     index: Literal["flat", "ivf", "hnsw"] = Field("flat", description="FAISS index type.")
     teacher_prompt: Literal["knn_prob", "knn_prompt"] = Field(
         "knn_prob",
@@ -199,6 +202,19 @@ class AnnotateSection(Section):
         "calibrated on the dev rows as the target's is on the target rows; target labels never "
         "used): a source choice sees same-domain neighbours and over-weights kNN across a "
         "shift. Costs a teacher pass over the dev rows; the curve is logged to MLflow.")
+    select_on_target: bool = Field(
+        False, description="Choose k, tau and lam for the target without labels: from the "
+        "unlabelled target-train rows, the labelled source rows and the models, by "
+        "target_rule (docs/simda.md, 'The kNN half under domain shift'). No extra teacher "
+        "pass; the curve is logged to MLflow.")
+    target_rule: Literal["agreement", "iwcv", "far_source", "reverse", "entropy"] = Field(
+        "iwcv", description="select_on_target's rule (iwcv: the only rule with p_T >= the "
+        "calibrated zero-shot on both pairs measured, docs/simda.md): agreement = kNN's target accuracy "
+        "estimated from its agreement with the LLM on target vs source rows, (k, tau) by it "
+        "and lam the naive-Bayes weight; iwcv = source leave-one-out accuracy weighted to the "
+        "target by a domain classifier; far_source = source rows whose neighbours are as far "
+        "as the target's; reverse = reverse validation of the pseudo-labels with a "
+        "logistic-regression probe on the keys; entropy = least mean entropy of p_T.")
     k_grid: list[int] = Field(default_factory=lambda: [4, 8, 16, 32, 64])
     tau_grid: list[float] = Field(default_factory=lambda: [0.1, 0.3, 1.0, 3.0])
     lam_grid: list[float] = Field(default_factory=lambda: [i / 10 for i in range(11)])
@@ -270,15 +286,25 @@ class SimDAJob(JobBase):
                 f"missing {missing}, not a label {extra}"
             )
         a, C = self.annotate, len(self.data.labels)
-        if a.select_on_dev and a.select_on_source:
-            raise ValueError("annotate.select_on_source and annotate.select_on_dev are both "
-                             "true: choose one")
+        chosen_on = [n for n in ("select_on_source", "select_on_dev", "select_on_target")
+                     if getattr(a, n)]
+        if len(chosen_on) > 1:
+            raise ValueError(f"annotate.{' and annotate.'.join(chosen_on)} are "
+                             f"{'both' if len(chosen_on) == 2 else 'all'} true: choose one")
         if a.select_on_dev and self.data.dev is None:
             raise ValueError("annotate.select_on_dev needs data.dev: a labelled file of a third "
                              "domain (e.g. data.dev.path=dvd.jsonl)")
         if a.calibrate_llm == "median" and C != 2:
             raise ValueError(f"annotate.calibrate_llm=median needs 2 labels, got {C}: use prior")
-        if a.calibrate_prior is not None and (len(a.calibrate_prior) != C or min(
+        if isinstance(a.calibrate_prior, str) and a.calibrate_llm != "prior":
+            raise ValueError(f"annotate.calibrate_prior={a.calibrate_prior} (an estimated "
+                             f"prior) needs annotate.calibrate_llm=prior, got "
+                             f"{a.calibrate_llm}")
+        if a.calibrate_prior is not None and a.calibrate_llm in ("median", "none",
+                                                                  "domain_mean"):
+            raise ValueError(f"annotate.calibrate_prior={a.calibrate_prior} is not used by "
+                             f"annotate.calibrate_llm={a.calibrate_llm}: use calibrate_llm=prior")
+        if isinstance(a.calibrate_prior, list) and (len(a.calibrate_prior) != C or min(
                 a.calibrate_prior) < 0 or sum(a.calibrate_prior) <= 0):
             raise ValueError(f"annotate.calibrate_prior must be {C} non-negative weights "
                              f"(label order {self.data.labels}), got {a.calibrate_prior}")
@@ -286,10 +312,14 @@ class SimDAJob(JobBase):
 
     def chosen_at_run_time(self) -> list[str]:
         """``teacher.template`` when ``teacher.templates`` are scored; ``annotate.k`` / ``tau`` /
-        ``lam`` when chosen on source or dev rows."""
+        ``lam`` when chosen on source, dev or target rows; ``annotate.calibrate_prior`` when
+        estimated."""
         keys = ["teacher.template"] if self.teacher.templates else []
-        if self.annotate.select_on_source or self.annotate.select_on_dev:
+        a = self.annotate
+        if a.select_on_source or a.select_on_dev or a.select_on_target:
             keys += ["annotate.k", "annotate.tau", "annotate.lam"]
+        if isinstance(a.calibrate_prior, str):
+            keys.append("annotate.calibrate_prior")
         return keys
 
     def inputs(self) -> tuple[list[ModelInput], list[DataInput]]:

@@ -16,7 +16,7 @@ Shapes: N rows, k neighbours, C classes.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -182,3 +182,231 @@ def select_on_source(
     best = max(curve, key=lambda r: r["accuracy"])  # max keeps the first of equal values
     return best, curve
 
+
+
+# -- label-free, target-aware choice of k / tau / lam (annotate.select_on_target) -----------
+
+TARGET_RULES = ("agreement", "iwcv", "far_source", "reverse", "entropy")
+
+
+def _binary_margin(acc: float) -> float:
+    return 2.0 * acc - 1.0
+
+
+def estimated_knn_accuracy(agree_t: float, agree_s: float, acc_knn_s: float) -> float:
+    """Estimate kNN's target accuracy from how often its argmax agrees with the calibrated
+    LLM's on the target rows (``agree_t``) and on the source rows (``agree_s``, leave-one-out
+    kNN), and kNN's source accuracy ``acc_knn_s``. Two classes: with the two read-outs' errors
+    as dependent on the target as on the source, 2A - 1 = c (2 a_kNN - 1)(2 a_LLM - 1) on both
+    domains, so with a_LLM taken equal on both, 2 a_kNN,t - 1 = (2 A_t - 1)(2 a_kNN,s - 1) /
+    (2 A_s - 1). Clipped to [0, 1]. For more classes the same formula is a heuristic."""
+    den = _binary_margin(agree_s)
+    if abs(den) < 1e-9:
+        return 0.5
+    m = _binary_margin(agree_t) * _binary_margin(acc_knn_s) / den
+    return float(np.clip(0.5 + m / 2.0, 0.0, 1.0))
+
+
+def _logit(a: float) -> float:
+    a = float(np.clip(a, 0.5, 1 - 1e-3))
+    return float(np.log(a / (1 - a)))
+
+
+def _standardise(*xs: np.ndarray) -> list[np.ndarray]:
+    allx = np.concatenate(xs).astype(np.float64)
+    mu, sd = allx.mean(0), allx.std(0) + 1e-6
+    return [(x - mu) / sd for x in xs]
+
+
+def domain_weights(src_keys: np.ndarray, tgt_keys: np.ndarray, *, seed: int = 0,
+                   clip_quantile: float = 0.95) -> np.ndarray:
+    """Importance weights p_target(x) / p_source(x) of the source rows [N] from a domain
+    classifier (logistic regression on the standardised keys, source vs target rows; each
+    source row scored by a 5-fold cross-fitted model), clipped at their ``clip_quantile`` and
+    normalised to mean 1 (Sugiyama et al. 2007; You et al. 2019, deep embedded validation)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+    s, t = _standardise(src_keys, tgt_keys)
+    x = np.concatenate([s, t])
+    d = np.r_[np.zeros(len(s)), np.ones(len(t))]
+    folds = StratifiedKFold(5, shuffle=True, random_state=seed)
+    p = cross_val_predict(LogisticRegression(C=0.01, max_iter=2000), x, d, cv=folds,
+                          method="predict_proba")[: len(s), 1]
+    p = np.clip(p, 1e-4, 1 - 1e-4)
+    w = p / (1 - p) * len(s) / len(t)
+    w = np.minimum(w, np.quantile(w, clip_quantile))
+    return w / w.mean()
+
+
+def reverse_validation(pseudo: np.ndarray, tgt_keys: np.ndarray, src_keys: np.ndarray,
+                       y_src: np.ndarray, num_classes: int) -> float:
+    """Reverse validation (Zhong et al. 2010): fit a logistic-regression probe on the target
+    keys with the pseudo-labels ``pseudo`` and return its accuracy on the labelled source rows.
+    A single-class labelling scores the source's share of that class."""
+    from sklearn.linear_model import LogisticRegression
+
+    if len(np.unique(pseudo)) < 2:
+        return float((np.asarray(y_src) == pseudo[0]).mean())
+    t, s = _standardise(tgt_keys, src_keys)
+    clf = LogisticRegression(C=0.01, max_iter=2000).fit(t, pseudo)
+    return float((clf.predict(s) == np.asarray(y_src)).mean())
+
+
+def _row_distance(d: np.ndarray) -> np.ndarray:
+    """A row's typical neighbour distance: the median over its neighbours."""
+    return np.median(np.asarray(d, dtype=np.float64), axis=1)
+
+
+def select_on_target(
+    src_dist: np.ndarray, src_labels: np.ndarray, p_src: np.ndarray, y_src: np.ndarray,
+    tgt_dist: np.ndarray, tgt_labels: np.ndarray, p_tgt: np.ndarray, *,
+    src_keys: np.ndarray, tgt_keys: np.ndarray, rule: str, ks: list[int], taus: list[float],
+    lams: list[float], distance_norm: str = "median", seed: int = 0,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Choose k, tau and lam for the TARGET from its unlabelled rows, the labelled source and
+    the models (no target label is an argument).
+
+    ``src_dist`` / ``src_labels`` [Ns, >= max(ks)]: the source rows' leave-one-out neighbours
+    in the store; ``p_src`` [Ns, C]: their LLM distribution calibrated on themselves; ``y_src``
+    their labels. ``tgt_dist`` / ``tgt_labels`` [Nt, >= max(ks)]: the unlabelled target rows'
+    neighbours in the store (labels = the neighbours' source labels); ``p_tgt``: their LLM
+    distribution calibrated on themselves; ``src_keys`` / ``tgt_keys``: the teacher keys.
+
+    Rules (each scores every (k, tau, lam); the best score wins, first in grid order on ties):
+
+    - ``agreement``: kNN's target accuracy a_t estimated from its agreement with the LLM on
+      the target against the same on the source (:func:`estimated_knn_accuracy`); (k, tau)
+      with the highest a_t, and the lam nearest the naive-Bayes weight of kNN,
+      logit(a_t) / (logit(a_t) + logit(a_LLM,s)) (0 when a_t <= 0.5);
+    - ``iwcv``: source leave-one-out accuracy importance-weighted to the target by a domain
+      classifier (:func:`domain_weights`);
+    - ``far_source``: source leave-one-out accuracy on the source rows whose neighbours are
+      as far as the typical target row's (median neighbour distance >= the target rows'
+      median; at least a tenth of the source rows, the farthest);
+    - ``reverse``: reverse validation (:func:`reverse_validation`) of the target pseudo-labels;
+    - ``entropy``: minus the mean entropy of p_T over the target rows.
+
+    Returns the best row and the whole curve; each row holds k, tau, lam, score."""
+    if rule not in TARGET_RULES:
+        raise ValueError(f"unknown select_on_target rule {rule!r}; one of {TARGET_RULES}")
+    y_src = np.asarray(y_src)
+    C = p_src.shape[1]
+    llm_s = p_src.argmax(1)
+    llm_t = p_tgt.argmax(1)
+    acc_llm_s = float((llm_s == y_src).mean())
+    w = None
+    if rule == "iwcv":
+        w = domain_weights(src_keys, tgt_keys, seed=seed)
+    if rule == "far_source":
+        kk = max(ks)
+        ds, dt = _row_distance(src_dist[:, :kk]), _row_distance(tgt_dist[:, :kk])
+        far = ds >= np.median(dt)
+        if far.sum() < max(1, len(ds) // 10):
+            far = ds >= np.sort(ds)[::-1][max(1, len(ds) // 10) - 1]
+        w = far.astype(np.float64)
+    rv_cache: dict[bytes, float] = {}
+    curve: list[dict[str, Any]] = []
+    for k in ks:
+        for tau in taus:
+            pk_s = knn_distribution(src_dist[:, :k], src_labels[:, :k], C, tau=tau,
+                                    distance_norm=distance_norm)
+            pk_t = knn_distribution(tgt_dist[:, :k], tgt_labels[:, :k], C, tau=tau,
+                                    distance_norm=distance_norm)
+            extra: dict[str, Any] = {}
+            if rule == "agreement":
+                acc_knn_s = float((pk_s.argmax(1) == y_src).mean())
+                a_t = estimated_knn_accuracy(float((pk_t.argmax(1) == llm_t).mean()),
+                                             float((pk_s.argmax(1) == llm_s).mean()), acc_knn_s)
+                wk, wl = _logit(a_t), _logit(acc_llm_s)
+                lam_star = wk / (wk + wl) if wk + wl > 0 else 0.0
+                extra = {"knn_acc_source": acc_knn_s, "knn_acc_target_est": a_t,
+                         "lam_star": lam_star}
+            for lam in lams:
+                if rule == "agreement":  # lam's own score: how near it is to lam_star
+                    score = -abs(lam - extra["lam_star"])
+                elif rule in ("iwcv", "far_source"):
+                    hit = (mix(pk_s, p_src, lam).argmax(1) == y_src).astype(np.float64)
+                    score = float((hit * w).sum() / w.sum())
+                elif rule == "reverse":
+                    pseudo = mix(pk_t, p_tgt, lam).argmax(1)
+                    key = pseudo.astype(np.int8).tobytes()
+                    if key not in rv_cache:
+                        rv_cache[key] = reverse_validation(pseudo, tgt_keys, src_keys, y_src, C)
+                    score = rv_cache[key]
+                else:  # entropy
+                    pt = np.clip(mix(pk_t, p_tgt, lam).astype(np.float64), 1e-12, 1)
+                    score = float((pt * np.log(pt)).sum(1).mean())
+                curve.append({"k": k, "tau": tau, "lam": lam, "score": float(score), **extra})
+    if rule == "agreement":  # (k, tau) by the estimated kNN accuracy, then lam nearest lam_star
+        best = max(curve, key=lambda r: (r["knn_acc_target_est"], r["score"]))
+    else:
+        best = max(curve, key=lambda r: r["score"])
+    return best, curve
+
+
+# -- the target's class prior without labels (annotate.calibrate_prior: em / bbse) ------------
+
+PRIOR_ESTIMATES = ("em", "bbse")
+
+
+def _fit_posterior(p_src: np.ndarray, y_src: np.ndarray):
+    """Multinomial logistic regression on the source rows' LLM log-probabilities: a map from
+    p_LLM to posteriors calibrated on the labelled source (bias-corrected calibration,
+    Alexandari et al. 2020). Returns a function [M, C] -> [M, C]."""
+    from sklearn.linear_model import LogisticRegression
+
+    def feats(p):
+        return np.log(np.clip(np.asarray(p, dtype=np.float64), 1e-30, None))
+
+    clf = LogisticRegression(C=1.0, max_iter=2000).fit(feats(p_src), y_src)
+    C = p_src.shape[1]
+
+    def post(p):
+        q = np.zeros((len(p), C))
+        q[:, clf.classes_] = clf.predict_proba(feats(p))
+        return q
+    return post
+
+
+def estimate_prior(p_src: np.ndarray, y_src: np.ndarray, p_tgt: np.ndarray, *,
+                   method: str = "em", iters: int = 1000, tol: float = 1e-8) -> np.ndarray:
+    """The target's class prior [C] from its unlabelled rows' LLM distributions ``p_tgt``
+    [N, C] and the labelled source rows' (``p_src``, ``y_src``); no target label.
+
+    - ``em`` (Saerens et al. 2002): posteriors calibrated on the source
+      (:func:`_fit_posterior`, under the source prior pi_s), then EM on the target rows:
+      pi <- mean_i normalise(pi / pi_s * post_i) until it stops moving;
+    - ``bbse`` (black-box shift estimation, Lipton et al. 2018): the hard classifier
+      argmax(post) has source confusion matrix M[i, j] = P_s(yhat = i, y = j); its target
+      prediction rates mu solve M w = mu, and pi = w * pi_s (clipped at 0, renormalised).
+
+    Both assume label shift (p(x | y) the same on both domains)."""
+    y_src = np.asarray(y_src)
+    C = p_src.shape[1]
+    pi_s = np.bincount(y_src, minlength=C).astype(np.float64)
+    pi_s = np.clip(pi_s / pi_s.sum(), 1e-6, None)
+    post = _fit_posterior(p_src, y_src)
+    q = post(p_tgt)
+    if method == "em":
+        pi = pi_s.copy()
+        for _ in range(iters):
+            r = q * (pi / pi_s)
+            r /= r.sum(1, keepdims=True)
+            new = r.mean(0)
+            if np.abs(new - pi).max() < tol:
+                pi = new
+                break
+            pi = new
+    elif method == "bbse":
+        yhat_s = post(p_src).argmax(1)
+        M = np.zeros((C, C))
+        np.add.at(M, (yhat_s, y_src), 1.0)
+        M /= len(y_src)
+        mu = np.bincount(q.argmax(1), minlength=C) / len(q)
+        w = np.linalg.lstsq(M, mu, rcond=None)[0]
+        pi = np.clip(w, 0, None) * pi_s
+    else:
+        raise ValueError(f"unknown prior estimate {method!r}; one of {PRIOR_ESTIMATES}")
+    pi = np.clip(pi, 0, None)
+    return pi / pi.sum()
