@@ -150,8 +150,10 @@ class StudentFit(Fit):
             cm = cm.numpy()
             metrics.update(accuracy=float(np.trace(cm) / max(1, cm.sum())),
                            confusion=cm.tolist())
-            self.log.metrics({"accuracy": metrics["accuracy"]}, epoch + 1)
-        self.log.metrics({"epoch_loss": metrics["loss"], "steps": run.step}, epoch + 1)
+            # a curve over epochs when evaluated every epoch, else one summary value
+            self.log.metrics({"accuracy": metrics["accuracy"]},
+                             epoch + 1 if t.eval_every_epoch else 0)
+        self.log.metrics({"epoch_loss": metrics["loss"]}, epoch + 1)  # steps: a param
 
 
 def student_loop(config: dict[str, Any]) -> None:
