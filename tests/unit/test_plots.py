@@ -58,10 +58,18 @@ def test_compare_plot_and_table_width(tmp_path, capsys):
     _check_bars(layout, 2 * len(cols))
     one = plot(df, cols[:1], tmp_path / "c1.png", "simda: acc.teacher.zero_shot")
     _check_bars(one, 2)
-    print_table(df, cols, width=100)
+    print_table(df, cols, width=100, fit=True)  # a terminal 100 wide
     lines = capsys.readouterr().out.splitlines()
-    assert max(map(len, lines)) <= 100
+    assert max(map(len, lines[:-1])) <= 100  # the table; the last line names the hidden ones
     assert lines[0] == "metrics acc.*" and "more metric columns in compare.csv" in lines[-1]
+    best = max(cols, key=lambda c: df[c].max()).removeprefix("acc.")
+    assert best in lines[1]  # the headline column is never the one hidden
+    hidden = lines[-1].split("compare.csv: ")[1].split(";")[0].split(", ")
+    assert best not in hidden and all(h not in lines[1].split() for h in hidden)
+    print_table(df, cols, width=100, fit=False)  # piped: every column
+    lines = capsys.readouterr().out.splitlines()
+    assert all(c.removeprefix("acc.") in lines[1] for c in cols)
+    assert "more metric columns" not in lines[-1]
 
 
 def test_confusion_grid(tmp_path):
