@@ -61,7 +61,7 @@ def test_compare_plot_and_table_width(tmp_path, capsys):
     print_table(df, cols, width=100, fit=True)  # a terminal 100 wide
     lines = capsys.readouterr().out.splitlines()
     assert max(map(len, lines[:-1])) <= 100  # the table; the last line names the hidden ones
-    assert lines[0] == "metrics acc.*" and "more metric columns in compare.csv" in lines[-1]
+    assert lines[0] == "metrics acc.*" and "more metric columns, in compare.csv" in lines[-1]
     best = max(cols, key=lambda c: df[c].max()).removeprefix("acc.")
     assert best in lines[1]  # the headline column is never the one hidden
     hidden = lines[-1].split("compare.csv: ")[1].split(";")[0].split(", ")
