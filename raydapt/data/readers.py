@@ -384,16 +384,22 @@ def _table_chunks(u: ReadUnit, block_rows: int):
             yield b.slice(i, block_rows).to_pylist()
 
 
-def read_unit(u: ReadUnit, norm: Any, block_rows: int = 2048):
+def read_unit(u: ReadUnit, norm: Any, block_rows: int = 2048,
+              keep_ids: frozenset[str] | None = None):
     """The blocks of one read unit: normalised rows and rejects (:data:`META_COLUMNS`), then
     the end marker. A file that cannot be read on (broken CSV quoting, a corrupt parquet page)
-    gives one ``!message`` row instead of a worker traceback."""
+    gives one ``!message`` row instead of a worker traceback. ``keep_ids``: only the good rows
+    with these ids (a subset of a pool, e.g. the stage-2 candidates; rejects are dropped too —
+    the full pass reported them)."""
     n = 0
     try:
         chunks = _jsonl_chunks(u, block_rows) if u.fmt == "jsonl" else _table_chunks(
             u, block_rows)
         for records in chunks:
             rows, bad = norm(records, u.path)
+            if keep_ids is not None:
+                rows = rows[rows["id"].isin(keep_ids)]
+                bad = bad.iloc[:0]
             blk = _block(norm, rows, bad, u.index, n)
             n += len(blk)
             if len(blk):
@@ -407,7 +413,8 @@ def read_unit(u: ReadUnit, norm: Any, block_rows: int = 2048):
     yield _marker(norm, u.index, -(n + 1))
 
 
-def _datasource(units: list[ReadUnit], norm: Any, block_rows: int):
+def _datasource(units: list[ReadUnit], norm: Any, block_rows: int,
+                keep_ids: frozenset[str] | None = None):
     from ray.data import Datasource, ReadTask
     from ray.data.block import BlockMetadata
 
@@ -419,7 +426,7 @@ def _datasource(units: list[ReadUnit], norm: Any, block_rows: int):
 
         def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                            data_context: Any = None) -> list[Any]:
-            return [ReadTask(functools.partial(read_unit, u, norm, block_rows),
+            return [ReadTask(functools.partial(read_unit, u, norm, block_rows, keep_ids),
                              BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None,
                                            input_files=[u.path]))
                     for u in units]
@@ -487,6 +494,8 @@ class RowSource:
     normaliser: Any
     unit_rows: int
     block_rows: int = 2048
+    keep_ids: frozenset[str] | None = None
+    read_cpus: float = 0.5
 
     def fingerprint(self) -> str:
         """Content hash of the files (sha256 of their bytes), the unit plan and the normaliser:
@@ -496,23 +505,29 @@ class RowSource:
             h.update(f"{f}\0{fingerprint(f) if '://' not in f else 'uri'}\0".encode())
         h.update(repr([(u.path, u.fmt, u.start, u.end) for u in self.units]).encode())
         h.update(repr(self.normaliser).encode())
+        if self.keep_ids is not None:
+            h.update(b"keep\0" + "\0".join(sorted(self.keep_ids)).encode())
         return h.hexdigest()[:16]
 
     def dataset(self, units: list[int] | None = None):
         import ray
 
         todo = self.units if units is None else [self.units[i] for i in units]
-        return ray.data.read_datasource(_datasource(todo, self.normaliser, self.block_rows))
+        return ray.data.read_datasource(
+            _datasource(todo, self.normaliser, self.block_rows, self.keep_ids),
+            ray_remote_args={"num_cpus": self.read_cpus})
 
 
 def open_source(source: str | Path | list[str | Path], *, fmt: str = "auto",
-                normaliser: Any = None, unit_rows: int = 10_000, block_rows: int = 2048
+                normaliser: Any = None, unit_rows: int = 10_000, block_rows: int = 2048,
+                keep_ids: frozenset[str] | None = None, read_cpus: float = 0.5
                 ) -> RowSource:
     """Plan a streaming read of ``source`` (file, directory, glob or list). Checks on the
     driver, before any row is read: files exist; each local file has the normaliser's columns
     (a pool directory whose files have different schemas names the file that lacks one); a
     CSV file parses (the first bad row is named). Empty files among many are skipped; if every
-    file is empty, :class:`DataError`."""
+    file is empty, :class:`DataError`. ``keep_ids``: read only these rows (see
+    :func:`read_unit`); ``read_cpus``: CPUs a read task reserves."""
     norm = normaliser if normaliser is not None else TextRows()
     files = resolve_files(source, fmt)
     nonempty = []
@@ -538,7 +553,8 @@ def open_source(source: str | Path | list[str | Path], *, fmt: str = "auto",
             if where:
                 raise DataError(f"{f}: cannot be read as csv at {where}")
     units = plan_units(nonempty, fmt=fmt, unit_rows=unit_rows)
-    return RowSource(nonempty, units, norm, unit_rows, block_rows)
+    return RowSource(nonempty, units, norm, unit_rows, block_rows,
+                     None if keep_ids is None else frozenset(map(str, keep_ids)), read_cpus)
 
 
 def fatal_reject(rejects: list[str]) -> str | None:
