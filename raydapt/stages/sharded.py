@@ -304,7 +304,7 @@ def stream_pass(cache: StageCache, tracker: Tracker, stage: str, parts: dict[str
             def flush(u: int) -> None:
                 nonlocal written
                 tables = buf.pop(u, [])
-                tbl = pa.concat_tables(tables, promote_options="default") if tables else \
+                tbl = pa.concat_tables(tables, promote_options="permissive") if tables else \
                     pa.table({"id": pa.array([], pa.string()), "_reject": pa.array(
                         [], pa.string()), ERROR_COLUMN: pa.array([], pa.string()),
                         "_pos": pa.array([], pa.int64())})
