@@ -325,7 +325,7 @@ def run_size(scratch: Path, size: int, layout: str, passes: list[str], bare: boo
     res: dict[str, Any] = {"size": size, "layout": layout, "unit_rows": UNIT_ROWS,
                            "M": m, "N": n_sel, "k": k, "domain_rows": N_DOMAIN,
                            "passes": {}}
-    dom_emb, gbar = domain_side(mdir, adapter)
+    dom_emb, gbar = domain_side(mdir, adapter) if "stage1" in passes or bare else (None, None)
     cache = StageCache(cache_dir or scratch / f"cache-{size}-{layout}")
     init_ray(num_cpus=2, progress=False)
     try:
@@ -555,16 +555,21 @@ def plot(out: Path) -> None:
     import matplotlib.pyplot as plt
 
     doc = json.loads(RESULTS.read_text())
-    runs = [r for r in doc["runs"].values() if isinstance(r, dict) and "passes" in r
-            and r["layout"] == "files"]
-    runs.sort(key=lambda r: r["size"])
+    runs = sorted((r for r in doc["runs"].values() if isinstance(r, dict) and "passes" in r),
+                  key=lambda r: r["size"])
     fig, ax = plt.subplots(1, 2, figsize=(9, 3.4))
-    for name, mk in (("identity", "o-"), ("stage1", "s-"), ("stage2", "^-")):
-        pts = [(r["size"], r["passes"][name]) for r in runs if name in r["passes"]]
-        if pts:
-            ax[0].plot([p[0] for p in pts], [p[1]["wall_s"] for p in pts], mk, label=name)
-            ax[1].plot([p[0] for p in pts], [p[1]["driver_rss_mb"] for p in pts], mk, label=name)
-    for a, yl in zip(ax, ("wall seconds", "driver peak RSS (MiB)")):
+    for layout in ("files", "single"):
+        for name, mk in (("identity", "o"), ("stage1", "s"), ("stage2", "^")):
+            pts = [(r["size"], r["passes"][name]) for r in runs
+                   if r["layout"] == layout and name in r["passes"]]
+            if pts:
+                style = mk + ("-" if layout == "files" else "--")
+                lab = f"{name} ({'8 files' if layout == 'files' else '1 file'})"
+                ax[0].plot([p[0] for p in pts], [p[1]["rows_per_s"] for p in pts], style,
+                           label=lab)
+                ax[1].plot([p[0] for p in pts], [p[1]["driver_rss_mb"] for p in pts], style,
+                           label=lab)
+    for a, yl in zip(ax, ("rows/s of the pass", "driver peak RSS (MiB)")):
         a.set_xscale("log")
         a.set_xlabel("pool rows")
         a.set_ylabel(yl)
@@ -572,7 +577,8 @@ def plot(out: Path) -> None:
     ax[0].set_yscale("log")
     ax[1].set_ylim(bottom=0)
     ax[0].legend(fontsize=8)
-    fig.suptitle("pool scale (CPU, 2 shared cores): time and driver memory vs pool rows",
+    fig.suptitle("pool scale (CPU, 2 cores shared with other jobs): throughput and driver "
+                 "memory vs pool rows",
                  fontsize=9)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
