@@ -14,8 +14,11 @@ column altogether fails at once with the columns it has.
 
 from __future__ import annotations
 
+import functools
+import glob
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,40 +174,276 @@ def parse_jsonl_lines(lines: list[bytes | str]) -> list[Any]:
     return out
 
 
-def _split_lines(batch: pd.DataFrame) -> pd.DataFrame:
-    """map_batches over ``read_binary_files`` rows: one file's bytes -> one row per line.
-    Splits on b"\n" only (Ray's read_text decodes a whole file — one invalid byte fails the
-    job — and also splits inside JSON strings on U+2028 and friends)."""
-    lines = [ln.rstrip(b"\r") for data in batch["bytes"] for ln in bytes(data).split(b"\n")]
-    return pd.DataFrame({"line": pd.Series(lines, dtype=object)})
+# --------------------------------------------------------------------------------------------
+# Streaming reads: a file, a directory or a glob of many files, large files split into units;
+# Ray Data reads the units in parallel and normalises every row in the read task
+# --------------------------------------------------------------------------------------------
+
+META_COLUMNS = ["_reject", "_unit", "_pos"]
+"""Columns a streamed block carries besides the normalised row: ``_reject`` (the reject record
+as JSON, "" for a good row, ``!message`` for a file that cannot be read further), ``_unit`` (the
+read unit = the shard the row belongs to) and ``_pos`` (the row's position in its unit; a row
+with ``_pos < 0`` is the unit's end marker and says the unit had ``-_pos - 1`` rows)."""
+
+_FORMAT_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
 
-class _NormaliseBatch:
-    """map_batches function: raw rows -> normalised rows + ``_reject`` JSON (empty if good)."""
+def _known_suffix(path: Path) -> bool:
+    return any(s in _FORMAT_SUFFIXES for s in (x.lower() for x in path.suffixes))
 
-    def __init__(self, *, file: str, fields: Fields, labels: list[str] | None,
-                 require_label: bool, jsonl: bool, max_text_chars: int | None) -> None:
-        self.kw = dict(file=file, fields=fields, labels=labels, require_label=require_label,
-                       max_text_chars=max_text_chars)
-        self.jsonl = jsonl
 
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        if self.jsonl:
-            records = parse_jsonl_lines(batch["line"].tolist())
+def resolve_files(source: str | Path | list[str | Path], fmt: str = "auto") -> list[str]:
+    """The data files a source names: a file, a directory (every jsonl / parquet / csv file
+    below it, sorted; names starting with ``.`` or ``_`` are skipped), a glob pattern, or a list
+    of these. Raises :class:`DataError` when a path does not exist or names no file."""
+    sources = list(source) if isinstance(source, (list, tuple)) else [source]
+    out: list[str] = []
+    for src in sources:
+        s = str(src)
+        p = Path(s)
+        if "://" in s:
+            out.append(s)
+        elif p.is_dir():
+            files = sorted(f for f in p.rglob("*") if f.is_file() and not any(
+                part.startswith((".", "_")) for part in f.relative_to(p).parts))
+            files = [f for f in files if fmt != "auto" or _known_suffix(f)]
+            if not files:
+                raise DataError(f"{s}: no jsonl / parquet / csv file in this directory")
+            out += [str(f) for f in files]
+        elif any(ch in s for ch in "*?["):
+            files = sorted(f for f in glob.glob(s, recursive=True) if Path(f).is_file())
+            if not files:
+                raise DataError(f"{s}: no file matches this pattern")
+            out += files
+        elif p.is_file():
+            out.append(s)
         else:
-            records = batch.to_dict("records")
-        good, bad = normalise_records(records, **self.kw)
-        rows = [{**g, "_reject": ""} for g in good] + [
-            {"id": b["id"], "text": "", "label": None, "y": -1, "_reject": json.dumps(b)}
-            for b in bad
-        ]
-        return pd.DataFrame(rows, columns=[*ROW_COLUMNS, "_reject"])
+            raise DataError(f"data file not found: {s}")
+    return out
 
 
-def _peek_columns(path: Path, fmt: str, n: int = 50) -> set[str]:
-    """Columns seen in the first rows of a file (for the 'missing column' check)."""
+@dataclass(frozen=True)
+class ReadUnit:
+    """One read task: ``jsonl`` bytes [start, end) of a file (the lines that *start* in the
+    range), ``parquet`` row groups [start, end), ``csv`` the whole file (quoted values may span
+    lines, so a CSV file is not split). ``end == -1``: the whole file."""
+
+    index: int
+    path: str
+    fmt: str
+    start: int = 0
+    end: int = -1
+
+
+def plan_units(files: list[str], *, fmt: str = "auto", unit_rows: int = 10_000
+               ) -> list[ReadUnit]:
+    """Split files into read units of about ``unit_rows`` rows (jsonl: by bytes, from the mean
+    line length of the file's first MiB; parquet: whole row groups). Deterministic for given
+    file contents. Files with no bytes are skipped (no unit)."""
+    import pyarrow.parquet as pq
+
+    if unit_rows < 1:
+        raise ValueError("unit_rows must be >= 1")
+    units: list[ReadUnit] = []
+    for f in files:
+        kind = detect_format(f, fmt)
+        if "://" in f:
+            units.append(ReadUnit(len(units), f, kind))
+            continue
+        size = os.path.getsize(f)
+        if size == 0:
+            continue
+        if kind == "jsonl":
+            with open(f, "rb") as fh:
+                head = fh.read(1 << 20)
+            per_line = len(head) / max(1, head.count(b"\n"))
+            step = max(1024, int(unit_rows * per_line))
+            for s0 in range(0, size, step):
+                units.append(ReadUnit(len(units), f, kind, s0, min(size, s0 + step)))
+        elif kind == "parquet":
+            try:
+                md = pq.ParquetFile(f).metadata
+            except Exception as exc:
+                raise DataError(f"{f}: cannot be read as parquet: {root_cause_message(exc)}"
+                                ) from None
+            start, rows = 0, 0
+            for g in range(md.num_row_groups):
+                rows += md.row_group(g).num_rows
+                if rows >= unit_rows or g == md.num_row_groups - 1:
+                    units.append(ReadUnit(len(units), f, kind, start, g + 1))
+                    start, rows = g + 1, 0
+            if md.num_row_groups == 0:
+                units.append(ReadUnit(len(units), f, kind, 0, 0))
+        else:
+            units.append(ReadUnit(len(units), f, kind))
+    return units
+
+
+@dataclass(frozen=True)
+class TextRows:
+    """The normaliser of text rows (:data:`ROW_COLUMNS`, :func:`normalise_records`). A
+    normaliser is a picklable callable ``(records, file) -> (rows frame, rejects frame)`` with
+    ``columns`` (of the rows frame), ``needed`` (the file columns it requires) and ``defaults``
+    (the value of each column in a reject or end-marker row; "" if not named)."""
+
+    fields: Fields = Fields()
+    labels: tuple[str, ...] | None = None
+    require_label: bool = True
+    max_text_chars: int | None = MAX_TEXT_CHARS
+
+    columns = ROW_COLUMNS
+    defaults = {"label": None, "y": -1}
+
+    @property
+    def needed(self) -> set[str]:
+        f = self.fields
+        return {f.id, f.text} | ({f.label} if self.require_label else set())
+
+    def __call__(self, records: list[Any], file: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+        good, bad = normalise_records(
+            records, file=file, fields=self.fields,
+            labels=None if self.labels is None else list(self.labels),
+            require_label=self.require_label, max_text_chars=self.max_text_chars)
+        rows = pd.DataFrame(good, columns=ROW_COLUMNS).astype({"y": "int64"})
+        return rows, pd.DataFrame(bad, columns=REJECT_COLUMNS)
+
+
+def _block(norm: Any, rows: pd.DataFrame, bad: pd.DataFrame, unit: int, pos0: int
+           ) -> pd.DataFrame:
+    """Good rows, then reject rows (defaults + ``_reject`` JSON), with ``_unit`` / ``_pos``."""
+    rows = rows.assign(_reject="")
+    if len(bad):
+        rej = pd.DataFrame({c: [norm.defaults.get(c, "")] * len(bad) for c in norm.columns})
+        rej["id"] = [("" if i is None else str(i)) for i in bad["id"]]
+        rej["_reject"] = [json.dumps(r, default=str) for r in bad.to_dict("records")]
+        rows = pd.concat([rows, rej], ignore_index=True) if len(rows) else rej
+    rows["_unit"] = np.int64(unit)
+    rows["_pos"] = np.arange(pos0, pos0 + len(rows), dtype=np.int64)
+    return rows.reset_index(drop=True)
+
+
+def _marker(norm: Any, unit: int, pos: int, reject: str = "") -> pd.DataFrame:
+    row = {c: norm.defaults.get(c, "") for c in norm.columns}
+    return pd.DataFrame([{**row, "_reject": reject, "_unit": unit, "_pos": pos}])
+
+
+def _jsonl_chunks(u: ReadUnit, block_rows: int):
+    """Lists of parsed records of a jsonl unit (the lines that start in [start, end))."""
+    if "://" in u.path:
+        import pyarrow.fs as pafs
+
+        fs, p = pafs.FileSystem.from_uri(u.path)
+        with fs.open_input_stream(p) as fh:
+            lines = [ln.rstrip(b"\r") for ln in fh.read().split(b"\n")]
+        for i in range(0, len(lines), block_rows):
+            yield parse_jsonl_lines(lines[i: i + block_rows])
+        return
+    with open(u.path, "rb") as fh:
+        pos = u.start
+        if u.start > 0:  # the line that holds byte start-1 belongs to the previous unit
+            fh.seek(u.start - 1)
+            pos = u.start - 1 + len(fh.readline())
+        chunk: list[bytes] = []
+        while pos < u.end:
+            line = fh.readline()
+            if not line:
+                break
+            pos += len(line)
+            chunk.append(line.rstrip(b"\n").rstrip(b"\r"))
+            if len(chunk) >= block_rows:
+                yield parse_jsonl_lines(chunk)
+                chunk = []
+        if chunk:
+            yield parse_jsonl_lines(chunk)
+
+
+def _table_chunks(u: ReadUnit, block_rows: int):
+    """Lists of records of a parquet (row groups) or csv (whole file, every column read as a
+    string) unit."""
+    import pyarrow as pa
+
+    if u.fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(u.path)
+        groups = None if u.end < 0 else list(range(u.start, u.end))
+        if groups == []:
+            return
+        for b in pf.iter_batches(batch_size=block_rows, row_groups=groups):
+            yield b.to_pylist()
+        return
+    import pyarrow.csv as pacsv
+
+    parse = pacsv.ParseOptions(newlines_in_values=True)  # multi-line quoted reviews
+    read = pacsv.ReadOptions(block_size=1 << 22)
+    names = pacsv.open_csv(u.path, read_options=read, parse_options=parse).schema.names
+    conv = pacsv.ConvertOptions(column_types={n: pa.string() for n in names})
+    reader = pacsv.open_csv(u.path, read_options=read, parse_options=parse, convert_options=conv)
+    for b in reader:
+        for i in range(0, b.num_rows, block_rows):
+            yield b.slice(i, block_rows).to_pylist()
+
+
+def read_unit(u: ReadUnit, norm: Any, block_rows: int = 2048,
+              keep_ids: frozenset[str] | None = None):
+    """The blocks of one read unit: normalised rows and rejects (:data:`META_COLUMNS`), then
+    the end marker. A file that cannot be read on (broken CSV quoting, a corrupt parquet page)
+    gives one ``!message`` row instead of a worker traceback. ``keep_ids``: only the good rows
+    with these ids (a subset of a pool, e.g. the stage-2 candidates; rejects are dropped too —
+    the full pass reported them)."""
+    n = 0
+    try:
+        chunks = _jsonl_chunks(u, block_rows) if u.fmt == "jsonl" else _table_chunks(
+            u, block_rows)
+        for records in chunks:
+            rows, bad = norm(records, u.path)
+            if keep_ids is not None:
+                rows = rows[rows["id"].isin(keep_ids)]
+                bad = bad.iloc[:0]
+            blk = _block(norm, rows, bad, u.index, n)
+            n += len(blk)
+            if len(blk):
+                yield blk
+    except Exception as exc:  # noqa: BLE001 - one clear message, the driver raises it
+        where = _locate_csv_problem(Path(u.path)) if u.fmt == "csv" and "://" not in u.path \
+            else None
+        yield _marker(norm, u.index, n, "!" + f"{u.path}: cannot be read as {u.fmt}"
+                      f"{f' at {where}' if where else ''}: {root_cause_message(exc)}")
+        n += 1
+    yield _marker(norm, u.index, -(n + 1))
+
+
+def _datasource(units: list[ReadUnit], norm: Any, block_rows: int,
+                keep_ids: frozenset[str] | None = None):
+    from ray.data import Datasource, ReadTask
+    from ray.data.block import BlockMetadata
+
+    class UnitsDatasource(Datasource):
+        """One read task per unit (Ray Data runs them in parallel, streaming)."""
+
+        def estimate_inmemory_data_size(self) -> int | None:
+            return None
+
+        def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                           data_context: Any = None) -> list[Any]:
+            return [ReadTask(functools.partial(read_unit, u, norm, block_rows, keep_ids),
+                             BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None,
+                                           input_files=[u.path]))
+                    for u in units]
+
+        def get_name(self) -> str:
+            return "ReadRows"
+
+    return UnitsDatasource()
+
+
+def _peek_columns(path: Path, fmt: str, n: int = 50) -> set[str] | None:
+    """Columns seen in the first rows of a file (for the 'missing column' check); None when none
+    of a jsonl file's first lines is a JSON object (its rows are all rejects, not a schema
+    problem)."""
     if fmt == "jsonl":
         cols: set[str] = set()
+        seen = False
         with open(path, encoding="utf-8", errors="replace") as f:
             for i, line in enumerate(f):
                 if i >= n:
@@ -215,82 +454,162 @@ def _peek_columns(path: Path, fmt: str, n: int = 50) -> set[str]:
                     continue
                 if isinstance(rec, dict):
                     cols |= set(rec)
-        return cols
+                    seen = True
+        return cols if seen else None
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
         return set(pq.read_schema(path).names)
-    return set(pd.read_csv(path, nrows=n).columns)
+    return set(pd.read_csv(path, nrows=n, dtype=str).columns)
+
+
+def check_columns(path: str, fmt: str, needed: set[str]) -> None:
+    """:class:`DataError` naming the file and its columns when a needed column is absent from
+    its first rows (also a file that cannot be opened as its format)."""
+    try:
+        found = _peek_columns(Path(path), fmt)
+    except Exception as exc:  # unreadable header / broken quoting / not parquet
+        raise DataError(f"{path}: cannot be read as {fmt}: "
+                        f"{str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__}"
+                        ) from None
+    if found is None:
+        return
+    missing = sorted(needed - found)
+    if missing:
+        raise DataError(
+            f"{path}: no column {', '.join(map(repr, missing))}; columns found: "
+            f"{sorted(found)}. Set the *_field options of this data source to map them."
+        )
+
+
+@dataclass
+class RowSource:
+    """Rows of one or many files, planned into read units (= shards of a streaming pass).
+
+    ``dataset(units)`` is a lazy Ray Dataset of the units (all by default): normalised rows +
+    :data:`META_COLUMNS`. Nothing is read on the driver but file headers and sizes."""
+
+    files: list[str]
+    units: list[ReadUnit]
+    normaliser: Any
+    unit_rows: int
+    block_rows: int = 2048
+    keep_ids: frozenset[str] | None = None
+    read_cpus: float = 0.5
+
+    def fingerprint(self) -> str:
+        """Content hash of the files (sha256 of their bytes) and the normaliser: a stage's cache
+        key part. The unit plan is not in it: it follows from the files and ``unit_rows``, which
+        the pass keys separately (so a changed unit size can be recognised as just that)."""
+        h = hashlib.sha256()
+        for f in self.files:
+            h.update(f"{f}\0{fingerprint(f) if '://' not in f else 'uri'}\0".encode())
+        h.update(repr(sorted({u.fmt for u in self.units})).encode())
+        h.update(repr(self.normaliser).encode())
+        if self.keep_ids is not None:
+            h.update(b"keep\0" + "\0".join(sorted(self.keep_ids)).encode())
+        return h.hexdigest()[:16]
+
+    def dataset(self, units: list[int] | None = None):
+        import ray
+
+        todo = self.units if units is None else [self.units[i] for i in units]
+        return ray.data.read_datasource(
+            _datasource(todo, self.normaliser, self.block_rows, self.keep_ids),
+            ray_remote_args={"num_cpus": self.read_cpus})
+
+
+def open_source(source: str | Path | list[str | Path], *, fmt: str = "auto",
+                normaliser: Any = None, unit_rows: int = 10_000, block_rows: int = 2048,
+                keep_ids: frozenset[str] | None = None, read_cpus: float = 0.5
+                ) -> RowSource:
+    """Plan a streaming read of ``source`` (file, directory, glob or list). Checks on the
+    driver, before any row is read: files exist; each local file has the normaliser's columns
+    (a pool directory whose files have different schemas names the file that lacks one); a
+    CSV file parses (the first bad row is named). Empty files among many are skipped; if every
+    file is empty, :class:`DataError`. ``keep_ids``: read only these rows (see
+    :func:`read_unit`); ``read_cpus``: CPUs a read task reserves."""
+    norm = normaliser if normaliser is not None else TextRows()
+    files = resolve_files(source, fmt)
+    nonempty = []
+    for f in files:
+        try:
+            check_not_empty(f)
+        except DataError:
+            if len(files) == 1:
+                raise
+            continue
+        except OSError as exc:
+            raise DataError(f"{f}: cannot be read: {exc.strerror or exc}") from None
+        nonempty.append(f)
+    if not nonempty:
+        raise DataError(f"{source}: every file is empty")
+    for f in nonempty:
+        if "://" in f:
+            continue
+        kind = detect_format(f, fmt)
+        check_columns(f, kind, set(norm.needed))
+        if kind == "csv":
+            where = _locate_csv_problem(Path(f))
+            if where:
+                raise DataError(f"{f}: cannot be read as csv at {where}")
+    units = plan_units(nonempty, fmt=fmt, unit_rows=unit_rows)
+    return RowSource(nonempty, units, norm, unit_rows, block_rows,
+                     None if keep_ids is None else frozenset(map(str, keep_ids)), read_cpus)
+
+
+def fatal_reject(rejects: list[str]) -> str | None:
+    """The message of the first ``!`` (file cannot be read on) reject among ``_reject`` values."""
+    return next((r[1:] for r in rejects if r.startswith("!")), None)
 
 
 def read_rows(
     path: str | Path, *, fmt: str = "auto", fields: Fields = Fields(),
     labels: list[str] | None = None, require_label: bool = True,
-    max_text_chars: int | None = MAX_TEXT_CHARS,
+    max_text_chars: int | None = MAX_TEXT_CHARS, unit_rows: int = 50_000,
 ):
-    """Read one file into ``(rows, rejects)`` Ray Datasets (both materialised).
+    """Read a file (or a directory / glob of files) into ``(rows, rejects)`` Ray Datasets (both
+    materialised). A large jsonl file is read as several units in parallel.
 
     Args:
-        path: a jsonl, parquet or csv file (local path or a URI Ray Data can read).
+        path: a jsonl, parquet or csv file (local path or a URI Ray Data can read), a directory
+            or a glob.
         fmt: ``auto`` (from the suffix) or the format name.
         fields: column names of id, text and label in the file.
         labels: the label set; a label outside it is a reject. None accepts any label.
         require_label: rows without a label are rejects (True for a labeled source).
         max_text_chars: longer texts are rejects (None: no limit).
+        unit_rows: rows per read task (about).
 
     Raises:
         DataError: the file does not exist, or none of its first rows has a needed column
-            (the message lists the columns found).
+            (the message lists the columns found), or it cannot be parsed (one line naming the
+            file and row).
+        NoUsableRows: every row is a reject (carries the rejects).
     """
+    norm = TextRows(fields=fields, labels=None if labels is None else tuple(labels),
+                    require_label=require_label, max_text_chars=max_text_chars)
+    src = open_source(path, fmt=fmt, normaliser=norm, unit_rows=unit_rows)
+    ds = src.dataset().materialize()
+    flagged = ds.filter(lambda r: r["_reject"] != "").select_columns(["_reject"]).materialize()
+    bad = [r["_reject"] for r in flagged.take_all()] if flagged.count() else []
+    fatal = fatal_reject(bad)
+    if fatal:
+        raise DataError(fatal)
+    rows = ds.filter(lambda r: r["_reject"] == "" and r["_pos"] >= 0).drop_columns(
+        META_COLUMNS).materialize()
+    rejects = ray_dataset_from_records([json.loads(b) for b in bad])
+    if rows.count() == 0:
+        raise NoUsableRows(path, pd.DataFrame([json.loads(b) for b in bad],
+                                              columns=REJECT_COLUMNS))
+    return rows, rejects
+
+
+def ray_dataset_from_records(records: list[dict[str, Any]]):
+    """A materialised Ray Dataset of reject records (:data:`REJECT_COLUMNS`), empty if none."""
     import ray
 
-    p = Path(path)
-    if "://" not in str(path) and not p.exists():
-        raise DataError(f"data file not found: {path}")
-    check_not_empty(path)
-    fmt = detect_format(path, fmt)
-    needed = {fields.id, fields.text} | ({fields.label} if require_label else set())
-    if "://" not in str(path):
-        try:
-            found = _peek_columns(p, fmt)
-        except Exception as exc:  # unreadable header / broken quoting / not parquet
-            raise DataError(f"{path}: cannot be read as {fmt}: "
-                            f"{str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__}"
-                            ) from None
-        missing = sorted(needed - found)
-        if missing:
-            raise DataError(
-                f"{path}: no column {', '.join(map(repr, missing))}; columns found: "
-                f"{sorted(found)}. Set the *_field options of this data source to map them."
-            )
-    if fmt == "jsonl":
-        ds = ray.data.read_binary_files(str(path)).map_batches(
-            _split_lines, batch_format="pandas", batch_size=1)
-    elif fmt == "parquet":
-        ds = ray.data.read_parquet(str(path))
-    elif fmt == "csv":
-        import pyarrow.csv as pacsv
-
-        # quoted values may span lines (multi-line reviews); pyarrow refuses them by default
-        ds = ray.data.read_csv(str(path), parse_options=pacsv.ParseOptions(newlines_in_values=True))
-    else:  # pragma: no cover - guarded by detect_format
-        raise DataError(f"unknown format {fmt}")
-    fn = _NormaliseBatch(file=str(path), fields=fields, labels=labels,
-                         require_label=require_label, jsonl=fmt == "jsonl",
-                         max_text_chars=max_text_chars)
-    try:
-        ds = ds.map_batches(fn, batch_format="pandas", batch_size=1024).materialize()
-    except Exception as exc:  # a file-level failure (e.g. broken CSV quoting): one clear error
-        where = _locate_csv_problem(p) if fmt == "csv" and "://" not in str(path) else None
-        raise DataError(f"{path}: cannot be read as {fmt}"
-                        f"{f' at {where}' if where else ''}: {root_cause_message(exc)}"
-                        ) from None
-    rows = ds.filter(lambda r: r["_reject"] == "").drop_columns(["_reject"]).materialize()
-    rejects = ds.filter(lambda r: r["_reject"] != "").map(
-        lambda r: json.loads(r["_reject"])).materialize()
-    if rows.count() == 0:
-        raise NoUsableRows(path, pd.DataFrame(rejects.take_all(), columns=REJECT_COLUMNS))
-    return rows, rejects
+    return ray.data.from_pandas(pd.DataFrame(records, columns=REJECT_COLUMNS)).materialize()
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")

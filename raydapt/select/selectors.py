@@ -197,8 +197,8 @@ SELECTORS: dict[str, type[Selector]] = {
 TRIVIAL = ("format", "length", "tfidf")
 
 
-def knn_votes(domain_emb: np.ndarray, pool_emb: np.ndarray, *, k: int
-              ) -> tuple[np.ndarray, np.ndarray]:
+def knn_votes(domain_emb: np.ndarray, pool_emb: np.ndarray, *, k: int, index: str = "flat",
+              **index_opts) -> tuple[np.ndarray, np.ndarray]:
     """Each domain sample votes for its k nearest pool samples by cosine (FAISS inner product on
     L2-normalised vectors).
 
@@ -206,6 +206,9 @@ def knn_votes(domain_emb: np.ndarray, pool_emb: np.ndarray, *, k: int
         domain_emb: [Nd, H] domain embeddings.
         pool_emb: [Nc, H] pool embeddings.
         k: neighbours per domain sample (capped at Nc).
+        index: ``flat`` (exact, FAISS IndexFlatIP) or ``ivf`` / ``hnsw`` (approximate FAISS
+            indexes for large pools; ``index_opts``: nlist, nprobe, hnsw_m, train_rows — see
+            :func:`raydapt.select.votes.knn_votes_streaming`).
 
     Returns:
         votes [Nc] int64 (how many domain samples have c among their k nearest) and vote_sim
@@ -213,6 +216,17 @@ def knn_votes(domain_emb: np.ndarray, pool_emb: np.ndarray, *, k: int
     """
     import faiss
 
+    if index != "flat":
+        from raydapt.select.votes import knn_votes_streaming
+
+        pos = np.arange(len(pool_emb))
+        v = knn_votes_streaming(domain_emb, [(pos, pool_emb)], k=k, index=index,
+                                **index_opts)  # type: ignore[arg-type]
+        votes = np.zeros(len(pool_emb), dtype=np.int64)
+        vote_sim = np.zeros(len(pool_emb), dtype=np.float64)
+        at = v["id"].to_numpy(dtype=np.int64)
+        votes[at], vote_sim[at] = v["votes"].to_numpy(), v["vote_sim"].to_numpy()
+        return votes, vote_sim
     d = np.ascontiguousarray(domain_emb, dtype=np.float32).copy()
     c = np.ascontiguousarray(pool_emb, dtype=np.float32).copy()
     if d.ndim != 2 or c.ndim != 2 or d.shape[1] != c.shape[1]:

@@ -1,16 +1,35 @@
-"""The sharded, resumable, atomically written stage pass, and progress/ETA while a Ray Dataset
-streams back. Knows the stage cache and the tracker, never a job config."""
+"""Sharded, resumable, atomically written stage passes, and progress/ETA while a Ray Dataset
+streams back. Knows the stage cache and the tracker, never a job config.
+
+Two entry points:
+
+- :func:`stream_pass` (files to files): a :class:`~raydapt.data.readers.RowSource` (files split
+  into read units) flows through a chain of per-row :class:`Step` s (Ray Data actor pools, no
+  barrier between them) and each unit's output rows are written as one parquet shard of the
+  stage cache the moment the unit is complete. The driver holds only the rows of units in
+  flight, never the pool. Returns the :class:`~raydapt.core.cache.ShardedOutput` (files), not
+  rows.
+- :func:`sharded_pass` (a frame in the driver, the recipes' original API): the same shard /
+  verify / resume rules over a pandas frame split into row ranges; returns the output frame.
+
+Both count a shard as done only when it verifies (readable parquet, expected row count); a bad
+shard is recomputed with a message, and ``_SUCCESS`` is written only after every shard verified.
+"""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from raydapt.core.cache import ShardedOutput, StageCache
 from raydapt.core.tracking import Tracker
+from raydapt.data.readers import META_COLUMNS, DataError
 from raydapt.stages.common import ERROR_COLUMN
 
 Say = Callable[[str], None]
@@ -37,6 +56,47 @@ def stream_rows(ds, total: int, label: str, say: Say, on_batch=None, every_s: fl
         columns=["id", ERROR_COLUMN])
 
 
+def _check_done(cache: StageCache, d, sharded: ShardedOutput, label: str, say: Say) -> bool:
+    """A finished (``_SUCCESS``) output whose shards all verify stays finished; otherwise the
+    marker is taken back, the bad shards removed, and the caller recomputes them."""
+    bad = sharded.verify()
+    if not bad:
+        return True
+    cache.uncommit(d)
+    for i, why in bad.items():
+        say(f"{label}: shard {i} of a finished output is {why}; recomputing it")
+        sharded.path(i).unlink(missing_ok=True)
+    return False
+
+
+def _drop_bad(sharded: ShardedOutput, label: str, say: Say) -> None:
+    for i, why in sharded.bad().items():
+        say(f"{label}: shard {i} is {why}; recomputing it")
+        sharded.path(i).unlink(missing_ok=True)
+
+
+def _say_changed_shards(cache: StageCache, stage: str, parts: dict[str, Any], key: str,
+                        label: str, say: Say) -> None:
+    """Issue 28 item 11: an unfinished run of the same stage with another shard size cannot
+    lend its shards (they cover other rows); say so instead of recomputing silently."""
+    for other, value, done in cache.siblings(stage, parts, differing=key):
+        n = len(list(other.glob("part-*.parquet")))
+        if not done and n:
+            say(f"{label}: {key} is {parts.get(key)} now, {value} in an unfinished earlier run "
+                f"({other}, {n} shards): its shards cover other rows and are not reused; "
+                f"recomputing. `raydapt cache rm` removes it")
+
+
+def _finish(cache: StageCache, d, sharded: ShardedOutput, stage: str) -> None:
+    """Verify every shard, then (only then) mark the output finished."""
+    bad = sharded.verify()
+    if bad:
+        i, why = next(iter(bad.items()))
+        raise RuntimeError(f"{stage}: {len(bad)} shard(s) did not verify after the pass, e.g. "
+                           f"shard {i}: {why}")
+    cache.commit(d)
+
+
 def sharded_pass(cache: StageCache, tracker: Tracker, stage: str, parts: dict[str, Any],
                  rows: pd.DataFrame, shard_rows: int,
                  make_ds: Callable[[list[pd.DataFrame]], Any], say: Say, *,
@@ -44,25 +104,30 @@ def sharded_pass(cache: StageCache, tracker: Tracker, stage: str, parts: dict[st
     """A sharded, resumable pass: reuse a finished output with the same key; otherwise stream
     ``make_ds(shards)`` (the input rows of the shards still to do, one frame each) and write
     each shard of ``shard_rows`` input rows the moment all its rows are back (atomically), so a
-    killed run resumes from its finished shards. Prints rows done, rows/s and ETA; logs shards
-    and rows/s to the stage's MLflow child run (``run_name``, default the stage). Output rows
-    follow ``rows``' order whichever run computed them."""
+    killed run resumes from its finished shards. Shards are verified (readable, row count)
+    before they count as done and before ``_SUCCESS``. Prints rows done, rows/s and ETA; logs
+    shards and rows/s to the stage's MLflow child run (``run_name``, default the stage). Output
+    rows follow ``rows``' order whichever run computed them."""
     parts = {**parts, "shard_rows": shard_rows}
     d, done = cache.get(stage, parts, keep_partial=True)
     sharded = ShardedOutput(d, len(rows), shard_rows)
     label = label or stage
     with tracker.child(run_name or stage) as run_log:
-        todo = sharded.missing() if not done else []
-        n_done = sharded.n_shards - len(todo)
-        run_log.metrics({"shards": sharded.n_shards, "shards_cached": n_done})
-        if done:
+        if done and _check_done(cache, d, sharded, label, say):
+            run_log.metrics({"shards": sharded.n_shards, "shards_cached": sharded.n_shards})
             say(f"{label}: cached ({d})")
             return sharded.read_all()
+        _drop_bad(sharded, label, say)
+        todo = sharded.missing()
+        n_done = sharded.n_shards - len(todo)
+        run_log.metrics({"shards": sharded.n_shards, "shards_cached": n_done})
         if not todo:
-            cache.commit(d)
+            _finish(cache, d, sharded, stage)
             return sharded.read_all()
         if n_done:
             say(f"{label}: resuming, {n_done}/{sharded.n_shards} shards already done")
+        else:
+            _say_changed_shards(cache, stage, parts, "shard_rows", label, say)
         frames = [rows.iloc[sharded.rows(i)] for i in todo]
         shard_of = {rid: i for i, f in zip(todo, frames) for rid in f["id"]}
         need = {i: len(f) for i, f in zip(todo, frames)}
@@ -87,5 +152,229 @@ def sharded_pass(cache: StageCache, tracker: Tracker, stage: str, parts: dict[st
             raise RuntimeError(f"{stage}: rows missing from the output of shards {sorted(buf)}")
         run_log.metrics({"rows": n_pending, "shards_reused": n_done,
                          "rows_per_s": n_pending / max(time.time() - t0, 1e-9)})
-        cache.commit(d)
+        _finish(cache, d, sharded, stage)
         return sharded.read_all()
+
+
+# ---------------------------------------------------------------------------------------------
+# files to files
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Step:
+    """One per-row stage of a :func:`stream_pass` chain.
+
+    Attributes:
+        fn: a callable class (constructed once per actor with ``kwargs``) or a function,
+            mapping a pandas batch of good rows (``id`` + ``columns``) to an output frame with
+            ``id`` (one row per input row, any order) and optionally ``_error``.
+        kwargs: ``fn``'s constructor kwargs.
+        pool: ``map_batches`` kwargs (``pool_kwargs(section)``: compute, num_cpus, batch_size,
+            ...); default one actor, one CPU.
+        columns: input columns ``fn`` needs besides ``id`` (None: all of the previous step's).
+    """
+
+    fn: Any
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    pool: dict[str, Any] = field(default_factory=dict)
+    columns: list[str] | None = None
+
+
+class _Keep:
+    """Runs a :class:`Step` on a batch's good rows and carries every row's ``_unit`` / ``_pos``
+    through; rejects, end markers and rows that failed an earlier step pass by untouched. Output
+    is an Arrow table (array cells become list columns, so a batch with no good row — without
+    the step's columns — still concatenates with the others: missing columns become nulls)."""
+
+    def __init__(self, fn: Any, kwargs: dict[str, Any], columns: list[str] | None) -> None:
+        self.inner = fn(**kwargs) if isinstance(fn, type) else fn
+        self.columns = columns
+
+    def __call__(self, batch: pd.DataFrame):
+        import pyarrow as pa
+
+        skip = (batch["_pos"].to_numpy() < 0) | (batch["_reject"].to_numpy() != "")
+        if ERROR_COLUMN in batch:
+            skip |= batch[ERROR_COLUMN].fillna("").to_numpy() != ""
+        parts = []
+        good = batch[~skip]
+        if len(good):
+            cols = ["id", *self.columns] if self.columns is not None else [
+                c for c in good.columns if c not in (*META_COLUMNS, ERROR_COLUMN)]
+            out = self.inner(good[cols].reset_index(drop=True))
+            if ERROR_COLUMN not in out:
+                out = out.assign(**{ERROR_COLUMN: ""})
+            ids = good["id"].to_numpy()
+            if len(out) == len(good) and (out["id"].to_numpy() == ids).all():
+                meta = good[["_reject", "_unit", "_pos"]].reset_index(drop=True)
+            else:  # any order: by id (first row of an id)
+                meta = good.drop_duplicates("id").set_index("id").loc[
+                    out["id"], ["_reject", "_unit", "_pos"]].reset_index(drop=True)
+            out = out.reset_index(drop=True)
+            for c in meta.columns:
+                out[c] = meta[c].to_numpy()
+            parts.append(out)
+        if skip.any():
+            keep = batch.loc[skip, ["id", "_reject", "_unit", "_pos"]]
+            err = batch.loc[skip, ERROR_COLUMN].fillna("") if ERROR_COLUMN in batch else ""
+            parts.append(keep.assign(**{ERROR_COLUMN: err}))
+        df = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
+        return pa.Table.from_pandas(df, preserve_index=False)
+
+
+def identity(batch: pd.DataFrame) -> pd.DataFrame:
+    """A :class:`Step` function that returns its rows unchanged (the pure platform cost)."""
+    return batch
+
+
+def _sentinel_stats(tbl) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    units = tbl.column("_unit").to_numpy()
+    pos = tbl.column("_pos").to_numpy()
+    rej = tbl.column("_reject").to_pylist() if tbl.num_rows else []
+    fatal = [r[1:] for r in rej if r and r.startswith("!")]
+    return units, pos, pos < 0, fatal
+
+
+def stream_pass(cache: StageCache, tracker: Tracker, stage: str, parts: dict[str, Any],
+                source: Any, steps: list[Step], say: Say, *, run_name: str | None = None,
+                label: str | None = None, every_s: float = 60.0,
+                on_shard: Callable[[int, Any], None] | None = None,
+                stats: dict[str, Any] | None = None) -> ShardedOutput:
+    """Files to files: ``source`` (a :class:`~raydapt.data.readers.RowSource`) → ``steps`` →
+    one parquet shard per read unit in the stage cache.
+
+    The key is ``parts`` plus the source's content fingerprint and unit size, so outputs stay
+    content-addressed; a rerun computes only the units whose shard is missing or fails
+    verification. Each output shard holds, in the unit's row order, one row per input row: the
+    last step's columns for good rows, ``_error`` for a row a step could not process, and
+    ``_reject`` (the reader's reject record, JSON) for a row the reader rejected. A file that
+    cannot be read on stops the pass with one :class:`DataError`.
+
+    Args:
+        on_shard: called with (shard index, pyarrow Table) after each shard is written (e.g. a
+            streaming top-N), not for shards reused from the cache.
+        stats: filled with rows, shards computed / reused, seconds.
+
+    Returns:
+        the finished :class:`ShardedOutput` (``iter_tables`` / ``read_all`` to read it).
+    """
+    import pyarrow as pa
+
+    parts = {**parts, "source": source.fingerprint(), "shard_rows": source.unit_rows}
+    d, done = cache.get(stage, parts, keep_partial=True)
+    sharded = ShardedOutput(d, 0, 1, n_shards=len(source.units))
+    label = label or stage
+    stats = stats if stats is not None else {}
+    with tracker.child(run_name or stage) as run_log:
+        if done and _check_done(cache, d, sharded, label, say):
+            run_log.metrics({"shards": sharded.n_shards, "shards_cached": sharded.n_shards})
+            stats.update(shards=sharded.n_shards, shards_computed=0, rows=0, seconds=0.0)
+            say(f"{label}: cached ({d})")
+            return sharded
+        _drop_bad(sharded, label, say)
+        todo = sharded.missing()
+        n_done = sharded.n_shards - len(todo)
+        run_log.metrics({"shards": sharded.n_shards, "shards_cached": n_done})
+        stats.update(shards=sharded.n_shards, shards_computed=len(todo), shards_reused=n_done)
+        if n_done:
+            say(f"{label}: resuming, {n_done}/{sharded.n_shards} shards already done")
+        elif todo:
+            _say_changed_shards(cache, stage, parts, "shard_rows", label, say)
+        t0 = time.time()
+        rows = 0
+        if todo:
+            say(f"{label}: {len(todo)} shards of ~{source.unit_rows} rows from "
+                f"{len(source.files)} file(s)")
+            ds = source.dataset(todo)
+            for st in steps:
+                kw = {"batch_format": "pandas", **st.pool}
+                if isinstance(st.fn, type) or "compute" in kw:
+                    import ray
+
+                    kw.setdefault("compute", ray.data.ActorPoolStrategy(size=1))
+                ds = ds.map_batches(_Keep, fn_constructor_args=(st.fn, st.kwargs, st.columns),
+                                    **kw) if "compute" in kw else ds.map_batches(
+                    _Keep(st.fn, st.kwargs, st.columns), **kw)
+            buf: dict[int, list[Any]] = {}
+            got: dict[int, int] = {}
+            expect: dict[int, int] = {}
+            written, last = 0, 0.0
+
+            def flush(u: int) -> None:
+                nonlocal written
+                tables = buf.pop(u, [])
+                tbl = pa.concat_tables(tables, promote_options="permissive") if tables else \
+                    pa.table({"id": pa.array([], pa.string()), "_reject": pa.array(
+                        [], pa.string()), ERROR_COLUMN: pa.array([], pa.string()),
+                        "_pos": pa.array([], pa.int64())})
+                tbl = tbl.sort_by("_pos").drop_columns(
+                    [c for c in ("_unit", "_pos") if c in tbl.column_names])
+                sharded.write_table(u, tbl)
+                got.pop(u, None)
+                expect.pop(u, None)
+                written += 1
+                if on_shard is not None:
+                    on_shard(u, tbl)
+
+            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                if batch.num_rows == 0:
+                    continue
+                units, pos, is_marker, fatal = _sentinel_stats(batch)
+                if fatal:
+                    raise DataError(fatal[0])
+                for u in np.unique(units):
+                    u = int(u)
+                    sel = units == u
+                    mk = sel & is_marker
+                    if mk.any():
+                        expect[u] = int(-pos[mk][0] - 1)
+                    body = sel & ~is_marker
+                    n = int(body.sum())
+                    if n:
+                        buf.setdefault(u, []).append(batch.filter(pa.array(body)))
+                        got[u] = got.get(u, 0) + n
+                        rows += n
+                    if u in expect and got.get(u, 0) == expect[u]:
+                        flush(u)
+                    elif u in expect and got.get(u, 0) > expect[u]:
+                        raise RuntimeError(f"{stage}: shard {u} has {got[u]} rows, its read "
+                                           f"unit {expect[u]}")
+                now = time.time()
+                if now - last >= every_s:
+                    el = max(now - t0, 1e-9)
+                    say(f"{label}: {written}/{len(todo)} shards, {rows} rows, "
+                        f"{rows / el:.1f} rows/s, ETA "
+                        f"{(len(todo) - written) * el / max(written, 1):.0f}s")
+                    last = now
+            left = sorted(set(todo) - {i for i in todo if sharded.check(i) is None})
+            if left:
+                raise RuntimeError(f"{stage}: shards {left[:5]} did not complete (rows "
+                                   f"{[got.get(i, 0) for i in left[:5]]}, expected "
+                                   f"{[expect.get(i) for i in left[:5]]})")
+        sec = time.time() - t0
+        stats.update(rows=rows, seconds=sec)
+        run_log.metrics({"rows": rows, "shards_reused": n_done,
+                         "rows_per_s": rows / max(sec, 1e-9)})
+        _finish(cache, d, sharded, stage)
+        if todo:
+            say(f"{label}: {rows} rows in {sec:.1f}s ({rows / max(sec, 1e-9):.1f} rows/s), "
+                f"{len(todo)} shards written, {n_done} reused")
+        return sharded
+
+
+def output_rejects(out: ShardedOutput, stage: str) -> pd.DataFrame:
+    """The reject records of a streamed output: the reader's rejects (their records) and rows a
+    step could not process (``file`` = the stage). Reads two small columns per shard."""
+    from raydapt.data.readers import REJECT_COLUMNS
+
+    recs: list[dict[str, Any]] = []
+    for tbl in out.iter_tables(["id", "_reject", ERROR_COLUMN]):
+        df = tbl.to_pandas()
+        if "_reject" in df:
+            recs += [json.loads(r) for r in df["_reject"] if r]
+        if ERROR_COLUMN in df:
+            bad = df[df[ERROR_COLUMN].fillna("") != ""]
+            recs += [{"file": stage, "id": i, "reason": r, "raw": ""}
+                     for i, r in zip(bad["id"], bad[ERROR_COLUMN])]
+    return pd.DataFrame(recs, columns=REJECT_COLUMNS)

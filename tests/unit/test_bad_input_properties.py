@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import string
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -21,12 +22,13 @@ from raydapt.cli import main
 from raydapt.config import ConfigError, apply_overrides, load_job, validate_job
 from raydapt.data.readers import (
     Fields,
-    _NormaliseBatch,
-    _split_lines,
+    TextRows,
     drop_duplicate_ids,
     normalise_records,
     parse_jsonl_lines,
+    plan_units,
     read_rows,
+    read_unit,
 )
 
 LABELS = ["negative", "positive"]
@@ -123,17 +125,30 @@ def test_reasons_name_the_problem():
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(lines=st.lists(jsonl_line(), max_size=25), eol=st.sampled_from([b"\n", b"\r\n"]))
-def test_jsonl_file_bytes_through_the_reader_functions(lines, eol):
-    """The functions the Ray reader maps over a jsonl file's bytes (split, parse, normalise), on
-    whole files: every non-blank line ends as a row or a reject."""
+@given(lines=st.lists(jsonl_line(), max_size=25), eol=st.sampled_from([b"\n", b"\r\n"]),
+       unit_rows=st.integers(1, 30))
+def test_jsonl_file_bytes_through_the_reader_functions(lines, eol, unit_rows):
+    """The read tasks of the streaming reader on whole files split into byte-range units of
+    any size: every non-blank line ends as exactly one row or reject, in file order, and each
+    unit's end marker counts its rows."""
+    import tempfile
+
     data = eol.join(lines) + eol
-    split = _split_lines(pd.DataFrame({"bytes": [data]}))
-    out = _NormaliseBatch(file="f.jsonl", fields=Fields(), labels=LABELS, require_label=True,
-                          jsonl=True, max_text_chars=MAX_CHARS)(split)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "f.jsonl"
+        path.write_bytes(data)
+        norm = TextRows(labels=tuple(LABELS), max_text_chars=MAX_CHARS)
+        units = plan_units([str(path)], unit_rows=unit_rows)
+        blocks = [b for u in units for b in read_unit(u, norm, block_rows=3)]
+    out = pd.concat(blocks, ignore_index=True) if blocks else pd.DataFrame(
+        columns=["_pos", "_reject", "_unit"])
+    rows = out[out["_pos"] >= 0]
     n_rows = sum(1 for ln in lines if ln.strip())
-    assert len(out) == n_rows
-    assert all(json.loads(r)["reason"] for r in out["_reject"] if r)
+    assert len(rows) == n_rows
+    assert all(json.loads(r)["reason"] for r in rows["_reject"] if r)
+    markers = out[out["_pos"] < 0]
+    assert sorted(markers["_unit"]) == [u.index for u in units]
+    assert (-markers["_pos"] - 1).sum() == n_rows
 
 
 MIXED = [b'{"id": "g1", "text": "good one", "label": "positive"}',
