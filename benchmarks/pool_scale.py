@@ -55,6 +55,7 @@ from raydapt.core.cache import StageCache  # noqa: E402
 from raydapt.core.tracking import Tracker  # noqa: E402
 from raydapt.data.qa import QA_COLUMNS, QAFormat, encode_table, normalise_qa  # noqa: E402
 from raydapt.data.readers import open_source  # noqa: E402
+from raydapt.recipes.ntk_select import STAGE_VERSIONS as NTK_STAGE_VERSIONS  # noqa: E402
 from raydapt.select.topk import StreamingTopN  # noqa: E402
 from raydapt.select.votes import knn_votes_streaming  # noqa: E402
 from raydapt.stages.common import ERROR_COLUMN  # noqa: E402
@@ -326,7 +327,8 @@ def run_size(scratch: Path, size: int, layout: str, passes: list[str], bare: boo
                            "M": m, "N": n_sel, "k": k, "domain_rows": N_DOMAIN,
                            "passes": {}}
     dom_emb, gbar = domain_side(mdir, adapter) if "stage1" in passes or bare else (None, None)
-    cache = StageCache(cache_dir or scratch / f"cache-{size}-{layout}")
+    cache = StageCache(cache_dir or scratch / f"cache-{size}-{layout}",
+                       versions=NTK_STAGE_VERSIONS)
     init_ray(num_cpus=2, progress=False)
     try:
         res["ray_object_store_mb"] = round(ray.cluster_resources().get(

@@ -81,7 +81,7 @@ class StageCache:
         (e.g. ``shard_rows``): (directory, their value of it, finished?)."""
         want = json.loads(json.dumps({"stage": stage, **parts}, default=str))
         want.pop(differing, None)
-        mine = self.root / stage / stage_key(stage, parts)
+        mine = self.root / stage / self.key(stage, parts)
         out = []
         for kf in sorted((self.root / stage).glob("*/_KEY.json")):
             if kf.parent == mine:

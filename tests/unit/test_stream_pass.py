@@ -17,6 +17,9 @@ from raydapt.stages.sharded import Step, identity, output_rejects, sharded_pass,
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
+# the stages these tests run (a recipe declares its own: Recipe.STAGE_VERSIONS)
+VERSIONS = {"embed": 1, "teacher": 1}
+
 
 def setup_module(module) -> None:
     """Ship this module's step functions to Ray workers by value (workers of a cluster started
@@ -63,13 +66,13 @@ class _Len:
 
 @pytest.mark.timeout(1800)
 def test_driver_does_not_collect_the_pool(tmp_path):
-    """25K rows (~11 MB) through read -> step -> write: the driver's peak traced allocation stays
+    """50K rows (~22 MB) through read -> step -> write: the driver's peak traced allocation stays
     far under the pool's in-memory size (a pass that gathers rows or outputs in the driver
     fails; the second half of the test shows that collecting the output does)."""
-    n = 25_000
+    n = 50_000
     p = _pool(tmp_path / "pool.jsonl", n, width=400)
     src = open_source(p, normaliser=TextRows(require_label=False), unit_rows=2_000)
-    cache = StageCache(tmp_path / "cache")
+    cache = StageCache(tmp_path / "cache", versions=VERSIONS)
     # a small pass first: what the first pass of a process imports (pyarrow.dataset, Ray Data's
     # operators, ...) is a one-off cost of several MB, not memory that grows with the pool
     warm = open_source(_pool(tmp_path / "warm.jsonl", 500), unit_rows=100,
@@ -104,7 +107,7 @@ def test_driver_does_not_collect_the_pool(tmp_path):
 def test_rows_in_equal_rows_out_plus_rejects_and_step_failures(tmp_path):
     p = _pool(tmp_path / "pool.jsonl", 300, bad_every=50)
     src = open_source(p, normaliser=TextRows(require_label=False), unit_rows=40)
-    out = stream_pass(StageCache(tmp_path / "c"), _tracker(), "embed", {}, src,
+    out = stream_pass(StageCache(tmp_path / "c", versions=VERSIONS), _tracker(), "embed", {}, src,
                       [Step(_Len, {"add": 1}, pool={"batch_size": 16}, columns=["text"])],
                       lambda s: None)
     df = out.read_all()
@@ -120,7 +123,7 @@ def test_rows_in_equal_rows_out_plus_rejects_and_step_failures(tmp_path):
 def test_resume_after_a_kill_and_corrupt_shards_recompute_only_those(tmp_path):
     p = _pool(tmp_path / "pool.jsonl", 1_200)
     src = open_source(p, normaliser=TextRows(require_label=False), unit_rows=100)
-    cache, steps = StageCache(tmp_path / "c"), [Step(identity, columns=["text"])]
+    cache, steps = StageCache(tmp_path / "c", versions=VERSIONS), [Step(identity, columns=["text"])]
     n_units = len(src.units)
     assert n_units >= 10
 
@@ -162,7 +165,7 @@ def test_a_shard_with_the_wrong_row_count_is_not_done(tmp_path):
 
     p = _pool(tmp_path / "pool.jsonl", 500)
     src = open_source(p, normaliser=TextRows(require_label=False), unit_rows=100)
-    cache, steps = StageCache(tmp_path / "c"), [Step(identity, columns=["text"])]
+    cache, steps = StageCache(tmp_path / "c", versions=VERSIONS), [Step(identity, columns=["text"])]
     out = stream_pass(cache, _tracker(), "embed", {}, src, steps, lambda s: None)
     first = out.read_all()
     t = pq.read_table(out.path(2))  # same footer row count, fewer rows (e.g. a bad copy)
@@ -176,7 +179,7 @@ def test_a_shard_with_the_wrong_row_count_is_not_done(tmp_path):
 
 def test_changed_shard_size_says_it_recomputes_and_cache_ls_lists_unfinished(tmp_path):
     p = _pool(tmp_path / "pool.jsonl", 600)
-    cache, steps = StageCache(tmp_path / "c"), [Step(identity, columns=["text"])]
+    cache, steps = StageCache(tmp_path / "c", versions=VERSIONS), [Step(identity, columns=["text"])]
     src = open_source(p, normaliser=TextRows(require_label=False), unit_rows=100)
     out = stream_pass(cache, _tracker(), "embed", {}, src, steps, lambda s: None)
     (out.d / "_SUCCESS").unlink()  # as if killed before the end
@@ -200,7 +203,7 @@ def test_frame_sharded_pass_verifies_shards(tmp_path):
         return ray.data.from_pandas(frames).map_batches(
             lambda b: b.assign(y=b["x"] * 2), batch_format="pandas")
 
-    cache = StageCache(tmp_path / "c")
+    cache = StageCache(tmp_path / "c", versions=VERSIONS)
     first = sharded_pass(cache, _tracker(), "teacher", {}, rows, 3, make_ds, lambda s: None)
     d = next((cache.root / "teacher").iterdir())
     shard = d / "part-00002.parquet"
