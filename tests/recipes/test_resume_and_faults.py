@@ -216,7 +216,10 @@ def test_sigterm_is_a_clean_resumable_exit(tmp_path, tiny_simda_job, stage):
         k.kill()
     assert not alive, [" ".join(k.cmdline()[:3]) for k in alive]
     cl = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlruns-t.db")
-    runs = cl.search_runs([cl.get_experiment_by_name("simda").experiment_id])
+    from raydapt.config import load_job
+
+    exp = cl.get_experiment_by_name(load_job(job).tracking.experiment)  # "raydapt" here
+    runs = cl.search_runs([exp.experiment_id])
     status = {r.info.run_name: r.info.status for r in runs}
     assert status["tiny"] == "KILLED" and "RUNNING" not in status.values(), status
     assert status["teacher" if stage == "teacher" else "student-kl"] == "KILLED", status
