@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,17 +17,7 @@ from pathlib import Path
 
 import pytest
 
-
-def free_ports(n: int) -> list[int]:
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
+from raydapt.ops.local_cluster import free_ports
 
 
 def stop_cluster(temp_dir: str, grace_s: float = 5.0) -> list[int]:
