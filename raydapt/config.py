@@ -106,6 +106,10 @@ class ActorPoolSection(Section):
     max_task_retries: int = Field(
         3, ge=0, description="Times a batch is retried on a restarted actor before the job "
         "fails.")
+    pass_retries: int = Field(
+        2, ge=0, description="Times a sharded pass is restarted, within the run, over its "
+        "unfinished shards when Ray loses its actors (a node lost, an actor unavailable): "
+        "finished shards are kept, only the ones in flight are recomputed.")
 
 
 class EngineSection(Section):

@@ -98,7 +98,18 @@ def actors(st: dict[str, Any]) -> list[dict[str, Any]]:
     rows = list_actors(address=st["dashboard"], limit=10_000, detail=True,
                        raise_on_missing_output=False)
     return [{"class_name": a.class_name, "node_id": a.node_id, "state": a.state,
-             "pid": a.pid, "actor_id": a.actor_id, "name": a.name or ""} for a in rows]
+             "pid": a.pid, "actor_id": a.actor_id, "name": a.name or "",
+             # what it asked for: CPU, GPU, custom (not the node:<ip> affinity markers)
+             "resources": {k: v for k, v in (a.required_resources or {}).items()
+                           if v and not k.startswith("node:")}}
+            for a in rows]
+
+
+def head_actors(st: dict[str, Any], watch: NodeWatch) -> dict[str, dict[str, float]]:
+    """Actor class -> the resources it asked for, of every actor that ran on the head."""
+    watch.poll()
+    return {a["class_name"]: a["resources"] for a in actors(st)
+            if a["node_id"] and watch.types.get(a["node_id"]) == st["head_node_type"]}
 
 
 def placement(st: dict[str, Any], watch: NodeWatch) -> dict[str, Counter]:

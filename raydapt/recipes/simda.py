@@ -322,7 +322,7 @@ class SimDARecipe(Recipe):
             cfg.teacher.pool.shard_rows,
             lambda shards: run_teacher(pd.concat(shards), cfg, keep_hidden=keep_hidden,
                                        stage=run_name or stage, **demos), _say,
-            run_name=run_name)
+            run_name=run_name, retries=cfg.teacher.pool.pass_retries)
         got, rej = split_errors(got, run_name or stage)
         self.rejects.append(rej)
         return got

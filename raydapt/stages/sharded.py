@@ -56,6 +56,44 @@ def stream_rows(ds, total: int, label: str, say: Say, on_batch=None, every_s: fl
         columns=["id", ERROR_COLUMN])
 
 
+#: Ray's errors for work lost with its process or node (not the stage's own exceptions).
+_LOST = ("RayActorError", "NodeDiedError", "ObjectLostError", "WorkerCrashedError",
+         "LocalRayletDiedError")
+
+
+def lost_work(exc: BaseException) -> str | None:
+    """The Ray error in ``exc``'s chain that says work was lost with an actor, a worker or a
+    node (retrying the unfinished shards may succeed), or None for any other error (a bug or
+    bad input: retrying would fail the same way)."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        names = {c.__name__ for c in type(e).__mro__}
+        hit = names & set(_LOST)
+        if hit:
+            return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e) else ''}"
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _retrying(attempt_fn: Callable[[int], None], retries: int, missing: Callable[[], list[int]],
+              label: str, say: Say) -> None:
+    """Run ``attempt_fn(attempt)`` (one pass over the shards still missing); when Ray loses
+    work with a node or an actor, run it again over the shards still missing, up to
+    ``retries`` times. Finished shards are on storage and are never redone."""
+    for attempt in range(retries + 1):
+        try:
+            attempt_fn(attempt)
+            return
+        except Exception as exc:
+            why = lost_work(exc)
+            if why is None or attempt == retries:
+                raise
+            say(f"{label}: work lost mid-pass ({why}); {len(missing())} shard(s) unfinished, "
+                f"restarting the pass over them (retry {attempt + 1}/{retries})")
+
+
 def _check_done(cache: StageCache, d, sharded: ShardedOutput, label: str, say: Say) -> bool:
     """A finished (``_SUCCESS``) output whose shards all verify stays finished; otherwise the
     marker is taken back, the bad shards removed, and the caller recomputes them."""
@@ -100,14 +138,17 @@ def _finish(cache: StageCache, d, sharded: ShardedOutput, stage: str) -> None:
 def sharded_pass(cache: StageCache, tracker: Tracker, stage: str, parts: dict[str, Any],
                  rows: pd.DataFrame, shard_rows: int,
                  make_ds: Callable[[list[pd.DataFrame]], Any], say: Say, *,
-                 run_name: str | None = None, label: str | None = None) -> pd.DataFrame:
+                 run_name: str | None = None, label: str | None = None,
+                 retries: int = 2) -> pd.DataFrame:
     """A sharded, resumable pass: reuse a finished output with the same key; otherwise stream
     ``make_ds(shards)`` (the input rows of the shards still to do, one frame each) and write
     each shard of ``shard_rows`` input rows the moment all its rows are back (atomically), so a
     killed run resumes from its finished shards. Shards are verified (readable, row count)
     before they count as done and before ``_SUCCESS``. Prints rows done, rows/s and ETA; logs
     shards and rows/s to the stage's MLflow child run (``run_name``, default the stage). Output
-    rows follow ``rows``' order whichever run computed them."""
+    rows follow ``rows``' order whichever run computed them. When Ray loses the pass's work
+    with a node or an actor, the pass restarts over its unfinished shards, up to ``retries``
+    times (the pool's ``pass_retries``)."""
     parts = {**parts, "shard_rows": shard_rows}
     d, done = cache.get(stage, parts, keep_partial=True)
     sharded = ShardedOutput(d, len(rows), shard_rows)
@@ -128,28 +169,35 @@ def sharded_pass(cache: StageCache, tracker: Tracker, stage: str, parts: dict[st
             say(f"{label}: resuming, {n_done}/{sharded.n_shards} shards already done")
         else:
             _say_changed_shards(cache, stage, parts, "shard_rows", label, say)
-        frames = [rows.iloc[sharded.rows(i)] for i in todo]
-        shard_of = {rid: i for i, f in zip(todo, frames) for rid in f["id"]}
-        need = {i: len(f) for i, f in zip(todo, frames)}
-        buf: dict[int, list[pd.DataFrame]] = {i: [] for i in todo}
-        got = dict.fromkeys(todo, 0)
-        n_pending = sum(need.values())
+        n_pending = sum(len(rows.iloc[sharded.rows(i)]) for i in todo)
         say(f"{label}: {n_pending} rows in {len(todo)} shards of <= {shard_rows}")
 
-        def on_batch(batch: pd.DataFrame) -> None:
-            for i, g in batch.groupby(batch["id"].map(shard_of), sort=False):
-                i = int(i)
-                buf[i].append(g)
-                got[i] += len(g)
-                if got[i] == need[i]:  # shard complete: write it in input order
-                    order = rows["id"].iloc[sharded.rows(i)]
-                    sharded.write(i, pd.concat(buf.pop(i)).set_index("id").loc[order]
-                                  .reset_index())
+        def attempt(_: int) -> None:
+            left = sharded.missing()  # a retry: the shards the lost attempt did not finish
+            frames = [rows.iloc[sharded.rows(i)] for i in left]
+            shard_of = {rid: i for i, f in zip(left, frames) for rid in f["id"]}
+            need = {i: len(f) for i, f in zip(left, frames)}
+            buf: dict[int, list[pd.DataFrame]] = {i: [] for i in left}
+            got = dict.fromkeys(left, 0)
+
+            def on_batch(batch: pd.DataFrame) -> None:
+                for i, g in batch.groupby(batch["id"].map(shard_of), sort=False):
+                    i = int(i)
+                    buf[i].append(g)
+                    got[i] += len(g)
+                    if got[i] == need[i]:  # shard complete: write it in input order
+                        order = rows["id"].iloc[sharded.rows(i)]
+                        sharded.write(i, pd.concat(buf.pop(i)).set_index("id").loc[order]
+                                      .reset_index())
+
+            stream_rows(make_ds(frames), sum(need.values()), label, say, on_batch=on_batch,
+                        keep=False)
+            if buf:
+                raise RuntimeError(f"{stage}: rows missing from the output of shards "
+                                   f"{sorted(buf)}")
 
         t0 = time.time()
-        stream_rows(make_ds(frames), n_pending, label, say, on_batch=on_batch, keep=False)
-        if buf:
-            raise RuntimeError(f"{stage}: rows missing from the output of shards {sorted(buf)}")
+        _retrying(attempt, retries, sharded.missing, label, say)
         run_log.metrics({"rows": n_pending, "shards_reused": n_done,
                          "rows_per_s": n_pending / max(time.time() - t0, 1e-9)})
         _finish(cache, d, sharded, stage)
@@ -240,7 +288,7 @@ def stream_pass(cache: StageCache, tracker: Tracker, stage: str, parts: dict[str
                 source: Any, steps: list[Step], say: Say, *, run_name: str | None = None,
                 label: str | None = None, every_s: float = 60.0,
                 on_shard: Callable[[int, Any], None] | None = None,
-                stats: dict[str, Any] | None = None) -> ShardedOutput:
+                stats: dict[str, Any] | None = None, retries: int = 2) -> ShardedOutput:
     """Files to files: ``source`` (a :class:`~raydapt.data.readers.RowSource`) → ``steps`` →
     one parquet shard per read unit in the stage cache.
 
@@ -255,6 +303,8 @@ def stream_pass(cache: StageCache, tracker: Tracker, stage: str, parts: dict[str
         on_shard: called with (shard index, pyarrow Table) after each shard is written (e.g. a
             streaming top-N), not for shards reused from the cache.
         stats: filled with rows, shards computed / reused, seconds.
+        retries: restarts of the pass over its unfinished shards when Ray loses its work with
+            a node or an actor (the pool's ``pass_retries``); finished shards are kept.
 
     Returns:
         the finished :class:`ShardedOutput` (``iter_tables`` / ``read_all`` to read it).
@@ -283,10 +333,12 @@ def stream_pass(cache: StageCache, tracker: Tracker, stage: str, parts: dict[str
             _say_changed_shards(cache, stage, parts, "shard_rows", label, say)
         t0 = time.time()
         rows = 0
-        if todo:
-            say(f"{label}: {len(todo)} shards of ~{source.unit_rows} rows from "
-                f"{len(source.files)} file(s)")
-            ds = source.dataset(todo)
+        written, last = 0, 0.0
+
+        def attempt(_: int) -> None:
+            nonlocal rows, written, last
+            left = sharded.missing()  # a retry: the units the lost attempt did not finish
+            ds = source.dataset(left)
             for st in steps:
                 kw = {"batch_format": "pandas", **st.pool}
                 if isinstance(st.fn, type) or "compute" in kw:
@@ -299,10 +351,9 @@ def stream_pass(cache: StageCache, tracker: Tracker, stage: str, parts: dict[str
             buf: dict[int, list[Any]] = {}
             got: dict[int, int] = {}
             expect: dict[int, int] = {}
-            written, last = 0, 0.0
 
             def flush(u: int) -> None:
-                nonlocal written
+                nonlocal written, rows
                 tables = buf.pop(u, [])
                 tbl = pa.concat_tables(tables, promote_options="permissive") if tables else \
                     pa.table({"id": pa.array([], pa.string()), "_reject": pa.array(
@@ -314,6 +365,7 @@ def stream_pass(cache: StageCache, tracker: Tracker, stage: str, parts: dict[str
                 got.pop(u, None)
                 expect.pop(u, None)
                 written += 1
+                rows += tbl.num_rows
                 if on_shard is not None:
                     on_shard(u, tbl)
 
@@ -334,7 +386,6 @@ def stream_pass(cache: StageCache, tracker: Tracker, stage: str, parts: dict[str
                     if n:
                         buf.setdefault(u, []).append(batch.filter(pa.array(body)))
                         got[u] = got.get(u, 0) + n
-                        rows += n
                     if u in expect and got.get(u, 0) == expect[u]:
                         flush(u)
                     elif u in expect and got.get(u, 0) > expect[u]:
@@ -347,11 +398,16 @@ def stream_pass(cache: StageCache, tracker: Tracker, stage: str, parts: dict[str
                         f"{rows / el:.1f} rows/s, ETA "
                         f"{(len(todo) - written) * el / max(written, 1):.0f}s")
                     last = now
-            left = sorted(set(todo) - {i for i in todo if sharded.check(i) is None})
-            if left:
-                raise RuntimeError(f"{stage}: shards {left[:5]} did not complete (rows "
-                                   f"{[got.get(i, 0) for i in left[:5]]}, expected "
-                                   f"{[expect.get(i) for i in left[:5]]})")
+            unfinished = sorted(set(left) - {i for i in left if sharded.check(i) is None})
+            if unfinished:
+                raise RuntimeError(f"{stage}: shards {unfinished[:5]} did not complete (rows "
+                                   f"{[got.get(i, 0) for i in unfinished[:5]]}, expected "
+                                   f"{[expect.get(i) for i in unfinished[:5]]})")
+
+        if todo:
+            say(f"{label}: {len(todo)} shards of ~{source.unit_rows} rows from "
+                f"{len(source.files)} file(s)")
+            _retrying(attempt, retries, sharded.missing, label, say)
         sec = time.time() - t0
         stats.update(rows=rows, seconds=sec)
         run_log.metrics({"rows": rows, "shards_reused": n_done,
