@@ -33,6 +33,9 @@ from pathlib import Path
 
 import yaml
 
+# the local cluster uses Ray's token auth, which Ray reads once per process (machine.py
+# imports ray): set it before anything imports ray
+os.environ["RAY_AUTH_MODE"] = "token"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import describe  # noqa: E402
 
@@ -92,7 +95,6 @@ def rehearse(d: Path, kills: list[str]) -> dict:
     from raydapt.ops import rehearsal as rh
     from raydapt.ops.submit import submit
 
-    os.environ["RAY_AUTH_MODE"] = "token"
     state = d / "state.json"
     job = write_job(d, cluster=True, tag="cluster")
     cache = d / "cache-cluster"

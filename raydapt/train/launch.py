@@ -8,10 +8,15 @@ once, from a :class:`Workers`.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+#: seconds Ray Train waits for its workers' nodes (the autoscaler's time to add one); the
+#: environment's RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S wins
+WORKER_START_TIMEOUT_S = 900
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,10 @@ def launch(loop: Callable[[dict[str, Any]], None], config: dict[str, Any], *, na
 
     from raydapt.core.runtime import exclusive, verbose
 
+    # Ray Train gives up on a worker group whose nodes are not there within 60 s, but an
+    # autoscaler adding (or replacing, after a node loss) a training node takes longer: a
+    # cloud GPU node minutes. The driver's value is propagated to Ray Train's controller.
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(WORKER_START_TIMEOUT_S))
     trainer = TorchTrainer(
         loop, train_loop_config=config,
         torch_config=TorchConfig(backend="nccl" if workers.use_gpu else "gloo"),
