@@ -325,6 +325,8 @@ def run_size(scratch: Path, size: int, layout: str, passes: list[str], bare: boo
     m, n_sel, k = sizes_for(size)
     res: dict[str, Any] = {"size": size, "layout": layout, "unit_rows": UNIT_ROWS,
                            "M": m, "N": n_sel, "k": k, "domain_rows": N_DOMAIN,
+                           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                           "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
                            "passes": {}}
     dom_emb, gbar = domain_side(mdir, adapter) if "stage1" in passes or bare else (None, None)
     cache = StageCache(cache_dir or scratch / f"cache-{size}-{layout}",
@@ -399,6 +401,7 @@ def run_size(scratch: Path, size: int, layout: str, passes: list[str], bare: boo
     if bare:
         res["bare"] = bare_loop(d / "single.jsonl", mdir, adapter, dom_emb, gbar, m, n_sel, k)
         _say(f"bare: {res['bare']}")
+    res["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     res["driver_ru_maxrss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     return res
 
