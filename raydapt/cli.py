@@ -147,7 +147,7 @@ def _cache(args: argparse.Namespace) -> int:
         print(f"{len(entries)} cached stage outputs under {args.dir}")
     else:
         for e in entries:
-            shutil.rmtree(e["path"], ignore_errors=True)
+            cache.remove(e["path"])
         print(f"removed {len(entries)} cached stage outputs")
     return 0
 

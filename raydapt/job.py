@@ -139,7 +139,7 @@ def cached_stage(cache: StageCache, tracker: Tracker, stage: str, parts: dict[st
             run_log.params(params)
         if done:
             if say is not None:
-                say(f"{label or run_name or stage}: cached ({d})")
+                say(f"{label or run_name or stage}: cached ({cache.where(d)})")
         else:
             compute(d, run_log)
             cache.commit(d)

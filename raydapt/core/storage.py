@@ -4,10 +4,11 @@ nodes of a cluster share no disk.
 
     store = Store("s3://bucket/raydapt/cache")        # or "/shared/cache", "gs://..."
     store.check()                                     # unreachable: one-line StorageError
-    sh = ShardedStore(store, "teacher/3f2a...", n_rows=900, shard_rows=256)
-    for i in sh.missing(): sh.write(i, frame_of_shard_i)
-    sh.commit({"rows": 900})                          # the _SUCCESS marker, written last
-    sh.committed(), sh.read_all()
+    store.write_json("a/b.json", {...}); store.read_json("a/b.json"); store.ls("a")
+    store.commit("a"); store.committed("a")           # the _SUCCESS marker, written last
+
+The stage cache (:class:`raydapt.core.cache.StageCache`, :class:`~raydapt.core.cache.ShardedOutput`)
+keeps its entries and shards in a ``Store``.
 
 Atomicity: on a local path every object is written to a temporary name and renamed
 (``os.replace``); on S3 a PUT is atomic by itself (an object is either absent or complete), so a
@@ -70,6 +71,40 @@ def filesystem(root: str | Path):
         return pafs.FileSystem.from_uri(s)
     except Exception as exc:
         raise StorageError(f"cannot use storage {s}: {str(exc).splitlines()[0]}") from None
+
+
+def scratch_dir(uri: str, kind: str) -> Path:
+    """This machine's local stand-in for the URI location ``uri`` (``kind``: "cache",
+    "output"): ``$RAYDAPT_SCRATCH`` (default ``<tmp>/raydapt-scratch-<uid>``)
+    ``/<kind>/<hash of the URI>``. Files that must be local to be computed or read (models,
+    indexes, a job's output files) live here and are copied to / from the URI."""
+    import hashlib
+    import tempfile
+
+    root = os.environ.get("RAYDAPT_SCRATCH") or os.path.join(
+        tempfile.gettempdir(), f"raydapt-scratch-{os.getuid()}")
+    return Path(root) / kind / hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16]
+
+
+_MIRRORS: dict[str, str] = {}  # local scratch directory -> the URI it stands for
+
+
+def register_mirror(local: str | Path, uri: str) -> None:
+    """Declare ``local`` the scratch stand-in of ``uri`` (see :func:`remote_of`)."""
+    _MIRRORS[str(Path(local).resolve())] = uri.rstrip("/")
+
+
+def remote_of(path: str | Path) -> str | None:
+    """The URI a path under a registered scratch directory stands for (None: a plain local
+    path). E.g. Ray Train's storage under a job's local output mirror goes to the object store
+    itself, so its checkpoints survive the driver's machine."""
+    if is_uri(path):
+        return str(path)
+    p = str(Path(path).resolve())
+    for local, uri in _MIRRORS.items():
+        if p == local or p.startswith(local + os.sep):
+            return uri + p[len(local):].replace(os.sep, "/")
+    return None
 
 
 class Store:
@@ -160,6 +195,37 @@ class Store:
 
         return pd.read_parquet(io.BytesIO(self.read_bytes(rel)))
 
+    def files(self, rel: str = "") -> dict[str, int]:
+        """Every object under ``rel`` (recursive): its path relative to ``rel`` → size in
+        bytes; {} when absent."""
+        import pyarrow.fs as pafs
+
+        base = self.path(rel).rstrip("/")
+        sel = pafs.FileSelector(base, allow_not_found=True, recursive=True)
+        return {i.path[len(base) + 1:]: i.size for i in self.fs.get_file_info(sel)
+                if i.type == pafs.FileType.File}
+
+    def upload(self, local: str | Path, rel: str) -> None:
+        """Copy one local file to the object ``rel`` (streamed, not read into memory; on S3 the
+        object appears only once complete)."""
+        import pyarrow.fs as pafs
+
+        if self.local:
+            os.makedirs(posixpath.dirname(self.path(rel)), exist_ok=True)
+        pafs.copy_files(str(local), self.path(rel), source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=self.fs)
+
+    def download(self, rel: str, local: str | Path) -> None:
+        """Copy the object ``rel`` to a local file (written to a temporary name, then renamed)."""
+        import pyarrow.fs as pafs
+
+        local = Path(local)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = local.parent / f".{local.name}.{uuid.uuid4().hex[:8]}.tmp"
+        pafs.copy_files(self.path(rel), str(tmp), source_filesystem=self.fs,
+                        destination_filesystem=pafs.LocalFileSystem())
+        os.replace(tmp, local)
+
     # directories committed by a marker ------------------------------------------------------
 
     def commit(self, rel_dir: str, meta: dict[str, Any] | None = None) -> None:
@@ -168,47 +234,3 @@ class Store:
 
     def committed(self, rel_dir: str) -> bool:
         return self.exists(posixpath.join(rel_dir, MARKER))
-
-
-class ShardedStore:
-    """The shards of one sharded stage output under ``rel_dir`` of a :class:`Store`:
-    ``part-00000.parquet`` ... each written whole and atomically, the directory committed by
-    ``_SUCCESS`` once all are there (the same layout as :class:`raydapt.core.cache.ShardedOutput`
-    on a local disk)."""
-
-    def __init__(self, store: Store, rel_dir: str, n_rows: int, shard_rows: int) -> None:
-        self.store, self.d = store, rel_dir.strip("/")
-        self.n_rows, self.shard_rows = n_rows, shard_rows
-        self.n_shards = max(1, -(-n_rows // shard_rows))
-
-    def name(self, i: int) -> str:
-        return posixpath.join(self.d, f"part-{i:05d}.parquet")
-
-    def rows(self, i: int) -> slice:
-        return slice(i * self.shard_rows, min((i + 1) * self.shard_rows, self.n_rows))
-
-    def missing(self) -> list[int]:
-        have = set(self.store.ls(self.d))
-        return [i for i in range(self.n_shards) if f"part-{i:05d}.parquet" not in have]
-
-    def write(self, i: int, df) -> None:
-        self.store.write_parquet(self.name(i), df)
-
-    def read_all(self):
-        import pandas as pd
-
-        missing = self.missing()
-        if missing:
-            raise RuntimeError(f"{self.store.uri(self.d)}: shards {missing[:5]} missing")
-        return pd.concat([self.store.read_parquet(self.name(i)) for i in range(self.n_shards)])
-
-    def commit(self, meta: dict[str, Any] | None = None) -> None:
-        missing = self.missing()
-        if missing:
-            raise RuntimeError(f"{self.store.uri(self.d)}: cannot commit, shards {missing[:5]} "
-                               "missing")
-        self.store.commit(self.d, {"n_rows": self.n_rows, "shard_rows": self.shard_rows,
-                                   **(meta or {})})
-
-    def committed(self) -> bool:
-        return self.store.committed(self.d)
