@@ -42,6 +42,7 @@ import pandas as pd
 
 from raydapt.core.storage import MARKER, Store, is_uri, scratch_dir
 
+
 def stage_key(stage: str, version: int, parts: dict[str, Any]) -> str:
     """The content address of one stage output: the stage, its code version and everything
     that determines it (``parts``)."""

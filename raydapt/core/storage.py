@@ -198,12 +198,16 @@ class Store:
     def files(self, rel: str = "") -> dict[str, int]:
         """Every object under ``rel`` (recursive): its path relative to ``rel`` → size in
         bytes; {} when absent."""
+        return {k: v[0] for k, v in self.infos(rel).items()}
+
+    def infos(self, rel: str = "") -> dict[str, tuple[int, int]]:
+        """Every object under ``rel`` (recursive) → (size, mtime in ns; 0 if unknown)."""
         import pyarrow.fs as pafs
 
         base = self.path(rel).rstrip("/")
         sel = pafs.FileSelector(base, allow_not_found=True, recursive=True)
-        return {i.path[len(base) + 1:]: i.size for i in self.fs.get_file_info(sel)
-                if i.type == pafs.FileType.File}
+        return {i.path[len(base) + 1:]: (i.size, i.mtime_ns or 0)
+                for i in self.fs.get_file_info(sel) if i.type == pafs.FileType.File}
 
     def upload(self, local: str | Path, rel: str) -> None:
         """Copy one local file to the object ``rel`` (streamed, not read into memory; on S3 the
@@ -234,3 +238,61 @@ class Store:
 
     def committed(self, rel_dir: str) -> bool:
         return self.exists(posixpath.join(rel_dir, MARKER))
+
+
+class OutputDir:
+    """A job's output directory ``<run.output_dir>/<run.name>``. On a local path: that
+    directory. On a URI: a local scratch mirror (:attr:`local`, where the job writes its files:
+    ``results.json``, ``config.yaml``, plots, rejects) that :meth:`sync` uploads — the job
+    syncs after writing its config and its results, and once more when it ends (also on
+    failure). Ray Train runs under the mirror (``<local>/train``) get the URI itself as their
+    storage (:func:`remote_of`), so their checkpoints never depend on this machine."""
+
+    SKIP_DIRS = ("scratch",)  # per-worker checkpoint staging of the fits (raydapt.train)
+
+    def __init__(self, output_dir: str | Path, name: str) -> None:
+        self.remote = is_uri(output_dir)
+        if self.remote:
+            self.uri: str | None = str(output_dir).rstrip("/") + "/" + name
+            self.local = scratch_dir(self.uri, "output")
+            register_mirror(self.local, self.uri)
+            self.store: Store | None = Store(self.uri)
+        else:
+            self.uri, self.store = None, None
+            self.local = Path(output_dir) / name
+        self.local.mkdir(parents=True, exist_ok=True)
+
+    def where(self, rel: str = "") -> str:
+        """A file's location for messages: its URI on an object store, else its path."""
+        if self.store is not None:
+            return self.store.uri(rel)
+        return str(self.local / rel) if rel else str(self.local)
+
+    def sync(self) -> int:
+        """Upload every file of the mirror that the store lacks or holds older or of another
+        size (hidden files: locks, temporaries, and the fits' ``scratch/`` are skipped);
+        returns how many. A no-op on a local path."""
+        if self.store is None:
+            return 0
+        have = self.store.infos()
+        n = 0
+        for f in sorted(p for p in self.local.rglob("*") if p.is_file()):
+            rel = f.relative_to(self.local)
+            if any(part.startswith(".") or part in self.SKIP_DIRS for part in rel.parts):
+                continue
+            st = f.stat()
+            size, mtime = have.get(rel.as_posix(), (-1, 0))
+            if size == st.st_size and mtime >= st.st_mtime_ns:
+                continue
+            self.store.upload(f, rel.as_posix())
+            n += 1
+        return n
+
+
+def s3_env_for_mlflow(artifact_location: str) -> None:
+    """MLflow's S3 artifact store reads its endpoint from ``MLFLOW_S3_ENDPOINT_URL``: an
+    ``s3://`` artifact location with ``RAYDAPT_S3_ENDPOINT`` set (and that unset) gets it, so
+    artifacts go to the same S3-compatible server as the cache and outputs."""
+    ep = os.environ.get("RAYDAPT_S3_ENDPOINT")
+    if str(artifact_location).startswith("s3://") and ep:
+        os.environ.setdefault("MLFLOW_S3_ENDPOINT_URL", ep)
