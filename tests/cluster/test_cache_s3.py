@@ -115,6 +115,10 @@ def test_plain_stage_same_keys_and_files_locally_and_on_s3(tmp_path, s3_client, 
     remote.commit(rd)
     od2, _ = other.get("model", parts)
     assert json.loads((od2 / "meta.json").read_text()) == {"acc": 0.75}
+    # `raydapt cache rm`: the entry goes from the store (and the mirror)
+    other.remove(other.entries()[0]["path"])
+    assert other.entries() == [] and _objects(s3_client, prefix) == {} and not od2.exists()
+    assert not other.get("model", parts)[1]
 
 
 def test_an_upload_killed_midway_leaves_no_marker_and_is_redone(tmp_path, s3_client, scratch,
