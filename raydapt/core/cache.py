@@ -11,8 +11,8 @@ The cache root is a local path or an object-store URI (``s3://bucket/prefix``, t
 :mod:`raydapt.core.storage`). Keys and layout are the same on both (``<stage>/<key>/_KEY.json``,
 ``part-NNNNN.parquet``, ``_SUCCESS``). On a URI:
 
-- a sharded stage's shards are written straight to the store, each in one PUT (an object is
-  absent or complete), so a killed run keeps every finished shard wherever it ran;
+- a sharded stage's shards are written straight to the store, each in one upload (an object
+  is visible only once complete), so a killed run keeps every finished shard wherever it ran;
 - a plain stage (models, FAISS indexes, arrays: files a library writes into a directory) is
   computed into a local scratch mirror of its entry (:func:`~raydapt.core.storage.scratch_dir`),
   then :meth:`StageCache.commit` uploads its files and writes ``_SUCCESS`` last; a hit downloads
@@ -269,8 +269,9 @@ class ShardedOutput:
     concatenates shards in order, so the result does not depend on which run wrote which shard.
 
     With ``store`` (a :class:`~raydapt.core.storage.Store` on an object store) the shards are
-    the objects under ``rel`` there instead of files in ``d``: each written in one PUT (absent or
-    complete), verified and read the same way (:meth:`StageCache.sharded` builds it).
+    the objects under ``rel`` there instead of files in ``d``: each written in one upload
+    (visible only once complete), verified and read the same way (:meth:`StageCache.sharded`
+    builds it).
     """
 
     def __init__(self, d: Path, n_rows: int, shard_rows: int, *, n_shards: int | None = None,
@@ -380,7 +381,7 @@ class ShardedOutput:
         meta = dict(table.schema.metadata or {})
         meta[ROWS_META] = str(table.num_rows).encode()
         table = table.replace_schema_metadata(meta)
-        if self.store is not None:  # one PUT of the whole file
+        if self.store is not None:  # one upload of the whole file
             buf = pa.BufferOutputStream()
             pq.write_table(table, buf)
             self.store.write_bytes(self._name(i), buf.getvalue().to_pybytes())

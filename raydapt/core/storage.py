@@ -11,10 +11,13 @@ The stage cache (:class:`raydapt.core.cache.StageCache`, :class:`~raydapt.core.c
 keeps its entries and shards in a ``Store``.
 
 Atomicity: on a local path every object is written to a temporary name and renamed
-(``os.replace``); on S3 a PUT is atomic by itself (an object is either absent or complete), so a
-shard is written in one PUT and a finished directory is marked by a ``_SUCCESS`` object written
-after every shard: a reader that sees ``_SUCCESS`` sees every shard. A killed writer leaves no
-partial shard; a rerun writes only the shards still ``missing()``.
+(``os.replace``); on S3 an object becomes visible only when its upload completes (pyarrow
+uploads it as a multipart upload completed at close), so a process killed mid-upload leaves
+no object at all. A finished directory is marked by a ``_SUCCESS`` object written after every
+other: a reader that sees ``_SUCCESS`` sees every file. One case leaves a short object: an
+error raised *inside* an upload (pyarrow completes the upload when the stream is closed);
+shards are therefore verified (footer, row count) before they count, and a plain entry
+without its marker is recomputed.
 
 S3 endpoint: AWS's defaults (env / ``~/.aws``), or an S3-compatible server through
 ``RAYDAPT_S3_ENDPOINT`` (``http://127.0.0.1:9000``) or ``AWS_ENDPOINT_URL``.
@@ -150,7 +153,8 @@ class Store:
             return f.read()
 
     def write_bytes(self, rel: str, data: bytes) -> None:
-        """Write one object atomically (local: temp name + rename; S3: one PUT)."""
+        """Write one object atomically (local: temp name + rename; S3: one upload, visible
+        when complete)."""
         target = self.path(rel)
         parent = posixpath.dirname(target)
         if self.local:
@@ -160,7 +164,7 @@ class Store:
                 f.write(data)
             os.replace(tmp, target)
             return
-        with self.fs.open_output_stream(target) as f:  # S3: a single PUT at close
+        with self.fs.open_output_stream(target) as f:  # S3: completed at close
             f.write(data)
 
     def delete(self, rel: str) -> None:
