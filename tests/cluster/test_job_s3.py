@@ -76,7 +76,7 @@ def _run(job: Path, log: Path, scratch: Path) -> str:
 
 def _job(make, tmp: Path, prefix: str) -> Path:
     uri = f"s3://{BUCKET}/{prefix}"
-    return make(tmp, source_rows=16, target_rows=24, ray={"num_cpus": 2, "progress": False},
+    return make(tmp, source_rows=8, target_rows=24, ray={"num_cpus": 2, "progress": False},
                 run={"output_dir": f"{uri}/runs", "cache_dir": f"{uri}/cache"},
                 tracking={"artifact_location": f"{uri}/art", "experiment": "s3"},
                 data={"max_target_train_rows": 8, "max_target_test_rows": 8},
@@ -92,7 +92,7 @@ def test_a_job_on_s3_resumes_after_a_driver_kill_and_reruns_from_cache(
         tmp_path, tiny_simda_job, s3_client, request):
     prefix = request.node.name
     job = _job(tiny_simda_job, tmp_path, prefix)
-    n_shards = -(-(16 + 8 + 8) // 8)  # source + target train + target test rows, 8 per shard
+    n_shards = -(-(8 + 8 + 8) // 8)  # source + target train + target test rows, 8 per shard
 
     # 1. the driver is SIGKILLed once the first teacher shard is in the store
     p = _start(job, tmp_path / "1.log", tmp_path / "scratch-1")
@@ -154,3 +154,32 @@ def test_an_unreachable_object_store_is_one_line_before_any_stage(tmp_path, tiny
     assert lines[0].startswith(
         "raydapt: error: run.cache_dir: storage s3://somebucket/cache is not usable: "), lines
     assert r.stdout == ""  # no stage started (a stage prints its progress to stdout)
+
+
+def test_rejects_of_a_file_with_no_usable_rows_land_on_s3(tmp_path, tiny_simda_job, s3_client,
+                                                          request):
+    """The job's one error line names the rejects' URI, and the file is there."""
+    import io
+
+    import pandas as pd
+
+    prefix = request.node.name
+    bad = [{"id": f"b{i}", "text": "" if i % 2 else "ok", "label": "neutral"} for i in range(6)]
+    job = tiny_simda_job(tmp_path, source_rows=0, extra_source=bad, target_rows=8,
+                         run={"output_dir": f"s3://{BUCKET}/{prefix}/runs",
+                              "cache_dir": f"s3://{BUCKET}/{prefix}/cache"},
+                         ray={"num_cpus": 2, "progress": False})
+    log = tmp_path / "run.log"
+    p = _start(job, log, tmp_path / "scratch")
+    try:
+        rc = p.wait(timeout=300)
+    finally:
+        _kill_tree(p)
+    text = log.read_text()
+    assert rc == 2, text[-3000:]
+    want = f"see s3://{BUCKET}/{prefix}/runs/tiny/rejects.parquet"
+    assert [ln for ln in text.splitlines() if ln.startswith("raydapt: error:")][0].endswith(
+        want), text[-3000:]
+    body = s3_client.get_object(Bucket=BUCKET, Key=f"{prefix}/runs/tiny/rejects.parquet")
+    rej = pd.read_parquet(io.BytesIO(body["Body"].read()))
+    assert sorted(rej["id"]) == [f"b{i}" for i in range(6)]
