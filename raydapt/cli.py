@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import textwrap
 
@@ -147,7 +146,7 @@ def _cache(args: argparse.Namespace) -> int:
         print(f"{len(entries)} cached stage outputs under {args.dir}")
     else:
         for e in entries:
-            shutil.rmtree(e["path"], ignore_errors=True)
+            cache.remove(e["path"])
         print(f"removed {len(entries)} cached stage outputs")
     return 0
 

@@ -21,6 +21,7 @@ from typing import Any, ClassVar, TypeVar
 from raydapt.config import JobBase, config_hash, to_yaml
 from raydapt.core.cache import StageCache
 from raydapt.core.runtime import init_ray, seed_everything, verbose
+from raydapt.core.storage import OutputDir, s3_env_for_mlflow
 from raydapt.core.tracking import RunLogger, Tracker, flatten
 
 
@@ -41,6 +42,7 @@ class JobContext:
     say: Callable[[str], None]
     t_job: float
     requested: dict[str, str]  # the job file's values of the keys chosen at run time
+    output: OutputDir | None = None  # ``out``'s store when run.output_dir is a URI
 
     def seconds(self) -> float:
         return time.time() - self.t_job
@@ -55,12 +57,19 @@ class JobContext:
         chosen = flatten(cfg.model_dump(mode="json"))
         self.parent.params({k: chosen[k] for k in cfg.chosen_at_run_time()})
         _write_config(cfg, self.out, self.parent, requested=self.requested)
+        self.sync()
 
     def write_results(self, summary: dict[str, Any]) -> Path:
-        """``results.json`` in the run's output directory."""
+        """``results.json`` in the run's output directory (uploaded at once on a URI)."""
         path = self.out / "results.json"
         path.write_text(json.dumps(summary, indent=2))
+        self.sync()
         return path
+
+    def sync(self) -> None:
+        """On a URI ``run.output_dir``: upload what the job wrote into :attr:`out` so far."""
+        if self.output is not None:
+            self.output.sync()
 
 
 def run_description(cfg: JobBase) -> dict[str, str]:
@@ -100,9 +109,11 @@ def job_context(cfg: JobBase, *, ray: bool = True,
     once chosen, so the params never show a value that did not run."""
     say = speaker(cfg.method)
     seed_everything(cfg.run.seed)
-    out = Path(cfg.run.output_dir) / cfg.run.name
-    out.mkdir(parents=True, exist_ok=True)
+    # a URI output_dir: the job writes into a local mirror, uploaded as it goes (OutputDir)
+    output = OutputDir(cfg.run.output_dir, cfg.run.name)
+    out = output.local
     cache = StageCache(cfg.run.cache_dir, versions=stage_versions)
+    s3_env_for_mlflow(cfg.tracking.artifact_location)
     if ray:
         init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.progress)
     tracker = Tracker.from_section(cfg.tracking)
@@ -114,10 +125,23 @@ def job_context(cfg: JobBase, *, ray: bool = True,
         requested = {k: params.pop(k) for k in cfg.chosen_at_run_time()}
         parent.params({**params, **{f"{k}.requested": v for k, v in requested.items()}})
         text = _write_config(cfg, out, parent)
+        output.sync()
         # the path only (the whole YAML with --verbose): the console stays readable
-        say("resolved config: " + (f"\n{text}" if verbose() else str(out / "config.yaml")))
-        yield JobContext(cfg=cfg, out=out, cache=cache, tracker=tracker, parent=parent, say=say,
-                         t_job=t_job, requested=requested)
+        say("resolved config: " + (f"\n{text}" if verbose() else output.where("config.yaml")))
+        try:
+            yield JobContext(cfg=cfg, out=out, cache=cache, tracker=tracker, parent=parent,
+                             say=say, t_job=t_job, requested=requested,
+                             output=output if output.remote else None)
+        except BaseException:
+            if output.remote:  # what the failed job wrote, for its post-mortem; never masks
+                try:
+                    output.sync()
+                except Exception as exc:  # noqa: BLE001 - the job's own error matters more
+                    say(f"could not upload the outputs to {output.uri}: {exc}")
+            raise
+        if output.remote:
+            n = output.sync()
+            say(f"outputs in {output.uri} ({n} files uploaded at the end)")
 
 
 T = TypeVar("T")
@@ -139,7 +163,7 @@ def cached_stage(cache: StageCache, tracker: Tracker, stage: str, parts: dict[st
             run_log.params(params)
         if done:
             if say is not None:
-                say(f"{label or run_name or stage}: cached ({d})")
+                say(f"{label or run_name or stage}: cached ({cache.where(d)})")
         else:
             compute(d, run_log)
             cache.commit(d)

@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 
 from raydapt import RaydaptError
 from raydapt.config import DataInput, ModelInput
+from raydapt.core.storage import OutputDir, is_uri
 from raydapt.data.readers import DataError, NoUsableRows, check_not_empty, detect_format
 
 
@@ -196,6 +197,20 @@ def check_tracking(t: Any, timeout: float = TRACKING_TIMEOUT_S) -> str | None:
     return None
 
 
+def check_store(key: str, uri: str) -> str | None:
+    """An object-store location (``s3://bucket/prefix``) must take a probe object: write,
+    read back, delete (one line naming the setting if it cannot)."""
+    from raydapt.core.storage import StorageError, Store
+
+    if key == "tracking.artifact_location" and not uri.startswith("s3://"):
+        return None  # MLflow's own schemes (mlflow-artifacts:, http:, ...): its server checks
+    try:
+        Store(uri).check()
+    except StorageError as exc:
+        return f"{key}: {exc}"
+    return None
+
+
 def preflight(cfg: Any) -> list[str]:
     """Check every model reference and data path of a job, its output / cache / store
     directories and its tracking server, before anything starts (one error for all)."""
@@ -205,8 +220,11 @@ def preflight(cfg: Any) -> list[str]:
     except PreflightError as exc:
         problems.append(str(exc))
         done = []
-    for key, path in (("run.output_dir", cfg.run.output_dir), ("run.cache_dir", cfg.run.cache_dir)):
-        if "://" not in str(path):
+    for key, path in (("run.output_dir", cfg.run.output_dir), ("run.cache_dir", cfg.run.cache_dir),
+                      ("tracking.artifact_location", cfg.tracking.artifact_location)):
+        if is_uri(path):
+            problems.append(check_store(key, path))
+        elif key != "tracking.artifact_location":
             problems.append(check_writable(key, path))
     problems.append(check_tracking(cfg.tracking))
     problems = [p for p in problems if p]
@@ -224,9 +242,8 @@ def checked_job(cfg: Any) -> Iterator[None]:
     try:
         yield
     except NoUsableRows as exc:
-        out = Path(cfg.run.output_dir) / cfg.run.name
-        out.mkdir(parents=True, exist_ok=True)
-        path = out / "rejects.parquet"
-        exc.rejects.astype({"id": object}).to_parquet(path)
+        out = OutputDir(cfg.run.output_dir, cfg.run.name)
+        exc.rejects.astype({"id": object}).to_parquet(out.local / "rejects.parquet")
+        out.sync()
         raise DataError(f"no usable rows in {exc.file}: {len(exc.rejects)} rejected, "
-                        f"see {path}") from None
+                        f"see {out.where('rejects.parquet')}") from None

@@ -4,16 +4,20 @@ nodes of a cluster share no disk.
 
     store = Store("s3://bucket/raydapt/cache")        # or "/shared/cache", "gs://..."
     store.check()                                     # unreachable: one-line StorageError
-    sh = ShardedStore(store, "teacher/3f2a...", n_rows=900, shard_rows=256)
-    for i in sh.missing(): sh.write(i, frame_of_shard_i)
-    sh.commit({"rows": 900})                          # the _SUCCESS marker, written last
-    sh.committed(), sh.read_all()
+    store.write_json("a/b.json", {...}); store.read_json("a/b.json"); store.ls("a")
+    store.commit("a"); store.committed("a")           # the _SUCCESS marker, written last
+
+The stage cache (:class:`raydapt.core.cache.StageCache`, :class:`~raydapt.core.cache.ShardedOutput`)
+keeps its entries and shards in a ``Store``.
 
 Atomicity: on a local path every object is written to a temporary name and renamed
-(``os.replace``); on S3 a PUT is atomic by itself (an object is either absent or complete), so a
-shard is written in one PUT and a finished directory is marked by a ``_SUCCESS`` object written
-after every shard: a reader that sees ``_SUCCESS`` sees every shard. A killed writer leaves no
-partial shard; a rerun writes only the shards still ``missing()``.
+(``os.replace``); on S3 an object becomes visible only when its upload completes (pyarrow
+uploads it as a multipart upload completed at close), so a process killed mid-upload leaves
+no object at all. A finished directory is marked by a ``_SUCCESS`` object written after every
+other: a reader that sees ``_SUCCESS`` sees every file. One case leaves a short object: an
+error raised *inside* an upload (pyarrow completes the upload when the stream is closed);
+shards are therefore verified (footer, row count) before they count, and a plain entry
+without its marker is recomputed.
 
 S3 endpoint: AWS's defaults (env / ``~/.aws``), or an S3-compatible server through
 ``RAYDAPT_S3_ENDPOINT`` (``http://127.0.0.1:9000``) or ``AWS_ENDPOINT_URL``.
@@ -72,6 +76,40 @@ def filesystem(root: str | Path):
         raise StorageError(f"cannot use storage {s}: {str(exc).splitlines()[0]}") from None
 
 
+def scratch_dir(uri: str, kind: str) -> Path:
+    """This machine's local stand-in for the URI location ``uri`` (``kind``: "cache",
+    "output"): ``$RAYDAPT_SCRATCH`` (default ``<tmp>/raydapt-scratch-<uid>``)
+    ``/<kind>/<hash of the URI>``. Files that must be local to be computed or read (models,
+    indexes, a job's output files) live here and are copied to / from the URI."""
+    import hashlib
+    import tempfile
+
+    root = os.environ.get("RAYDAPT_SCRATCH") or os.path.join(
+        tempfile.gettempdir(), f"raydapt-scratch-{os.getuid()}")
+    return Path(root) / kind / hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16]
+
+
+_MIRRORS: dict[str, str] = {}  # local scratch directory -> the URI it stands for
+
+
+def register_mirror(local: str | Path, uri: str) -> None:
+    """Declare ``local`` the scratch stand-in of ``uri`` (see :func:`remote_of`)."""
+    _MIRRORS[str(Path(local).resolve())] = uri.rstrip("/")
+
+
+def remote_of(path: str | Path) -> str | None:
+    """The URI a path under a registered scratch directory stands for (None: a plain local
+    path). E.g. Ray Train's storage under a job's local output mirror goes to the object store
+    itself, so its checkpoints survive the driver's machine."""
+    if is_uri(path):
+        return str(path)
+    p = str(Path(path).resolve())
+    for local, uri in _MIRRORS.items():
+        if p == local or p.startswith(local + os.sep):
+            return uri + p[len(local):].replace(os.sep, "/")
+    return None
+
+
 class Store:
     """A root directory (path or URI) and the objects under it, by relative path."""
 
@@ -115,7 +153,8 @@ class Store:
             return f.read()
 
     def write_bytes(self, rel: str, data: bytes) -> None:
-        """Write one object atomically (local: temp name + rename; S3: one PUT)."""
+        """Write one object atomically (local: temp name + rename; S3: one upload, visible
+        when complete)."""
         target = self.path(rel)
         parent = posixpath.dirname(target)
         if self.local:
@@ -125,7 +164,7 @@ class Store:
                 f.write(data)
             os.replace(tmp, target)
             return
-        with self.fs.open_output_stream(target) as f:  # S3: a single PUT at close
+        with self.fs.open_output_stream(target) as f:  # S3: completed at close
             f.write(data)
 
     def delete(self, rel: str) -> None:
@@ -160,6 +199,41 @@ class Store:
 
         return pd.read_parquet(io.BytesIO(self.read_bytes(rel)))
 
+    def files(self, rel: str = "") -> dict[str, int]:
+        """Every object under ``rel`` (recursive): its path relative to ``rel`` → size in
+        bytes; {} when absent."""
+        return {k: v[0] for k, v in self.infos(rel).items()}
+
+    def infos(self, rel: str = "") -> dict[str, tuple[int, int]]:
+        """Every object under ``rel`` (recursive) → (size, mtime in ns; 0 if unknown)."""
+        import pyarrow.fs as pafs
+
+        base = self.path(rel).rstrip("/")
+        sel = pafs.FileSelector(base, allow_not_found=True, recursive=True)
+        return {i.path[len(base) + 1:]: (i.size, i.mtime_ns or 0)
+                for i in self.fs.get_file_info(sel) if i.type == pafs.FileType.File}
+
+    def upload(self, local: str | Path, rel: str) -> None:
+        """Copy one local file to the object ``rel`` (streamed, not read into memory; on S3 the
+        object appears only once complete)."""
+        import pyarrow.fs as pafs
+
+        if self.local:
+            os.makedirs(posixpath.dirname(self.path(rel)), exist_ok=True)
+        pafs.copy_files(str(local), self.path(rel), source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=self.fs)
+
+    def download(self, rel: str, local: str | Path) -> None:
+        """Copy the object ``rel`` to a local file (written to a temporary name, then renamed)."""
+        import pyarrow.fs as pafs
+
+        local = Path(local)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = local.parent / f".{local.name}.{uuid.uuid4().hex[:8]}.tmp"
+        pafs.copy_files(self.path(rel), str(tmp), source_filesystem=self.fs,
+                        destination_filesystem=pafs.LocalFileSystem())
+        os.replace(tmp, local)
+
     # directories committed by a marker ------------------------------------------------------
 
     def commit(self, rel_dir: str, meta: dict[str, Any] | None = None) -> None:
@@ -170,45 +244,59 @@ class Store:
         return self.exists(posixpath.join(rel_dir, MARKER))
 
 
-class ShardedStore:
-    """The shards of one sharded stage output under ``rel_dir`` of a :class:`Store`:
-    ``part-00000.parquet`` ... each written whole and atomically, the directory committed by
-    ``_SUCCESS`` once all are there (the same layout as :class:`raydapt.core.cache.ShardedOutput`
-    on a local disk)."""
+class OutputDir:
+    """A job's output directory ``<run.output_dir>/<run.name>``. On a local path: that
+    directory. On a URI: a local scratch mirror (:attr:`local`, where the job writes its files:
+    ``results.json``, ``config.yaml``, plots, rejects) that :meth:`sync` uploads — the job
+    syncs after writing its config and its results, and once more when it ends (also on
+    failure). Ray Train runs under the mirror (``<local>/train``) get the URI itself as their
+    storage (:func:`remote_of`), so their checkpoints never depend on this machine."""
 
-    def __init__(self, store: Store, rel_dir: str, n_rows: int, shard_rows: int) -> None:
-        self.store, self.d = store, rel_dir.strip("/")
-        self.n_rows, self.shard_rows = n_rows, shard_rows
-        self.n_shards = max(1, -(-n_rows // shard_rows))
+    SKIP_DIRS = ("scratch",)  # per-worker checkpoint staging of the fits (raydapt.train)
 
-    def name(self, i: int) -> str:
-        return posixpath.join(self.d, f"part-{i:05d}.parquet")
+    def __init__(self, output_dir: str | Path, name: str) -> None:
+        self.remote = is_uri(output_dir)
+        if self.remote:
+            self.uri: str | None = str(output_dir).rstrip("/") + "/" + name
+            self.local = scratch_dir(self.uri, "output")
+            register_mirror(self.local, self.uri)
+            self.store: Store | None = Store(self.uri)
+        else:
+            self.uri, self.store = None, None
+            self.local = Path(output_dir) / name
+        self.local.mkdir(parents=True, exist_ok=True)
 
-    def rows(self, i: int) -> slice:
-        return slice(i * self.shard_rows, min((i + 1) * self.shard_rows, self.n_rows))
+    def where(self, rel: str = "") -> str:
+        """A file's location for messages: its URI on an object store, else its path."""
+        if self.store is not None:
+            return self.store.uri(rel)
+        return str(self.local / rel) if rel else str(self.local)
 
-    def missing(self) -> list[int]:
-        have = set(self.store.ls(self.d))
-        return [i for i in range(self.n_shards) if f"part-{i:05d}.parquet" not in have]
+    def sync(self) -> int:
+        """Upload every file of the mirror that the store lacks or holds older or of another
+        size (hidden files: locks, temporaries, and the fits' ``scratch/`` are skipped);
+        returns how many. A no-op on a local path."""
+        if self.store is None:
+            return 0
+        have = self.store.infos()
+        n = 0
+        for f in sorted(p for p in self.local.rglob("*") if p.is_file()):
+            rel = f.relative_to(self.local)
+            if any(part.startswith(".") or part in self.SKIP_DIRS for part in rel.parts):
+                continue
+            st = f.stat()
+            size, mtime = have.get(rel.as_posix(), (-1, 0))
+            if size == st.st_size and mtime >= st.st_mtime_ns:
+                continue
+            self.store.upload(f, rel.as_posix())
+            n += 1
+        return n
 
-    def write(self, i: int, df) -> None:
-        self.store.write_parquet(self.name(i), df)
 
-    def read_all(self):
-        import pandas as pd
-
-        missing = self.missing()
-        if missing:
-            raise RuntimeError(f"{self.store.uri(self.d)}: shards {missing[:5]} missing")
-        return pd.concat([self.store.read_parquet(self.name(i)) for i in range(self.n_shards)])
-
-    def commit(self, meta: dict[str, Any] | None = None) -> None:
-        missing = self.missing()
-        if missing:
-            raise RuntimeError(f"{self.store.uri(self.d)}: cannot commit, shards {missing[:5]} "
-                               "missing")
-        self.store.commit(self.d, {"n_rows": self.n_rows, "shard_rows": self.shard_rows,
-                                   **(meta or {})})
-
-    def committed(self) -> bool:
-        return self.store.committed(self.d)
+def s3_env_for_mlflow(artifact_location: str) -> None:
+    """MLflow's S3 artifact store reads its endpoint from ``MLFLOW_S3_ENDPOINT_URL``: an
+    ``s3://`` artifact location with ``RAYDAPT_S3_ENDPOINT`` set (and that unset) gets it, so
+    artifacts go to the same S3-compatible server as the cache and outputs."""
+    ep = os.environ.get("RAYDAPT_S3_ENDPOINT")
+    if str(artifact_location).startswith("s3://") and ep:
+        os.environ.setdefault("MLFLOW_S3_ENDPOINT_URL", ep)

@@ -44,6 +44,7 @@ from raydapt.config import (
     format_validation_error,
     validate_job,
 )
+from raydapt.core.storage import OutputDir, is_uri
 from raydapt.core.tracking import (
     RunLogger,
     Tracker,
@@ -171,7 +172,8 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None
     plain = _expand_env(base.model_dump(mode="json"))
     for key in _PATH_KEYS:  # trials run in other working directories
         sec, _, leaf = key.partition(".")
-        if sec in plain and isinstance(plain[sec], dict) and plain[sec].get(leaf):
+        if sec in plain and isinstance(plain[sec], dict) and plain[sec].get(leaf) and not \
+                is_uri(plain[sec][leaf]):  # an s3:// location stays as it is
             plain[sec][leaf] = str(Path(plain[sec][leaf]).resolve())
     plain["tracking"]["uri"] = absolute_tracking_uri(plain["tracking"]["uri"])
     return spec, plain, base
@@ -255,8 +257,10 @@ def run_sweep(spec: SweepSpec, base: dict[str, Any], cfg: Section) -> dict[str, 
     t = cfg.tracking
     tracker = Tracker(enabled=t.enabled, uri=base["tracking"]["uri"], experiment=t.experiment,
                       artifact_location=base["tracking"]["artifact_location"])
-    out = Path(base["run"]["output_dir"]) / f"sweep-{spec.name}"
-    out.mkdir(parents=True, exist_ok=True)
+    # a URI output_dir: a local mirror, best.json uploaded at the end (Tune's own storage
+    # stays in the mirror)
+    output = OutputDir(base["run"]["output_dir"], f"sweep-{spec.name}")
+    out = output.local
     t0 = time.time()
     with tracker.job(f"sweep-{spec.name}", tags={"raydapt.method": cfg.method,
                                                  "raydapt.ops.sweep": spec.name}) as parent:
@@ -301,11 +305,12 @@ def run_sweep(spec: SweepSpec, base: dict[str, Any], cfg: Section) -> dict[str, 
                    "best_overrides": _overrides(best), "trials": trials,
                    "seconds": round(time.time() - t0, 1)}
         (out / "best.json").write_text(json.dumps(summary, indent=2))
+        output.sync()
         parent.params({f"best.{k}": v for k, v in best.items()})
         parent.metrics({f"best_{spec.metric}": summary["best_metric"],
                         "trials": len(trials), "seconds": summary["seconds"]})
         parent.artifact(out / "best.json")
         print(f"[sweep] best {spec.metric} = {summary['best_metric']:.4f} with "
               f"{' '.join(summary['best_overrides'])} ({len(trials)} trials, "
-              f"{summary['seconds']:.0f}s); {out / 'best.json'}", flush=True)
+              f"{summary['seconds']:.0f}s); {output.where('best.json')}", flush=True)
         return summary

@@ -40,6 +40,7 @@ import pandas as pd
 from raydapt.config import ConfigError, _expand_env, config_hash
 from raydapt.core.cache import StageCache
 from raydapt.core.runtime import seed_everything
+from raydapt.core.storage import OutputDir
 from raydapt.core.tracking import RunLogger, Tracker
 from raydapt.data.labels import hide_labels, multi_hot
 from raydapt.data.multilabel import read_multilabel
@@ -384,8 +385,7 @@ def _sweep_method(cfg: DALLMiJob) -> str:
 def prepare_for_sweep(cfg: DALLMiJob, tracker: Tracker) -> None:
     """Driver side: read / hide / train the source model once, so trials find it cached."""
     _sweep_method(cfg)
-    out = Path(cfg.run.output_dir) / cfg.run.name
-    out.mkdir(parents=True, exist_ok=True)
+    out = OutputDir(cfg.run.output_dir, cfg.run.name).local  # a URI: its local mirror
     prepare(cfg, tracker, out)
 
 
@@ -395,8 +395,7 @@ def trial(cfg: DALLMiJob, *, report: Callable[[dict[str, Any]], None],
     target-test metrics per epoch (live when ``adapt.in_process``, else after the fit)."""
     method = _sweep_method(cfg)
     seed_everything(cfg.run.seed)
-    out = Path(cfg.run.output_dir) / cfg.run.name
-    out.mkdir(parents=True, exist_ok=True)
+    out = OutputDir(cfg.run.output_dir, cfg.run.name).local  # a URI: its local mirror
     quiet = Tracker.from_section(cfg.tracking, enabled=False)
     prep = prepare(cfg, quiet, out)
     live = cfg.adapt.in_process

@@ -103,14 +103,14 @@ def _check_done(cache: StageCache, d, sharded: ShardedOutput, label: str, say: S
     cache.uncommit(d)
     for i, why in bad.items():
         say(f"{label}: shard {i} of a finished output is {why}; recomputing it")
-        sharded.path(i).unlink(missing_ok=True)
+        sharded.remove(i)
     return False
 
 
 def _drop_bad(sharded: ShardedOutput, label: str, say: Say) -> None:
     for i, why in sharded.bad().items():
         say(f"{label}: shard {i} is {why}; recomputing it")
-        sharded.path(i).unlink(missing_ok=True)
+        sharded.remove(i)
 
 
 def _say_changed_shards(cache: StageCache, stage: str, parts: dict[str, Any], key: str,
@@ -118,7 +118,7 @@ def _say_changed_shards(cache: StageCache, stage: str, parts: dict[str, Any], ke
     """Issue 28 item 11: an unfinished run of the same stage with another shard size cannot
     lend its shards (they cover other rows); say so instead of recomputing silently."""
     for other, value, done in cache.siblings(stage, parts, differing=key):
-        n = len(list(other.glob("part-*.parquet")))
+        n = cache.shard_count(other)
         if not done and n:
             say(f"{label}: {key} is {parts.get(key)} now, {value} in an unfinished earlier run "
                 f"({other}, {n} shards): its shards cover other rows and are not reused; "
@@ -151,12 +151,12 @@ def sharded_pass(cache: StageCache, tracker: Tracker, stage: str, parts: dict[st
     times (the pool's ``pass_retries``)."""
     parts = {**parts, "shard_rows": shard_rows}
     d, done = cache.get(stage, parts, keep_partial=True)
-    sharded = ShardedOutput(d, len(rows), shard_rows)
+    sharded = cache.sharded(d, len(rows), shard_rows)
     label = label or stage
     with tracker.child(run_name or stage) as run_log:
         if done and _check_done(cache, d, sharded, label, say):
             run_log.metrics({"shards": sharded.n_shards, "shards_cached": sharded.n_shards})
-            say(f"{label}: cached ({d})")
+            say(f"{label}: cached ({cache.where(d)})")
             return sharded.read_all()
         _drop_bad(sharded, label, say)
         todo = sharded.missing()
@@ -313,14 +313,14 @@ def stream_pass(cache: StageCache, tracker: Tracker, stage: str, parts: dict[str
 
     parts = {**parts, "source": source.fingerprint(), "shard_rows": source.unit_rows}
     d, done = cache.get(stage, parts, keep_partial=True)
-    sharded = ShardedOutput(d, 0, 1, n_shards=len(source.units))
+    sharded = cache.sharded(d, 0, 1, n_shards=len(source.units))
     label = label or stage
     stats = stats if stats is not None else {}
     with tracker.child(run_name or stage) as run_log:
         if done and _check_done(cache, d, sharded, label, say):
             run_log.metrics({"shards": sharded.n_shards, "shards_cached": sharded.n_shards})
             stats.update(shards=sharded.n_shards, shards_computed=0, rows=0, seconds=0.0)
-            say(f"{label}: cached ({d})")
+            say(f"{label}: cached ({cache.where(d)})")
             return sharded
         _drop_bad(sharded, label, say)
         todo = sharded.missing()

@@ -49,6 +49,9 @@ def launch(loop: Callable[[dict[str, Any]], None], config: dict[str, Any], *, na
     The run is ``name`` under ``storage``: Ray Train restores the latest checkpoint of a run
     with the same name and storage path, so callers put a hash of everything that determines
     the training into ``name`` and a killed fit resumes. Workers use NCCL on GPUs, gloo on CPUs.
+    ``storage`` may be an object-store URI (``s3://...``) or lie under a job's local mirror of
+    one (:class:`raydapt.core.storage.OutputDir`): checkpoints then go to the object store; the
+    lock that keeps two identical runs apart stays a local file (this machine's runs only).
 
     Raises:
         the fit's error (after ``workers.max_failures`` retries).
@@ -57,18 +60,27 @@ def launch(loop: Callable[[dict[str, Any]], None], config: dict[str, Any], *, na
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from raydapt.core.runtime import exclusive, verbose
+    from raydapt.core.storage import filesystem, is_uri, remote_of, scratch_dir
 
     # Ray Train gives up on a worker group whose nodes are not there within 60 s, but an
     # autoscaler adding (or replacing, after a node loss) a training node takes longer: a
     # cloud GPU node minutes. The driver's value is propagated to Ray Train's controller.
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(WORKER_START_TIMEOUT_S))
+    # an object store (a URI, or a path under a job's local mirror of a URI output_dir):
+    # Ray Train reads and writes its checkpoints there through our pyarrow filesystem
+    remote = remote_of(storage)
+    if remote is not None:
+        fs, base = filesystem(remote)
+        where = {"storage_path": base, "storage_filesystem": fs}
+    else:
+        where = {"storage_path": str(Path(storage).resolve())}
     trainer = TorchTrainer(
         loop, train_loop_config=config,
         torch_config=TorchConfig(backend="nccl" if workers.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=workers.num_workers, use_gpu=workers.use_gpu,
                                      resources_per_worker=workers.per_worker()),
         run_config=RunConfig(
-            name=name, storage_path=str(Path(storage).resolve()),
+            name=name, **where,
             failure_config=FailureConfig(max_failures=workers.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=workers.keep_checkpoints),
             # Ray Train's own INFO lines (worker group start, every report and checkpoint: ~10
@@ -78,7 +90,8 @@ def launch(loop: Callable[[dict[str, Any]], None], config: dict[str, Any], *, na
         **({"dataset_config": dataset_config} if dataset_config is not None else {}),
     )
     # two identical runs at once would share this run's checkpoints: the second waits
-    with exclusive(Path(storage) / f".{name}.lock", f"Ray Train run {name}"):
+    lock_dir = scratch_dir(str(storage), "locks") if is_uri(storage) else Path(storage)
+    with exclusive(lock_dir / f".{name}.lock", f"Ray Train run {name}"):
         result = trainer.fit()
     if result.error:
         raise result.error
