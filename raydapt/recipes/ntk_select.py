@@ -358,8 +358,9 @@ def index_pool(out: ShardedOutput, *, report_dups: bool = True) -> PoolIndex:
                                              1, 2))
         ids.append(df["id"].to_numpy(dtype=object))
         state.append(st)
-        for i, e in zip(df["id"][st == 1], err[st == 1]):
-            recs.append({"file": "encode", "id": i, "reason": e[len(ENCODE_ERROR):], "raw": ""})
+        for i, e, k in zip(df["id"][st > 0], err[st > 0], st[st > 0]):
+            recs.append({"file": "encode", "id": i, "reason": e[len(ENCODE_ERROR):], "raw": ""}
+                        if k == 1 else {"file": "embed", "id": i, "reason": e, "raw": ""})
     all_ids = pd.Series(np.concatenate(ids) if ids else np.array([], dtype=object), dtype=object)
     all_st = np.concatenate(state) if state else np.array([], dtype=np.int64)
     dup = all_ids.duplicated(keep="first").to_numpy()
@@ -368,24 +369,29 @@ def index_pool(out: ShardedOutput, *, report_dups: bool = True) -> PoolIndex:
         recs += [{"file": "pool", "id": i, "reason": "duplicate id in the pool (its first row "
                   "in file order is kept)", "raw": ""} for i in all_ids[dup]]
     first, st = all_ids[~dup].to_numpy(), all_st[~dup]
-    enc_bad = set(first[st == 1])  # only first rows count: a later duplicate is never encoded
-    recs = [r for r in recs if r["file"] != "encode" or r["id"] in enc_bad]
+    bad = set(first[st > 0])  # only first rows count: a later duplicate is never processed
+    recs = [r for r in recs if r["file"] not in ("encode", "embed") or r["id"] in bad]
     return PoolIndex(ids=first[st != 1], embedded=st[st != 1] == 0, dups=dups,
                      rejects=pd.DataFrame(recs, columns=REJECT_COLUMNS))
 
 
 def pool_rows(out: ShardedOutput, columns: list[str], *, dups: frozenset[str],
-              keep: Callable[[pd.DataFrame], np.ndarray] | None = None
+              keep: Callable[[pd.DataFrame], np.ndarray] | None = None, tokens: bool = False
               ) -> Iterator[pd.DataFrame]:
-    """A streamed pool output shard by shard: the good rows (no ``_reject`` / ``_error``), a
-    duplicated id only at its first row, optionally only the rows ``keep`` marks."""
+    """A streamed pool output shard by shard: the good rows (no ``_reject`` / ``_error``; with
+    ``tokens`` also the rows that were encoded but failed a later step: they are pool rows
+    without an embedding), a duplicated id only at its first row, optionally only the rows
+    ``keep`` marks."""
     seen: set[str] = set()
     for tbl in out.iter_tables(["id", *columns, "_reject", ERROR_COLUMN]):
         df = tbl.to_pandas()
         ok = np.ones(len(df), dtype=bool)
-        for c in ("_reject", ERROR_COLUMN):
-            if c in df:
-                ok &= df[c].fillna("").to_numpy() == ""
+        if "_reject" in df:
+            ok &= df["_reject"].fillna("").to_numpy() == ""
+        if ERROR_COLUMN in df:
+            err = df[ERROR_COLUMN].fillna("").astype(str)
+            ok &= ~err.str.startswith(ENCODE_ERROR).to_numpy() if tokens else \
+                err.to_numpy() == ""
         if dups:
             for j in np.flatnonzero(ok & df["id"].isin(dups).to_numpy()):
                 rid = df["id"].iat[j]
@@ -403,7 +409,7 @@ def rows_by_id(out: ShardedOutput, ids: Iterable[str], columns: list[str], *,
     in the order of ``ids``; token ids as lists."""
     want = list(ids)
     wanted = set(want)
-    parts = list(pool_rows(out, columns, dups=dups,
+    parts = list(pool_rows(out, columns, dups=dups, tokens=True,
                            keep=lambda df: df["id"].isin(wanted).to_numpy()))
     got = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["id", *columns])
     missing = wanted - set(got["id"])
@@ -795,7 +801,7 @@ class NTKSelectRecipe(Recipe):
         self.dups = idx.dups
         if len(idx.ids) == 0:
             raise DataError("the pool has no usable row (see rejects)")
-        overlap = set(self.dom["id"]) & set(idx.ids[np.isin(idx.ids, self.dom["id"].to_numpy())])
+        overlap = set(idx.ids[pd.Series(idx.ids).isin(set(self.dom["id"])).to_numpy()])
         if overlap:
             raise DataError(f"{len(overlap)} ids occur in both the pool and D (e.g. "
                             f"{sorted(overlap)[:3]}); stages join on id")

@@ -117,9 +117,14 @@ class EmbedLM(Stage):
         h = out.hidden_states[-1].float()  # [B, T, H]
         m = b["attention_mask"].unsqueeze(-1).float()
         emb = (h * m).sum(1) / m.sum(1).clamp_min(1.0)  # [B, H]
-        out = pd.DataFrame({"id": batch["id"].to_numpy(), "emb": list(emb.cpu().numpy())})
-        for c in self.keep:
-            out[c] = batch[c].to_numpy()
+        return pd.DataFrame({"id": batch["id"].to_numpy(), "emb": list(emb.cpu().numpy())})
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        out = super().__call__(batch)
+        if self.keep:  # also on rows that failed: their tokens stay usable (fine-tune, stage 2)
+            src = batch.drop_duplicates("id").set_index("id").loc[out["id"], list(self.keep)]
+            for c in self.keep:
+                out[c] = src[c].to_numpy()
         return out
 
 
