@@ -76,14 +76,15 @@ def main(argv: list[str] | None = None) -> dict:
     from raydapt.core.tracking import Tracker
     from raydapt.recipes.ntk_select import (
         STAGE_VERSIONS,
-        candidate_scores,
         encode_rows,
         evaluate_mc,
         evaluate_nll,
         fit_lora_cached,
+        frame_candidate_scores,
         mc_prompts,
         nll_rows,
         read_data,
+        read_pool_frame,
         tokenizer,
     )
     from raydapt.select.selectors import SELECTORS, SelectionInputs
@@ -112,6 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     t_all = time.time()
     data = read_data(cfg)
+    data["pool"], _ = read_pool_frame(cfg)  # a small planted pool: in memory
     tok = tokenizer(cfg.model)
     dom, _ = encode_rows(data["domain"], tok, cfg)
     pool, _ = encode_rows(data["pool"], tok, cfg)
@@ -164,7 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
                 if name != "random":
                     stage1()
                 if name in ("ntk", "less") and name not in inputs.scores:
-                    sc, _ = split_errors(candidate_scores(
+                    sc, _ = split_errors(frame_candidate_scores(
                         cfg, cache, tracker, adapter=stages["warm"], dom=dom,
                         cand=stages["cand"], kind=name), f"scores-{name}")
                     inputs.scores[name] = sc.set_index("id")["score"]

@@ -99,7 +99,7 @@ def warmup_and_stage1(cfg, cache, tracker, *, dom: pd.DataFrame, pool: pd.DataFr
     own stage functions and cache; fills ``inputs`` (votes) and returns (warm-up adapter,
     candidates). ``secs`` gets the two stages' seconds. ``warmup_seed`` (default run.seed)
     seeds the warm-up fit alone (LoRA init, data order): D's rows stay the ones given."""
-    from raydapt.recipes.ntk_select import fit_lora_cached, stage1_candidates, stage1_embed
+    from raydapt.recipes.ntk_select import embed_rows, fit_lora_cached, stage1_candidates
     from raydapt.stages.common import split_errors
 
     secs = {} if secs is None else secs
@@ -112,8 +112,8 @@ def warmup_and_stage1(cfg, cache, tracker, *, dom: pd.DataFrame, pool: pd.DataFr
                            train=cfg.warmup, storage=out / "train")
     secs["warmup"] = time.time() - t0
     t0 = time.time()
-    emb, _ = split_errors(stage1_embed(cfg, cache, tracker, adapter=warm,
-                                       rows=pd.concat([dom, pool], ignore_index=True)), "embed")
+    emb, _ = split_errors(embed_rows(cfg, cache, tracker, adapter=warm, label="D + pool",
+                                     rows=pd.concat([dom, pool], ignore_index=True)), "embed")
     _, m = cfg.select.sizes(len(dom), len(pool))  # the recipe's N and M
     _, cand = stage1_candidates(emb, dom, pool, inputs, k=cfg.select.k, m=m, seed=cfg.run.seed)
     secs["stage1"] = time.time() - t0
@@ -140,9 +140,10 @@ def run_setting(name: str, cfg, planted_ids: set[str], random_seeds: list[int],
     from raydapt.core.tracking import Tracker
     from raydapt.recipes.ntk_select import (
         STAGE_VERSIONS,
-        candidate_scores,
         encode_rows,
+        frame_candidate_scores,
         read_data,
+        read_pool_frame,
         tokenizer,
     )
     from raydapt.select.selectors import SELECTORS, TRIVIAL, SelectionInputs
@@ -151,6 +152,7 @@ def run_setting(name: str, cfg, planted_ids: set[str], random_seeds: list[int],
     t_all = time.time()
     secs: dict[str, float] = {}
     data = read_data(cfg)
+    data["pool"], _ = read_pool_frame(cfg)  # a small planted pool: in memory
     n = cfg.select.n
     if trivial_only:
         dom, pool, rej, kinds = data["domain"], data["pool"], [], ()
@@ -169,8 +171,9 @@ def run_setting(name: str, cfg, planted_ids: set[str], random_seeds: list[int],
                                        out=out, secs=secs, warmup_seed=warmup_seed)
         for kind in kinds:
             t0 = time.time()
-            sc, _ = split_errors(candidate_scores(cfg, cache, tracker, adapter=warm, dom=dom,
-                                                   cand=cand, kind=kind), f"scores-{kind}")
+            sc, _ = split_errors(frame_candidate_scores(cfg, cache, tracker, adapter=warm,
+                                                         dom=dom, cand=cand, kind=kind),
+                                  f"scores-{kind}")
             inputs.scores[kind] = sc.set_index("id")["score"]
             secs[f"stage2_{kind}"] = time.time() - t0
     by_id = data["pool"].set_index("id")

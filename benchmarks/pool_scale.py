@@ -53,7 +53,7 @@ from machine import describe, matmul_peak  # noqa: E402
 
 from raydapt.core.cache import StageCache  # noqa: E402
 from raydapt.core.tracking import Tracker  # noqa: E402
-from raydapt.data.qa import QA_COLUMNS, QAFormat, encode_table, normalise_qa  # noqa: E402
+from raydapt.data.qa import QARows, normalise_qa  # noqa: E402
 from raydapt.data.readers import open_source  # noqa: E402
 from raydapt.recipes.ntk_select import STAGE_VERSIONS as NTK_STAGE_VERSIONS  # noqa: E402
 from raydapt.select.topk import StreamingTopN  # noqa: E402
@@ -72,45 +72,6 @@ MAX_LENGTH = 128
 PROJ_DIM = 512
 N_DOMAIN = 100
 RAY_TMP = os.environ.get("POOL_SCALE_RAY_TMP", "")  # the --temp-dir of a `ray start` head
-
-
-# ---------------------------------------------------------------------------------------------
-# pieces a recipe would own (the QA normaliser, the tokenising step)
-# ---------------------------------------------------------------------------------------------
-
-
-class QARows:
-    """Normaliser of QA rows for the streaming reader (:func:`normalise_qa`)."""
-
-    columns = QA_COLUMNS
-    defaults: dict[str, Any] = {}
-    needed = frozenset({"id", "question", "answer"})
-
-    def __call__(self, records: list[Any], file: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-        return normalise_qa(records, file=file)
-
-    def __repr__(self) -> str:  # part of the cache key: stable across runs
-        return "QARows()"
-
-
-class EncodeQA:
-    """QA rows -> id, input_ids, response_mask (prompt + response, no chat template); a row
-    that does not fit gets an ``_error``."""
-
-    def __init__(self, model: str, max_length: int) -> None:
-        from raydapt.core.assets import load_tokenizer
-
-        self.tok = load_tokenizer(model, pad_to_eos=True)
-        self.max_length = max_length
-
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        rows, rej = encode_table(batch, self.tok, QAFormat(), max_length=self.max_length,
-                                 chat=False)
-        rows = rows.assign(**{ERROR_COLUMN: ""})
-        if len(rej):
-            rows = pd.concat([rows, pd.DataFrame({"id": rej["id"], ERROR_COLUMN: rej["reason"]})],
-                             ignore_index=True)
-        return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,7 +248,7 @@ def domain_side(mdir: str, adapter: str) -> tuple[np.ndarray, np.ndarray]:
 
     rows, _ = read_qa(DATA / DOMAIN)
     rows = rows.head(N_DOMAIN)
-    enc = EncodeQA(mdir, MAX_LENGTH)(rows)
+    enc = _encode_cls()(mdir, MAX_LENGTH)(rows)
     enc = enc[enc[ERROR_COLUMN] == ""]
     emb = EmbedLM(model=_model_kw(mdir, adapter))(enc)
     g = GradProject(model=_model_kw(mdir, adapter), objective="logit_sum", proj_dim=PROJ_DIM,
@@ -352,7 +313,7 @@ def run_size(scratch: Path, size: int, layout: str, passes: list[str], bare: boo
             _say(f"identity: {res['passes']['identity']}")
         if "stage1" in passes:
             st = {}
-            steps = [Step(EncodeQA, {"model": mdir, "max_length": MAX_LENGTH},
+            steps = [Step(_encode_cls(), {"model": mdir, "max_length": MAX_LENGTH},
                           pool=_pool_kw(1, 0.5, 256)),
                      Step(_embed_cls(), {"model": _model_kw(mdir, adapter)},
                           pool=_pool_kw(2, 0.5, 64), columns=["input_ids", "response_mask"])]
@@ -376,7 +337,7 @@ def run_size(scratch: Path, size: int, layout: str, passes: list[str], bare: boo
                 st = {}
                 csrc = open_source(src_path, normaliser=QARows(), unit_rows=UNIT_ROWS,
                                    keep_ids=frozenset(cand))
-                steps = [Step(EncodeQA, {"model": mdir, "max_length": MAX_LENGTH},
+                steps = [Step(_encode_cls(), {"model": mdir, "max_length": MAX_LENGTH},
                               pool=_pool_kw(1, 0.5, 256)),
                          Step(_grad_cls(), {"model": _model_kw(mdir, adapter),
                                             "objective": "logit_sum", "proj_dim": PROJ_DIM,
@@ -404,6 +365,12 @@ def run_size(scratch: Path, size: int, layout: str, passes: list[str], bare: boo
     res["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     res["driver_ru_maxrss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     return res
+
+
+def _encode_cls():
+    from raydapt.stages.grad_score import EncodeQA as cls
+
+    return cls
 
 
 def _embed_cls():
@@ -435,7 +402,7 @@ def bare_loop(path: Path, mdir: str, adapter: str, dom_emb: np.ndarray, gbar: np
     from raydapt.stages.grad_score import EmbedLM, GradProject
 
     torch.set_num_threads(2)
-    enc_fn = EncodeQA(mdir, MAX_LENGTH)
+    enc_fn = _encode_cls()(mdir, MAX_LENGTH)
     emb_fn = EmbedLM(model={**_model_kw(mdir, adapter), "threads": 2})
 
     def chunks():

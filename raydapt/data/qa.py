@@ -260,3 +260,63 @@ def mc_prompt_table(test: pd.DataFrame, tok: Any, fmt: QAFormat, *, chat: bool
                     "prompt": chat_prefix(tok, prompt, chat=chat) + fmt.answer_prefix,
                     "n_options": len(letters), "gold": letters.index(r["answer"])})
     return pd.DataFrame(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# normalisers for the streaming reader (raydapt.data.readers.open_source)
+# ---------------------------------------------------------------------------------------------
+
+
+class QARows:
+    """Normaliser of QA rows for :func:`~raydapt.data.readers.open_source`: each read block's
+    records → (rows with :data:`QA_COLUMNS`, rejects) by :func:`normalise_qa`. A line that is
+    not JSON is a reject ``invalid JSON (...)``, as in :func:`read_qa`. Duplicate ids are
+    caught within a block only; the NTK recipe checks them across the whole pool."""
+
+    columns = QA_COLUMNS
+    defaults: dict[str, Any] = {}
+    needed = frozenset({"id", "question", "answer"})
+
+    def __call__(self, records: list[Any], file: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+        bad = [{"file": file, "id": None, "reason": f"invalid JSON ({r[1]})",
+                "raw": str(r[0])[:300]} for r in records if isinstance(r, tuple)]
+        rows, rej = normalise_qa([r for r in records if not isinstance(r, tuple)], file=file)
+        if bad:
+            rej = pd.concat([pd.DataFrame(bad, columns=REJECT_COLUMNS), rej], ignore_index=True)
+        return rows, rej
+
+    def __repr__(self) -> str:  # part of the cache key: stable across runs
+        return "QARows()"
+
+
+class TokenRows:
+    """Normaliser of pre-tokenised rows (``id``, ``input_ids`` [L], ``response_mask`` [L]), e.g.
+    the NTK recipe's stage-2 candidates file. A row whose two sequences are missing, empty or
+    of different lengths is a reject."""
+
+    columns = ["id", "input_ids", "response_mask"]
+    defaults: dict[str, Any] = {"input_ids": None, "response_mask": None}
+    needed = frozenset(columns)
+
+    def __call__(self, records: list[Any], file: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+        good, bad = [], []
+        for r in records:
+            rid = r.get("id") if isinstance(r, dict) else None
+            a = r.get("input_ids") if isinstance(r, dict) else None
+            m = r.get("response_mask") if isinstance(r, dict) else None
+            if rid is None or _clean(rid) == "":
+                why = "missing id"
+            elif a is None or m is None or len(a) == 0:
+                why = "no input_ids / response_mask"
+            elif len(a) != len(m):
+                why = f"input_ids has {len(a)} tokens, response_mask {len(m)}"
+            else:
+                good.append({"id": str(rid), "input_ids": list(a), "response_mask": list(m)})
+                continue
+            bad.append({"file": file, "id": None if rid is None else str(rid), "reason": why,
+                        "raw": ""})
+        return (pd.DataFrame(good, columns=self.columns),
+                pd.DataFrame(bad, columns=REJECT_COLUMNS))
+
+    def __repr__(self) -> str:
+        return "TokenRows()"

@@ -566,7 +566,8 @@ def plan_dallmi(cfg, table: dict[str, Any], gpu: str) -> Plan:
 def plan_ntk_select(cfg, table: dict[str, Any], gpu: str) -> Plan:
     d, s, f, notes = cfg.data, cfg.select, cfg.format, []
     root = Path(d.root)
-    pool_counts = [count_rows(root / p) for p in d.pool]
+    # every file of the pool (a data.pool entry may be a directory or a glob)
+    pool_counts = [count_rows(x.path) for x in cfg.inputs()[1] if x.key.startswith("data.pool")]
     pool = None if None in pool_counts else sum(pool_counts)  # type: ignore[arg-type]
     if pool is None:
         notes.append("a pool file is not on this machine: pool rows unknown")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator
@@ -35,8 +36,13 @@ class NTKData(Section):
     root: str = Field("${RAYDAPT_DATA:-../shared/data}", description="Paths are relative to it.")
     pool: list[str] = Field(
         default_factory=lambda: ["cot_pool/flan_cot.jsonl", "cot_pool/gsm8k_train.jsonl"],
-        min_length=1, description="QA files of the general chain-of-thought pool.")
+        min_length=1, description="The general chain-of-thought pool: QA files, directories "
+        "(every jsonl / parquet / csv file below) or glob patterns, streamed (never held by the "
+        "driver); an id must be unique across all of them.")
     max_pool_rows: int | None = Field(None, ge=1, description="Seeded subsample of the pool.")
+    pool_unit_rows: int = Field(
+        10_000, ge=1, description="Pool rows per read unit = per stage-1 output shard (the "
+        "resume unit of the streamed pool; a large jsonl file is read as several units).")
     tasks: list[QATaskData] = Field(
         default_factory=lambda: [QATaskData(path="medical/pubmedqa.jsonl"),
                                  QATaskData(path="medical/medmcqa.jsonl")],
@@ -119,6 +125,13 @@ class NTKSelectSection(Section):
     n_factor: float = Field(9.0, gt=0, description="N = n_factor x |D| (paper: 9).")
     m_factor: float = Field(4.0, ge=1, description="Stage 1 keeps M = m_factor x N candidates.")
     k: int = Field(64, ge=1, description="Nearest pool samples each domain sample votes for.")
+    index: Literal["flat", "ivf", "hnsw"] = Field(
+        "flat", description="Stage-1 kNN index over the pool's embeddings, read shard by "
+        "shard: flat (exact, memory |D|·k), ivf (FAISS IVF-Flat, trained on the first "
+        "index_train_rows) or hnsw (FAISS HNSW): approximate, for pools of millions.")
+    index_nlist: int | None = Field(None, ge=1, description="IVF lists (None: ~4·√rows).")
+    index_nprobe: int = Field(16, ge=1, description="IVF lists searched.")
+    index_train_rows: int = Field(50_000, ge=1, description="Pool rows the IVF is trained on.")
     proj_dim: int = Field(8192, ge=1, description="p, Rademacher projection dimension.")
     proj_seed: int = Field(0, description="Projection seed (same for domain and pool).")
     proj_chunk_rows: int = Field(1024, ge=256, description="Projection chunk (memory knob).")
@@ -172,8 +185,17 @@ class NTKSelectJob(JobBase):
     eval: NTKEvalSection = Field(default_factory=NTKEvalSection)
 
     def inputs(self) -> tuple[list[ModelInput], list[DataInput]]:
+        from raydapt.data.readers import DataError, resolve_files
+
         root = data_root(self.data.root)
+        pool = []
+        for i, p in enumerate(self.data.pool):  # a directory or glob: every file it names
+            try:
+                files = resolve_files(root / p)
+            except DataError:
+                files = [str(root / p)]  # preflight names it: not found
+            pool += [DataInput(f"data.pool[{i}]", Path(f)) for f in files]
         return ([ModelInput("model", self.model)],  # the LoRA base (also the scoring model)
-                [DataInput(f"data.pool[{i}]", root / p) for i, p in enumerate(self.data.pool)]
+                pool
                 + [DataInput(f"data.tasks[{i}].path", root / t.path)
                    for i, t in enumerate(self.data.tasks)])

@@ -31,25 +31,33 @@ class StreamingTopN:
         self._ids = np.empty(0, dtype=object)
         self._scores = np.empty(0, dtype=np.float64)
         self._pos = np.empty(0, dtype=np.int64)
+        self._tie = np.empty(0, dtype=np.float64)
 
-    def update(self, ids: Iterable, scores: Iterable[float]) -> None:
-        """Add one block (ids and scores in stream order)."""
+    def update(self, ids: Iterable, scores: Iterable[float],
+               tiebreak: Iterable[float] | None = None) -> None:
+        """Add one block (ids and scores in stream order). ``tiebreak``: a second score that
+        orders equal scores (higher first) before the stream order, e.g. the summed
+        similarity of equal vote counts (the embedding selector's order)."""
         ids = np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids, dtype=object)
         s = np.asarray(scores, dtype=np.float64)
         if len(ids) != len(s):
             raise ValueError(f"{len(ids)} ids, {len(s)} scores")
+        t = np.zeros(len(s)) if tiebreak is None else np.asarray(tiebreak, dtype=np.float64)
+        if len(t) != len(s):
+            raise ValueError(f"{len(s)} scores, {len(t)} tie-break values")
         pos = self.seen + np.arange(len(s), dtype=np.int64)
         self.seen += len(s)
         ok = np.isfinite(s)
-        ids, s, pos = ids[ok], s[ok], pos[ok]
-        if len(s) > self.n:  # the block's own best n (ties by position)
-            keep = np.lexsort((pos, -s))[: self.n]
-            ids, s, pos = ids[keep], s[keep], pos[keep]
+        ids, s, pos, t = ids[ok], s[ok], pos[ok], t[ok]
+        if len(s) > self.n:  # the block's own best n (ties by tie-break, then position)
+            keep = np.lexsort((pos, -t, -s))[: self.n]
+            ids, s, pos, t = ids[keep], s[keep], pos[keep], t[keep]
         ids = np.concatenate([self._ids, ids])
         s = np.concatenate([self._scores, s])
         pos = np.concatenate([self._pos, pos])
-        keep = np.lexsort((pos, -s))[: self.n]
-        self._ids, self._scores, self._pos = ids[keep], s[keep], pos[keep]
+        t = np.concatenate([self._tie, t])
+        keep = np.lexsort((pos, -t, -s))[: self.n]
+        self._ids, self._scores, self._pos, self._tie = ids[keep], s[keep], pos[keep], t[keep]
 
     def update_table(self, tbl, *, column: str = "score") -> None:
         """Add a stage output block (pyarrow Table or DataFrame): rows with an ``_error`` or a

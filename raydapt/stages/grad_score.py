@@ -4,6 +4,8 @@ Each is a callable class for ``Dataset.map_batches(..., compute=ActorPoolStrateg
 loads the base model plus a LoRA adapter once per actor. Batches are pandas DataFrames carrying
 ``id``; failing rows come back with an ``_error`` reason (recipe → rejects).
 
+- :class:`EncodeQA`: QA rows → ``input_ids``, ``response_mask`` (the tokenising step of a
+  streamed pool; a row that does not fit gets an ``_error``).
 - :class:`EmbedLM`: ``input_ids``, ``response_mask`` → ``emb`` [H] (mean of the final hidden
   states over the sample's real tokens, fp32).
 - :class:`GradProject`: ``input_ids``, ``response_mask`` → ``g`` [p] = Π ∇_θ F(x) (projected
@@ -21,7 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from raydapt.data.qa import pad_batch
+from raydapt.data.qa import QAFormat, encode_table, pad_batch
 from raydapt.engines.base import check_single_tokens
 from raydapt.select.ntk import (
     RademacherProjector,
@@ -32,7 +34,7 @@ from raydapt.select.ntk import (
     per_sample_grads,
     trainable_params,
 )
-from raydapt.stages.common import Stage
+from raydapt.stages.common import ERROR_COLUMN, Stage
 from raydapt.train.lora import load_causal_lm
 
 
@@ -51,17 +53,61 @@ def _pad(batch: pd.DataFrame, pad_id: int, device: str, side: str = "right"):
     return {k: v.to(device) for k, v in pad_batch(encs, pad_id=pad_id, side=side).items()}
 
 
+ENCODE_ERROR = "encode: "
+"""Prefix of the ``_error`` of a row :class:`EncodeQA` could not encode (a later step's errors
+carry their stage's name instead), so a streamed output tells the two apart."""
+
+
+class EncodeQA:
+    """QA rows (:data:`raydapt.data.qa.QA_COLUMNS`) → ``keep`` columns + ``input_ids`` [L] +
+    ``response_mask`` [L] (prompt + gold response, :func:`raydapt.data.qa.encode_table`,
+    at most ``max_length`` tokens); a row that does not fit gets ``_error``
+    (:data:`ENCODE_ERROR` + the reason). A :class:`~raydapt.stages.sharded.Step` of a streamed
+    pool (the tokenizer is loaded once per actor).
+
+    Args:
+        model: the model reference whose tokenizer encodes (padding with EOS).
+        max_length: tokens per prompt + response.
+        fmt: the QA templates (a :class:`QAFormat` or its fields as a dict).
+        chat: wrap the prompt in the model's chat template.
+        keep: input columns copied to the output besides ``id`` (e.g. ``source``).
+    """
+
+    def __init__(self, model: str, max_length: int, fmt: QAFormat | dict[str, Any] | None = None,
+                 chat: bool = False, keep: tuple[str, ...] = ()) -> None:
+        from raydapt.core.assets import load_tokenizer
+
+        self.tok = load_tokenizer(model, pad_to_eos=True)
+        self.max_length = max_length
+        self.fmt = fmt if isinstance(fmt, QAFormat) else QAFormat(**(fmt or {}))
+        self.chat = chat
+        self.keep = ("id", *keep)
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        rows, rej = encode_table(batch, self.tok, self.fmt, max_length=self.max_length,
+                                 chat=self.chat, keep=self.keep)
+        rows = rows.assign(**{ERROR_COLUMN: ""})
+        if len(rej):
+            rows = pd.concat([rows, pd.DataFrame({"id": rej["id"], ERROR_COLUMN: [
+                ENCODE_ERROR + r for r in rej["reason"]]})], ignore_index=True)
+        return rows
+
+
 class EmbedLM(Stage):
     """Mean-pooled final hidden states of (prompt + response) sequences.
 
     Args:
         model: {model, adapter, dtype, threads, device} (see :func:`load_causal_lm`).
+        keep: input columns copied to the output (e.g. ``input_ids``, ``response_mask``,
+            ``source``: a streamed stage-1 output then carries what stage 2 and the fine-tune
+            need).
     """
 
     def __init__(self, *, model: dict[str, Any], stage: str = "embed",
-                 telemetry: dict[str, str] | None = None) -> None:
+                 telemetry: dict[str, str] | None = None, keep: tuple[str, ...] = ()) -> None:
         super().__init__(stage, telemetry)
         self.net, self.tok, self.device = _load(model)
+        self.keep = tuple(keep)
 
     @torch.inference_mode()
     def process(self, batch: pd.DataFrame) -> pd.DataFrame:
@@ -72,6 +118,14 @@ class EmbedLM(Stage):
         m = b["attention_mask"].unsqueeze(-1).float()
         emb = (h * m).sum(1) / m.sum(1).clamp_min(1.0)  # [B, H]
         return pd.DataFrame({"id": batch["id"].to_numpy(), "emb": list(emb.cpu().numpy())})
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        out = super().__call__(batch)
+        if self.keep:  # also on rows that failed: their tokens stay usable (fine-tune, stage 2)
+            src = batch.drop_duplicates("id").set_index("id").loc[out["id"], list(self.keep)]
+            for c in self.keep:
+                out[c] = src[c].to_numpy()
+        return out
 
 
 class GradProject(Stage):

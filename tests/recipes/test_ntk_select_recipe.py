@@ -1,8 +1,9 @@
 """NTK-Selector on tiny data.
 
-- ``test_stage2_scores_sharded_resume`` (CI): the sharded stage-2 Ray Data pass on a tiny model
-  with a random LoRA adapter: scores equal an in-process reference (per-sample gradients →
-  projection → ⟨ḡ_D, g⟩), and a rerun after deleting one shard recomputes only that shard.
+- ``test_stage2_scores_sharded_resume`` (CI): the streamed stage-2 pass (candidates file →
+  score shards) on a tiny model with a random LoRA adapter: scores equal an in-process reference
+  (per-sample gradients → projection → ⟨ḡ_D, g⟩), and a rerun after deleting one shard
+  recomputes only that shard.
 - ``test_ntk_select_end_to_end_and_shard_resume`` (CI; 128-147 s on an idle 2-core machine, 294 s
   with the cores shared by other jobs at load average ~40): the whole recipe with real Ray Data
   actor pools, Ray Train + DeepSpeed (ZeRO-2 over gloo), FAISS, MLflow; then a rerun that
@@ -93,7 +94,13 @@ def test_stage2_scores_sharded_resume(ray_local, tmp_path):
     from raydapt.core.cache import StageCache
     from raydapt.core.tracking import Tracker
     from raydapt.data.qa import pad_batch
-    from raydapt.recipes.ntk_select import STAGE_VERSIONS, stage2_scores
+    from raydapt.recipes.ntk_select import (
+        STAGE_VERSIONS,
+        candidate_source,
+        candidates_file,
+        read_scores,
+        stage2_scores,
+    )
     from raydapt.select.ntk import RademacherProjector, per_sample_grads, trainable_params
     from raydapt.train.lora import load_causal_lm
 
@@ -115,8 +122,14 @@ def test_stage2_scores_sharded_resume(ray_local, tmp_path):
     cache = StageCache(cfg.run.cache_dir, versions=STAGE_VERSIONS)
     tracker = Tracker(enabled=False, uri="sqlite:///unused.db", experiment="x",
                       artifact_location="")
-    got = stage2_scores(cfg, cache, tracker, adapter=adapter, rows=rows, kind="ntk",
-                        against=against)
+    path = candidates_file(cfg, cache, tracker, ids=list(rows["id"]), parts={"test": 1},
+                           rows=lambda: rows)
+
+    def scores():
+        return read_scores(stage2_scores(cfg, cache, tracker, adapter=adapter, kind="ntk",
+                                         source=candidate_source(path, 3), against=against))
+
+    got = scores()
 
     # reference, in process: the same projected gradients and inner products
     net.eval()
@@ -136,8 +149,7 @@ def test_stage2_scores_sharded_resume(ray_local, tmp_path):
     parts[1].unlink()
     (d / "_SUCCESS").unlink()
     (d / ".part-00001.parquet.tmp").write_text("half-written")  # a killed writer's leftover
-    again = stage2_scores(cfg, cache, tracker, adapter=adapter, rows=rows, kind="ntk",
-                          against=against)
+    again = scores()
     assert parts[0].stat().st_mtime_ns == mtimes[0] and parts[2].stat().st_mtime_ns == mtimes[2]
     assert parts[1].exists() and not (d / ".part-00001.parquet.tmp").exists()
     pd.testing.assert_frame_equal(again, got, rtol=1e-5)
@@ -237,3 +249,120 @@ def test_ntk_select_end_to_end_and_shard_resume(ray_local, tmp_path):
     runs2 = client.search_runs([exp.experiment_id], filter_string="tags.mlflow.runName = "
                                "'stage2-ntk'", order_by=["start_time DESC"])
     assert runs2[0].data.metrics["shards_cached"] == 2
+
+
+@pytest.mark.timeout(300)
+def test_streamed_pool_ids_order_and_duplicates_across_files(ray_local, tmp_path):
+    """The pool as a directory of files, read in units of a few rows: the driver's index of it
+    (ids only) equals the in-memory reading's — same rows, same (subsample-hash) order — and an
+    id that occurs again (in another file, or in another read unit of the same file) is a
+    reject record naming it, its first row in file order kept."""
+    import numpy as np
+
+    from raydapt.core.cache import StageCache
+    from raydapt.core.tracking import Tracker
+    from raydapt.recipes.ntk_select import (
+        STAGE_VERSIONS,
+        index_pool,
+        pool_order,
+        read_pool_frame,
+        scan_pool_ids,
+    )
+
+    pad = "x" * 300  # long lines: a read unit of 4 rows is over the 1 KiB minimum
+    row = lambda i, tag="": {"id": f"p{i}", "question": f"Q{i}{tag} {pad}",  # noqa: E731
+                             "answer": str(i)}
+    (tmp_path / "pool").mkdir()
+    _write(tmp_path / "pool" / "a.jsonl", [row(i) for i in range(12)] + ['{"id": "bad", '])
+    _write(tmp_path / "pool" / "b.jsonl", [row(i) for i in range(12, 20)] + [row(3, "again")]
+           + [row(i) for i in range(20, 28)] + [row(13, "again")])  # p13 again, 9 rows later
+    cfg = validate_job({"method": "ntk_select", "run": {"cache_dir": str(tmp_path / "cache")},
+                        "data": {"root": str(tmp_path), "pool": ["pool"], "pool_unit_rows": 4}})
+    tracker = Tracker(enabled=False, uri="sqlite:///unused.db", experiment="x",
+                      artifact_location="")
+    out = scan_pool_ids(cfg, StageCache(cfg.run.cache_dir, versions=STAGE_VERSIONS), tracker)
+    assert out.n_shards >= 6  # several units per file
+    idx = index_pool(out)
+    assert list(idx.ids) == [f"p{i}" for i in range(28)]  # first rows, file order
+    assert idx.dups == {"p3", "p13"}
+    rej = idx.rejects
+    dup = rej[rej["reason"].str.startswith("duplicate id in the pool")]
+    assert sorted(dup["id"]) == ["p13", "p3"] and len(rej) == 3  # + the bad JSON line
+    assert rej["reason"].str.contains("invalid JSON").sum() == 1
+    # the in-memory reading (what the recipe did before streaming): same ids, same order
+    frame, frame_rej = read_pool_frame(cfg)
+    assert list(pool_order(idx.ids, cfg.run.seed)) == list(frame["id"])
+    assert len(frame_rej) == len(rej)
+    assert not np.array_equal(pool_order(idx.ids, cfg.run.seed), idx.ids)  # the order is the hash's
+
+
+@pytest.mark.timeout(1800)
+def test_recipe_pool_path_does_not_collect_the_pool(ray_local, tmp_path):
+    """The recipe's pool path on 30K QA rows (~75 MB): stage 1 streamed (read → tokenise, no
+    model), the pool indexed from the shards (ids only), the seeded order, and the tokens of a
+    few selected rows read back. The driver's peak traced allocation stays far under the
+    pool's size; reading the shards' token columns into the driver (what a frame-based stage
+    would hold) is over the same bound, so the check can fail."""
+    import tracemalloc
+
+    from raydapt.core.cache import StageCache
+    from raydapt.core.tracking import Tracker
+    from raydapt.recipes.ntk_select import (
+        STAGE_VERSIONS,
+        index_pool,
+        pool_order,
+        pool_source,
+        rows_by_id,
+        stage1_pool,
+    )
+
+    n, pad = 30_000, "y" * 2_400
+    (tmp_path / "pool").mkdir()
+    for name, rng in (("warm", range(300)), ("big", range(n))):
+        with open(tmp_path / "pool" / f"{name}.jsonl", "w") as f:
+            for i in rng:
+                f.write(json.dumps({"id": f"{name}{i}", "source": "toy",
+                                    "question": f"What is {i} plus one? {pad}",
+                                    "rationale": f"{i} + 1 = {i + 1}.",
+                                    "answer": str(i + 1)}) + "\n")
+    tracker = Tracker(enabled=False, uri="sqlite:///unused.db", experiment="x",
+                      artifact_location="")
+    cache = StageCache(tmp_path / "cache", versions=STAGE_VERSIONS)
+
+    def job(pool: str):
+        return validate_job({"method": "ntk_select", "model": "pkg:smollm2-135m-instruct",
+                             "run": {"cache_dir": str(tmp_path / "cache")},
+                             "format": {"max_length": 64, "chat": False},
+                             "data": {"root": str(tmp_path), "pool": [pool],
+                                      "pool_unit_rows": 2_000}})
+
+    def recipe_path(cfg):
+        out = stage1_pool(cfg, cache, tracker, adapter=None, source=pool_source(cfg))
+        idx = index_pool(out)
+        order = pool_order(idx.ids, cfg.run.seed)
+        return out, idx, order, rows_by_id(out, order[:50], ["input_ids", "response_mask"],
+                                           dups=idx.dups)
+
+    recipe_path(job("pool/warm.jsonl"))  # one-off imports of a first pass are not the pool
+    cfg = job("pool/big.jsonl")
+    tracemalloc.start()
+    try:
+        out, idx, order, sel = recipe_path(cfg)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    pool_bytes = (tmp_path / "pool" / "big.jsonl").stat().st_size
+    assert pool_bytes > 70_000_000
+    assert peak < pool_bytes / 5, (peak, pool_bytes)
+    assert len(idx.ids) == n and len(idx.rejects) == 0 and len(set(order)) == n
+    assert len(sel) == 50 and all(len(a) == len(m) <= 64 for a, m in
+                                  zip(sel["input_ids"], sel["response_mask"]))
+    # the bound can be exceeded: the token lists of every row, as the driver-frame pool held
+    tracemalloc.start()
+    try:
+        toks = [t.to_pylist() for t in out.iter_tables(["id", "input_ids", "response_mask"])]
+        _, peak_collect = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert sum(len(t) for t in toks) == n
+    assert peak_collect > pool_bytes / 5, (peak_collect, pool_bytes)

@@ -41,7 +41,7 @@ def _bench():
 
 
 def test_planted_pool_id_sets_are_disjoint(tmp_path, data_dir):
-    from raydapt.recipes.ntk_select import read_data
+    from raydapt.recipes.ntk_select import read_data, read_pool_frame
 
     info = build_needles_data(data_dir, tmp_path / "data", n_general=300, n_planted=30,
                               n_arith_domain=40)
@@ -55,6 +55,7 @@ def test_planted_pool_id_sets_are_disjoint(tmp_path, data_dir):
     for name in ("medical", "arith"):
         cfg = load_job(job, bench._setting_overrides(name, info, tmp_path))
         data = read_data(cfg)
+        data["pool"], _ = read_pool_frame(cfg)
         d_ids = set(data["domain"]["id"])
         pool_ids = set(data["pool"]["id"])
         eval_ids = set().union(*(set(t["id"]) for t in data["tests"].values()))

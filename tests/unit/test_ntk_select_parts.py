@@ -199,3 +199,63 @@ def test_calibrated_mc_metrics_by_hand():
     assert out["calibrated"] == {"t": pytest.approx(2 / 3), "mean": pytest.approx(2 / 3)}
     # options renormalised: item 1 → [0.75, 0.25], item 2 → [0.625, 0.375]; gold 0.75, 0.375
     assert out["gold_logprob"]["t"] == pytest.approx((np.log(0.75) + np.log(0.375)) / 2)
+
+
+def _pool_shards(tmp_path, rng):
+    """A streamed stage-1 output by hand: 3 shards with embeddings, a reject, an encode
+    failure, an embed failure and an id that occurs twice (its second row differs)."""
+    from raydapt.core.cache import ShardedOutput
+
+    out = ShardedOutput(tmp_path / "embed", 0, 1, n_shards=3)
+    out.d.mkdir()
+    emb = rng.normal(size=(60, 8)).astype(np.float32)
+    rows = [{"id": f"c{i}", "emb": emb[i].tolist(), "input_ids": [1, 2, i],
+             "response_mask": [0, 1, 1], "source": "s", "_reject": "", "_error": ""}
+            for i in range(60)]
+    rows[7] = {**rows[7], "emb": None, "_error": "encode: does not fit"}
+    rows[9] = {**rows[9], "emb": [float("nan")] * 8, "_error": "embed: boom"}
+    rows[30] = {**rows[30], "id": "c3", "emb": (emb[30] + 5).tolist()}  # c3 again
+    rows.insert(12, {"id": "", "emb": None, "input_ids": None, "response_mask": None,
+                     "source": "", "_reject": json.dumps({"file": "f", "id": None,
+                                                          "reason": "empty question",
+                                                          "raw": ""}), "_error": ""})
+    import pyarrow as pa
+
+    for i, part in enumerate((rows[:20], rows[20:41], rows[41:])):
+        out.write_table(i, pa.Table.from_pylist(part))
+    return out, emb
+
+
+def test_streamed_pool_index_votes_and_rows(tmp_path):
+    """The recipe's reading of a streamed stage-1 output: the index (first rows, duplicate and
+    encode rejects, embed failures kept without embedding), votes over the shards equal FAISS
+    flat votes over the good first rows (also with an exhaustive IVF), tokens read back by id
+    (embed failures too, duplicates at their first row)."""
+    from raydapt.recipes.ntk_select import index_pool, rows_by_id, stage1_votes
+    from raydapt.recipes.ntk_select_config import NTKSelectJob
+
+    rng = np.random.default_rng(0)
+    out, emb = _pool_shards(tmp_path, rng)
+    idx = index_pool(out)
+    want_ids = [f"c{i}" for i in range(60) if i not in (7, 30)]
+    assert list(idx.ids) == want_ids and idx.dups == {"c3"}
+    assert list(idx.embedded) == [i != "c9" for i in want_ids]
+    assert sorted(idx.rejects["reason"]) == [
+        "does not fit", "duplicate id in the pool (its first row in file "
+        "order is kept)", "embed: boom", "empty question"]
+    dom = rng.normal(size=(5, 8)).astype(np.float32)
+    good = [i for i in range(60) if i not in (7, 9, 30)]
+    v_ref, s_ref = knn_votes(dom, emb[good], k=6)
+    cfg = NTKSelectJob(select={"k": 6})
+    for index in ("flat", "ivf"):
+        c = cfg.model_copy(update={"select": cfg.select.model_copy(update={
+            "index": index, "index_nlist": 1, "index_train_rows": 10})})
+        got = stage1_votes(c, out, dom, dups=idx.dups).set_index("id")
+        full = got.reindex([f"c{i}" for i in good]).fillna(0)
+        np.testing.assert_array_equal(full["votes"].to_numpy(), v_ref)
+        np.testing.assert_allclose(full["vote_sim"].to_numpy(), s_ref, rtol=1e-5, atol=1e-5)
+    got = rows_by_id(out, ["c9", "c3", "c0"], ["input_ids", "source"], dups=idx.dups)
+    assert list(got["id"]) == ["c9", "c3", "c0"]
+    assert got["input_ids"].tolist() == [[1, 2, 9], [1, 2, 3], [1, 2, 0]]  # c3: its first row
+    with pytest.raises(RuntimeError, match="missing"):
+        rows_by_id(out, ["c7"], ["input_ids"], dups=idx.dups)  # not encoded: not a pool row

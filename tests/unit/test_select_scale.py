@@ -29,6 +29,29 @@ def test_streaming_top_n_equals_the_selector_sort(block):
     pd.testing.assert_frame_equal(got, want)
 
 
+@pytest.mark.parametrize("block", [1, 9, 3000])
+def test_streaming_top_n_with_tiebreak_equals_the_embedding_selector(block):
+    """Votes (many equal counts, some equal similarity sums too) ordered by votes, then summed
+    similarity, then stream order: the NTK recipe's top-M candidates."""
+    rng = np.random.default_rng(1)
+    n_pool = 3_000
+    votes = rng.integers(0, 4, size=n_pool).astype(np.int64)
+    sim = np.round(votes * rng.uniform(0.2, 0.9, size=n_pool), 1)  # equal sums occur
+    ids = np.array([f"c{i}" for i in range(n_pool)], dtype=object)
+    want = SELECTORS["embedding"](seed=0).select(
+        SelectionInputs(pool_ids=ids, votes=votes, vote_sim=sim), 400)
+    top = StreamingTopN(400)
+    for i in range(0, n_pool, block):
+        top.update(ids[i: i + block], votes[i: i + block], tiebreak=sim[i: i + block])
+    got = top.result()
+    assert got["id"].tolist() == want["id"].tolist()
+    np.testing.assert_array_equal(got["score"].to_numpy(), want["score"].to_numpy())
+    # without the tie-break the order differs (the test can fail)
+    plain = StreamingTopN(400)
+    plain.update(ids, votes)
+    assert plain.result()["id"].tolist() != want["id"].tolist()
+
+
 def test_top_n_of_tables_skips_errors_and_rejects():
     t1 = pd.DataFrame({"id": ["a", "b", "c"], "score": [1.0, 5.0, 3.0],
                        "_error": ["", "boom", ""], "_reject": ["", "", ""]})

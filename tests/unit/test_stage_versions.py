@@ -26,7 +26,7 @@ def test_every_cached_stage_has_a_version_in_its_recipe(name):
     literal = set(re.findall(r'cache\.get\(\s*"([^"]+)"', src))
     literal |= set(re.findall(rf'cached_stage\(\s*{arg},\s*{arg},\s*"([^"]+)"', src))
     # sharded passes: sharded_pass(cache, tracker, "<stage>", ...) and SimDA's _teacher_rows
-    sharded = set(re.findall(r'sharded_pass\(\s*[\w.]+,\s*[\w.]+,\s*"([^"]+)"', src))
+    sharded = set(re.findall(r'(?:sharded|stream)_pass\(\s*[\w.]+,\s*[\w.]+,\s*"([^"]+)"', src))
     sharded |= set(re.findall(r'_teacher_rows\(\s*"([^"]+)"', src))
     fits = {"lora"} if name == "ntk_select" else set()  # fit_lora_cached(stage="lora")
     kinds = {f"scores-{k}" for k in ("ntk", "less")} if name == "ntk_select" else set()
@@ -48,11 +48,15 @@ def test_keys_unchanged_for_stages_that_had_no_version(tmp_path):
     parts = {"a": 1, "rows": [1, 2]}
     cache = StageCache(tmp_path, versions={**dallmi.STAGE_VERSIONS,
                                            **ntk_select.STAGE_VERSIONS})
-    for stage in ("dallmi_source", "lora", "embed", "grads-domain", "scores-ntk", "scores-less",
-                  "eval"):
+    for stage in ("dallmi_source", "lora", "grads-domain", "eval"):
         blob = json.dumps({"stage": stage, "v": 1, **parts}, sort_keys=True, default=str)
         assert cache.key(stage, parts) == hashlib.sha256(blob.encode()).hexdigest()[:16]
         assert stage_key(stage, 1, parts) == cache.key(stage, parts)
+    # NTK's pool stages were bumped when they moved to streamed shards (issue 25): old
+    # entries are not read as new ones
+    for stage in ("embed", "scores-ntk", "scores-less"):
+        assert ntk_select.STAGE_VERSIONS[stage] == 2
+        assert cache.key(stage, parts) != stage_key(stage, 1, parts)
 
 
 def test_unknown_stage_is_an_error(tmp_path):

@@ -235,12 +235,19 @@ def test_every_stage_in_a_recipe_is_tagged_with_method_and_run():
     seen = 0
     for f in (PKG / "recipes").glob("*.py"):
         for node in ast.walk(ast.parse(f.read_text())):
-            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+            # ds.map_batches(Stage, fn_constructor_kwargs=...) or a streamed pass's
+            # Step(Stage, kwargs, ...) (raydapt.stages.sharded.Step)
+            step = (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                    and node.func.id == "Step" and len(node.args) > 1
+                    and isinstance(node.args[0], ast.Name) and node.args[0].id in stages)
+            if not step and not (
+                    isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
                     and node.func.attr == "map_batches" and node.args
                     and isinstance(node.args[0], ast.Name) and node.args[0].id in stages):
                 continue
             seen += 1
-            kw = {k.arg: k.value for k in node.keywords}["fn_constructor_kwargs"]
+            kw = node.args[1] if step else {k.arg: k.value for k in node.keywords}[
+                "fn_constructor_kwargs"]
             keys = ({k.arg for k in kw.keywords} if isinstance(kw, ast.Call)
                     else {k.value for k in kw.keys if isinstance(k, ast.Constant)})
             assert "telemetry" in keys, f"{f.name}:{node.lineno} {node.args[0].id} untagged"
