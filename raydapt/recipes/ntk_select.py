@@ -323,7 +323,8 @@ def stage1_pool(cfg: NTKSelectJob, cache: StageCache, tracker: Tracker, *,
     parts = {"adapter": adapter.name if adapter is not None else None, "model": cfg.model,
              "format": f.model_dump(mode="json")}
     return stream_pass(cache, tracker, "embed", parts, source, steps, _say,
-                       run_name="stage1-embed", label="stage 1 embed")
+                       run_name="stage1-embed", label="stage 1 embed",
+                       retries=s.embed_pool.pass_retries)
 
 
 @dataclasses.dataclass
@@ -559,7 +560,8 @@ def stage2_scores(cfg: NTKSelectJob, cache: StageCache, tracker: Tracker, *, ada
         stage=f"scores-{kind}", telemetry=_telemetry(cfg)),
         pool=pool_kwargs(s.grad_pool), columns=["input_ids", "response_mask"])
     return stream_pass(cache, tracker, f"scores-{kind}", parts, source, [step], _say,
-                       run_name=f"stage2-{kind}", label=f"stage 2 {kind} scores")
+                       run_name=f"stage2-{kind}", label=f"stage 2 {kind} scores",
+                       retries=s.grad_pool.pass_retries)
 
 
 def frame_candidate_scores(cfg: NTKSelectJob, cache: StageCache, tracker: Tracker, *,
