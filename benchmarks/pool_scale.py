@@ -493,7 +493,7 @@ def kill_experiment(scratch: Path, size: int, layout: str, passes: str) -> dict[
             os.killpg(child.pid, signal.SIGKILL)
     t_kill = time.time() - t0
     log = scratch / f"kill-rerun-{size}.json"
-    cmd2 = [*cmd[:-1], "--stats-out", str(log)]
+    cmd2 = [*cmd, "--stats-out", str(log)]  # --no-record kept: the full run keeps its entry
     t1 = time.time()
     subprocess.run(cmd2, check=True)
     rerun = json.loads(log.read_text())

@@ -38,6 +38,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tracking"))
+from serve_mlflow import mlflow_server_at  # noqa: E402  (tests/tracking/serve_mlflow.py)
+
 from raydapt.ops import local_cluster as lc
 from raydapt.ops import rehearsal as rh
 from raydapt.ops.submit import submit
@@ -121,11 +124,24 @@ def _single_node_reference(make, d: Path) -> subprocess.Popen:
                             env=_env(), start_new_session=True)
 
 
-def test_rehearsal_scale_up_placement_node_loss_scale_down(cluster, tmp_path, tiny_simda_job):
+@pytest.fixture
+def mlflow_http(tmp_path):
+    """A real ``mlflow server`` (SQLite backend, artifacts proxied by the server) that the job
+    on the cluster reaches over HTTP only."""
+    with mlflow_server_at(f"sqlite:///{tmp_path}/mlflow-server.db", tmp_path / "mlflow-art",
+                          tmp_path / "mlflow-server.log", start_timeout=180) as url:
+        yield url
+
+
+def test_rehearsal_scale_up_placement_node_loss_scale_down(cluster, tmp_path, tiny_simda_job,
+                                                           mlflow_http):
     from ray.job_submission import JobSubmissionClient
 
     st = cluster
-    job = tiny_simda_job(tmp_path, **job_sections(cluster=True))
+    # tracking over HTTP; no artifact_location: the server's proxied default
+    job = tiny_simda_job(tmp_path, tracking={"uri": mlflow_http, "artifact_location": "",
+                                             "experiment": "rehearsal"},
+                         **job_sections(cluster=True))
     cache = tmp_path / "cache"
     with rh.NodeWatch(st) as watch:
         start = watch.counts()
@@ -216,3 +232,20 @@ def test_rehearsal_scale_up_placement_node_loss_scale_down(cluster, tmp_path, ti
     b = json.loads((out / "results.json").read_text())["accuracy"]
     assert {k: v for k, v in b.items() if k in a} == a  # teacher / kNN / p_T accuracies
     print("accuracy single-node", a, "cluster", b)
+
+    # the job's runs are on the tracking server, and its artifacts came through it
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlflow_http)
+    exp = client.get_experiment_by_name("rehearsal")
+    runs = client.search_runs([exp.experiment_id])
+    parent = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parent) == 1 and parent[0].info.status == "FINISHED", [
+        (r.info.run_name, r.info.status) for r in runs]
+    assert len(runs) > 1, "no child run (stages, students) reached the server"
+    assert parent[0].info.artifact_uri.startswith("mlflow-artifacts:"), parent[0].info.artifact_uri
+    got = mlflow.artifacts.download_artifacts(run_id=parent[0].info.run_id,
+                                              artifact_path="config.yaml",
+                                              tracking_uri=mlflow_http, dst_path=str(tmp_path))
+    assert "annotate_gpu" in Path(got).read_text()
