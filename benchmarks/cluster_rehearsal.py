@@ -224,6 +224,7 @@ def plot(rec: dict, path: Path) -> None:
 
     tl = rec["cluster"]["timeline"]
     end = rec["cluster"]["scaled_down_at_s"] + 5
+    top = max(max(p[t] for t in ("cpu", "annotate_gpu", "train_gpu")) for p in tl)
     fig, ax = plt.subplots(figsize=(7, 2.8), dpi=110)
     for typ, colour in (("cpu", "tab:gray"), ("annotate_gpu", "tab:orange"),
                         ("train_gpu", "tab:blue")):
@@ -232,16 +233,16 @@ def plot(rec: dict, path: Path) -> None:
         ax.step(xs, ys, where="post", label=typ, color=colour, lw=2)
     for k in rec["cluster"]["kills"]:
         ax.axvline(k["at_s"], color="red", ls="--", lw=1)
-        ax.text(k["at_s"], 3.1, " kill", color="red", fontsize=8)
+        ax.text(k["at_s"], top + 0.5, " kill", color="red", fontsize=8)
     ax.axvline(rec["cluster"]["submitted_at_s"], color="k", ls=":", lw=1)
     ax.axvline(rec["cluster"]["job_done_at_s"], color="k", ls=":", lw=1)
-    ax.text(rec["cluster"]["submitted_at_s"], 3.1, " submit", fontsize=8)
-    ax.text(rec["cluster"]["job_done_at_s"], 3.1, " done", fontsize=8)
+    ax.text(rec["cluster"]["submitted_at_s"], top + 0.5, " submit", fontsize=8)
+    ax.text(rec["cluster"]["job_done_at_s"], top + 0.5, " done", fontsize=8)
     ax.set_xlabel("seconds since the cluster came up")
     ax.set_ylabel("alive nodes")
-    ax.set_ylim(-0.2, 3.5)
-    ax.set_yticks([0, 1, 2, 3])
-    ax.legend(loc="upper right", fontsize=8)
+    ax.set_ylim(-0.2, top + 0.9)
+    ax.set_yticks(range(top + 1))
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
     ax.set_title("local autoscaling cluster: worker nodes per type (SimDA rehearsal)",
                  fontsize=9)
     fig.tight_layout()

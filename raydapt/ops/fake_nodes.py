@@ -83,6 +83,28 @@ class SeparateDirsFakeProvider(FakeMultiNodeProvider):
             all_tags.update(tags)
             self._nodes[next_id] = {"tags": all_tags, "node": node}
 
+    def non_terminated_nodes(self, tag_filters):
+        """Ray's fake provider keeps reporting a node whose raylet died (it only forgets nodes
+        it terminated itself), so the autoscaler counted a lost node against its type's
+        ``max_workers`` and never replaced it. A cloud reports a lost machine as gone: here a
+        worker node whose raylet process has exited is stopped (its other processes) and
+        dropped."""
+        from ray._private import ray_constants as rc
+
+        with self.lock:
+            for node_id, entry in list(self._nodes.items()):
+                node = entry.get("node")
+                if node is None or not hasattr(node, "all_processes"):
+                    continue  # the head (no Node object here)
+                raylets = node.all_processes.get(rc.PROCESS_TYPE_RAYLET, [])
+                if raylets and all(p.process.poll() is not None for p in raylets):
+                    self._nodes.pop(node_id)
+                    try:
+                        node.kill_all_processes(check_alive=False, allow_graceful=False)
+                    except Exception:  # noqa: BLE001 - already gone
+                        pass
+        return super().non_terminated_nodes(tag_filters)
+
 
 # --------------------------------------------------------------------------------------------
 # Patience on a loaded machine

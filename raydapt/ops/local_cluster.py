@@ -153,7 +153,12 @@ def _start_head(local, ray_bin: Path, state_path: Path, heartbeat_timeout_s: int
            # a loaded machine: give a starting node's agents longer to report their ports
            "RAY_agent_register_timeout_ms": "300000",
            "AUTOSCALER_HEARTBEAT_TIMEOUT_S": str(heartbeat_timeout_s)}
-    env.pop("RAY_ADDRESS", None)
+    # Every process of the cluster (raylets, the autoscaler, the worker nodes it starts, their
+    # workers) knows the cluster's address: the head's raylet names the GCS 127.0.0.1:<port>
+    # and a worker node's 192.0.2.x:<port>, so Ray code that looks for "the" local cluster
+    # from a worker (Ray Train's PlacementGroupCleaner, through the state API) found two and
+    # died, leaving a dead fit's placement group in place after a training node was lost
+    env["RAY_ADDRESS"] = gcs_address
     # `ray start`, with a longer wait for the head's raylet to register (raydapt.ops.fake_nodes)
     cmd = [sys.executable, "-m", "raydapt.ops.fake_nodes", "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),

@@ -35,23 +35,41 @@ from raydapt.stages.common import ERROR_COLUMN
 Say = Callable[[str], None]
 
 
+def _iter_batches(ds, batch_format: str):
+    """``ds.iter_batches``, closable: the caller closes it in a ``finally``, so a pass that
+    stops early (an error, a kill test) ends the dataset's execution and its actor pools at
+    once rather than whenever the generator is garbage-collected (on an autoscaling cluster,
+    a failed attempt's actors would keep their nodes)."""
+    it = ds.iter_batches(batch_format=batch_format, batch_size=None)
+    try:
+        yield from it
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
+
+
 def stream_rows(ds, total: int, label: str, say: Say, on_batch=None, every_s: float = 60.0,
                 keep: bool = True) -> pd.DataFrame:
     """Iterate a dataset's output, printing rows done, rows/s and ETA; returns all rows (none
     unless ``keep``: ``on_batch`` consumes them)."""
     parts, done, t0, last = [], 0, time.time(), 0.0
-    for batch in ds.iter_batches(batch_format="pandas", batch_size=None):
-        if keep:
-            parts.append(batch)
-        done += len(batch)
-        if on_batch is not None:
-            on_batch(batch)
-        now = time.time()
-        if now - last >= every_s or done >= total:
-            rate = done / max(now - t0, 1e-9)
-            say(f"{label}: {done}/{total} rows, {rate:.2f} rows/s, "
-                f"ETA {max(total - done, 0) / max(rate, 1e-9):.0f}s")
-            last = now
+    batches = _iter_batches(ds, "pandas")
+    try:
+        for batch in batches:
+            if keep:
+                parts.append(batch)
+            done += len(batch)
+            if on_batch is not None:
+                on_batch(batch)
+            now = time.time()
+            if now - last >= every_s or done >= total:
+                rate = done / max(now - t0, 1e-9)
+                say(f"{label}: {done}/{total} rows, {rate:.2f} rows/s, "
+                    f"ETA {max(total - done, 0) / max(rate, 1e-9):.0f}s")
+                last = now
+    finally:
+        batches.close()  # an early stop ends the dataset's execution now
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(
         columns=["id", ERROR_COLUMN])
 
@@ -369,35 +387,39 @@ def stream_pass(cache: StageCache, tracker: Tracker, stage: str, parts: dict[str
                 if on_shard is not None:
                     on_shard(u, tbl)
 
-            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-                if batch.num_rows == 0:
-                    continue
-                units, pos, is_marker, fatal = _sentinel_stats(batch)
-                if fatal:
-                    raise DataError(fatal[0])
-                for u in np.unique(units):
-                    u = int(u)
-                    sel = units == u
-                    mk = sel & is_marker
-                    if mk.any():
-                        expect[u] = int(-pos[mk][0] - 1)
-                    body = sel & ~is_marker
-                    n = int(body.sum())
-                    if n:
-                        buf.setdefault(u, []).append(batch.filter(pa.array(body)))
-                        got[u] = got.get(u, 0) + n
-                    if u in expect and got.get(u, 0) == expect[u]:
-                        flush(u)
-                    elif u in expect and got.get(u, 0) > expect[u]:
-                        raise RuntimeError(f"{stage}: shard {u} has {got[u]} rows, its read "
-                                           f"unit {expect[u]}")
-                now = time.time()
-                if now - last >= every_s:
-                    el = max(now - t0, 1e-9)
-                    say(f"{label}: {written}/{len(todo)} shards, {rows} rows, "
-                        f"{rows / el:.1f} rows/s, ETA "
-                        f"{(len(todo) - written) * el / max(written, 1):.0f}s")
-                    last = now
+            batches = _iter_batches(ds, "pyarrow")
+            try:
+                for batch in batches:
+                    if batch.num_rows == 0:
+                        continue
+                    units, pos, is_marker, fatal = _sentinel_stats(batch)
+                    if fatal:
+                        raise DataError(fatal[0])
+                    for u in np.unique(units):
+                        u = int(u)
+                        sel = units == u
+                        mk = sel & is_marker
+                        if mk.any():
+                            expect[u] = int(-pos[mk][0] - 1)
+                        body = sel & ~is_marker
+                        n = int(body.sum())
+                        if n:
+                            buf.setdefault(u, []).append(batch.filter(pa.array(body)))
+                            got[u] = got.get(u, 0) + n
+                        if u in expect and got.get(u, 0) == expect[u]:
+                            flush(u)
+                        elif u in expect and got.get(u, 0) > expect[u]:
+                            raise RuntimeError(f"{stage}: shard {u} has {got[u]} rows, its read "
+                                               f"unit {expect[u]}")
+                    now = time.time()
+                    if now - last >= every_s:
+                        el = max(now - t0, 1e-9)
+                        say(f"{label}: {written}/{len(todo)} shards, {rows} rows, "
+                            f"{rows / el:.1f} rows/s, ETA "
+                            f"{(len(todo) - written) * el / max(written, 1):.0f}s")
+                        last = now
+            finally:
+                batches.close()  # an early stop ends the dataset's execution now
             unfinished = sorted(set(left) - {i for i in left if sharded.check(i) is None})
             if unfinished:
                 raise RuntimeError(f"{stage}: shards {unfinished[:5]} did not complete (rows "
