@@ -35,18 +35,14 @@ from raydapt.stages.common import ERROR_COLUMN
 Say = Callable[[str], None]
 
 
-def _iter_batches(ds, batch_format: str):
-    """``ds.iter_batches``, closable: the caller closes it in a ``finally``, so a pass that
+def _close(batches) -> None:
+    """Close a dataset's batch iterator (a generator): called in a ``finally``, so a pass that
     stops early (an error, a kill test) ends the dataset's execution and its actor pools at
     once rather than whenever the generator is garbage-collected (on an autoscaling cluster,
     a failed attempt's actors would keep their nodes)."""
-    it = ds.iter_batches(batch_format=batch_format, batch_size=None)
-    try:
-        yield from it
-    finally:
-        close = getattr(it, "close", None)
-        if close is not None:
-            close()
+    close = getattr(batches, "close", None)
+    if close is not None:
+        close()
 
 
 def stream_rows(ds, total: int, label: str, say: Say, on_batch=None, every_s: float = 60.0,
@@ -54,7 +50,7 @@ def stream_rows(ds, total: int, label: str, say: Say, on_batch=None, every_s: fl
     """Iterate a dataset's output, printing rows done, rows/s and ETA; returns all rows (none
     unless ``keep``: ``on_batch`` consumes them)."""
     parts, done, t0, last = [], 0, time.time(), 0.0
-    batches = _iter_batches(ds, "pandas")
+    batches = ds.iter_batches(batch_format="pandas", batch_size=None)
     try:
         for batch in batches:
             if keep:
@@ -69,7 +65,7 @@ def stream_rows(ds, total: int, label: str, say: Say, on_batch=None, every_s: fl
                     f"ETA {max(total - done, 0) / max(rate, 1e-9):.0f}s")
                 last = now
     finally:
-        batches.close()  # an early stop ends the dataset's execution now
+        _close(batches)  # an early stop ends the dataset's execution now
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(
         columns=["id", ERROR_COLUMN])
 
@@ -387,7 +383,7 @@ def stream_pass(cache: StageCache, tracker: Tracker, stage: str, parts: dict[str
                 if on_shard is not None:
                     on_shard(u, tbl)
 
-            batches = _iter_batches(ds, "pyarrow")
+            batches = ds.iter_batches(batch_format="pyarrow", batch_size=None)
             try:
                 for batch in batches:
                     if batch.num_rows == 0:
@@ -419,7 +415,7 @@ def stream_pass(cache: StageCache, tracker: Tracker, stage: str, parts: dict[str
                             f"{(len(todo) - written) * el / max(written, 1):.0f}s")
                         last = now
             finally:
-                batches.close()  # an early stop ends the dataset's execution now
+                _close(batches)  # an early stop ends the dataset's execution now
             unfinished = sorted(set(left) - {i for i in left if sharded.check(i) is None})
             if unfinished:
                 raise RuntimeError(f"{stage}: shards {unfinished[:5]} did not complete (rows "

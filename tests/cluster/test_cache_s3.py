@@ -15,6 +15,7 @@ import time
 
 import pandas as pd
 import pytest
+from s3_objects import list_objects  # tests/cluster/s3_objects.py
 
 from raydapt.core.cache import StageCache
 from raydapt.core.tracking import Tracker
@@ -38,21 +39,7 @@ def _tracker() -> Tracker:
 
 
 def _objects(s3, prefix: str) -> dict[str, tuple[str, object]]:
-    """key (relative to ``prefix``) → (ETag, LastModified) of every object under it (not the
-    empty ``dir/`` markers pyarrow leaves when it deletes a directory)."""
-    out, token = {}, None
-    while True:
-        kw = {"Bucket": BUCKET, "Prefix": prefix + "/"}
-        if token:
-            kw["ContinuationToken"] = token
-        r = s3.list_objects_v2(**kw)
-        for o in r.get("Contents", []):
-            if o["Key"].endswith("/"):
-                continue
-            out[o["Key"][len(prefix) + 1:]] = (o["ETag"], o["LastModified"])
-        if not r.get("IsTruncated"):
-            return out
-        token = r["NextContinuationToken"]
+    return list_objects(s3, BUCKET, prefix)
 
 
 @pytest.fixture

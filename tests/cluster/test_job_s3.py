@@ -15,6 +15,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from s3_objects import list_objects  # tests/cluster/s3_objects.py
 
 from raydapt.ops.local_cluster import free_ports
 
@@ -23,18 +24,8 @@ pytestmark = [pytest.mark.timeout(900), pytest.mark.e2e]
 BUCKET = "rdtest"
 
 
-def _objects(s3, prefix: str) -> dict[str, str]:
-    out, token = {}, None
-    while True:
-        kw = {"Bucket": BUCKET, "Prefix": prefix + "/"}
-        if token:
-            kw["ContinuationToken"] = token
-        r = s3.list_objects_v2(**kw)
-        out.update({o["Key"][len(prefix) + 1:]: o["ETag"] for o in r.get("Contents", [])
-                    if not o["Key"].endswith("/")})
-        if not r.get("IsTruncated"):
-            return out
-        token = r["NextContinuationToken"]
+def _objects(s3, prefix: str) -> dict[str, tuple[str, object]]:
+    return list_objects(s3, BUCKET, prefix)
 
 
 def _start(job: Path, log: Path, scratch: Path) -> subprocess.Popen:
@@ -63,14 +54,16 @@ def _kill_tree(proc: subprocess.Popen) -> None:
     psutil.wait_procs(kids, timeout=30)
 
 
-def _run(job: Path, log: Path, scratch: Path) -> str:
+def _run(job: Path, log: Path, scratch: Path, *, rc: int = 0, timeout: int = 600) -> str:
+    """Run the job to its end (its process tree killed whatever happens); assert its exit
+    code; return its console."""
     p = _start(job, log, scratch)
     try:
-        rc = p.wait(timeout=600)
+        got = p.wait(timeout=timeout)
     finally:
         _kill_tree(p)
     text = log.read_text()
-    assert rc == 0, text[-4000:]
+    assert got == rc, text[-4000:]
     return text
 
 
@@ -169,14 +162,7 @@ def test_rejects_of_a_file_with_no_usable_rows_land_on_s3(tmp_path, tiny_simda_j
                          run={"output_dir": f"s3://{BUCKET}/{prefix}/runs",
                               "cache_dir": f"s3://{BUCKET}/{prefix}/cache"},
                          ray={"num_cpus": 2, "progress": False})
-    log = tmp_path / "run.log"
-    p = _start(job, log, tmp_path / "scratch")
-    try:
-        rc = p.wait(timeout=300)
-    finally:
-        _kill_tree(p)
-    text = log.read_text()
-    assert rc == 2, text[-3000:]
+    text = _run(job, tmp_path / "run.log", tmp_path / "scratch", rc=2, timeout=300)
     want = f"see s3://{BUCKET}/{prefix}/runs/tiny/rejects.parquet"
     assert [ln for ln in text.splitlines() if ln.startswith("raydapt: error:")][0].endswith(
         want), text[-3000:]
