@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from raydapt.core.assets import load_tokenizer
+from raydapt.core.storage import Store, is_uri, remote_of
 from raydapt.core.telemetry import StageTelemetry
 from raydapt.core.tracking import RunLogger
 from raydapt.data.text import truncate_text
@@ -223,9 +224,9 @@ def fit_student(
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}")
     # a finished fit of the same name (= same training) is not started again
-    final = Path(storage) / name / "final_metrics.json"
-    if final.exists():
-        return {**json.loads(final.read_text()), "resumed": True}
+    done = _final_metrics(storage, name)
+    if done is not None:
+        return {**done, "resumed": True}
     n_rows = train_ds.count()
     # fail before Ray Train starts if no optimiser step would run (was: 0 steps, loss 0.0)
     train.steps_for(n_rows, name=name)
@@ -246,8 +247,35 @@ def fit_student(
         dataset_config=DataConfig(datasets_to_split=[],
                                   execution_options=ExecutionOptions(preserve_order=True)))
     metrics = dict(result.metrics)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_suffix(".tmp")
-    tmp.write_text(json.dumps({k: v for k, v in metrics.items() if k != "resumed"}, default=float))
-    os.replace(tmp, final)  # atomic: written only once the fit has finished
+    _write_final_metrics(storage, name, {k: v for k, v in metrics.items() if k != "resumed"})
     return metrics
+
+
+FINAL = "final_metrics.json"
+
+
+def _final_metrics(storage: str, name: str) -> dict[str, Any] | None:
+    """The final metrics of a finished fit ``name`` under ``storage``, or None. Where the storage
+    stands for an object store (a URI, or a job's local mirror of one), the store is asked: a
+    rerun on another machine, with an empty mirror, skips the finished fit too, instead of
+    starting Ray Train only to restore its last checkpoint."""
+    remote = remote_of(storage)
+    if remote is not None:
+        st = Store(remote)
+        return st.read_json(f"{name}/{FINAL}") if st.exists(f"{name}/{FINAL}") else None
+    final = Path(storage) / name / FINAL
+    return json.loads(final.read_text()) if final.exists() else None
+
+
+def _write_final_metrics(storage: str, name: str, metrics: dict[str, Any]) -> None:
+    """Written only once the fit has finished: atomically (a local file renamed into place;
+    on an object store, one upload, also mirrored locally for the job's output sync)."""
+    final = Path(storage) / name / FINAL
+    if not is_uri(storage):
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.with_suffix(".tmp")
+        tmp.write_text(json.dumps(metrics, default=float))
+        os.replace(tmp, final)
+    remote = remote_of(storage)
+    if remote is not None:
+        Store(remote).write_bytes(f"{name}/{FINAL}", json.dumps(metrics, default=float).encode())

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -115,22 +116,26 @@ def test_a_job_on_s3_resumes_after_a_driver_kill_and_reruns_from_cache(
     res = json.loads(s3_client.get_object(Bucket=BUCKET, Key=f"{prefix}/runs/tiny/results.json")
                      ["Body"].read())
     assert "student:kl" in res["accuracy"], res["accuracy"]
-    # Ray Train's checkpoints and run state went to the store, under the job's output URI
+    # Ray Train's checkpoints and run state went to the store, under the job's output URI,
+    # and the finished fit's final metrics beside them
     assert any(k.startswith("train/") and "checkpoint" in k for k in out), sorted(out)
+    assert any(k.startswith("train/") and k.endswith("/final_metrics.json") for k in out)
     # MLflow artifacts (the config, the results table) went to the s3:// artifact location
     art = _objects(s3_client, f"{prefix}/art")
     assert any(k.endswith("config.yaml") for k in art), sorted(art)
 
-    # 3. a third run on yet another empty scratch: every cached stage is reused
+    # 3. a third run on yet another empty scratch: every cached stage is reused, and the
+    # finished student is found in the bucket and not fitted again (no Ray Train start)
     log = _run(job, tmp_path / "3.log", tmp_path / "scratch-3")
     assert f"teacher: cached (s3://{BUCKET}/{prefix}/cache/teacher/" in log, log[-4000:]
     assert "resuming" not in log
-    # no fit state on this machine: Ray Train restores the student from the bucket
-    assert "resumed from the checkpoint of epoch 1/1" in log, log[-4000:]
+    assert "resumed from the checkpoint" not in log, log[-4000:]
+    assert not re.search(r"epoch \d+/\d+ step \d+/", log), log[-4000:]  # nothing trained
     assert _objects(s3_client, f"{prefix}/cache") == cache  # nothing recomputed or rewritten
     res3 = json.loads(s3_client.get_object(
         Bucket=BUCKET, Key=f"{prefix}/runs/tiny/results.json")["Body"].read())
     assert res3["accuracy"] == res["accuracy"]
+    assert res3["students"]["kl"]["resumed_finished_run"] is True
 
 
 def test_an_unreachable_object_store_is_one_line_before_any_stage(tmp_path, tiny_simda_job,
