@@ -111,8 +111,8 @@ def test_sigterm_after_ray_init_unwinds_like_ctrl_c(tmp_path):
     Ray's C++ core ('*** SIGTERM received ... Aborted'), its MLflow runs FAILED. It now raises
     Terminated (a KeyboardInterrupt) in the main thread: the runs are marked KILLED and the
     process exits cleanly (ray.get re-raises it as a plain KeyboardInterrupt; ``terminated()``
-    tells the two apart, as the CLI does). (The whole-job version, with the CLI's message and the resume:
-    tests/recipes/test_resume_and_faults.py::test_sigterm_is_a_clean_resumable_exit.)"""
+    tells the two apart, as the CLI does). (The whole-job version, with the CLI's message and the
+    resume: tests/recipes/test_resume_and_faults.py, in the teacher pass and in the student's fit.)"""
     import os
     import signal
     import time
