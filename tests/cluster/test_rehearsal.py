@@ -39,8 +39,14 @@ import pandas as pd
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tracking"))
-from serve_mlflow import mlflow_server_at  # noqa: E402  (tests/tracking/serve_mlflow.py)
+from serve_mlflow import (  # noqa: E402  (tests/tracking/serve_mlflow.py)
+    mlflow_backend,
+    mlflow_server_at,
+    postgres_at,
+    postgres_missing,
+)
 
+from raydapt.cli import main as cli_main
 from raydapt.ops import local_cluster as lc
 from raydapt.ops import rehearsal as rh
 from raydapt.ops.submit import submit
@@ -126,11 +132,21 @@ def _single_node_reference(make, d: Path) -> subprocess.Popen:
 
 @pytest.fixture
 def mlflow_http(tmp_path):
-    """A real ``mlflow server`` (SQLite backend, artifacts proxied by the server) that the job
-    on the cluster reaches over HTTP only."""
-    with mlflow_server_at(f"sqlite:///{tmp_path}/mlflow-server.db", tmp_path / "mlflow-art",
-                          tmp_path / "mlflow-server.log", start_timeout=180) as url:
-        yield url
+    """A real ``mlflow server`` on PostgreSQL, as a cluster's would be, with its artifacts
+    proxied by the server; the job on the cluster reaches it over HTTP only. Yields (URL,
+    PostgreSQL URI). Where this machine has no PostgreSQL (a laptop; CI installs it) the
+    server runs on SQLite, and the test says so (PostgreSQL URI None)."""
+    why = postgres_missing()
+    if why is not None:
+        print(f"rehearsal: MLflow server on SQLite ({why})")
+        with mlflow_server_at(f"sqlite:///{tmp_path}/mlflow-server.db", tmp_path / "mlflow-art",
+                              tmp_path / "mlflow-server.log", start_timeout=180) as url:
+            yield url, None
+        return
+    with postgres_at() as pg, mlflow_server_at(mlflow_backend(pg), tmp_path / "mlflow-art",
+                                               tmp_path / "mlflow-server.log",
+                                               start_timeout=180) as url:
+        yield url, pg
 
 
 def test_rehearsal_scale_up_placement_node_loss_scale_down(cluster, tmp_path, tiny_simda_job,
@@ -138,8 +154,9 @@ def test_rehearsal_scale_up_placement_node_loss_scale_down(cluster, tmp_path, ti
     from ray.job_submission import JobSubmissionClient
 
     st = cluster
+    mlflow_url, pg = mlflow_http
     # tracking over HTTP; no artifact_location: the server's proxied default
-    job = tiny_simda_job(tmp_path, tracking={"uri": mlflow_http, "artifact_location": "",
+    job = tiny_simda_job(tmp_path, tracking={"uri": mlflow_url, "artifact_location": "",
                                              "experiment": "rehearsal"},
                          **job_sections(cluster=True))
     cache = tmp_path / "cache"
@@ -237,15 +254,30 @@ def test_rehearsal_scale_up_placement_node_loss_scale_down(cluster, tmp_path, ti
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=mlflow_http)
+    client = MlflowClient(tracking_uri=mlflow_url)
     exp = client.get_experiment_by_name("rehearsal")
     runs = client.search_runs([exp.experiment_id])
     parent = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len(parent) == 1 and parent[0].info.status == "FINISHED", [
         (r.info.run_name, r.info.status) for r in runs]
-    assert len(runs) > 1, "no child run (stages, students) reached the server"
-    assert parent[0].info.artifact_uri.startswith("mlflow-artifacts:"), parent[0].info.artifact_uri
-    got = mlflow.artifacts.download_artifacts(run_id=parent[0].info.run_id,
-                                              artifact_path="config.yaml",
-                                              tracking_uri=mlflow_http, dst_path=str(tmp_path))
+    p = parent[0]
+    assert p.data.params["annotate.k"] == "8" and "acc.teacher.knn" in p.data.metrics
+    kids = {r.data.tags["mlflow.runName"] for r in runs
+            if r.data.tags.get("mlflow.parentRunId") == p.info.run_id}
+    assert {"read", "teacher", "student-kl"} <= kids, kids
+    assert p.info.artifact_uri.startswith("mlflow-artifacts:"), p.info.artifact_uri
+    got = mlflow.artifacts.download_artifacts(run_id=p.info.run_id, artifact_path="config.yaml",
+                                              tracking_uri=mlflow_url, dst_path=str(tmp_path))
     assert "annotate_gpu" in Path(got).read_text()
+    if pg is not None:  # ... and the rows really live in PostgreSQL
+        import psycopg2
+
+        with psycopg2.connect(pg) as conn, conn.cursor() as cur:
+            cur.execute("select count(*) from runs r join experiments e on "
+                        "r.experiment_id = e.experiment_id where e.name = 'rehearsal'")
+            assert cur.fetchone()[0] == len(runs)
+    # runs compare reads the same server
+    assert cli_main(["runs", "compare", "--experiment", "rehearsal", "--tracking-uri",
+                     mlflow_url, "--metric", "acc.teacher.*", "--out",
+                     str(tmp_path / "cmp")]) == 0
+    assert (tmp_path / "cmp/compare.png").stat().st_size > 1000
