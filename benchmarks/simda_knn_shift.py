@@ -20,9 +20,10 @@ trains on, or chooses by, a target-test label: they only score what was chosen.
   reference a user could not know).
 - ``students``: KL + sim students (the recipe's fit_student, its step budget and fields) on the
   p_T of ``rules`` (the --rule's choice) or ``prior`` (median vs EM estimate), --seeds.
-- ``ablation``: collects the lam = 0 KL + sim students run as jobs (``annotate.lam=0
-  annotate.select_on_source=false distill.variants=[kl_sim] distill.seed=S``, run names
-  ``<src>-to-<tgt>-lam0-sS``) from --runs beside the seeded KL + sim students of simda-cpu.json.
+- ``ablation``: the lam = 0 KL + sim students (``students --rule lam0 --seeds S``, or jobs run
+  with ``annotate.lam=0 annotate.select_on_source=false distill.variants=[kl_sim]
+  distill.seed=S``, run names ``<src>-to-<tgt>-lam0-sS`` under --runs) beside the seeded KL + sim
+  students of simda-cpu.json, paired by seed.
 
 Results go to benchmarks/results/simda-knn-shift-cpu.json (one key per subcommand).
 """
@@ -332,24 +333,47 @@ def cmd_students(args, cfg_of, report: dict) -> dict:
     return out
 
 
-def cmd_ablation(args) -> dict:
+def _ms(x: list[float]) -> dict:
+    a = np.asarray(x, float)
+    return {"mean": round(float(a.mean()), 4) if len(a) else None,
+            "std": round(float(a.std(ddof=1)), 4) if len(a) > 1 else None, "n": len(a)}
+
+
+def cmd_ablation(args, report: dict) -> dict:
+    """lam = 0 KL + sim students beside the p_T KL + sim students of simda-cpu.json (same rows,
+    step budget and seeds), per pair: the lam = 0 students come from ``students --rule lam0``
+    (report['students_rules']['<pair>[lam0]']), else from job runs under --runs (run names
+    ``<src>-to-<tgt>-lam0-sS``). Differences are paired by seed (same initialisation and
+    batch order)."""
     main = json.loads((REPO / "benchmarks/results/simda-cpu.json").read_text())
-    out: dict = {"pairs": {}}
+    fits = report.get("students_rules", {})
+    out: dict = {"pairs": {}, "paired_by": "student seed (distill.seed)"}
+    diffs_all = []
     for pair in PAIRS:
         s, t = pair.split(":")
-        vals = []
-        for seed in args.seeds:
+        key = f"{s}->{t}"
+        e = main["pairs"][key]["student_seeds"]
+        seeds, lam0, pt = [], [], []
+        for i, seed in enumerate(args.seeds):
+            v = fits.get(f"{key}[lam0]", {}).get("seeds", {}).get(str(seed))
             f = Path(args.runs) / f"{s}-to-{t}-lam0-s{seed}" / "results.json"
-            if f.exists():
-                vals.append(round(json.loads(f.read_text())["accuracy"]["student:kl_sim"], 4))
-        e = main["pairs"][f"{s}->{t}"]["student_seeds"]
-        kl = e["kl_sim"]["values"][: len(vals)]
-        out["pairs"][f"{s}->{t}"] = {
-            "kl_sim_lam0": vals, "kl_sim_p_t": e["kl_sim"]["values"],
-            "source_only": e["source_only"]["values"],
-            "p_t_minus_lam0": [round(x - y, 4) for x, y in zip(kl, vals)]}
-    d = [x for p in out["pairs"].values() for x in p["p_t_minus_lam0"]]
-    out["mean_p_t_minus_lam0"] = round(float(np.mean(d)), 4) if d else None
+            if v is None and f.exists():
+                v = round(json.loads(f.read_text())["accuracy"]["student:kl_sim"], 4)
+            if v is not None and i < len(e["kl_sim"]["values"]):
+                seeds.append(seed)
+                lam0.append(v)
+                pt.append(e["kl_sim"]["values"][i])
+        d = [round(x - y, 4) for x, y in zip(pt, lam0)]
+        diffs_all += d
+        out["pairs"][key] = {
+            "seeds": seeds, "kl_sim_lam0": lam0, "kl_sim_p_t": pt,
+            "source_only": e["source_only"]["values"][: len(seeds)],
+            "lam0": _ms(lam0), "p_t": _ms(pt), "p_t_minus_lam0": d,
+            "p_t_minus_lam0_summary": _ms(d)}
+    means = [v["p_t_minus_lam0_summary"]["mean"] for v in out["pairs"].values()
+             if v["p_t_minus_lam0_summary"]["mean"] is not None]
+    out["mean_over_pairs_p_t_minus_lam0"] = round(float(np.mean(means)), 4) if means else None
+    out["all_paired_differences"] = _ms(diffs_all)
     return out
 
 
@@ -389,6 +413,22 @@ def cmd_tables(report: dict) -> str:
                 out.append(f"| {key} ({e['train_rows']} rows) | {cname} | {used} | "
                            f"{c['zero_shot']:.3f} | {c['zero_shot_pseudo']:.3f} | "
                            f"{ps['test']:.3f} (λ {ps['lam']}) | {ps['pseudo']:.3f} |")
+        out.append("")
+    ab = report.get("ablation")
+    if ab and "all_paired_differences" in ab:
+        def ms(m):
+            if m["mean"] is None:
+                return "—"
+            return f"{m['mean']:.3f}" + (f" ± {m['std']:.3f}" if m["std"] is not None else "")
+        out.append("| pair | seeds | KL + sim student, λ = 0 | KL + sim student, p_T | "
+                   "p_T − λ = 0 (paired) | source-only |")
+        out.append("|---|---|---:|---:|---:|---:|")
+        for key, e in ab["pairs"].items():
+            out.append(f"| {key} | {', '.join(map(str, e['seeds']))} | {ms(e['lam0'])} | "
+                       f"{ms(e['p_t'])} | {ms(e['p_t_minus_lam0_summary'])} | "
+                       f"{ms(_ms(e['source_only']))} |")
+        out.append(f"| all pairs | | | | {ms(ab['all_paired_differences'])} (mean of pair "
+                   f"means {ab['mean_over_pairs_p_t_minus_lam0']:+.3f}) | |")
         out.append("")
     for what in ("students_rules", "students_prior"):
         st = report.get(what)
@@ -439,7 +479,7 @@ def main(argv: list[str] | None = None) -> dict:
     elif w == "prior":
         report["prior"] = {"command": cmd, **cmd_prior(args, cfg_of)}
     elif w == "ablation":
-        report["ablation"] = {"command": cmd, **cmd_ablation(args)}
+        report["ablation"] = {"command": cmd, **cmd_ablation(args, report)}
     else:
         report.setdefault("student_commands", {})[f"{args.what}:{args.rule}"] = cmd
         cmd_students(args, cfg_of, report)
