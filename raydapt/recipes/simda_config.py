@@ -208,8 +208,9 @@ class AnnotateSection(Section):
         "target_rule (docs/simda.md, 'The kNN half under domain shift'). No extra teacher "
         "pass; the curve is logged to MLflow.")
     target_rule: Literal["agreement", "iwcv", "far_source", "reverse", "entropy"] = Field(
-        "iwcv", description="select_on_target's rule (iwcv: the only rule with p_T >= the "
-        "calibrated zero-shot on both pairs measured, docs/simda.md): agreement = kNN's target accuracy "
+        "iwcv", description="select_on_target's rule (on the four Amazon pairs no rule's p_T "
+        "separates from the calibrated zero-shot's; docs/simda.md): agreement = kNN's target "
+        "accuracy "
         "estimated from its agreement with the LLM on target vs source rows, (k, tau) by it "
         "and lam the naive-Bayes weight; iwcv = source leave-one-out accuracy weighted to the "
         "target by a domain classifier; far_source = source rows whose neighbours are as far "
