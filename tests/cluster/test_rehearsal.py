@@ -18,6 +18,9 @@ What it checks, on one job:
 - same numbers: annotations equal a single-node run of the same job and seed (pseudo-labels
   identical, teacher probabilities within 1e-4; batches are composed differently across actors,
   so padding can move the last float bits), student accuracy reported next to it;
+- tracking: the job logs over HTTP to an ``mlflow server`` on a throw-away PostgreSQL
+  (artifacts proxied by the server; SQLite where PostgreSQL is not installed), read back
+  through the server, counted in PostgreSQL, compared with ``raydapt runs compare``;
 - scale down: after the job, every worker node is removed (idle timeout 15 s);
 - a stage asking for a resource no node type offers is refused at submit, naming it.
 
