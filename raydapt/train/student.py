@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 
 from raydapt.core.assets import load_tokenizer
-from raydapt.core.storage import Store, is_uri, remote_of
+from raydapt.core.storage import Store, remote_of
 from raydapt.core.telemetry import StageTelemetry
 from raydapt.core.tracking import RunLogger
 from raydapt.data.text import truncate_text
@@ -254,28 +253,22 @@ def fit_student(
 FINAL = "final_metrics.json"
 
 
+def _final_store(storage: str) -> Store:
+    """Where a fit's final metrics live: the object store itself when ``storage`` stands for
+    one (a URI, or a job's local mirror of one), so a rerun on another machine, with an empty
+    mirror, skips the finished fit too instead of starting Ray Train only to restore its last
+    checkpoint; else the local directory."""
+    return Store(remote_of(storage) or storage)
+
+
 def _final_metrics(storage: str, name: str) -> dict[str, Any] | None:
-    """The final metrics of a finished fit ``name`` under ``storage``, or None. Where the storage
-    stands for an object store (a URI, or a job's local mirror of one), the store is asked: a
-    rerun on another machine, with an empty mirror, skips the finished fit too, instead of
-    starting Ray Train only to restore its last checkpoint."""
-    remote = remote_of(storage)
-    if remote is not None:
-        st = Store(remote)
-        return st.read_json(f"{name}/{FINAL}") if st.exists(f"{name}/{FINAL}") else None
-    final = Path(storage) / name / FINAL
-    return json.loads(final.read_text()) if final.exists() else None
+    """The final metrics of a finished fit ``name`` under ``storage``, or None."""
+    st = _final_store(storage)
+    return st.read_json(f"{name}/{FINAL}") if st.exists(f"{name}/{FINAL}") else None
 
 
 def _write_final_metrics(storage: str, name: str, metrics: dict[str, Any]) -> None:
-    """Written only once the fit has finished: atomically (a local file renamed into place;
-    on an object store, one upload, also mirrored locally for the job's output sync)."""
-    final = Path(storage) / name / FINAL
-    if not is_uri(storage):
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.with_suffix(".tmp")
-        tmp.write_text(json.dumps(metrics, default=float))
-        os.replace(tmp, final)
-    remote = remote_of(storage)
-    if remote is not None:
-        Store(remote).write_bytes(f"{name}/{FINAL}", json.dumps(metrics, default=float).encode())
+    """Written only once the fit has finished, atomically (Store.write_bytes: a local file
+    renamed into place, or one upload)."""
+    _final_store(storage).write_bytes(f"{name}/{FINAL}",
+                                      json.dumps(metrics, default=float).encode())
