@@ -413,6 +413,23 @@ def read_unit(u: ReadUnit, norm: Any, block_rows: int = 2048,
     yield _marker(norm, u.index, -(n + 1))
 
 
+def _units_bytes(units: list[ReadUnit]) -> int | None:
+    """Bytes the units read: a jsonl unit's byte range; for other units the size of their
+    file, counted once per file. None if any unit is a URI (no size without a request)."""
+    total, whole = 0, set()
+    for u in units:
+        if "://" in u.path:
+            return None
+        if u.fmt == "jsonl" and u.end >= 0:
+            total += u.end - u.start
+        else:
+            whole.add(u.path)
+    try:
+        return total + sum(os.path.getsize(f) for f in whole)
+    except OSError:
+        return None
+
+
 def _datasource(units: list[ReadUnit], norm: Any, block_rows: int,
                 keep_ids: frozenset[str] | None = None):
     from ray.data import Datasource, ReadTask
@@ -422,7 +439,10 @@ def _datasource(units: list[ReadUnit], norm: Any, block_rows: int,
         """One read task per unit (Ray Data runs them in parallel, streaming)."""
 
         def estimate_inmemory_data_size(self) -> int | None:
-            return None
+            # the units' bytes: with an estimate Ray Data keeps blocks of >= ~1 MiB; without
+            # one it splits every read into 200 blocks (read_op_min_num_blocks), and a
+            # 2,000-row file then costs 200 tasks per downstream operation (~4 s each here)
+            return _units_bytes(units)
 
         def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                            data_context: Any = None) -> list[Any]:
