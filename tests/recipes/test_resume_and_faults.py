@@ -4,12 +4,17 @@ One tiny SimDA job (real SmolLM2 teacher, real MiniLM student, real Ray, Ray Tra
 four times as separate `raydapt run` processes:
 
 1. uninterrupted, in its own cache/output dirs: the reference (beside runs 2-4);
-2. SIGKILL of the driver after a random number of finished teacher shards;
+2. SIGTERM of the driver after a random number of finished teacher shards, as a preemption
+   (Kubernetes, spot, ``ray job stop``) sends it: a clean exit (rc 143, one line saying how to
+   resume, no crash dump, MLflow runs KILLED, Ray gone), finished shards kept;
 3. the rerun: finished shards must not be recomputed; one Ray Data actor process is SIGKILLed
    mid-pass (Ray restarts it and retries its batch), then the driver is stopped by SIGTERM after
-   the student's first checkpoint (a clean exit: rc 143, MLflow runs KILLED, Ray gone);
+   the student's first checkpoint (the same clean exit, inside Ray Train's fit);
 4. the rerun: training resumes from that checkpoint; its Ray Train worker process is SIGKILLed
    after resuming (Ray Train's failure config restores it once more).
+
+A SIGKILLed driver (no chance to clean up) and its resume are tests/cluster/test_job_s3.py's
+first two runs (the cache on the object store).
 
 The outputs of 4 (annotations, accuracies, the student's final loss) must equal the reference's.
 The random kill point comes from RAYDAPT_KILL_SEED (printed, so a failure can be replayed).
@@ -151,10 +156,11 @@ def _killed_runs(tmp_path: Path, job: Path, rng: random.Random) -> None:
     n_shards = -(-(N_SOURCE + N_TRAIN + N_TEST) // SHARD_ROWS)
     kill_after = rng.randint(1, n_shards - 4)  # leave shards for the actor kill of run 2
 
-    # 1. kill the driver mid teacher stage
+    # 1. stop the driver mid teacher stage as a preemption does (SIGTERM, issue 28: it once
+    # ended with rc 134 and a crash dump of Ray's C++ core)
     p = _start(job, tmp_path / "1.log")
     _wait(p, lambda: len(_shards(cache)) >= kill_after, f"{kill_after} teacher shards")
-    _kill_tree(p)
+    _sigterm_and_check(p, tmp_path / "1.log", tmp_path / "mlruns-k.db", job, "teacher")
     done_before = _shards(cache)
     assert 1 <= len(done_before) < n_shards and not list(cache.glob("teacher/*/_SUCCESS"))
 
@@ -230,17 +236,3 @@ def _sigterm_and_check(p: subprocess.Popen, log: Path, db: Path, job: Path, stag
     status = {r.info.run_name: r.info.status for r in runs}  # each name's latest run
     assert status["tiny"] == "KILLED" and "RUNNING" not in status.values(), status
     assert status[stage_run] == "KILLED", status
-
-
-def test_sigterm_in_the_teacher_pass_is_a_clean_resumable_exit(tmp_path, tiny_simda_job):
-    """Issue 28: SIGTERM (Kubernetes, spot preemption, ``ray job stop``) ended a run with rc 134
-    and a crash dump of Ray's C++ core. It is now handled as Ctrl-C: rc 143, one line saying how
-    to resume, MLflow runs marked KILLED, Ray's processes gone, finished shards kept. (SIGTERM
-    inside the student's fit, and the rerun resuming from its checkpoint, are steps 2 and 3 of
-    test_killed_runs_resume_to_the_same_outputs.)"""
-    job = _job(tiny_simda_job, tmp_path, "t")
-    cache, log = tmp_path / "cache-t", tmp_path / "1.log"
-    p = _start(job, log)
-    _wait(p, lambda: len(_shards(cache)) >= 1, "a teacher shard")
-    _sigterm_and_check(p, log, tmp_path / "mlruns-t.db", job, "teacher")
-    assert _shards(cache) and not list(cache.glob("teacher/*/_SUCCESS"))
