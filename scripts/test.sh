@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The test suite as CI runs it (the README's test command), in three parts:
+#   1. the core suite: every test but the slow, gpu, vllm and cluster ones;
+#   2. the cluster rehearsal, in a process of its own (it switches Ray to token auth);
+#   3. the vLLM tests, in vLLM's own venv (.venv-vllm, scripts/setup-vllm.sh).
+# The vLLM venv is built in the background while parts 1 and 2 run: its ~3.6 GB of wheels are
+# mostly download and disk (~45 s of CPU, docs/engines.md), so it costs the suite little wall
+# time. A complete venv is skipped by setup-vllm.sh itself. Stops at the first failing part with
+# its exit code; extra arguments go to every pytest call (e.g. -x).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=.venv/bin/python
+log=${VLLM_SETUP_LOG:-.venv-vllm-setup.log}
+
+# its own session, so that a failure below can stop the whole build (uv included)
+if command -v setsid >/dev/null; then
+  setsid bash scripts/setup-vllm.sh >"$log" 2>&1 &
+else
+  bash scripts/setup-vllm.sh >"$log" 2>&1 &
+fi
+build=$!
+stop_build() {
+  if kill -0 "$build" 2>/dev/null; then
+    kill -- "-$build" 2>/dev/null || kill "$build" 2>/dev/null
+    echo "test.sh: stopped the vLLM venv build (rerun to build it)"
+  fi
+}
+trap stop_build EXIT
+
+"$PY" -m pytest -m "not slow and not gpu and not vllm and not cluster" -p no:cacheprovider \
+  --durations=20 "$@" || exit $?
+"$PY" -m pytest -m cluster tests/cluster -p no:cacheprovider --durations=5 "$@" || exit $?
+
+echo "test.sh: waiting for the vLLM venv build ($log)"
+if ! wait "$build"; then
+  tail -n 40 "$log"
+  echo "test.sh: scripts/setup-vllm.sh failed (log above)"
+  exit 1
+fi
+tail -n 2 "$log"
+.venv-vllm/bin/python -m pytest -m vllm tests/vllm_cpu -p no:cacheprovider "$@"
