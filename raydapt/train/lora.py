@@ -225,6 +225,18 @@ class LoRAFit(Fit):
             ray.train.report(metrics, checkpoint=ckpt)
 
 
+def skip_shm_comm_build() -> None:
+    """On CPU, DeepSpeed's communication backend JIT-compiles its shared-memory all-reduce
+    (``deepspeed_shm_comm``: g++ over two C++ files, 50 s to 2.5 min on a fresh 2-core machine,
+    cached per venv) when it starts, yet uses it only for ``inference_all_reduce``
+    (tensor-parallel inference). Training's gradients are reduced by torch.distributed (gloo),
+    so the build is skipped by marking the op incompatible: ``deepspeed.ops`` keeps one
+    ``__compatible_ops__`` dict per process, and edits to it persist."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def lora_sft_loop(config: dict[str, Any]) -> None:
     """Per-worker LoRA SFT with DeepSpeed (runs inside each Ray Train worker); ``config`` holds
     the fields of a :class:`LoRALoopConfig`."""
@@ -232,6 +244,7 @@ def lora_sft_loop(config: dict[str, Any]) -> None:
     t = c.train
     if not t.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        skip_shm_comm_build()
     import deepspeed
     import ray.train
 
