@@ -4,6 +4,7 @@ multiple-choice letter scoring, the DeepSpeed config and the job config."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pandas as pd
@@ -259,3 +260,28 @@ def test_streamed_pool_index_votes_and_rows(tmp_path):
     assert got["input_ids"].tolist() == [[1, 2, 9], [1, 2, 3], [1, 2, 0]]  # c3: its first row
     with pytest.raises(RuntimeError, match="missing"):
         rows_by_id(out, ["c7"], ["input_ids"], dups=idx.dups)  # not encoded: not a pool row
+
+
+def test_cpu_fits_skip_deepspeeds_shared_memory_all_reduce_build(tmp_path):
+    """DeepSpeed's CPU backend JIT-compiles ``deepspeed_shm_comm`` (g++, 50 s to 2.5 min on a
+    fresh 2-core machine) when it starts, for inference_all_reduce only. After
+    ``skip_shm_comm_build`` the backend's builder returns None and nothing is compiled (a fresh
+    extensions directory stays empty); without it the op is compatible here, so the check can
+    fail."""
+    import subprocess
+    import sys
+
+    code = ("import os\n"
+            "from raydapt.train.lora import skip_shm_comm_build\n"
+            "import deepspeed.ops\n"
+            "before = deepspeed.ops.__compatible_ops__['deepspeed_shm_comm']\n"
+            "skip_shm_comm_build()\n"
+            "from deepspeed.comm.torch import build_shm_op\n"
+            "print(before, build_shm_op() is None)\n")
+    ext = tmp_path / "ext"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": str(ext)}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split()[-2:] == ["True", "True"], r.stdout + r.stderr[-2000:]
+    assert not ext.exists() or not any(ext.rglob("*.so"))
