@@ -6,6 +6,15 @@ of the same job on the same machine.
     python benchmarks/cluster_rehearsal.py [--kills teacher,train] \
         [--out benchmarks/results/cluster-rehearsal-cpu.json] \
         [--plot docs/img/cluster-rehearsal-timeline.png]
+    python benchmarks/cluster_rehearsal.py --job ntk   # -> cluster-rehearsal-ntk-cpu.json
+
+``--job ntk``: a tiny NTK-Selector job instead (a 2-layer Llama built from config with the
+SmolLM2 tokenizer; 40 FLAN / GSM8K pool rows; 8 MedQA rows as D, 6 test items): stage-1
+embedding, stage-2 NTK scoring and evaluation on annotation nodes (``{annotate_gpu: 1}``, pools
+``concurrency [1, 2]``), the LoRA warm-up and fine-tune (DeepSpeed ZeRO-2, 2 Ray Train workers)
+on training nodes (``{train_gpu: 1}``). Recorded: the timeline, where each stage ran, time to
+the first node of each type, scale-down, and the selection against a single-node run of the same
+job (selected ids, NTK scores, accuracy). No node is killed in this one.
 
 Records: the node-count timeline per node type (polled every 0.5 s from the GCS), where each
 stage ran (actors and tasks -> node type, from Ray's state API), time from submission to the
@@ -191,6 +200,152 @@ def rehearse(d: Path, kills: list[str]) -> dict:
     return rec
 
 
+def write_ntk_job(d: Path, *, cluster: bool, tag: str) -> Path:
+    """The tiny NTK-Selector job of ``--job ntk`` (see the module docstring)."""
+    data = Path(os.environ.get("RAYDAPT_DATA", REPO.parent / "shared/data"))
+    if not (d / "pool.jsonl").exists():
+        pool = (data / "cot_pool/flan_cot.jsonl").read_text().splitlines()[:30] + \
+            (data / "cot_pool/gsm8k_train.jsonl").read_text().splitlines()[:10]
+        (d / "pool.jsonl").write_text("\n".join(pool) + "\n")
+        med = (data / "medical/medqa.jsonl").read_text().splitlines()[:40]
+        (d / "med.jsonl").write_text("\n".join(med) + "\n")
+        _tiny_llama(d / "tiny-llama")
+    pool_sec = {"concurrency": [1, 2], "num_cpus": 1, "threads": 1, "batch_size": 4}
+    train = {"num_workers": 2, "cpus_per_worker": 1, "threads": 1, "epochs": 1,
+             "batch_size": 4, "lr": 1e-3, "zero_stage": 2}
+    if cluster:
+        pool_sec["resources"] = {"annotate_gpu": 1}
+        train["resources"] = {"train_gpu": 1}
+    job = {"method": "ntk_select",
+           "run": {"name": "rehearsal-ntk", "output_dir": f"{d}/runs-{tag}",
+                   "cache_dir": f"{d}/cache-{tag}"},
+           "tracking": {"uri": f"sqlite:///{d}/mlruns-{tag}.db",
+                        "artifact_location": f"{d}/art-{tag}", "experiment": "rehearsal"},
+           "ray": {"num_cpus": 2, "progress": False},
+           "data": {"root": str(d), "pool": ["pool.jsonl"],
+                    "tasks": [{"path": "med.jsonl", "name": "medqa", "domain_rows": 8,
+                               "eval_rows": 6}]},
+           "model": str(d / "tiny-llama"), "format": {"max_length": 64},
+           "lora": {"r": 2, "alpha": 4}, "warmup": train, "finetune": train,
+           "select": {"selectors": ["ntk"], "baselines": [], "n": 4, "m_factor": 2, "k": 4,
+                      "proj_dim": 64, "proj_chunk_rows": 256, "shard_rows": 3,
+                      "embed_pool": pool_sec, "grad_pool": pool_sec},
+           "eval": {"max_length": 96, "pool": pool_sec}}
+    p = d / f"job-ntk-{tag}.yaml"
+    p.write_text(yaml.safe_dump(job, sort_keys=False))
+    return p
+
+
+def _tiny_llama(out: Path) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from raydapt.core.assets import load_tokenizer
+
+    tok = load_tokenizer("pkg:smollm2-135m-instruct")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=256, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def rehearse_ntk(d: Path) -> dict:
+    import ray
+    from ray.job_submission import JobSubmissionClient
+
+    from raydapt.ops import local_cluster as lc
+    from raydapt.ops import rehearsal as rh
+    from raydapt.ops.submit import submit
+
+    state = d / "state.json"
+    job = write_ntk_job(d, cluster=True, tag="cluster")
+    rec: dict = {}
+    t_up = time.time()
+    st = lc.up(state=state, quiet=True)
+    rec["cluster_up_seconds"] = round(time.time() - t_up, 1)
+    try:
+        ray.init(address=st["address"], logging_level="WARNING", log_to_driver=False)
+        with rh.NodeWatch(st) as watch:
+            start = watch.counts()
+            t_submit = time.time() - watch.t0
+            assert submit(job, [], address=st["dashboard"], pip=False) == 0
+            cl = JobSubmissionClient(st["dashboard"])
+
+            def status() -> str:
+                return str(cl.get_job_status("rehearsal-ntk")).rsplit(".", 1)[-1]
+
+            while status() in ("PENDING", "RUNNING"):
+                time.sleep(1)
+            info = cl.get_job_info("rehearsal-ntk")
+            rec["job_status"] = status()
+            if rec["job_status"] != "SUCCEEDED":
+                raise SystemExit(cl.get_job_logs("rehearsal-ntk")[-6000:])
+            rec["job_wall_seconds"] = round((info.end_time - info.start_time) / 1000, 1)
+            t_done = time.time() - watch.t0
+            watch.wait_for(lambda c: c["annotate_gpu"] == c["train_gpu"] == c["cpu"] == 0,
+                           300, "scale-down")
+            t_down = time.time() - watch.t0
+            where = rh.placement(st, watch)
+            first = {t: watch.first_time(t) for t in ("annotate_gpu", "train_gpu")}
+            rec.update({
+                "worker_nodes_at_submit": start,
+                "timeline": [{"t": t, **c} for t, c in watch.timeline],
+                "submitted_at_s": round(t_submit, 1),
+                "time_to_first_annotation_node_s": None if first["annotate_gpu"] is None
+                else round(first["annotate_gpu"] - t_submit, 1),
+                "time_to_first_training_node_s": None if first["train_gpu"] is None
+                else round(first["train_gpu"] - t_submit, 1),
+                "job_done_at_s": round(t_done, 1), "scaled_down_at_s": round(t_down, 1),
+                "nodes_seen": dict(sorted(__import__("collections").Counter(
+                    watch.types.values()).items())),
+                "actors_on": {c: dict(n) for c, n in where.items()},
+                "head_actors": rh.head_actors(st, watch),
+                "train_worker_nodes": len({a["node_id"] for a in rh.actors(st)
+                                           if a["class_name"] == rh.TRAIN_WORKER}),
+            })
+        rec["results"] = json.loads(
+            (d / "runs-cluster/rehearsal-ntk/results.json").read_text())
+    finally:
+        ray.shutdown()
+        lc.down(state=state, quiet=True)
+    return rec
+
+
+def single_node_ntk(d: Path) -> dict:
+    job = write_ntk_job(d, cluster=False, tag="single")
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "-m", "raydapt.cli", "run", str(job)],
+                       capture_output=True, text=True, env=_env(), timeout=3600)
+    wall = time.time() - t0
+    if r.returncode != 0:
+        raise SystemExit((r.stdout + r.stderr)[-4000:])
+    return {"wall_seconds": round(wall, 1),
+            "results": json.loads((d / "runs-single/rehearsal-ntk/results.json").read_text())}
+
+
+def compare_ntk(d: Path) -> dict:
+    import numpy as np
+    import pandas as pd
+
+    out = {}
+    for name in ("scores_ntk", "selected_ntk"):
+        a = pd.read_parquet(d / f"runs-single/rehearsal-ntk/{name}.parquet")
+        b = pd.read_parquet(d / f"runs-cluster/rehearsal-ntk/{name}.parquet")
+        if name == "selected_ntk":
+            out["selected_ids_equal"] = a["id"].tolist() == b["id"].tolist()
+            out["selected"] = len(a)
+        else:
+            m = a.merge(b, on="id", suffixes=("_single", "_cluster"))
+            out["scored_rows"] = len(m)
+            out["score_max_abs_diff"] = float(np.abs(m["score_single"] -
+                                                     m["score_cluster"]).max())
+            out["score_max_abs"] = float(np.abs(m["score_single"]).max())
+    return out
+
+
 def single_node(d: Path) -> dict:
     job = write_job(d, cluster=False, tag="single")
     t0 = time.time()
@@ -257,7 +412,12 @@ def main() -> None:
                     "node mid-fit); empty for none")
     ap.add_argument("--out", default=str(REPO / "benchmarks/results/cluster-rehearsal-cpu.json"))
     ap.add_argument("--plot", default=str(REPO / "docs/img/cluster-rehearsal-timeline.png"))
+    ap.add_argument("--job", choices=["simda", "ntk"], default="simda")
     args = ap.parse_args()
+    if args.job == "ntk":
+        main_ntk(Path(str(args.out).replace("cluster-rehearsal-cpu.json",
+                                            "cluster-rehearsal-ntk-cpu.json")))
+        return
     kills = [k for k in args.kills.split(",") if k]
     with tempfile.TemporaryDirectory(prefix="rdc-bench-") as tmp:
         d = Path(tmp)
@@ -282,6 +442,32 @@ def main() -> None:
     summary = {k: rec["cluster"][k] for k in ("time_to_first_annotation_node_s",
                                               "job_wall_seconds", "kills")}
     print(json.dumps({**summary, "single_node_wall_s": rec["single_node"]["wall_seconds"],
+                      "same_numbers": rec["same_numbers"]}, indent=1, default=str))
+
+
+def main_ntk(out: Path) -> None:
+    with tempfile.TemporaryDirectory(prefix="rdc-bench-ntk-") as tmp:
+        d = Path(tmp)
+        t0 = time.time()
+        rec = {"command": "python benchmarks/cluster_rehearsal.py --job ntk",
+               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+               "machine": describe(), "load_average_at_start": os.getloadavg(),
+               "job": {"pool_rows": 40, "domain_rows": 8, "test_items": 6, "M": 8, "N": 4,
+                       "model": "2-layer width-32 Llama, random init, SmolLM2 tokenizer",
+                       "pools": "embed / grad / eval: concurrency [1, 2], {annotate_gpu: 1}",
+                       "train": "warm-up and fine-tune: LoRA r 2, DeepSpeed ZeRO-2, "
+                                "2 Ray Train workers, {train_gpu: 1} each"},
+               "node_types": "cluster/node_types.yaml (local half)"}
+        rec["cluster"] = rehearse_ntk(d)
+        rec["single_node"] = single_node_ntk(d)
+        rec["same_numbers"] = compare_ntk(d)
+        rec["load_average_at_end"] = os.getloadavg()
+        rec["bench_seconds"] = round(time.time() - t0, 1)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rec, indent=1, default=str) + "\n")
+    print(json.dumps({"actors_on": rec["cluster"]["actors_on"],
+                      "job_wall_seconds": rec["cluster"]["job_wall_seconds"],
+                      "single_node_wall_s": rec["single_node"]["wall_seconds"],
                       "same_numbers": rec["same_numbers"]}, indent=1, default=str))
 
 

@@ -550,7 +550,7 @@ def plot(out: Path) -> None:
     ax[1].set_ylim(bottom=0)
     ax[0].legend(fontsize=8)
     fig.suptitle("pool scale (CPU, 2 cores): wall time and driver memory vs pool rows "
-                 "(the 8-file 10K / 100K drivers also load torch for stage 1)", fontsize=9)
+                 "(the 8-file drivers also load torch for stage 1)", fontsize=9)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
