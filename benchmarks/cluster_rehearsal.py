@@ -53,6 +53,14 @@ SHARD_ROWS = 4
 N_SOURCE, N_TARGET, N_TRAIN, N_TEST = 24, 64, 24, 8
 
 
+def _common(d: Path, name: str, tag: str) -> dict:
+    """The run / tracking / ray sections of a rehearsal job (outputs suffixed by ``tag``)."""
+    return {"run": {"name": name, "output_dir": f"{d}/runs-{tag}", "cache_dir": f"{d}/cache-{tag}"},
+            "tracking": {"uri": f"sqlite:///{d}/mlruns-{tag}.db",
+                         "artifact_location": f"{d}/art-{tag}", "experiment": "rehearsal"},
+            "ray": {"num_cpus": 2, "progress": False}}
+
+
 def write_job(d: Path, *, cluster: bool, tag: str) -> Path:
     """The rehearsal job (the one tests/cluster/test_rehearsal.py runs): books -> kitchen,
     teacher pool [1, 3] actors, a 2-worker student."""
@@ -68,12 +76,7 @@ def write_job(d: Path, *, cluster: bool, tag: str) -> Path:
     if cluster:
         pool["resources"] = {"annotate_gpu": 1}
         distill["resources"] = {"train_gpu": 1}
-    job = {"method": "simda",
-           "run": {"name": "rehearsal", "output_dir": f"{d}/runs-{tag}",
-                   "cache_dir": f"{d}/cache-{tag}"},
-           "tracking": {"uri": f"sqlite:///{d}/mlruns-{tag}.db",
-                        "artifact_location": f"{d}/art-{tag}", "experiment": "rehearsal"},
-           "ray": {"num_cpus": 2, "progress": False},
+    job = {"method": "simda", **_common(d, "rehearsal", tag),
            "data": {"root": str(d), "source": {"path": "src.jsonl"},
                     "target": {"path": "tgt.jsonl"}, "max_target_train_rows": N_TRAIN,
                     "max_target_test_rows": N_TEST},
@@ -216,12 +219,7 @@ def write_ntk_job(d: Path, *, cluster: bool, tag: str) -> Path:
     if cluster:
         pool_sec["resources"] = {"annotate_gpu": 1}
         train["resources"] = {"train_gpu": 1}
-    job = {"method": "ntk_select",
-           "run": {"name": "rehearsal-ntk", "output_dir": f"{d}/runs-{tag}",
-                   "cache_dir": f"{d}/cache-{tag}"},
-           "tracking": {"uri": f"sqlite:///{d}/mlruns-{tag}.db",
-                        "artifact_location": f"{d}/art-{tag}", "experiment": "rehearsal"},
-           "ray": {"num_cpus": 2, "progress": False},
+    job = {"method": "ntk_select", **_common(d, "rehearsal-ntk", tag),
            "data": {"root": str(d), "pool": ["pool.jsonl"],
                     "tasks": [{"path": "med.jsonl", "name": "medqa", "domain_rows": 8,
                                "eval_rows": 6}]},
@@ -314,18 +312,6 @@ def rehearse_ntk(d: Path) -> dict:
     return rec
 
 
-def single_node_ntk(d: Path) -> dict:
-    job = write_ntk_job(d, cluster=False, tag="single")
-    t0 = time.time()
-    r = subprocess.run([sys.executable, "-m", "raydapt.cli", "run", str(job)],
-                       capture_output=True, text=True, env=_env(), timeout=3600)
-    wall = time.time() - t0
-    if r.returncode != 0:
-        raise SystemExit((r.stdout + r.stderr)[-4000:])
-    return {"wall_seconds": round(wall, 1),
-            "results": json.loads((d / "runs-single/rehearsal-ntk/results.json").read_text())}
-
-
 def compare_ntk(d: Path) -> dict:
     import numpy as np
     import pandas as pd
@@ -346,8 +332,9 @@ def compare_ntk(d: Path) -> dict:
     return out
 
 
-def single_node(d: Path) -> dict:
-    job = write_job(d, cluster=False, tag="single")
+def single_node(d: Path, write=write_job, name: str = "rehearsal") -> dict:
+    """`raydapt run` of the same job on one local Ray node (no custom resources)."""
+    job = write(d, cluster=False, tag="single")
     t0 = time.time()
     r = subprocess.run([sys.executable, "-m", "raydapt.cli", "run", str(job)],
                        capture_output=True, text=True, env=_env(), timeout=3600)
@@ -355,7 +342,7 @@ def single_node(d: Path) -> dict:
     if r.returncode != 0:
         raise SystemExit((r.stdout + r.stderr)[-4000:])
     return {"wall_seconds": round(wall, 1),
-            "results": json.loads((d / "runs-single/rehearsal/results.json").read_text())}
+            "results": json.loads((d / f"runs-single/{name}/results.json").read_text())}
 
 
 def compare(d: Path) -> dict:
@@ -459,7 +446,7 @@ def main_ntk(out: Path) -> None:
                                 "2 Ray Train workers, {train_gpu: 1} each"},
                "node_types": "cluster/node_types.yaml (local half)"}
         rec["cluster"] = rehearse_ntk(d)
-        rec["single_node"] = single_node_ntk(d)
+        rec["single_node"] = single_node(d, write_ntk_job, "rehearsal-ntk")
         rec["same_numbers"] = compare_ntk(d)
         rec["load_average_at_end"] = os.getloadavg()
         rec["bench_seconds"] = round(time.time() - t0, 1)
