@@ -38,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import yaml
@@ -97,6 +98,27 @@ def _env() -> dict:
            "PYTHONUNBUFFERED": "1", "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
     return env
+
+
+def _scale_down_record(watch, t_submit: float) -> dict:
+    """Once the job has ended: wait until every worker node is gone, and return the node
+    timeline, the time to the first node of each type and the scale-down time (seconds since
+    the cluster came up)."""
+    t_done = time.time() - watch.t0
+    watch.wait_for(lambda c: c["annotate_gpu"] == c["train_gpu"] == c["cpu"] == 0, 300,
+                   "scale-down")
+    t_down = time.time() - watch.t0
+    first = {t: watch.first_time(t) for t in ("annotate_gpu", "train_gpu")}
+    return {
+        "timeline": [{"t": t, **c} for t, c in watch.timeline],
+        "submitted_at_s": round(t_submit, 1),
+        "time_to_first_annotation_node_s": None if first["annotate_gpu"] is None
+        else round(first["annotate_gpu"] - t_submit, 1),
+        "time_to_first_training_node_s": None if first["train_gpu"] is None
+        else round(first["train_gpu"] - t_submit, 1),
+        "job_done_at_s": round(t_done, 1), "scaled_down_at_s": round(t_down, 1),
+        "nodes_seen": dict(sorted(Counter(watch.types.values()).items())),
+    }
 
 
 def rehearse(d: Path, kills: list[str]) -> dict:
@@ -160,10 +182,7 @@ def rehearse(d: Path, kills: list[str]) -> dict:
             rec["job_status"] = status()
             rec["job_wall_seconds"] = round((info.end_time - info.start_time) / 1000, 1)
             logs = cl.get_job_logs("rehearsal")
-            t_done = time.time() - watch.t0
-            watch.wait_for(lambda c: c["annotate_gpu"] == c["train_gpu"] == c["cpu"] == 0,
-                           300, "scale-down")
-            t_down = time.time() - watch.t0
+            nodes = _scale_down_record(watch, t_submit)
             where = rh.placement(st, watch)
             tasks = rh.task_placement(st, watch)
             for k in rec["kills"]:
@@ -182,17 +201,8 @@ def rehearse(d: Path, kills: list[str]) -> dict:
                 else:
                     k["ray_train_resumed_from_checkpoint"] = \
                         "resumed from the checkpoint of epoch" in logs
-            first_ann = watch.first_time("annotate_gpu")
             rec.update({
-                "timeline": [{"t": t, **c} for t, c in watch.timeline],
-                "submitted_at_s": round(t_submit, 1),
-                "time_to_first_annotation_node_s": None if first_ann is None
-                else round(first_ann - t_submit, 1),
-                "time_to_first_training_node_s": None if watch.first_time("train_gpu") is None
-                else round(watch.first_time("train_gpu") - t_submit, 1),
-                "job_done_at_s": round(t_done, 1), "scaled_down_at_s": round(t_down, 1),
-                "nodes_seen": dict(sorted(__import__("collections").Counter(
-                    watch.types.values()).items())),
+                **nodes,
                 "actors_on": {c: dict(n) for c, n in where.items()},
                 "tasks_on": {c: dict(n) for c, n in tasks.items()},
             })
@@ -282,23 +292,11 @@ def rehearse_ntk(d: Path) -> dict:
             if rec["job_status"] != "SUCCEEDED":
                 raise SystemExit(cl.get_job_logs("rehearsal-ntk")[-6000:])
             rec["job_wall_seconds"] = round((info.end_time - info.start_time) / 1000, 1)
-            t_done = time.time() - watch.t0
-            watch.wait_for(lambda c: c["annotate_gpu"] == c["train_gpu"] == c["cpu"] == 0,
-                           300, "scale-down")
-            t_down = time.time() - watch.t0
+            nodes = _scale_down_record(watch, t_submit)
             where = rh.placement(st, watch)
-            first = {t: watch.first_time(t) for t in ("annotate_gpu", "train_gpu")}
             rec.update({
                 "worker_nodes_at_submit": start,
-                "timeline": [{"t": t, **c} for t, c in watch.timeline],
-                "submitted_at_s": round(t_submit, 1),
-                "time_to_first_annotation_node_s": None if first["annotate_gpu"] is None
-                else round(first["annotate_gpu"] - t_submit, 1),
-                "time_to_first_training_node_s": None if first["train_gpu"] is None
-                else round(first["train_gpu"] - t_submit, 1),
-                "job_done_at_s": round(t_done, 1), "scaled_down_at_s": round(t_down, 1),
-                "nodes_seen": dict(sorted(__import__("collections").Counter(
-                    watch.types.values()).items())),
+                **nodes,
                 "actors_on": {c: dict(n) for c, n in where.items()},
                 "head_actors": rh.head_actors(st, watch),
                 "train_worker_nodes": len({a["node_id"] for a in rh.actors(st)
