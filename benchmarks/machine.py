@@ -8,19 +8,33 @@ import platform
 
 def describe() -> dict:
     cpu = platform.processor() or ""
+    # "AMD EPYC" alone names machines 1.75x apart in this workplace (main-job-cpu.json): keep
+    # the family / model and the vector extensions that decide the matmul peak
+    detail: dict[str, str] = {}
     try:
         for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
+            key, _, val = line.partition(":")
+            key, val = key.strip(), val.strip()
+            if key == "model name" and "name" not in detail:
+                cpu = detail["name"] = val
+            if key in ("cpu family", "model", "flags") and key not in detail:
+                detail[key] = val
+            if len(detail) == 4:
                 break
     except OSError:
         pass
+    detail.pop("name", None)
+    flags = set(detail.pop("flags", "").split())
+    if detail:
+        detail["vector"] = " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+                                    if f in flags) or "none of avx2/avx512/amx"
     mem_gb = None
     try:
         mem_gb = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
     except (ValueError, OSError):
         pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": mem_gb,
+    info = {"cpu": cpu, **({"cpu_detail": detail} if detail else {}),
+            "cores": os.cpu_count(), "memory_gib": mem_gb,
             "python": platform.python_version(), "platform": platform.platform()}
     try:
         import torch
