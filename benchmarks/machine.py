@@ -10,22 +10,19 @@ def describe() -> dict:
     cpu = platform.processor() or ""
     # "AMD EPYC" alone names machines 1.75x apart in this workplace (main-job-cpu.json): keep
     # the family / model and the vector extensions that decide the matmul peak
-    detail: dict[str, str] = {}
+    fields: dict[str, str] = {}
     try:
         for line in open("/proc/cpuinfo"):
             key, _, val = line.partition(":")
-            key, val = key.strip(), val.strip()
-            if key == "model name" and "name" not in detail:
-                cpu = detail["name"] = val
-            if key in ("cpu family", "model", "flags") and key not in detail:
-                detail[key] = val
-            if len(detail) == 4:
+            fields.setdefault(key.strip(), val.strip())
+            if "flags" in fields:  # x86 lists name, family and model before flags
                 break
     except OSError:
         pass
-    detail.pop("name", None)
-    flags = set(detail.pop("flags", "").split())
+    cpu = fields.get("model name", cpu)
+    detail = {k: fields[k] for k in ("cpu family", "model") if k in fields}
     if detail:
+        flags = set(fields.get("flags", "").split())
         detail["vector"] = " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
                                     if f in flags) or "none of avx2/avx512/amx"
     mem_gb = None
