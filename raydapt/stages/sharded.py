@@ -285,6 +285,19 @@ class _Keep:
         return pa.Table.from_pandas(df, preserve_index=False)
 
 
+_NAMED: dict[Any, type] = {}
+
+
+def _keep_for(fn: Any) -> type:
+    """:class:`_Keep` under the step's own name (``GradProject``, ``EncodeQA``...), so Ray's
+    dashboard, progress lines and state API show ``MapWorker(MapBatches(GradProject))`` instead
+    of one ``_Keep`` for every pool."""
+    name = getattr(fn, "__name__", None) or type(fn).__name__
+    if name not in _NAMED:
+        _NAMED[name] = type(name, (_Keep,), {"__module__": __name__, "__qualname__": name})
+    return _NAMED[name]
+
+
 def identity(batch: pd.DataFrame) -> pd.DataFrame:
     """A :class:`Step` function that returns its rows unchanged (the pure platform cost)."""
     return batch
@@ -359,9 +372,10 @@ def stream_pass(cache: StageCache, tracker: Tracker, stage: str, parts: dict[str
                     import ray
 
                     kw.setdefault("compute", ray.data.ActorPoolStrategy(size=1))
-                ds = ds.map_batches(_Keep, fn_constructor_args=(st.fn, st.kwargs, st.columns),
+                keep = _keep_for(st.fn)
+                ds = ds.map_batches(keep, fn_constructor_args=(st.fn, st.kwargs, st.columns),
                                     **kw) if "compute" in kw else ds.map_batches(
-                    _Keep(st.fn, st.kwargs, st.columns), **kw)
+                    keep(st.fn, st.kwargs, st.columns), **kw)
             buf: dict[int, list[Any]] = {}
             got: dict[int, int] = {}
             expect: dict[int, int] = {}
