@@ -141,6 +141,20 @@ def matched_steps(rows: int, batch_size: int, workers: int, epochs: int) -> int:
         batch_size, workers), epochs=epochs, name="distill").total
 
 
+def student_steps(dcfg, distill_rows: int) -> dict[str, int | None]:
+    """Each student's step budget (``steps`` of its fit): every student but the
+    ``source_only_all`` reference trains the same number of optimiser steps, ``distill.steps``
+    or :func:`matched_steps` of ``distill.epochs`` over the ``distill_rows`` pseudo-labelled
+    rows, whatever its own row count (step-matched baselines); ``source_only_all`` (None) runs
+    ``distill.epochs`` over its rows. Counted only when a matched student runs: a too-small
+    distillation set is then an error."""
+    steps = None
+    if set(dcfg.variants) - {"source_only_all"}:
+        steps = dcfg.steps or matched_steps(distill_rows, dcfg.batch_size, dcfg.num_workers,
+                                            dcfg.epochs)
+    return {v: None if v == "source_only_all" else steps for v in dcfg.variants}
+
+
 def results_table(results: dict[str, float], students: dict[str, dict[str, Any]]) -> str:
     """method -> target-test accuracy, teacher read-outs first; students with rows and steps."""
     lines = []
@@ -675,12 +689,7 @@ class SimDARecipe(Recipe):
         extra = {**dcfg.model_dump(include=set(LOSS_KEYS)), "min_confidence": a.min_confidence}
         distill_df = pd.DataFrame({"text": tgt_train["text"], "p_t": list(p_t),
                                    "h_t": list(by_id.loc[tgt_train["id"], "hidden"])})
-        # every student but the source_only_all reference trains the same number of steps
-        # (counted only when such a student runs: a too-small distillation set is an error)
-        steps = None
-        if set(dcfg.variants) - {"source_only_all"}:
-            steps = dcfg.steps or matched_steps(len(distill_df), dcfg.batch_size,
-                                                dcfg.num_workers, dcfg.epochs)
+        budget = student_steps(dcfg, len(distill_df))
         results: dict[str, Any] = {}
         students: dict[str, dict[str, Any]] = {}
         cms: dict[str, np.ndarray] = {}
@@ -695,14 +704,14 @@ class SimDARecipe(Recipe):
             else:  # oracle: gold target labels (upper bound)
                 ds, objective = (ray.data.from_pandas(tgt_train[tgt_train["y"] >= 0][["text", "y"]]),
                                  "supervised")
-            kw = {**train_kw, "steps": None if variant == "source_only_all" else steps}
+            kw = {**train_kw, "steps": budget[variant]}
             train = from_section(StudentTrain, dcfg, steps=kw["steps"],
                                  min_confidence=a.min_confidence)
             n_rows = ds.count()
             ran = train.steps_for(n_rows, name=f"student {variant}")  # what the loop runs
             _say(f"student {variant}: {objective} on {n_rows} rows, {ran.total} steps = "
                  f"{ran.epochs} epoch(s) of {ran.per_epoch}"
-                 + (f" (distill.steps={steps} wins over distill.epochs={dcfg.epochs})"
+                 + (f" (distill.steps={dcfg.steps} wins over distill.epochs={dcfg.epochs})"
                     if dcfg.steps and kw["steps"] is not None and ran.epochs != dcfg.epochs
                     else "") + f", {dcfg.num_workers} workers")
             with ctx.tracker.child(f"student-{variant}",

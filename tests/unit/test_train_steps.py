@@ -52,3 +52,31 @@ def test_rerun_of_a_finished_student_reports_it_and_does_not_train(ray_local, tm
     assert {k: again[k] for k in ("accuracy", "loss", "steps", "confusion")} == \
         {k: first[k] for k in ("accuracy", "loss", "steps", "confusion")}
     assert "step" not in capsys.readouterr().out  # no training progress: nothing trained
+
+
+def test_simda_students_are_step_matched_whatever_their_rows():
+    """The SimDA end-to-end test's students (24 pseudo-labelled target rows, 40 source rows,
+    batch 8 over 2 workers, 1 epoch): every student trains the distillation set's 3 steps,
+    source-only too although its 40 rows would give 5; ``source_only_all`` keeps its epochs;
+    ``distill.steps`` fixes the budget for all."""
+    from raydapt.config import validate_job
+    from raydapt.recipes.simda import matched_steps, student_steps
+    from raydapt.train.settings import StudentTrain, from_section
+
+    def distill(**kw):
+        return validate_job({"method": "simda", "distill": {
+            "variants": ["source_only", "kl_sim", "source_only_all"], "epochs": 1,
+            "batch_size": 8, "num_workers": 2, **kw}}).distill
+
+    d = distill()
+    assert matched_steps(24, 8, 2, 1) == 3  # 12 rows per worker, 4 per step: 3 full steps
+    budget = student_steps(d, 24)
+    assert budget == {"source_only": 3, "kl_sim": 3, "source_only_all": None}
+    ran = {v: from_section(StudentTrain, d, steps=s, min_confidence=0.0).steps_for(
+        {"kl_sim": 24}.get(v, 40)).total for v, s in budget.items()}
+    assert ran == {"source_only": 3, "kl_sim": 3, "source_only_all": 5}  # 20 per worker // 4
+    assert set(student_steps(distill(steps=54), 24).values()) == {54, None}
+    # only the reference: no distillation set needed, nothing counted
+    assert student_steps(distill(variants=["source_only_all"]), 0) == {"source_only_all": None}
+    with pytest.raises(RaydaptError, match="no optimiser step"):
+        student_steps(d, 6)  # 3 rows per worker: not one batch of 4
