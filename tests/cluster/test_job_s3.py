@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -82,7 +81,7 @@ def _job(make, tmp: Path, prefix: str) -> Path:
                          "num_workers": 1, "cpus_per_worker": 1})
 
 
-def test_a_job_on_s3_resumes_after_a_driver_kill_and_reruns_from_cache(
+def test_a_job_on_s3_resumes_after_a_driver_kill(
         tmp_path, tiny_simda_job, s3_client, request):
     prefix = request.node.name
     job = _job(tiny_simda_job, tmp_path, prefix)
@@ -123,19 +122,9 @@ def test_a_job_on_s3_resumes_after_a_driver_kill_and_reruns_from_cache(
     # MLflow artifacts (the config, the results table) went to the s3:// artifact location
     art = _objects(s3_client, f"{prefix}/art")
     assert any(k.endswith("config.yaml") for k in art), sorted(art)
-
-    # 3. a third run on yet another empty scratch: every cached stage is reused, and the
-    # finished student is found in the bucket and not fitted again (no Ray Train start)
-    log = _run(job, tmp_path / "3.log", tmp_path / "scratch-3")
-    assert f"teacher: cached (s3://{BUCKET}/{prefix}/cache/teacher/" in log, log[-4000:]
-    assert "resuming" not in log
-    assert "resumed from the checkpoint" not in log, log[-4000:]
-    assert not re.search(r"epoch \d+/\d+ step \d+/", log), log[-4000:]  # nothing trained
-    assert _objects(s3_client, f"{prefix}/cache") == cache  # nothing recomputed or rewritten
-    res3 = json.loads(s3_client.get_object(
-        Bucket=BUCKET, Key=f"{prefix}/runs/tiny/results.json")["Body"].read())
-    assert res3["accuracy"] == res["accuracy"]
-    assert res3["students"]["kl"]["resumed_finished_run"] is True
+    # (a third run that finds every stage and the finished student in the bucket was cut for
+    # CI time: the cache's reuse on s3:// is test_cache_s3.py's, a finished student's
+    # test_train_steps.py's)
 
 
 def test_an_unreachable_object_store_is_one_line_before_any_stage(tmp_path, tiny_simda_job,
