@@ -22,7 +22,11 @@ What it checks, on one job:
   (artifacts proxied by the server; SQLite where PostgreSQL is not installed), read back
   through the server, counted in PostgreSQL, compared with ``raydapt runs compare``;
 - scale down: after the job, every worker node is removed (idle timeout 15 s);
-- a stage asking for a resource no node type offers is refused at submit, naming it.
+- a stage asking for a resource no node type offers is refused at submit, naming it;
+- NTK-Selector's stage-2 scoring pool (``grad_pool`` asking for ``annotate_gpu``), driven from
+  this process: annotation nodes from zero, scoring actors only there, a node killed after the
+  first score shard (finished shards kept, the pass finishes), scores equal to the in-process
+  reference.
 
 Teardown stops every process of the cluster by PID (never `ray stop`), also on failure.
 """
@@ -54,7 +58,7 @@ from raydapt.ops import local_cluster as lc
 from raydapt.ops import rehearsal as rh
 from raydapt.ops.submit import submit
 
-pytestmark = [pytest.mark.cluster, pytest.mark.timeout(1500)]  # ~5 min on an idle 2-core box
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(1500)]  # ~5.5 min on an idle 2-core box
 
 SHARD_ROWS = 4
 N_SOURCE, N_TARGET, N_TRAIN, N_TEST = 24, 64, 24, 8
@@ -284,3 +288,107 @@ def test_rehearsal_scale_up_placement_node_loss_scale_down(cluster, tmp_path, ti
                      mlflow_url, "--metric", "acc.teacher.*", "--out",
                      str(tmp_path / "cmp")]) == 0
     assert (tmp_path / "cmp/compare.png").stat().st_size > 1000
+
+
+GRAD = "MapWorker(MapBatches(GradProject))"
+
+
+def test_ntk_stage2_pool_scales_out_and_loses_a_node(cluster, tmp_path):
+    """NTK-Selector's stage-2 scoring pool (per-sample LoRA gradients, projected and scored
+    against ḡ_D; a tiny random Llama with SmolLM2's tokenizer, tests/recipes/ntk_tiny.py) driven
+    by this process as the NTK job's driver drives it, with
+    ``grad_pool`` asking for ``annotate_gpu``: annotation nodes come up from zero, the scoring
+    actors run only there, a node lost mid-pass costs only its in-flight shards, and the scores
+    equal the in-process reference. (The whole NTK job submitted to the cluster, warm-up and
+    fine-tunes included, is benchmarks/cluster_rehearsal.py --job ntk: 197 s, too long for CI.)"""
+    import threading
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
+    from ntk_tiny import encoded, random_adapter, reference_scores, tiny_model  # tests/recipes/
+
+    from raydapt.config import validate_job
+    from raydapt.core.cache import StageCache
+    from raydapt.core.tracking import Tracker
+    from raydapt.recipes.ntk_select import (
+        STAGE_VERSIONS,
+        candidate_source,
+        candidates_file,
+        read_scores,
+        stage2_scores,
+    )
+
+    st = cluster
+    model = tiny_model(tmp_path / "tiny")
+    net = random_adapter(model, tmp_path / "warm")
+    n, shard, proj = 96, 3, 32  # 32 shards, ~0.1 s of gradients each
+    rows = encoded(model, n, max_length=64)
+    pool = {"concurrency": [1, 2], "num_cpus": 1, "threads": 1, "batch_size": shard,
+            "resources": {"annotate_gpu": 1}, "max_restarts": 3, "max_task_retries": 3}
+    cfg = validate_job({"method": "ntk_select", "model": str(model),
+                        "run": {"cache_dir": str(tmp_path / "cache")},
+                        "select": {"proj_dim": proj, "proj_chunk_rows": 256, "shard_rows": shard,
+                                   "grad_micro_batch": shard, "grad_pool": pool}})
+    against = np.random.default_rng(0).normal(size=proj).astype(np.float32)
+    cache = StageCache(cfg.run.cache_dir, versions=STAGE_VERSIONS)
+    tracker = Tracker(enabled=False, uri="sqlite:///unused.db", experiment="x",
+                      artifact_location="")
+    path = candidates_file(cfg, cache, tracker, ids=list(rows["id"]), parts={"rehearsal": 1},
+                           rows=lambda: rows)
+
+    def score_shards() -> dict[str, int]:
+        return {str(p): p.stat().st_mtime_ns
+                for p in (tmp_path / "cache").glob("scores-ntk/*/part-*.parquet")}
+
+    got: dict = {}
+
+    def stage2() -> None:
+        try:
+            got["scores"] = read_scores(stage2_scores(
+                cfg, cache, tracker, adapter=tmp_path / "warm", kind="ntk",
+                source=candidate_source(path, shard), against=against))
+        except BaseException as e:  # noqa: BLE001 (re-raised in the test's thread)
+            got["error"] = e
+
+    with rh.NodeWatch(st) as watch:
+        # from zero: the SimDA rehearsal's annotation nodes are gone once idle
+        watch.wait_for(lambda c: c["annotate_gpu"] == 0, 120, "no annotation node")
+        t_start = time.time() - watch.t0
+        th = threading.Thread(target=stage2, daemon=True)
+        th.start()
+        # the victim: the node of the first scoring actor (state API, while the actor loads its
+        # model); its raylet is killed the moment the first score shard is written
+        t_end = time.time() + 600
+        alive: list = []
+        while not alive and th.is_alive() and time.time() < t_end:
+            alive = [a for a in rh.actors(st) if a["class_name"] == GRAD and a["state"] == "ALIVE"]
+            time.sleep(0.2)
+        assert alive, "no scoring actor came up"
+        victim = alive[0]["node_id"]
+        while not score_shards() and th.is_alive() and time.time() < t_end:
+            time.sleep(0.05)
+        rh.kill_raylet(st, victim)
+        done_before = score_shards()
+        n_shards = -(-n // shard)
+        assert 1 <= len(done_before) < n_shards, "the scoring pass ended before the kill"
+        th.join(timeout=600)
+        assert not th.is_alive(), "the scoring pass did not finish after the node loss"
+        if "error" in got:
+            raise got["error"]
+        first = watch.first_time("annotate_gpu")
+        assert first is not None and first > t_start, watch.timeline  # scaled up from zero
+        where = rh.placement(st, watch)
+        assert set(where[GRAD]) == {"annotate_gpu"}, where
+        lost = rh.failed_tasks_on(st, victim, "MapBatches(GradProject)")
+
+    # no finished shard rewritten; every shard there
+    after = score_shards()
+    assert {k: after[k] for k in done_before} == done_before, "finished shards recomputed"
+    assert len(after) == n_shards
+    # same numbers: the in-process reference of the same gradients and projection
+    scores = got["scores"]
+    assert list(scores["id"]) == list(rows["id"]) and (scores["_error"] == "").all()
+    ref = reference_scores(net, rows, proj, against)
+    np.testing.assert_allclose(scores["score"].to_numpy(), ref, rtol=1e-3, atol=1e-4)
+    print(f"ntk stage 2: first annotation node at {first:.0f}s; node {victim[-5:]} killed with "
+          f"{len(done_before)}/{n_shards} shards done; {len(lost)} scoring task(s) in flight "
+          f"were retried elsewhere; timeline {json.dumps(watch.timeline)}")
