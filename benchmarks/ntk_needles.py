@@ -132,9 +132,66 @@ def pool_text(rows: pd.DataFrame, cfg) -> list[tuple[str, str]]:
     return [render(r, fmt) for r in rows.to_dict("records")]
 
 
+def per_task_scores(cfg, cache, tracker, *, adapter: Path, dom: pd.DataFrame,
+                    dom_task: np.ndarray, cand: pd.DataFrame) -> dict[str, pd.Series]:
+    """Stage-2 NTK scores of the candidates against each task's own ḡ (the mean projected
+    gradient of D's rows of that task, instead of all of D's): task -> score by candidate id.
+    The recipe's own stages and caches (D's gradients are the ones the one-ḡ score used)."""
+    from raydapt.recipes.ntk_select import (
+        candidate_source,
+        candidates_file,
+        domain_grads_frame,
+        read_scores,
+        stage2_scores,
+    )
+
+    g = domain_grads_frame(cfg, cache, tracker, adapter=adapter, rows=dom, objective="logit_sum")
+    task_of = pd.Series(dom_task, index=dom["id"].to_numpy())
+    gt = task_of.loc[g["id"]].to_numpy()
+    G = np.stack(g["g"].to_numpy()).astype(np.float32)
+    path = candidates_file(cfg, cache, tracker, ids=list(cand["id"]), parts={"frame": True},
+                           rows=lambda: cand)
+    out = {}
+    for t in sorted(set(gt)):
+        sc = read_scores(stage2_scores(
+            cfg, cache, tracker, adapter=adapter, kind="ntk", against=G[gt == t].mean(0),
+            source=candidate_source(path, cfg.select.shard_rows)))
+        out[str(t)] = sc[sc["_error"] == ""].set_index("id")["score"]
+    return out
+
+
+def per_task_selections(scores: dict[str, pd.Series], task_share: dict[str, float], n: int
+                        ) -> dict[str, tuple[list[str], pd.Series]]:
+    """Two ways to use per-task scores, each → (N selected ids, a score over the candidates):
+
+    - ``ntk_task_quota``: each task fills its share of N (D's task proportions) from its own
+      ranking, best first, skipping ids another task took;
+    - ``ntk_task_max``: each candidate's best per-task score, every task's scores z-normalised
+      over the candidates first (the ḡ's differ in norm, so raw products do not compare).
+    """
+    ids = scores[next(iter(scores))].index
+    z = pd.DataFrame({t: (s.reindex(ids) - s.mean()) / (s.std() or 1.0)
+                      for t, s in scores.items()})
+    best = z.max(axis=1)
+    quota = {t: int(round(n * task_share[t])) for t in scores}
+    quota[max(quota, key=quota.get)] += n - sum(quota.values())  # rounding: N in all
+    taken: list[str] = []
+    for t in sorted(scores, key=lambda t: -quota[t]):
+        order = scores[t].sort_values(ascending=False, kind="stable").index
+        mine = [i for i in order if i not in set(taken)][:quota[t]]
+        taken += mine
+    rank = pd.Series(0.0, index=ids)
+    for r, i in enumerate(taken):
+        rank[i] = len(taken) - r + best.max() + 1.0  # the quota's picks above the rest
+    rank = rank.where(rank > 0, best)
+    return {"ntk_task_quota": (taken, rank),
+            "ntk_task_max": (list(best.sort_values(ascending=False, kind="stable").index[:n]),
+                             best)}
+
+
 def run_setting(name: str, cfg, planted_ids: set[str], random_seeds: list[int],
                 kinds: tuple[str, ...] = ("ntk", "less"), *, trivial_only: bool = False,
-                warmup_seed: int | None = None) -> dict:
+                warmup_seed: int | None = None, per_task: bool = False) -> dict:
     """The recipe's stages up to the selections (no fine-tunes) and the planted-row metrics,
     with the trivial selectors (format, length, tfidf) and random beside them; with
     ``trivial_only`` no model runs (no warm-up, stage 1 or 2; the pool is read, not encoded)."""
@@ -178,6 +235,13 @@ def run_setting(name: str, cfg, planted_ids: set[str], random_seeds: list[int],
                                   f"scores-{kind}")
             inputs.scores[kind] = sc.set_index("id")["score"]
             secs[f"stage2_{kind}"] = time.time() - t0
+        if per_task:
+            t0 = time.time()
+            dom_task = data["domain"].set_index("id").loc[dom["id"], "task"].to_numpy()
+            task_scores = per_task_scores(cfg, cache, tracker, adapter=warm, dom=dom,
+                                          dom_task=dom_task, cand=cand)
+            share = pd.Series(dom_task).value_counts(normalize=True).to_dict()
+            secs["stage2_ntk_per_task"] = time.time() - t0
     by_id = data["pool"].set_index("id")
     inputs.pool_text = pool_text(by_id.loc[pool["id"]].reset_index(), cfg)
     inputs.domain_text = pool_text(data["domain"].set_index("id").loc[dom["id"]].reset_index(),
@@ -201,6 +265,28 @@ def run_setting(name: str, cfg, planted_ids: set[str], random_seeds: list[int],
     if not trivial_only:
         res.update(_model_selectors(res, cfg, inputs, cand, ids, y, planted_ids, n, kinds,
                                     report))
+    if per_task and not trivial_only:  # issue 26: one ḡ per task of D instead of D's mean
+        votes_rank = pd.Series(inputs.votes + inputs.vote_sim / (inputs.vote_sim.max() + 1.0)
+                               * 0.999, index=ids)
+        for key, (sel_ids, sc) in per_task_selections(task_scores, share, n).items():
+            full = np.where(pd.Series(ids).isin(sc.index).to_numpy(),
+                            1e6 + sc.rank().reindex(ids).fillna(0).to_numpy(),
+                            votes_rank.to_numpy())
+            r = report(sel_ids, full)
+            cy = np.array([i in planted_ids for i in sc.index])
+            r["auc_within_candidates"] = roc_auc(sc.to_numpy(), cy)
+            res["selectors"][key] = r
+        res["per_task"] = {
+            "tasks": {t: {"share_of_D": round(float(share[t]), 4),
+                          "auc_within_candidates": roc_auc(
+                              sc.to_numpy(), np.array([i in planted_ids for i in sc.index])),
+                          "planted_in_its_top_n": int(sum(
+                              i in planted_ids for i in sc.sort_values(
+                                  ascending=False, kind="stable").index[:n]))}
+                      for t, sc in task_scores.items()},
+            "note": "stage-2 NTK scores against each task's own mean gradient; ntk_task_quota "
+                    "fills each task's share of N from its ranking, ntk_task_max ranks by the "
+                    "best z-normalised per-task score"}
     rnd = []
     for seed in random_seeds:
         sel = SELECTORS["random"](seed=seed).select(inputs, n)
@@ -342,6 +428,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--selection-seed", type=int, default=0,
                     help="seeds the warm-up fit and the projection (select.proj_seed); D and "
                     "the pool stay fixed (settings other than 0 stored as '<key>-s<seed>')")
+    ap.add_argument("--per-task", action="store_true",
+                    help="also score the candidates against each task's own ḡ and select by "
+                    "per-task quota / best per-task score (selectors ntk_task_quota, "
+                    "ntk_task_max)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     if args.rebar:  # recompute bar_issue26 of every stored setting with an NTK selection
@@ -385,7 +475,8 @@ def main(argv: list[str] | None = None) -> dict:
             "gsm8k" if args.pool == "original" else "arith")
         planted = set(info["groups"][group])
         res = run_setting(name, cfg, planted, [0, 1, 2], tuple(args.kinds.split(",")),
-                          trivial_only=args.trivial_only, warmup_seed=args.selection_seed)
+                          trivial_only=args.trivial_only, warmup_seed=args.selection_seed,
+                          per_task=args.per_task)
         res["pool"] = args.pool
         res["pool_groups"] = {k: len(v) for k, v in info["groups"].items()}
         res["planted_group"] = group

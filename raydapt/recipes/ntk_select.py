@@ -510,6 +510,13 @@ def candidate_source(path: Path, shard_rows: int) -> RowSource:
 def domain_grads(cfg: NTKSelectJob, cache: StageCache, tracker: Tracker, *, adapter: Path,
                  rows: pd.DataFrame, objective: str) -> np.ndarray:
     """Projected per-sample gradients of D → [Nd, p] (rows that failed are dropped)."""
+    out = domain_grads_frame(cfg, cache, tracker, adapter=adapter, rows=rows, objective=objective)
+    return np.stack(out["g"].to_numpy()).astype(np.float32)
+
+
+def domain_grads_frame(cfg: NTKSelectJob, cache: StageCache, tracker: Tracker, *, adapter: Path,
+                       rows: pd.DataFrame, objective: str) -> pd.DataFrame:
+    """:func:`domain_grads` with the ids: a frame of ``id``, ``g`` (the good rows, D's order)."""
     s = cfg.select
     parts = {"adapter": adapter.name, "model": cfg.model, "ids": _ids_hash(rows["id"]),
              "objective": objective, "p": s.proj_dim, "seed": s.proj_seed,
@@ -535,7 +542,7 @@ def domain_grads(cfg: NTKSelectJob, cache: StageCache, tracker: Tracker, *, adap
         run_name=f"stage2-{objective}-domain"), "grads-domain")
     if len(out) == 0:
         raise DataError("no domain gradient could be computed (see rejects)")
-    return np.stack(out["g"].to_numpy()).astype(np.float32)
+    return out
 
 
 def stage2_scores(cfg: NTKSelectJob, cache: StageCache, tracker: Tracker, *, adapter: Path,

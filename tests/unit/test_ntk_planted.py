@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from raydapt.config import load_job
@@ -198,3 +199,27 @@ def test_matching_stats_hand_checked():
     assert st["empty_rationale"]["statistic"] == pytest.approx(
         chi2_contingency([[1, 3], [2, 0]], correction=False)[0])
     assert st["layout"]["planted_share"] == {"x": 1.0}
+
+
+def test_per_task_selections_hand_computed():
+    """Per-task ḡ selections (issue 26): a quota of N per task from each task's own ranking,
+    and the best z-normalised per-task score; hand-computed on four candidates."""
+    sel = _bench().per_task_selections
+    ids = ["c1", "c2", "c3", "c4"]
+    scores = {"a": pd.Series([3.0, 2.0, 1.0, 0.0], index=ids),
+              "b": pd.Series([0.0, 1.0, 5.0, 4.0], index=ids)}
+    got = sel(scores, {"a": 2 / 3, "b": 1 / 3}, 3)
+    # quota: a fills 2 (c1, c2), then b its 1 from its own order (c3)
+    assert got["ntk_task_quota"][0] == ["c1", "c2", "c3"]
+    # z (ddof 1): a -> 1.16, 0.39, -0.39, -1.16; b -> -1.05, -0.63, 1.05, 0.63; max per row
+    z_max = got["ntk_task_max"][1]
+    np.testing.assert_allclose(z_max.to_numpy(), [1.5 / np.sqrt(5 / 3), 0.5 / np.sqrt(5 / 3),
+                                                  2.5 / np.sqrt(17 / 3), 1.5 / np.sqrt(17 / 3)])
+    assert got["ntk_task_max"][0] == ["c1", "c3", "c4"]
+    # the quota's ranking puts its picks first, in pick order
+    q = got["ntk_task_quota"][1]
+    assert list(q.sort_values(ascending=False).index[:3]) == ["c1", "c2", "c3"]
+    # a task that would pick an id another took moves on to its next one
+    dup = {"a": pd.Series([3.0, 2.0, 1.0, 0.0], index=ids),
+           "b": pd.Series([9.0, 1.0, 5.0, 4.0], index=ids)}
+    assert sel(dup, {"a": 0.5, "b": 0.5}, 2)["ntk_task_quota"][0] == ["c1", "c3"]
