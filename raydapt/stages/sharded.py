@@ -285,7 +285,7 @@ class _Keep:
         return pa.Table.from_pandas(df, preserve_index=False)
 
 
-_NAMED: dict[Any, type] = {}
+_NAMED: dict[str, type] = {}
 
 
 def _keep_for(fn: Any) -> type:
