@@ -463,7 +463,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     report = json.loads(args.out.read_text()) if args.out.exists() else {
         "benchmark": "simda-knn-shift-cpu"}
-    report["machine"] = describe()
+    # the machine of each subcommand's run (one file collects runs of several sessions)
+    report.setdefault("machines", {})[args.what_to_run if args.what_to_run != "students"
+                                      else f"students_{args.what}"] = describe()
+    report.setdefault("machine", report["machines"][next(iter(report["machines"]))])
     cmd = "python benchmarks/simda_knn_shift.py " + " ".join(sys.argv[1:] if argv is None
                                                               else argv)
 
@@ -481,7 +484,8 @@ def main(argv: list[str] | None = None) -> dict:
     elif w == "ablation":
         report["ablation"] = {"command": cmd, **cmd_ablation(args, report)}
     else:
-        report.setdefault("student_commands", {})[f"{args.what}:{args.rule}"] = cmd
+        report.setdefault("student_commands", {})[
+            f"{args.what}:{args.rule}" if args.what == "rules" else args.what] = cmd
         cmd_students(args, cfg_of, report)
     _write(args.out, report)
     return report
