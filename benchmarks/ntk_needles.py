@@ -28,7 +28,9 @@ full run reports them too, with the issue's hand rules ('issue_rules') and 'bar_
 votes alone) among them, as the issue lists it (--rebar recomputes it for stored settings, and 'selection_seeds': NTK's precision over
 selection seeds). --selection-seed S seeds the
 warm-up fit and the projection (select.proj_seed), D and the pool fixed: NTK's selection
-seeds, like random's.
+seeds, like random's. --per-task also scores the candidates against each task of D's own ḡ
+('per_task') and selects by a per-task quota of N or the best z-normalised per-task score
+(selectors ntk_task_quota, ntk_task_max).
 
 Per selector (ntk = stage 1 + 2, less, embedding = stage-1 votes alone, random over seeds 0-2):
 precision / recall of the planted rows among the N selected, ROC-AUC of its ranking over the whole
