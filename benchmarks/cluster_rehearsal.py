@@ -245,19 +245,9 @@ def write_ntk_job(d: Path, *, cluster: bool, tag: str) -> Path:
 
 
 def _tiny_llama(out: Path) -> None:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from raydapt.train.models import random_llama
 
-    from raydapt.core.assets import load_tokenizer
-
-    tok = load_tokenizer("pkg:smollm2-135m-instruct")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=256, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    tok.save_pretrained(out)
+    random_llama(out)  # 2 layers, width 32, SmolLM2's tokenizer
 
 
 def rehearse_ntk(d: Path) -> dict:

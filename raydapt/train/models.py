@@ -105,3 +105,26 @@ def tiny_bert(vocab_size: int = 128, hidden: int = 64, layers: int = 2, seed: in
         num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=256,
     )
     return BertModel(cfg)
+
+
+def random_llama(out, *, tokenizer: str = "pkg:smollm2-135m-instruct", hidden: int = 32,
+                 layers: int = 2, seed: int = 0):
+    """A random-init Llama (``layers`` layers of width ``hidden``, 4 heads, 2 KV heads) over
+    ``tokenizer``'s vocabulary, saved with that tokenizer (and its chat template) to ``out``: a
+    local model reference for NTK-Selector's tests and rehearsals, where the platform's cost,
+    not the model's, is under test. Returns ``out`` as a Path."""
+    from pathlib import Path
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from raydapt.core.assets import load_tokenizer
+
+    tok = load_tokenizer(tokenizer)
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=256, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return Path(out)

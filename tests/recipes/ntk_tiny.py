@@ -10,20 +10,9 @@ import pandas as pd
 
 
 def tiny_model(d: Path) -> Path:
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from raydapt.train.models import random_llama
 
-    from raydapt.core.assets import resolve_model
-
-    tok = AutoTokenizer.from_pretrained(resolve_model("pkg:smollm2-135m-instruct").path)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=256, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    LlamaForCausalLM(cfg).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+    return random_llama(d)  # 2 layers, width 32, SmolLM2's tokenizer
 
 
 def encoded(model: str | Path, n: int, max_length: int = 48) -> pd.DataFrame:
