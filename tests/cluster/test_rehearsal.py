@@ -295,12 +295,13 @@ GRAD = "MapWorker(MapBatches(GradProject))"
 
 def test_ntk_stage2_pool_scales_out_and_loses_a_node(cluster, tmp_path):
     """NTK-Selector's stage-2 scoring pool (per-sample LoRA gradients, projected and scored
-    against ḡ_D; a tiny random Llama with SmolLM2's tokenizer, tests/recipes/ntk_tiny.py) driven
-    by this process as the NTK job's driver drives it, with
-    ``grad_pool`` asking for ``annotate_gpu``: annotation nodes come up from zero, the scoring
-    actors run only there, a node lost mid-pass costs only its in-flight shards, and the scores
-    equal the in-process reference. (The whole NTK job submitted to the cluster, warm-up and
-    fine-tunes included, is benchmarks/cluster_rehearsal.py --job ntk: 197 s, too long for CI.)"""
+    against ḡ_D; a tiny random Llama with SmolLM2's tokenizer, tests/recipes/ntk_tiny.py),
+    driven by this process as the NTK job's driver drives it, with ``grad_pool`` asking for
+    ``annotate_gpu``: annotation nodes come up from zero, the scoring actors run only there, a
+    node lost mid-pass costs no finished shard (the pass restarts over the unfinished ones), and
+    the scores equal the in-process reference. (The whole NTK job submitted to the cluster,
+    warm-up and fine-tunes included, is benchmarks/cluster_rehearsal.py --job ntk: 197 s, too
+    long for CI.)"""
     import threading
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
