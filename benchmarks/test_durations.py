@@ -49,12 +49,20 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--command", default="", help="the pytest command that wrote the log")
     ap.add_argument("--conditions", required=True, help="what else ran on the machine")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--console", default="",
+                    help="a regular expression: the log lines it matches (what a test printed, "
+                    "run with -s) are kept under 'console'")
     args = ap.parse_args(argv)
     report = json.loads(args.out.read_text()) if args.out.exists() else {
         "benchmark": "test-durations-cpu"}
     report.setdefault("runs", {})[args.key] = {
         "command": args.command, "conditions": args.conditions, "machine": describe(),
         **parse(args.log.read_text(errors="replace"))}
+    if args.console:
+        pat = re.compile(args.console)
+        report["runs"][args.key]["console"] = [
+            line for line in args.log.read_text(errors="replace").splitlines()
+            if pat.search(line)]
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     return report
 
