@@ -180,8 +180,8 @@ def per_task_selections(scores: dict[str, pd.Series], task_share: dict[str, floa
     taken: list[str] = []
     for t in sorted(scores, key=lambda t: -quota[t]):
         order = scores[t].sort_values(ascending=False, kind="stable").index
-        mine = [i for i in order if i not in set(taken)][:quota[t]]
-        taken += mine
+        seen = set(taken)
+        taken += [i for i in order if i not in seen][:quota[t]]
     rank = pd.Series(0.0, index=ids)
     for r, i in enumerate(taken):
         rank[i] = len(taken) - r + best.max() + 1.0  # the quota's picks above the rest
@@ -268,16 +268,11 @@ def run_setting(name: str, cfg, planted_ids: set[str], random_seeds: list[int],
         res.update(_model_selectors(res, cfg, inputs, cand, ids, y, planted_ids, n, kinds,
                                     report))
     if per_task and not trivial_only:  # issue 26: one ḡ per task of D instead of D's mean
-        votes_rank = pd.Series(inputs.votes + inputs.vote_sim / (inputs.vote_sim.max() + 1.0)
-                               * 0.999, index=ids)
+        votes_rank = _votes_rank(inputs, ids)
         for key, (sel_ids, sc) in per_task_selections(task_scores, share, n).items():
-            full = np.where(pd.Series(ids).isin(sc.index).to_numpy(),
-                            1e6 + sc.rank().reindex(ids).fillna(0).to_numpy(),
-                            votes_rank.to_numpy())
-            r = report(sel_ids, full)
-            cy = np.array([i in planted_ids for i in sc.index])
-            r["auc_within_candidates"] = roc_auc(sc.to_numpy(), cy)
-            res["selectors"][key] = r
+            res["selectors"][key] = _stage2_report(report, sel_ids, sc, ids,
+                                                   pd.Series(ids).isin(sc.index).to_numpy(),
+                                                   votes_rank, planted_ids)
         res["per_task"] = {
             "tasks": {t: {"share_of_D": round(float(share[t]), 4),
                           "auc_within_candidates": roc_auc(
@@ -357,12 +352,30 @@ def selection_seed_summary(settings: dict) -> dict:
     return out
 
 
+def _votes_rank(inputs, ids) -> pd.Series:
+    """The pool in stage 1's order: votes, ties broken by summed similarity."""
+    return pd.Series(inputs.votes + inputs.vote_sim / (inputs.vote_sim.max() + 1.0) * 0.999,
+                     index=ids)
+
+
+def _stage2_report(report, sel_ids, sc: pd.Series, ids, in_cand: np.ndarray,
+                   votes_rank: pd.Series, planted_ids: set[str]) -> dict:
+    """A stage-2 selector's metrics: its ranking of the pool puts the candidates (``in_cand``)
+    above the rest, by their stage-2 score ``sc``, and the rest in vote order; plus the AUC of
+    ``sc`` within the scored candidates."""
+    rank = pd.Series(sc.rank(method="average").reindex(ids).to_numpy(), index=ids)
+    full = np.where(in_cand, 1e6 + rank.fillna(0).to_numpy(), votes_rank.to_numpy())
+    r = report(sel_ids, full)
+    r["auc_within_candidates"] = roc_auc(sc.to_numpy(), np.array([i in planted_ids
+                                                                  for i in sc.index]))
+    return r
+
+
 def _model_selectors(res, cfg, inputs, cand, ids, y, planted_ids, n, kinds, report) -> dict:
     """embedding / ntk / less metrics into res["selectors"]; returns the stage-1 keys."""
     from raydapt.select.selectors import SELECTORS
 
-    votes_rank = pd.Series(inputs.votes + inputs.vote_sim / (inputs.vote_sim.max() + 1.0) * 0.999,
-                           index=ids)  # votes, ties by summed similarity
+    votes_rank = _votes_rank(inputs, ids)
     cand_ids = list(cand["id"])
     in_cand = pd.Series(ids).isin(cand_ids).to_numpy()
     extra = {"candidates_planted": int(pd.Series(cand_ids).isin(planted_ids).sum())}
@@ -371,15 +384,9 @@ def _model_selectors(res, cfg, inputs, cand, ids, y, planted_ids, n, kinds, repo
     res["selectors"]["embedding"] = report(
         SELECTORS["embedding"](seed=cfg.run.seed).select(inputs, n)["id"], votes_rank.to_numpy())
     for kind in kinds:
-        sc = inputs.scores[kind]
         sel = SELECTORS[kind](seed=cfg.run.seed).select(inputs, n)
-        # candidates above non-candidates, by stage-2 score; non-candidates by votes
-        rank = pd.Series(sc.rank(method="average").reindex(ids).to_numpy(), index=ids)
-        full = np.where(in_cand, 1e6 + rank.fillna(0).to_numpy(), votes_rank.to_numpy())
-        r = report(sel["id"], full)
-        cy = np.array([i in planted_ids for i in sc.index])
-        r["auc_within_candidates"] = roc_auc(sc.to_numpy(), cy)
-        res["selectors"][kind] = r
+        res["selectors"][kind] = _stage2_report(report, sel["id"], inputs.scores[kind], ids,
+                                                in_cand, votes_rank, planted_ids)
     cy = np.array([i in planted_ids for i in cand_ids])
     extra["votes_auc_within_candidates"] = roc_auc(votes_rank.loc[cand_ids].to_numpy(), cy)
     return extra
