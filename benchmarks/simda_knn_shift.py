@@ -463,10 +463,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     report = json.loads(args.out.read_text()) if args.out.exists() else {
         "benchmark": "simda-knn-shift-cpu"}
-    # the machine of each subcommand's run (one file collects runs of several sessions)
+    # the machine of each subcommand's run (one file collects runs of several sessions);
+    # "machine" stays the first run's
+    here = describe()
     report.setdefault("machines", {})[args.what_to_run if args.what_to_run != "students"
-                                      else f"students_{args.what}"] = describe()
-    report.setdefault("machine", report["machines"][next(iter(report["machines"]))])
+                                      else f"students_{args.what}"] = here
+    report.setdefault("machine", here)
     cmd = "python benchmarks/simda_knn_shift.py " + " ".join(sys.argv[1:] if argv is None
                                                               else argv)
 

@@ -14,6 +14,7 @@ pooled level, and similarity losses can read the pooled representation::
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -113,8 +114,6 @@ def random_llama(out, *, tokenizer: str = "pkg:smollm2-135m-instruct", hidden: i
     ``tokenizer``'s vocabulary, saved with that tokenizer (and its chat template) to ``out``: a
     local model reference for NTK-Selector's tests and rehearsals, where the platform's cost,
     not the model's, is under test. Returns ``out`` as a Path."""
-    from pathlib import Path
-
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from raydapt.core.assets import load_tokenizer

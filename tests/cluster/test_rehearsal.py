@@ -290,7 +290,8 @@ def test_rehearsal_scale_up_placement_node_loss_scale_down(cluster, tmp_path, ti
     assert (tmp_path / "cmp/compare.png").stat().st_size > 1000
 
 
-GRAD = "MapWorker(MapBatches(GradProject))"
+GRAD_ACTOR = "MapBatches(GradProject)"  # NTK's stage-2 scoring step (stream_pass names it)
+GRAD = "MapWorker(" + GRAD_ACTOR + ")"
 
 
 def test_ntk_stage2_pool_scales_out_and_loses_a_node(cluster, tmp_path):
@@ -379,7 +380,7 @@ def test_ntk_stage2_pool_scales_out_and_loses_a_node(cluster, tmp_path):
         assert first is not None and first > t_start, watch.timeline  # scaled up from zero
         where = rh.placement(st, watch)
         assert set(where[GRAD]) == {"annotate_gpu"}, where
-        lost = rh.failed_tasks_on(st, victim, "MapBatches(GradProject)")
+        lost = rh.failed_tasks_on(st, victim, GRAD_ACTOR)
 
     # no finished shard rewritten; every shard there
     after = score_shards()
