@@ -28,6 +28,7 @@ so the same content up to nondeterminism), the later marker wins.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -414,6 +415,45 @@ class ShardedOutput:
             frames = [pd.read_parquet(self.store.path(self._name(i)), columns=columns,
                                       filesystem=self.store.fs) for i in range(self.n_shards)]
         return pd.concat(frames, ignore_index=True)
+
+    def dataset(self, columns: list[str] | None = None):
+        """The shards as a Ray Dataset whose read tasks read them themselves (files, or objects
+        on a URI cache): one read task and one block per shard, in shard order where the
+        consumer preserves order. Nothing passes through the driver, so a training set written
+        as a stage output reaches the Ray Train workers from the files, not from a driver
+        frame. (``ray.data.read_parquet`` would bundle small shards into one block.)"""
+        import ray
+        from ray.data import Datasource, ReadTask
+        from ray.data.block import BlockMetadata
+
+        bad = self.verify()
+        if bad:
+            i, why = next(iter(bad.items()))
+            raise RuntimeError(f"{self.where}: {len(bad)} shard(s) not done, e.g. {i}: {why}")
+        srcs = [self._src(i) for i in range(self.n_shards)]
+
+        def read(where: Any, fs: Any) -> list[Any]:
+            import pyarrow.parquet as pq
+
+            tbl = pq.read_table(where, columns=columns, filesystem=fs)
+            return [tbl.replace_schema_metadata(None)]
+
+        class Shards(Datasource):
+            def estimate_inmemory_data_size(self) -> int | None:
+                return None
+
+            def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                               data_context: Any = None) -> list[Any]:
+                return [ReadTask(functools.partial(read, w, fs),
+                                 BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None,
+                                               input_files=[str(w)]))
+                        for w, fs in srcs]
+
+            def get_name(self) -> str:
+                return "ReadShards"
+
+        # as many blocks as shards: Ray Data neither splits nor bundles them
+        return ray.data.read_datasource(Shards(), override_num_blocks=self.n_shards)
 
     def iter_tables(self, columns: list[str] | None = None):
         """Shards one at a time as pyarrow Tables (``columns`` a shard lacks are skipped)."""

@@ -38,7 +38,7 @@ import dataclasses
 import json
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +66,7 @@ from raydapt.select.topk import StreamingTopN
 from raydapt.select.votes import knn_votes_streaming
 from raydapt.stages.common import ERROR_COLUMN, concat_rejects, pool_kwargs, split_errors
 from raydapt.stages.grad_score import ENCODE_ERROR, EmbedLM, EncodeQA, GradProject, MCScore
-from raydapt.stages.sharded import Step, stream_pass, stream_rows
+from raydapt.stages.sharded import Step, stream_pass, stream_rows, write_rows
 from raydapt.train.lora import LoRATrain, fit_lora
 from raydapt.train.settings import from_section
 
@@ -79,7 +79,12 @@ STAGE_VERSIONS: dict[str, int] = {
     # 2: streamed from the pool files (one shard per read unit, tokens + source carried along)
     "embed": 2, "scores-ntk": 2, "scores-less": 2,
     "pool-ids": 1, "embed-domain": 1, "candidates": 1,
+    "lora-rows": 1,  # a LoRA fit's rows, which its Ray Train workers read (write_rows)
 }
+
+#: the selected rows' tokens are gathered from the stage-1 shards this many ids at a time (one
+#: pass over the shards each), so a large selection is never held whole in the driver
+SELECTED_CHUNK_ROWS = 50_000
 
 
 _say = speaker("ntk_select")
@@ -227,20 +232,28 @@ def _actor_model(cfg: NTKSelectJob, adapter: str | None, pool) -> dict[str, Any]
 
 
 def fit_lora_cached(cfg: NTKSelectJob, cache: StageCache, tracker: Tracker, *, stage: str,
-                    label: str, rows: pd.DataFrame, train, storage: Path) -> Path:
-    """A cached LoRA fit (Ray Train + DeepSpeed) on pre-tokenised rows → output directory."""
+                    label: str, ids: Sequence[str],
+                    chunks: Callable[[], Iterable[pd.DataFrame]], train,
+                    storage: Path) -> Path:
+    """A cached LoRA fit (Ray Train + DeepSpeed) → output directory. Its rows (pre-tokenised:
+    ``id``, ``input_ids``, ``response_mask``; ``ids`` in order, yielded by ``chunks()``) are
+    first written as a stage output (``lora-rows``, :func:`write_rows`: ~32 rows a shard, at
+    most 64 shards, one held at a time), and Ray Train's workers read them from those files."""
     tsec = train.model_dump(mode="json")
     parts = {"model": cfg.model, "lora": cfg.lora.model_dump(mode="json"), "train": tsec,
              "format": cfg.format.model_dump(mode="json"), "seed": cfg.run.seed,
-             "ids": _ids_hash(rows["id"])}
+             "ids": _ids_hash(ids)}
+    n = len(ids)
 
     def compute(d: Path, run_log: RunLogger) -> None:
-        _say(f"{label}: LoRA on {len(rows)} rows, {train.epochs} epoch(s), {train.num_workers} "
+        _say(f"{label}: LoRA on {n} rows, {train.epochs} epoch(s), {train.num_workers} "
              f"workers, ZeRO-{train.zero_stage}, {train.dtype}")
+        rows = write_rows(cache, "lora-rows", {k: parts[k] for k in ("model", "format", "ids")},
+                          chunks, n, min(64, math.ceil(n / 32)), _say, label=f"{label} rows")
         # the Ray Train run is named by content (the cache key), so a changed config or data
         # never meets an earlier run's snapshot in the same storage folder
-        m = fit_lora(name=f"{cfg.run.name}-{label}-{d.name[:8]}", train_ds=_dataset(rows),
-                     n_rows=len(rows),
+        m = fit_lora(name=f"{cfg.run.name}-{label}-{d.name[:8]}",
+                     train_ds=rows.dataset(["input_ids", "response_mask"]), n_rows=n,
                      model=cfg.model, lora=cfg.lora.model_dump(mode="json"),
                      train=from_section(LoRATrain, train),
                      seed=cfg.run.seed, storage=str(storage), out_dir=d,
@@ -250,7 +263,7 @@ def fit_lora_cached(cfg: NTKSelectJob, cache: StageCache, tracker: Tracker, *, s
 
     return cached_stage(cache, tracker, stage, parts, compute=compute,
                         load=lambda d, _: d, run_name=label, tags={"raydapt.stage": stage},
-                        params={"rows": len(rows), **tsec,
+                        params={"rows": n, **tsec,
                                 "lora": cfg.lora.model_dump(mode="json")},
                         say=_say, label=label)
 
@@ -782,8 +795,10 @@ class NTKSelectRecipe(Recipe):
     def warmup(self) -> None:
         """2. warm-up LoRA on D."""
         t0 = time.time()
-        self.warm = fit_lora_cached(self.cfg, self.cache, self.tracker, stage="lora", label="warmup",
-                         rows=self.dom, train=self.cfg.warmup, storage=self.out / "train")
+        self.warm = fit_lora_cached(self.cfg, self.cache, self.tracker, stage="lora",
+                                    label="warmup", ids=self.dom["id"].tolist(),
+                                    chunks=lambda: [self.dom], train=self.cfg.warmup,
+                                    storage=self.out / "train")
         self.timings["warmup"] = time.time() - t0
 
     def stage1(self) -> None:
@@ -889,8 +904,10 @@ class NTKSelectRecipe(Recipe):
     def domain_only(self) -> None:
         """Baseline: LoRA on D alone, evaluated."""
         t0 = time.time()
-        ad = fit_lora_cached(self.cfg, self.cache, self.tracker, stage="lora", label="finetune-domain_only",
-                  rows=self.dom, train=self.cfg.finetune, storage=self.out / "train")
+        ad = fit_lora_cached(self.cfg, self.cache, self.tracker, stage="lora",
+                             label="finetune-domain_only", ids=self.dom["id"].tolist(),
+                             chunks=lambda: [self.dom], train=self.cfg.finetune,
+                             storage=self.out / "train")
         self.timings["finetune_domain_only"] = time.time() - t0
         self.evaluate("domain_only", ad)
 
@@ -901,16 +918,22 @@ class NTKSelectRecipe(Recipe):
             self.scores_for(name)
         sel = self.select(name)
         t0 = time.time()
-        s_rows = rows_by_id(self.pool_out, sel["id"], ["input_ids", "response_mask", "source"],
-                            dups=self.dups)
+        s_ids = sel["id"].tolist()
         self.selections[name] = sel
-        self.sources[name] = s_rows["source"].value_counts().to_dict()
+        self.sources[name] = rows_by_id(self.pool_out, s_ids, ["source"], dups=self.dups)[
+            "source"].value_counts().to_dict()
         _say(f"select {name}: {len(sel)} samples; sources "
              f"{dict(list(self.sources[name].items())[:8])}")
-        rows = pd.concat([self.dom, s_rows[["id", "input_ids", "response_mask"]]],
-                         ignore_index=True)
-        ad = fit_lora_cached(self.cfg, self.cache, self.tracker, stage="lora", label=f"finetune-{name}",
-                  rows=rows, train=self.cfg.finetune, storage=self.out / "train")
+
+        def chunks() -> Iterator[pd.DataFrame]:  # D, then S's tokens a chunk of ids at a time
+            yield self.dom[["id", "input_ids", "response_mask"]]
+            for i in range(0, len(s_ids), SELECTED_CHUNK_ROWS):
+                yield rows_by_id(self.pool_out, s_ids[i:i + SELECTED_CHUNK_ROWS],
+                                 ["input_ids", "response_mask"], dups=self.dups)
+
+        ad = fit_lora_cached(self.cfg, self.cache, self.tracker, stage="lora",
+                             label=f"finetune-{name}", ids=self.dom["id"].tolist() + s_ids,
+                             chunks=chunks, train=self.cfg.finetune, storage=self.out / "train")
         self.timings[f"finetune_{name}"] = time.time() - t0
         self.evaluate(name, ad)
 

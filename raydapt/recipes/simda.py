@@ -20,6 +20,7 @@ Steps, in order (:meth:`SimDARecipe.run`; each cached stage a child MLflow run):
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from dataclasses import fields as dc_fields
@@ -47,7 +48,7 @@ from raydapt.job import Recipe, speaker
 from raydapt.recipes.simda_config import SimDAJob
 from raydapt.stages.annotate import calibrator, mix
 from raydapt.stages.common import concat_rejects, pool_kwargs, split_errors
-from raydapt.stages.sharded import sharded_pass
+from raydapt.stages.sharded import sharded_pass, write_rows
 from raydapt.stages.teacher import KnnSearch, TeacherScore, build_index, save_store
 from raydapt.train import per_worker_batch, plan_steps
 from raydapt.train.settings import StudentTrain, from_section
@@ -59,7 +60,10 @@ STAGE_VERSIONS: dict[str, int] = {
     "read": 1, "teacher": 3, "store": 1, "knn": 1, "prompted": 3,
     "template": 1,  # teacher.templates scored on labelled source rows (one entry per template)
     "teacher-dev": 1,  # the teacher pass over data.dev rows (annotate.select_on_dev)
+    "student-rows": 1,  # a student's rows, which its Ray Train workers read (write_rows)
 }
+
+STUDENT_SHARD_ROWS = 4096  # rows per shard of a student's training rows
 
 _say = speaker("simda")
 
@@ -678,8 +682,6 @@ class SimDARecipe(Recipe):
 
     def train_students(self) -> None:
         """7. students on Ray Train."""
-        import ray
-
         cfg, ctx = self.cfg, self.ctx
         a, C, p_t, by_id = cfg.annotate, len(cfg.data.labels), self.p_t, self.by_id
         source, tgt_train, tgt_test = self.source, self.tgt_train, self.tgt_test
@@ -695,19 +697,23 @@ class SimDARecipe(Recipe):
         cms: dict[str, np.ndarray] = {}
         for variant in dcfg.variants:
             if variant in ("kl_sim", "kl", "ce"):
-                ds, objective = ray.data.from_pandas(distill_df), variant
+                frame, objective = distill_df, variant
             elif variant == "source_only":
-                ds, objective = ray.data.from_pandas(source[["text", "y"]]), "supervised"
+                frame, objective = source[["text", "y"]], "supervised"
             elif variant == "source_only_all":  # reference: every source row, `epochs` passes
-                ds, objective = (ray.data.from_pandas(self.rows.source_all[["text", "y"]]),
-                                 "supervised")
+                frame, objective = self.rows.source_all[["text", "y"]], "supervised"
             else:  # oracle: gold target labels (upper bound)
-                ds, objective = (ray.data.from_pandas(tgt_train[tgt_train["y"] >= 0][["text", "y"]]),
-                                 "supervised")
+                frame, objective = tgt_train[tgt_train["y"] >= 0][["text", "y"]], "supervised"
+            data_hash = _frame_hash(frame)
+            # the student's rows as a stage output; its Ray Train workers read those files
+            ds = write_rows(ctx.cache, "student-rows", {"data": data_hash},
+                            lambda f=frame: [f], len(frame),
+                            math.ceil(len(frame) / STUDENT_SHARD_ROWS), _say,
+                            label=f"student {variant} rows").dataset()
             kw = {**train_kw, "steps": budget[variant]}
             train = from_section(StudentTrain, dcfg, steps=kw["steps"],
                                  min_confidence=a.min_confidence)
-            n_rows = ds.count()
+            n_rows = len(frame)
             ran = train.steps_for(n_rows, name=f"student {variant}")  # what the loop runs
             _say(f"student {variant}: {objective} on {n_rows} rows, {ran.total} steps = "
                  f"{ran.epochs} epoch(s) of {ran.per_epoch}"
@@ -728,7 +734,7 @@ class SimDARecipe(Recipe):
                 key = config_hash({"v": variant, "train": {k: v for k, v in kw.items() if not (
                                        k == "text_truncation" and v == "head")}, "extra": extra,
                                    "student": dcfg.student, "seed": sseed,
-                                   "data": _frame_hash(ds.to_pandas()),
+                                   "data": data_hash,
                                    "eval": _frame_hash(tgt_test[["text", "y"]])})
                 m = fit_student(
                     name=f"{cfg.run.name}-{variant}-{key[:10]}", objective=objective,
@@ -740,7 +746,7 @@ class SimDARecipe(Recipe):
                     telemetry={"stage": f"student-{variant}", "method": "simda",
                                "run": cfg.run.name})
             students[variant] = {"accuracy": m["accuracy"], "final_epoch_loss": m["loss"],
-                                 "epochs": m["epoch"], "rows": int(m.get("rows", ds.count())),
+                                 "epochs": m["epoch"], "rows": int(m.get("rows", n_rows)),
                                  "steps": m.get("steps"),
                                  "resumed_finished_run": bool(m.get("resumed", False))}
             if variant in ("kl_sim", "kl", "ce") and (tgt_train["y"] >= 0).all():

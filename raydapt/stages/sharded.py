@@ -11,6 +11,9 @@ Two entry points:
   rows.
 - :func:`sharded_pass` (a frame in the driver, the recipes' original API): the same shard /
   verify / resume rules over a pandas frame split into row ranges; returns the output frame.
+- :func:`write_rows` (rows a fit trains on): rows arriving in order, chunk by chunk, written
+  as a cached sharded output that Ray Train's workers then read through Ray Data
+  (:meth:`~raydapt.core.cache.ShardedOutput.dataset`), not from a driver frame.
 
 Both count a shard as done only when it verifies (readable parquet, expected row count); a bad
 shard is recomputed with a message, and ``_SUCCESS`` is written only after every shard verified.
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -216,6 +219,58 @@ def sharded_pass(cache: StageCache, tracker: Tracker, stage: str, parts: dict[st
                          "rows_per_s": n_pending / max(time.time() - t0, 1e-9)})
         _finish(cache, d, sharded, stage)
         return sharded.read_all()
+
+
+# ---------------------------------------------------------------------------------------------
+# training rows
+# ---------------------------------------------------------------------------------------------
+
+
+def shard_sizes(n_rows: int, n_shards: int) -> list[int]:
+    """Rows per shard when ``n_rows`` rows are cut into ``n_shards`` near-equal shards in order:
+    numpy's ``array_split`` rule (the first ``n_rows % n_shards`` shards one row longer)."""
+    n_shards = max(1, min(n_shards, n_rows)) if n_rows else 1
+    base, extra = divmod(n_rows, n_shards)
+    return [base + 1] * extra + [base] * (n_shards - extra)
+
+
+def write_rows(cache: StageCache, stage: str, parts: dict[str, Any],
+               chunks: Callable[[], Iterable[pd.DataFrame]], n_rows: int, n_shards: int,
+               say: Say, *, label: str | None = None) -> ShardedOutput:
+    """The ``n_rows`` rows that ``chunks()`` yields (in order, chunks of any size) as a cached
+    stage output of ``n_shards`` near-equal shards (:func:`shard_sizes`), written as the rows
+    arrive, at most one shard held at a time. A finished output with the same key is reused
+    without calling ``chunks``; an interrupted one is written again (its rows come from earlier
+    stages' files, so this is a copy, not a recomputation). Every shard is verified before the
+    output counts as finished. The fit then reads it with ``.dataset()``. No MLflow run of its
+    own: the fit's run has the rows."""
+    if n_rows < 1:
+        raise ValueError(f"{stage}: no rows to write")
+    sizes = shard_sizes(n_rows, n_shards)
+    parts = {**parts, "n_rows": n_rows, "n_shards": len(sizes)}
+    label = label or stage
+    d, done = cache.get(stage, parts, keep_partial=True)  # on a URI cache: nothing downloaded
+    out = cache.sharded(d, n_rows, max(sizes), n_shards=len(sizes))
+    if done and _check_done(cache, d, out, label, say):
+        return out
+    i, buf, held, written = 0, [], 0, 0
+    for chunk in chunks():
+        while len(chunk):
+            if i == len(sizes):
+                raise RuntimeError(f"{stage}: more than the {n_rows} rows announced")
+            take = min(len(chunk), sizes[i] - held)
+            buf.append(chunk.iloc[:take])
+            held += take
+            chunk = chunk.iloc[take:]
+            if held == sizes[i]:
+                out.write(i, pd.concat(buf, ignore_index=True))
+                written += held
+                i, buf, held = i + 1, [], 0
+    if written + held != n_rows or i != len(sizes):
+        raise RuntimeError(f"{stage}: {written + held} rows arrived, {n_rows} announced")
+    _finish(cache, d, out, stage)
+    say(f"{label}: {n_rows} rows in {len(sizes)} shard(s) ({cache.where(d)})")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

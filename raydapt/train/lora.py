@@ -294,9 +294,16 @@ def fit_lora(*, name: str, train_ds, n_rows: int, model: str, lora: dict[str, An
         mlflow_uri=mlflow_uri, mlflow_run_id=mlflow_run_id,
         log_every=max(1, math.ceil(n_rows / max(1, train.batch_size) / 8)),
         threads=train.threads or max(1, int(train.cpus_per_worker)))
+    from ray.data import ExecutionOptions
+    from ray.train import DataConfig
+
     result = launch(lora_sft_loop, {f.name: getattr(loop, f.name) for f in fields(loop)},
                     name=name, storage=storage, workers=train.workers,
-                    datasets={"train": train_ds})
+                    datasets={"train": train_ds},
+                    # rows read from files (write_rows' shards) reach the workers in file
+                    # order, as the blocks of a driver frame did
+                    dataset_config=DataConfig(
+                        execution_options=ExecutionOptions(preserve_order=True)))
     out = Path(out_dir)
     with result.checkpoint.as_directory() as d:
         for item in Path(d).iterdir():

@@ -233,3 +233,35 @@ def test_frame_sharded_pass_recomputes_a_truncated_shard_on_s3(s3_client, scratc
     marker = key.rsplit("/", 1)[0] + "/_SUCCESS"
     assert after[marker][0] != objs[marker][0]  # a new commit, after the recomputed shard
     assert first["y"].tolist() == [2 * i for i in range(10)]
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_training_rows_on_s3_are_read_by_ray_data_tasks_from_the_bucket(s3_client, scratch,
+                                                                        request):
+    """A fit's rows (issue 25 item 3) on an object-store cache: the shards are objects in the
+    bucket, nothing is downloaded into the scratch mirror, and Ray Data's read tasks read them
+    from the bucket, one block per shard; a finished output is reused."""
+    import numpy as np
+
+    from raydapt.stages.sharded import write_rows
+
+    prefix = f"{request.node.name}/cache"
+    rows = pd.DataFrame({"id": [f"r{i}" for i in range(30)],
+                         "p_t": [np.array([i / 30, 1 - i / 30]) for i in range(30)]})
+    cache = StageCache(f"s3://{BUCKET}/{prefix}", versions={"train-rows": 1})
+    out = write_rows(cache, "train-rows", {"ids": "s3"}, lambda: [rows.iloc[:11], rows.iloc[11:]],
+                     30, 4, lambda s: None)
+    objs = _objects(s3_client, prefix)
+    assert sorted(k.rsplit("/", 1)[1] for k in objs) == [
+        "_KEY.json", "_SUCCESS", *(f"part-{i:05d}.parquet" for i in range(4))]
+    assert not list(out.d.glob("part-*"))  # the shards live in the bucket only
+    blocks = [b for b in out.dataset().iter_batches(batch_size=None, batch_format="pandas")]
+    assert sorted(len(b) for b in blocks) == [7, 7, 8, 8]  # one block per shard
+    back = pd.concat(blocks, ignore_index=True).sort_values(
+        "id", key=lambda s: s.str[1:].astype(int))
+    assert back["id"].tolist() == rows["id"].tolist()
+    np.testing.assert_array_equal(np.stack(back["p_t"]), np.stack(rows["p_t"]))
+    called = []
+    write_rows(cache, "train-rows", {"ids": "s3"}, lambda: called.append(1) or [rows], 30, 4,
+               lambda s: None)
+    assert not called and _objects(s3_client, prefix) == objs

@@ -28,6 +28,7 @@ def test_every_cached_stage_has_a_version_in_its_recipe(name):
     # sharded passes: sharded_pass(cache, tracker, "<stage>", ...) and SimDA's _teacher_rows
     sharded = set(re.findall(r'(?:sharded|stream)_pass\(\s*[\w.]+,\s*[\w.]+,\s*"([^"]+)"', src))
     sharded |= set(re.findall(r'_teacher_rows\(\s*"([^"]+)"', src))
+    sharded |= set(re.findall(r'write_rows\(\s*[\w.]+,\s*"([^"]+)"', src))  # a fit's rows
     fits = {"lora"} if name == "ntk_select" else set()  # fit_lora_cached(stage="lora")
     kinds = {f"scores-{k}" for k in ("ntk", "less")} if name == "ntk_select" else set()
     used = literal | sharded | fits | kinds
@@ -36,7 +37,9 @@ def test_every_cached_stage_has_a_version_in_its_recipe(name):
     assert mod.STAGE_VERSIONS is getattr(mod, [c for c in dir(mod) if c.endswith("Recipe")
                                                and c != "Recipe"][0]).STAGE_VERSIONS
     if name == "simda":
-        assert {"teacher", "prompted", "template", "teacher-dev"} <= used
+        assert {"teacher", "prompted", "template", "teacher-dev", "student-rows"} <= used
+    if name == "ntk_select":
+        assert "lora-rows" in used
 
 
 def test_no_stage_is_owned_by_two_recipes():
