@@ -68,7 +68,7 @@ POOL = ["cot_pool/flan_cot.jsonl", "cot_pool/gsm8k_train.jsonl"]
 DOMAIN = "medical/medqa.jsonl"
 N_FILES = 8
 UNIT_ROWS = 5_000
-MAX_LENGTH = 128
+MAX_LENGTH = 128  # tokens per row (prompt + response); --max-length changes it for a run
 PROJ_DIM = 512
 N_DOMAIN = 100
 RAY_TMP = os.environ.get("POOL_SCALE_RAY_TMP", "")  # the --temp-dir of a `ray start` head
@@ -285,12 +285,13 @@ def run_size(scratch: Path, size: int, layout: str, passes: list[str], bare: boo
     mdir, adapter = build_model(scratch)
     m, n_sel, k = sizes_for(size)
     res: dict[str, Any] = {"size": size, "layout": layout, "unit_rows": UNIT_ROWS,
+                           "max_length": MAX_LENGTH,
                            "M": m, "N": n_sel, "k": k, "domain_rows": N_DOMAIN,
                            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                            "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
                            "passes": {}}
     dom_emb, gbar = domain_side(mdir, adapter) if "stage1" in passes or bare else (None, None)
-    cache = StageCache(cache_dir or scratch / f"cache-{size}-{layout}",
+    cache = StageCache(cache_dir or scratch / f"cache-{size}-{layout}{_len_tag()}",
                        versions=NTK_STAGE_VERSIONS)
     init_ray(num_cpus=2, progress=False)
     try:
@@ -365,6 +366,11 @@ def run_size(scratch: Path, size: int, layout: str, passes: list[str], bare: boo
     res["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     res["driver_ru_maxrss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     return res
+
+
+def _len_tag() -> str:
+    """The suffix of a run's entry key and cache directory: none at the default length."""
+    return "" if MAX_LENGTH == 128 else f"-len{MAX_LENGTH}"
 
 
 def _encode_cls():
@@ -471,6 +477,7 @@ def kill_experiment(scratch: Path, size: int, layout: str, passes: str) -> dict[
 
         shutil.rmtree(cache)
     cmd = [sys.executable, __file__, "run", "--size", str(size), "--layout", layout,
+           "--max-length", str(MAX_LENGTH),
            "--passes", passes, "--cache", str(cache), "--no-record"]
     d = build(scratch, size)
     src = open_source(d / "files" if layout == "files" else d / "single.jsonl",
@@ -530,13 +537,18 @@ def plot(out: Path) -> None:
     runs = sorted((r for r in doc["runs"].values() if isinstance(r, dict) and "passes" in r),
                   key=lambda r: r["size"])
     fig, ax = plt.subplots(1, 2, figsize=(9, 3.4))
-    for layout in ("files", "single"):
+    series = sorted({(r["layout"], r.get("max_length", 128)) for r in runs})
+    for layout, length in series:
         for name, mk in (("identity", "o"), ("stage1", "s"), ("stage2", "^")):
+            if name == "identity" and length != 128:
+                continue  # the identity pass reads no tokens: one series is enough
             pts = [(r["size"], r["passes"][name]) for r in runs
-                   if r["layout"] == layout and name in r["passes"]]
+                   if r["layout"] == layout and r.get("max_length", 128) == length
+                   and name in r["passes"]]
             if pts:
-                style = mk + ("-" if layout == "files" else "--")
-                lab = f"{name} ({'8 files' if layout == 'files' else '1 file'})"
+                style = mk + (":" if length != 128 else "-" if layout == "files" else "--")
+                lab = (f"{name} ({'8 files' if layout == 'files' else '1 file'}"
+                       + (f", {length} tokens" if name != "identity" else "") + ")")
                 ax[0].plot([p[0] for p in pts], [p[1]["wall_s"] for p in pts], style,
                            label=lab)
                 ax[1].plot([p[0] for p in pts], [p[1]["driver_rss_mb"] for p in pts], style,
@@ -557,6 +569,7 @@ def plot(out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global MAX_LENGTH
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("action", choices=["build", "run", "kill", "plot"])
     ap.add_argument("--scratch", default="/tmp/pool-scale")
@@ -568,7 +581,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", default=None)
     ap.add_argument("--no-record", action="store_true")
     ap.add_argument("--stats-out", default=None)
+    ap.add_argument("--max-length", type=int, default=MAX_LENGTH,
+                    help="tokens per row: shorter rows make the model work per row smaller, so "
+                         "a 1M-row stage 1 fits a session on 2 cores (entries get a -lenN key)")
     args = ap.parse_args(argv)
+    MAX_LENGTH = args.max_length
     scratch = Path(args.scratch)
     if args.action == "build":
         for n in map(int, args.sizes.split(",")):
@@ -587,7 +604,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.stats_out:
         Path(args.stats_out).write_text(json.dumps(r, indent=1))
     if not args.no_record:
-        _merge(f"{args.size}-{args.layout}", r)
+        _merge(f"{args.size}-{args.layout}{_len_tag()}", r)
     return 0
 
 
