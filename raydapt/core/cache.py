@@ -452,8 +452,11 @@ class ShardedOutput:
             def get_name(self) -> str:
                 return "ReadShards"
 
-        # as many blocks as shards: Ray Data neither splits nor bundles them
-        return ray.data.read_datasource(Shards(), override_num_blocks=self.n_shards)
+        # as many blocks as shards: Ray Data neither splits nor bundles them. The read tasks
+        # ask for no CPU: a fit's Ray Train workers may hold every CPU of the cluster while they
+        # read (a task waiting for a CPU would wait for ever), and reading a shard is I/O
+        return ray.data.read_datasource(Shards(), override_num_blocks=self.n_shards,
+                                        ray_remote_args={"num_cpus": 0})
 
     def iter_tables(self, columns: list[str] | None = None):
         """Shards one at a time as pyarrow Tables (``columns`` a shard lacks are skipped)."""

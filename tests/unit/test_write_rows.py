@@ -15,6 +15,19 @@ from raydapt.stages.sharded import shard_sizes, write_rows
 VERSIONS = {"train-rows": 1}
 
 
+@pytest.fixture
+def ordered():
+    """Ray Data keeps the order of the blocks, as the fits' DataConfig asks (set before a
+    dataset is made: a dataset keeps the context it was made in)."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    before = ctx.execution_options.preserve_order
+    ctx.execution_options.preserve_order = True
+    yield
+    ctx.execution_options.preserve_order = before
+
+
 def test_shard_sizes_follow_array_split():
     assert shard_sizes(10, 3) == [4, 3, 3]  # by hand
     assert shard_sizes(5, 8) == [1, 1, 1, 1, 1]  # never an empty shard
@@ -66,22 +79,14 @@ def test_a_row_count_other_than_announced_is_an_error(tmp_path):
     assert not list((tmp_path / "cache").rglob("_SUCCESS"))
 
 
-@pytest.mark.usefixtures("ray_local")
+@pytest.mark.usefixtures("ray_local", "ordered")
 def test_ray_data_reads_the_shards_in_order_one_block_each(tmp_path):
-    from ray.data import DataContext
-
     rows = _rows(100)
     cache = StageCache(tmp_path / "cache", versions=VERSIONS)
     out = write_rows(cache, "train-rows", {"ids": "y"}, lambda: [rows], 100, 7, print)
     ds = out.dataset(["id", "p_t"])
-    ctx = DataContext.get_current()
-    before = ctx.execution_options.preserve_order
-    ctx.execution_options.preserve_order = True  # as the fits' DataConfig sets it
-    try:
-        sizes = [len(b["id"]) for b in ds.iter_batches(batch_size=None, batch_format="numpy")]
-        back = ds.to_pandas()
-    finally:
-        ctx.execution_options.preserve_order = before
+    sizes = [len(b["id"]) for b in ds.iter_batches(batch_size=None, batch_format="numpy")]
+    back = ds.to_pandas()
     assert sizes == shard_sizes(100, 7)  # one block per shard
     assert back["id"].tolist() == rows["id"].tolist() and list(back.columns) == ["id", "p_t"]
     np.testing.assert_array_equal(np.stack(back["p_t"]), np.stack(rows["p_t"]))
@@ -90,7 +95,7 @@ def test_ray_data_reads_the_shards_in_order_one_block_each(tmp_path):
         out.dataset()
 
 
-@pytest.mark.usefixtures("ray_local")
+@pytest.mark.usefixtures("ray_local", "ordered")
 def test_fits_see_the_same_rows_and_batches_as_from_the_driver_frame(tmp_path):
     """What changed under the fits is where the rows come from, not what they see: a LoRA fit's
     batches (local shuffle buffer, seed) over the shards equal those over the driver frame's
@@ -99,7 +104,6 @@ def test_fits_see_the_same_rows_and_batches_as_from_the_driver_frame(tmp_path):
     import math
 
     import ray
-    from ray.data import DataContext
 
     from raydapt.recipes.ntk_select import _dataset
 
@@ -135,16 +139,33 @@ def test_fits_see_the_same_rows_and_batches_as_from_the_driver_frame(tmp_path):
                 parts[c].append(b[c])
         return {c: np.concatenate(v) for c, v in parts.items()}
 
-    ctx = DataContext.get_current()
-    before = ctx.execution_options.preserve_order
-    ctx.execution_options.preserve_order = True  # the student's DataConfig
-    try:
-        old_a = student_arrays(ray.data.from_pandas(distill))
-        new_a = student_arrays(write_rows(cache, "train-rows", {"d": 2}, lambda: [distill], n,
-                                          3, print).dataset())
-    finally:
-        ctx.execution_options.preserve_order = before
+    old_a = student_arrays(ray.data.from_pandas(distill))
+    new_a = student_arrays(write_rows(cache, "train-rows", {"d": 2}, lambda: [distill], n, 3,
+                                      print).dataset())
     assert new_a["text"].tolist() == old_a["text"].tolist()
     for c in ("p_t", "h_t"):  # the loop stacks a batch's cells: same values, same dtype
         a, b = np.stack(old_a[c]), np.stack(new_a[c])
         assert a.dtype == b.dtype and np.array_equal(a, b), c
+
+
+@pytest.mark.usefixtures("ray_local")
+@pytest.mark.timeout(120)
+def test_the_rows_are_read_while_training_workers_hold_every_cpu(tmp_path):
+    """A fit's workers hold the cluster's CPUs while they read their rows (a 2-worker student
+    with 1 CPU each on a 2-CPU machine): the shards' read tasks must not wait for a CPU."""
+    import ray
+
+    @ray.remote(num_cpus=1)
+    class Hold:
+        def read(self, ds) -> int:
+            return sum(len(b["id"]) for b in ds.iter_batches(batch_size=None))
+
+    cache = StageCache(tmp_path / "cache", versions=VERSIONS)
+    out = write_rows(cache, "train-rows", {"d": "cpu"}, lambda: [_rows(20)], 20, 2, print)
+    cpus = int(ray.cluster_resources().get("CPU", 2))
+    holders = [Hold.remote() for _ in range(cpus)]
+    try:
+        assert ray.get(holders[0].read.remote(out.dataset()), timeout=90) == 20
+    finally:
+        for h in holders:
+            ray.kill(h)
