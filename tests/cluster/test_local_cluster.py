@@ -1,12 +1,9 @@
-"""`raydapt cluster up --local / status / down` as a user runs them, and the node-type checks
-of `raydapt submit` / `raydapt plan` (cluster/node_types.yaml)."""
+"""The node-type checks of `raydapt submit` / `raydapt plan` (cluster/node_types.yaml).
+`raydapt cluster up --local / status / down`, as a user runs them, start and stop the
+rehearsal's cluster (tests/cluster/test_rehearsal.py)."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -61,37 +58,3 @@ def test_plan_says_where_each_stage_lands(capsys):
     plan = place_on_node_types(make_plan(cfg), cfg, "local")  # GPU stages: no local node type
     assert plan.stages[1].resources["on"] == "NONE"
     assert any("asks for GPU=1, which no local node type offers" in n for n in plan.notes)
-
-
-@pytest.mark.cluster
-@pytest.mark.timeout(240)
-def test_cluster_up_status_down_leaves_nothing_behind(tmp_path):
-    state = tmp_path / "state.json"
-    env = {**os.environ, "RAYDAPT_LOCAL_CLUSTER": str(state), "RAY_AUTH_MODE": "token"}
-    env.pop("RAY_ADDRESS", None)
-    run = [sys.executable, "-m", "raydapt.cli", "cluster"]
-    try:
-        r = subprocess.run(run + ["up", "--local"], capture_output=True, text=True,
-                           timeout=180, env=env)
-        assert r.returncode == 0, r.stdout + r.stderr
-        st = json.loads(state.read_text())
-        assert f"dashboard: {st['dashboard']}" in r.stdout and st["address"] in r.stdout
-        assert "annotate_gpu    0..3" in r.stdout and "train_gpu       0..2" in r.stdout
-        from raydapt.ops import local_cluster as lc
-
-        procs = lc.cluster_processes(st["temp_dir"])
-        assert any(p.name() == "raylet" for p in procs) and any(p.name() == "gcs_server"
-                                                                for p in procs)
-        # the real autoscaler runs, with the fake multi-node provider's config
-        assert any("monitor.py" in " ".join(p.cmdline()) for p in procs)
-        r = subprocess.run(run + ["up", "--local"], capture_output=True, text=True,
-                           timeout=60, env=env)
-        assert r.returncode == 2 and "already up" in r.stderr
-        r = subprocess.run(run + ["status"], capture_output=True, text=True, timeout=60,
-                           env=env)
-        assert r.returncode == 0 and "processes:" in r.stdout
-    finally:
-        r = subprocess.run(run + ["down"], capture_output=True, text=True, timeout=120, env=env)
-    assert r.returncode == 0 and "local cluster down" in r.stdout, r.stdout + r.stderr
-    assert not lc.cluster_processes(st["temp_dir"]) and not Path(st["temp_dir"]).exists()
-    assert not state.exists()

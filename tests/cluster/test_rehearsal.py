@@ -14,7 +14,10 @@ What it checks, on one job:
 - node loss: once the first teacher shard is written, the raylet of a node running a teacher
   actor is SIGKILLed. The job still succeeds; no finished shard is rewritten (same mtimes);
   the in-flight work lost with the node is counted (failed teacher tasks on that node, state
-  API); the autoscaler brings up a replacement annotation node;
+  API); the autoscaler brings up a replacement annotation node. Then, once the student's
+  first epoch is checkpointed, the raylet under one of its Ray Train workers is SIGKILLed:
+  Ray Train restarts the worker group from that checkpoint (FailureConfig) and the fit
+  finishes its 3 epochs;
 - same numbers: annotations equal a single-node run of the same job and seed (pseudo-labels
   identical, teacher probabilities within 1e-4; batches are composed differently across actors,
   so padding can move the last float bits), student accuracy reported next to it;
@@ -28,13 +31,16 @@ What it checks, on one job:
   first score shard (finished shards kept, the pass finishes), scores equal to the in-process
   reference.
 
-Teardown stops every process of the cluster by PID (never `ray stop`), also on failure.
+The cluster is started and stopped with the CLI a user runs (`raydapt cluster up --local`,
+`status`, `down`), each checked. Teardown stops every process of the cluster by PID (never
+`ray stop`), also on failure, and fails if anything is left.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -70,7 +76,7 @@ STAGE_WORK = ("MapWorker(", rh.TRAIN_WORKER)
 def job_sections(cluster: bool) -> dict:
     pool = {"concurrency": [1, 3], "num_cpus": 1, "threads": 1, "batch_size": 2,
             "shard_rows": SHARD_ROWS, "max_restarts": 3, "max_task_retries": 3}
-    distill = {"variants": ["kl"], "epochs": 1, "batch_size": 8, "max_length": 24,
+    distill = {"variants": ["kl"], "epochs": 3, "batch_size": 8, "max_length": 24,
                "num_workers": 2, "cpus_per_worker": 1, "max_failures": 2}
     if cluster:
         pool["resources"] = {"annotate_gpu": 1}
@@ -89,9 +95,17 @@ def _env() -> dict:
     return env
 
 
+def _cli(*args: str, state: Path, timeout: float) -> subprocess.CompletedProcess:
+    env = {**_env(), "RAYDAPT_LOCAL_CLUSTER": str(state)}
+    return subprocess.run([sys.executable, "-m", "raydapt.cli", "cluster", *args],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """A local autoscaling cluster for this module; torn down (by PID) whatever happens."""
+    """A local autoscaling cluster for this module, started and stopped as a user does
+    (`raydapt cluster up --local` / `status` / `down`, each checked); torn down by PID whatever
+    happens, and nothing of it may be left behind."""
     state = tmp_path_factory.mktemp("rdc") / "state.json"
     os.environ["RAY_AUTH_MODE"] = "token"
     import ray
@@ -99,15 +113,33 @@ def cluster(tmp_path_factory):
     ray.shutdown()
     st = None
     try:
-        st = lc.up(state=state, quiet=True)
+        r = _cli("up", "--local", state=state, timeout=480)
+        assert r.returncode == 0, r.stdout + r.stderr
+        st = json.loads(state.read_text())
+        assert f"dashboard: {st['dashboard']}" in r.stdout and st["address"] in r.stdout
+        assert "annotate_gpu    0..3" in r.stdout and "train_gpu       0..2" in r.stdout
+        procs = lc.cluster_processes(st["temp_dir"])
+        assert any(p.name() == "raylet" for p in procs) and any(p.name() == "gcs_server"
+                                                                for p in procs)
+        # the real autoscaler runs, with the fake multi-node provider's config
+        assert any("monitor.py" in " ".join(p.cmdline()) for p in procs)
+        r = _cli("up", "--local", state=state, timeout=60)
+        assert r.returncode == 2 and "already up" in r.stderr, r.stdout + r.stderr
+        r = _cli("status", state=state, timeout=60)
+        assert r.returncode == 0 and "processes:" in r.stdout, r.stdout + r.stderr
         ray.init(address=st["address"], logging_level="WARNING", log_to_driver=False)
         yield st
     finally:
         ray.shutdown()
-        lc.down(state=state, quiet=True)
-        if st:
-            left = lc.cluster_processes(st["temp_dir"])
-            assert not left, f"processes left behind: {[p.pid for p in left]}"
+        try:
+            r = _cli("down", state=state, timeout=120)
+        finally:
+            lc.down(state=state, quiet=True)  # a no-op after a good `cluster down`
+            if st:
+                left = lc.cluster_processes(st["temp_dir"])
+                assert not left, f"processes left behind: {[p.pid for p in left]}"
+    assert r.returncode == 0 and "local cluster down" in r.stdout, r.stdout + r.stderr
+    assert not Path(st["temp_dir"]).exists() and not state.exists()
 
 
 def test_a_resource_no_node_type_offers_is_refused_at_submit(cluster, tmp_path, tiny_simda_job):
@@ -135,6 +167,18 @@ def _single_node_reference(make, d: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "raydapt.cli", "run", str(job)],
                             stdout=(d / "ref.log").open("w"), stderr=subprocess.STDOUT,
                             env=_env(), start_new_session=True)
+
+
+def _checkpointed(out: Path) -> bool:
+    """Whether a student fit under the job's output has reported a checkpoint (Ray Train's
+    snapshot of the run lists one)."""
+    for snap in out.glob("train/*/checkpoint_manager_snapshot.json"):
+        try:
+            if json.loads(snap.read_text() or "{}").get("checkpoint_results"):
+                return True
+        except ValueError:  # being written
+            pass
+    return False
 
 
 @pytest.fixture
@@ -193,6 +237,22 @@ def test_rehearsal_scale_up_placement_node_loss_scale_down(cluster, tmp_path, ti
         rh.kill_raylet(st, victim)
         t_kill = time.time() - watch.t0
 
+        # then a training node: once the student's first epoch is checkpointed, kill the raylet
+        # under one of its two Ray Train workers; Ray Train restarts the group (FailureConfig,
+        # distill.max_failures) from that checkpoint on a replacement node
+        t_end = time.time() + 900
+        while time.time() < t_end:
+            status = str(cl.get_job_status(sid))
+            assert "FAILED" not in status and "STOPPED" not in status, cl.get_job_logs(sid)[-4000:]
+            if _checkpointed(tmp_path / "runs" / "tiny"):
+                break
+            time.sleep(0.3)
+        train_victims = rh.nodes_of(st, rh.TRAIN_WORKER, "ALIVE")
+        assert train_victims and not str(cl.get_job_status(sid)).endswith("SUCCEEDED"), \
+            "the student finished before a training node could be killed"
+        rh.kill_raylet(st, train_victims[0])
+        t_train_kill = time.time() - watch.t0
+
         t_end = time.time() + 900
         while time.time() < t_end:
             status = str(cl.get_job_status(sid))
@@ -201,6 +261,11 @@ def test_rehearsal_scale_up_placement_node_loss_scale_down(cluster, tmp_path, ti
             time.sleep(1)
         logs = cl.get_job_logs(sid)
         assert status.endswith("SUCCEEDED"), logs[-5000:]
+        # ... and the fit went on from the checkpoint, not from scratch, to all its epochs
+        assert re.search(r"resumed from the checkpoint of epoch [12]/3", logs), logs[-5000:]
+        student = json.loads((tmp_path / "runs" / "tiny" / "results.json").read_text())[
+            "students"]["kl"]
+        assert student["epochs"] == 3, student
 
         # the autoscaler replaced the lost annotation node
         replaced = [n for n, t in watch.types.items()
@@ -228,7 +293,9 @@ def test_rehearsal_scale_up_placement_node_loss_scale_down(cluster, tmp_path, ti
         lost = rh.failed_tasks_on(st, victim, rh.TEACHER_ACTOR)
         print(f"killed node {victim[-5:]} at {t_kill:.0f}s with {len(done_before)}/{n_shards} "
               f"shards done; {len(lost)} teacher task(s) in flight were retried elsewhere; "
-              f"replacement node(s) {[n[-5:] for n in replaced]}")
+              f"replacement node(s) {[n[-5:] for n in replaced]}; training node "
+              f"{train_victims[0][-5:]} killed at {t_train_kill:.0f}s, the fit resumed from "
+              f"epoch 1's checkpoint")
 
         # scale down: every worker node goes once idle (the single-node reference run
         # meanwhile, on its own local Ray)
