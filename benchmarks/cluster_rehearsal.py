@@ -163,11 +163,8 @@ def rehearse(d: Path, kills: list[str]) -> dict:
                                          "shards_total": n_shards, "_done": done,
                                          "_before": before})
             if "train" in kills:  # a node running a Ray Train worker, after a checkpoint
-                out = d / "runs-cluster"
                 while status() in ("PENDING", "RUNNING"):
-                    snaps = list(out.glob("rehearsal/train/*/checkpoint_manager_snapshot.json"))
-                    if any(json.loads(s.read_text() or "{}").get("checkpoint_results")
-                           for s in snaps if s.stat().st_size):
+                    if rh.checkpointed(d / "runs-cluster" / "rehearsal"):
                         break
                     time.sleep(0.3)
                 alive = rh.nodes_of(st, rh.TRAIN_WORKER, "ALIVE")

@@ -55,14 +55,14 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     report = json.loads(args.out.read_text()) if args.out.exists() else {
         "benchmark": "test-durations-cpu"}
+    text = args.log.read_text(errors="replace")
     report.setdefault("runs", {})[args.key] = {
         "command": args.command, "conditions": args.conditions, "machine": describe(),
-        **parse(args.log.read_text(errors="replace"))}
+        **parse(text)}
     if args.console:
         pat = re.compile(args.console)
         report["runs"][args.key]["console"] = [
-            line for line in args.log.read_text(errors="replace").splitlines()
-            if pat.search(line)]
+            line for line in text.splitlines() if pat.search(line)]
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     return report
 

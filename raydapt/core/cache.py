@@ -403,11 +403,15 @@ class ShardedOutput:
         where, fs = self._src(i)
         return pq.read_table(where, columns=columns, filesystem=fs)
 
-    def read_all(self, columns: list[str] | None = None) -> pd.DataFrame:
+    def _require_done(self) -> None:
+        """Raise, naming one, if any shard is not done and sound."""
         bad = self.verify()
         if bad:
             i, why = next(iter(bad.items()))
             raise RuntimeError(f"{self.where}: {len(bad)} shard(s) not done, e.g. {i}: {why}")
+
+    def read_all(self, columns: list[str] | None = None) -> pd.DataFrame:
+        self._require_done()
         if self.store is None:
             frames = [pd.read_parquet(self.path(i), columns=columns)
                       for i in range(self.n_shards)]
@@ -426,10 +430,7 @@ class ShardedOutput:
         from ray.data import Datasource, ReadTask
         from ray.data.block import BlockMetadata
 
-        bad = self.verify()
-        if bad:
-            i, why = next(iter(bad.items()))
-            raise RuntimeError(f"{self.where}: {len(bad)} shard(s) not done, e.g. {i}: {why}")
+        self._require_done()
         srcs = [self._src(i) for i in range(self.n_shards)]
 
         def read(where: Any, fs: Any) -> list[Any]:

@@ -8,10 +8,12 @@ is connected to the cluster (``ray.init(address=state["address"])``).
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 from raydapt.ops import local_cluster as lc
@@ -169,3 +171,16 @@ def nodes_of(st: dict[str, Any], class_name: str, state: str | None = None) -> l
     return [a["node_id"] for a in actors(st)
             if a["class_name"] == class_name and a["node_id"]
             and (state is None or a["state"] == state)]
+
+
+def checkpointed(run_dir: str | Path) -> bool:
+    """Whether a Ray Train fit of the job whose output is ``run_dir`` (``<output_dir>/<run
+    name>``; fits under ``train/``) has reported a checkpoint: its run snapshot lists one. A
+    snapshot being written counts as not yet."""
+    for snap in Path(run_dir).glob("train/*/checkpoint_manager_snapshot.json"):
+        try:
+            if json.loads(snap.read_text() or "{}").get("checkpoint_results"):
+                return True
+        except (OSError, ValueError):
+            pass
+    return False

@@ -169,16 +169,16 @@ def _single_node_reference(make, d: Path) -> subprocess.Popen:
                             env=_env(), start_new_session=True)
 
 
-def _checkpointed(out: Path) -> bool:
-    """Whether a student fit under the job's output has reported a checkpoint (Ray Train's
-    snapshot of the run lists one)."""
-    for snap in out.glob("train/*/checkpoint_manager_snapshot.json"):
-        try:
-            if json.loads(snap.read_text() or "{}").get("checkpoint_results"):
-                return True
-        except ValueError:  # being written
-            pass
-    return False
+def _while_running(cl, sid: str, done, timeout_s: float, poll_s: float) -> None:
+    """Poll until ``done()`` (at most ``timeout_s``), failing at once if the job failed or was
+    stopped meanwhile."""
+    t_end = time.time() + timeout_s
+    while time.time() < t_end:
+        status = str(cl.get_job_status(sid))
+        assert "FAILED" not in status and "STOPPED" not in status, cl.get_job_logs(sid)[-4000:]
+        if done():
+            return
+        time.sleep(poll_s)
 
 
 @pytest.fixture
@@ -220,13 +220,7 @@ def test_rehearsal_scale_up_placement_node_loss_scale_down(cluster, tmp_path, ti
         cl = JobSubmissionClient(st["dashboard"])
 
         # node loss: once a shard is written, kill the raylet of a node running a teacher actor
-        t_end = time.time() + 600
-        while time.time() < t_end:
-            status = str(cl.get_job_status(sid))
-            assert "FAILED" not in status and "STOPPED" not in status, cl.get_job_logs(sid)[-4000:]
-            if _shards(cache):
-                break
-            time.sleep(0.5)
+        _while_running(cl, sid, lambda: bool(_shards(cache)), 600, 0.5)
         done_before = _shards(cache)
         n_shards = -(-(N_SOURCE + N_TRAIN + N_TEST) // SHARD_ROWS)
         assert 1 <= len(done_before) < n_shards, "the teacher pass ended before the kill"
@@ -240,13 +234,7 @@ def test_rehearsal_scale_up_placement_node_loss_scale_down(cluster, tmp_path, ti
         # then a training node: once the student's first epoch is checkpointed, kill the raylet
         # under one of its two Ray Train workers; Ray Train restarts the group (FailureConfig,
         # distill.max_failures) from that checkpoint on a replacement node
-        t_end = time.time() + 900
-        while time.time() < t_end:
-            status = str(cl.get_job_status(sid))
-            assert "FAILED" not in status and "STOPPED" not in status, cl.get_job_logs(sid)[-4000:]
-            if _checkpointed(tmp_path / "runs" / "tiny"):
-                break
-            time.sleep(0.3)
+        _while_running(cl, sid, lambda: rh.checkpointed(tmp_path / "runs" / "tiny"), 900, 0.3)
         train_victims = rh.nodes_of(st, rh.TRAIN_WORKER, "ALIVE")
         assert train_victims and not str(cl.get_job_status(sid)).endswith("SUCCEEDED"), \
             "the student finished before a training node could be killed"
@@ -262,7 +250,8 @@ def test_rehearsal_scale_up_placement_node_loss_scale_down(cluster, tmp_path, ti
         logs = cl.get_job_logs(sid)
         assert status.endswith("SUCCEEDED"), logs[-5000:]
         # ... and the fit went on from the checkpoint, not from scratch, to all its epochs
-        assert re.search(r"resumed from the checkpoint of epoch [12]/3", logs), logs[-5000:]
+        resumed = re.search(r"resumed from the checkpoint of epoch ([12])/3", logs)
+        assert resumed, logs[-5000:]
         student = json.loads((tmp_path / "runs" / "tiny" / "results.json").read_text())[
             "students"]["kl"]
         assert student["epochs"] == 3, student
@@ -295,7 +284,7 @@ def test_rehearsal_scale_up_placement_node_loss_scale_down(cluster, tmp_path, ti
               f"shards done; {len(lost)} teacher task(s) in flight were retried elsewhere; "
               f"replacement node(s) {[n[-5:] for n in replaced]}; training node "
               f"{train_victims[0][-5:]} killed at {t_train_kill:.0f}s, the fit resumed from "
-              f"epoch 1's checkpoint")
+              f"epoch {resumed.group(1)}'s checkpoint")
 
         # scale down: every worker node goes once idle (the single-node reference run
         # meanwhile, on its own local Ray)
