@@ -3,6 +3,7 @@
     python benchmarks/simda_knn_shift.py rules [key=value ...]
     python benchmarks/simda_knn_shift.py prior [key=value ...]
     python benchmarks/simda_knn_shift.py students --what rules|prior [--seeds 0] [key=value ...]
+    python benchmarks/simda_knn_shift.py shares [key=value ...]
     python benchmarks/simda_knn_shift.py ablation [key=value ...]
 
 Every subcommand reads, per Amazon pair, the benchmark job's (jobs/simda/amazon-benchmark.cpu.yaml,
@@ -20,6 +21,9 @@ trains on, or chooses by, a target-test label: they only score what was chosen.
   reference a user could not know).
 - ``students``: KL + sim students (the recipe's fit_student, its step budget and fields) on the
   p_T of ``rules`` (the --rule's choice) or ``prior`` (median vs EM estimate), --seeds.
+- ``shares``: the finished ``prior`` students' predicted class shares on the test rows, and
+  their accuracy with the logits shifted from their training prior to a uniform one (reloads
+  their checkpoints; trains nothing).
 - ``ablation``: the lam = 0 KL + sim students (``students --rule lam0 --seeds S``, or jobs run
   with ``annotate.lam=0 annotate.select_on_source=false distill.variants=[kl_sim]
   distill.seed=S``, run names ``<src>-to-<tgt>-lam0-sS`` under --runs) beside the seeded KL + sim
@@ -289,47 +293,125 @@ def fit_kl_sim(cfg, a: dict, mask: np.ndarray, pt: np.ndarray, seed: int, name: 
     return round(float(m["accuracy"]), 4)
 
 
-def cmd_students(args, cfg_of, report: dict) -> dict:
-    out = report.get(f"students_{args.what}", {})
+def _student_settings(args, cfg_of, start_ray: bool = True):
+    """(pair's cfg, arrays, key, train mask, p_T, choice) of every student ``students --what``
+    trains, in order."""
     for pair in [p for p in args.pairs if args.what == "rules" or p in PRIOR_PAIRS]:
         cfg = cfg_of(pair)
-        ray_up(cfg)
+        if start_ray:
+            ray_up(cfg)
         ca = cfg.annotate
         a = arrays(pair, args.overrides, args.job, args.arrays)
         nb = neighbours(a, max(ca.k_grid), ca.index)
         p_src = calibrator(ca.calibrate_llm, a["source"]["p_raw"], ca.calibrate_prior)(
             a["source"]["p_raw"])
         ytr = a["train"]["y"]
-        settings = []
         if args.what == "rules":
             full = np.ones(len(ytr), bool)
             cal = calibrator(ca.calibrate_llm, a["train"]["p_raw"], ca.calibrate_prior)
             ptr = cal(a["train"]["p_raw"])
             ch, _ = choose(args.rule, a, nb, p_src, ptr, ca)
-            settings.append((f"{pair.replace(':', '->')}[{args.rule}]", full,
-                             p_t(nb["train"], ptr, **ch, norm=ca.distance_norm), ch))
-        else:
-            for share in SHARES:
-                m = imbalanced_mask(ytr, share, cfg.run.seed)
-                for cname in args.cals:
-                    kind, prior = CALS[cname]
-                    ptr, _, used = prior_settings(a, m, kind, prior, share)
-                    nbm = (nb["train"][0][m], nb["train"][1][m])
-                    ch, _ = choose("source", a, nb, p_src, ptr, ca, tr_mask=m)
-                    settings.append((f"{pair.replace(':', '->')}@{share}[{cname}]", m,
-                                     p_t(nbm, ptr, **ch, norm=ca.distance_norm),
-                                     {**ch, "prior_used": used}))
-        for key, m, pt, ch in settings:
-            ent = out.setdefault(key, {"choice": ch, "seeds": {}})
-            for s in args.seeds:
-                if str(s) in ent["seeds"]:
-                    continue
-                name = f"knnshift-{key}-s{s}".replace("->", "-").replace("[", "-").replace(
-                    "]", "").replace(" ", "_").replace("(", "").replace(")", "").replace("@", "-")
-                ent["seeds"][str(s)] = fit_kl_sim(cfg, a, m, pt, s, name, args.arrays / "train")
-                print(key, s, ent["seeds"][str(s)], flush=True)
-                report[f"students_{args.what}"] = out
-                _write(args.out, report)
+            yield (cfg, a, f"{pair.replace(':', '->')}[{args.rule}]", full,
+                   p_t(nb["train"], ptr, **ch, norm=ca.distance_norm), ch)
+            continue
+        for share in SHARES:
+            m = imbalanced_mask(ytr, share, cfg.run.seed)
+            for cname in args.cals:
+                kind, prior = CALS[cname]
+                ptr, _, used = prior_settings(a, m, kind, prior, share)
+                nbm = (nb["train"][0][m], nb["train"][1][m])
+                ch, _ = choose("source", a, nb, p_src, ptr, ca, tr_mask=m)
+                yield (cfg, a, f"{pair.replace(':', '->')}@{share}[{cname}]", m,
+                       p_t(nbm, ptr, **ch, norm=ca.distance_norm), {**ch, "prior_used": used})
+
+
+def _student_name(key: str, seed: int) -> str:
+    return f"knnshift-{key}-s{seed}".replace("->", "-").replace("[", "-").replace(
+        "]", "").replace(" ", "_").replace("(", "").replace(")", "").replace("@", "-")
+
+
+def cmd_students(args, cfg_of, report: dict) -> dict:
+    out = report.get(f"students_{args.what}", {})
+    for cfg, a, key, m, pt, ch in _student_settings(args, cfg_of):
+        ent = out.setdefault(key, {"choice": ch, "seeds": {}})
+        for s in args.seeds:
+            if str(s) in ent["seeds"]:
+                continue
+            ent["seeds"][str(s)] = fit_kl_sim(cfg, a, m, pt, s, _student_name(key, s),
+                                              args.arrays / "train")
+            print(key, s, ent["seeds"][str(s)], flush=True)
+            report[f"students_{args.what}"] = out
+            _write(args.out, report)
+    return out
+
+
+def _test_logits(cfg, state: dict, texts: np.ndarray, num_classes: int) -> np.ndarray:
+    """The student of ``state`` (a fit's checkpoint) on ``texts``, as the student loop
+    evaluates it (same truncation, window and pooling): logits [N, C]."""
+    import torch
+
+    from raydapt.recipes.simda import student_train_kw
+    from raydapt.core.assets import load_tokenizer
+    from raydapt.train.models import EncoderClassifier
+    from raydapt.train.student import student_texts
+
+    kw = student_train_kw(cfg.distill)
+    model = EncoderClassifier(cfg.distill.student, num_classes, pooling="mean")
+    model.load_state_dict(state["model"])
+    model.eval()
+    tok = load_tokenizer(cfg.distill.student)
+    xs = student_texts(tok, list(texts), kw["max_length"], kw["text_truncation"])
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(xs), 64):
+            enc = tok(xs[i : i + 64], truncation=True, max_length=kw["max_length"],
+                      padding=True, return_tensors="pt")
+            out.append(model(enc["input_ids"], enc["attention_mask"])[0].float().numpy())
+    return np.concatenate(out)
+
+
+def cmd_shares(args, cfg_of, report: dict) -> dict:
+    """The check of the skewed-labels reading of the imbalanced-target students: each finished
+    ``students --what prior`` student's predicted class shares on the (balanced) test rows, and
+    its accuracy once its logits are shifted from the prior it was trained on (the mean of its
+    soft labels p_T) to a uniform one (prior-shift correction, Saerens et al. 2002). The
+    uniform test prior is an assumption a user would have to make; the test labels only score.
+    Trains nothing: the students' last checkpoints are reloaded, and each must reproduce the
+    confusion matrix its fit recorded."""
+    import torch
+
+    done = report.get("students_prior", {})
+    out: dict = {"deploy_prior_assumed": [0.5, 0.5], "students": {}}
+    for cfg, a, key, _m, pt, _ch in _student_settings(args, cfg_of, start_ray=False):
+        for s in sorted(done.get(key, {}).get("seeds", {}), key=int):
+            d = args.arrays / "train" / _student_name(key, int(s))
+            cks = sorted(p for p in d.glob("checkpoint_*") if (p / "state.pt").exists())
+            if not cks or not (d / "final_metrics.json").exists():
+                continue
+            fin = json.loads((d / "final_metrics.json").read_text())
+            state = torch.load(cks[-1] / "state.pt", weights_only=True, map_location="cpu")
+            y = np.asarray(a["test"]["y"])
+            lg = _test_logits(cfg, state, a["test"]["text"], pt.shape[1])
+            pred = lg.argmax(1)
+            cm = np.zeros((pt.shape[1],) * 2, np.int64)
+            np.add.at(cm, (y, pred), 1)
+            if cm.tolist() != fin["confusion"]:
+                raise RuntimeError(f"{key} seed {s}: the reloaded checkpoint gives {cm.tolist()}"
+                                   f", its fit recorded {fin['confusion']}")
+            prior_train = pt.mean(0)
+            shifted = (lg + np.log(0.5) - np.log(prior_train)).argmax(1)
+            out["students"][f"{key}/s{s}"] = {
+                "accuracy": round(float((pred == y).mean()), 4),
+                "test_true_positive_share": round(float(y.mean()), 3),
+                "predicted_positive_share": round(float(pred.mean()), 3),
+                "recall_per_class": [round(float(cm[c, c] / max(1, cm[c].sum())), 3)
+                                     for c in range(cm.shape[0])],
+                "train_soft_label_prior": [round(float(v), 3) for v in prior_train],
+                "train_pseudo_label_positive_share": round(float((pt.argmax(1) == 1).mean()), 3),
+                "prior_shifted_accuracy": round(float((shifted == y).mean()), 4),
+                "prior_shifted_predicted_positive_share": round(float(shifted.mean()), 3),
+                "checkpoint_epoch": int(state["epoch"])}
+            print(key, s, json.dumps(out["students"][f"{key}/s{s}"]), flush=True)
     return out
 
 
@@ -448,7 +530,8 @@ def _write(path: Path, report: dict) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("what_to_run", choices=["rules", "prior", "students", "ablation", "tables"])
+    ap.add_argument("what_to_run",
+                    choices=["rules", "prior", "students", "shares", "ablation", "tables"])
     ap.add_argument("--job", default=str(REPO / "jobs/simda/amazon-benchmark.cpu.yaml"))
     ap.add_argument("--pairs", nargs="+", default=PAIRS)
     ap.add_argument("--arrays", type=Path, default=Path("runs/knn-shift"),
@@ -485,6 +568,9 @@ def main(argv: list[str] | None = None) -> dict:
         report["prior"] = {"command": cmd, **cmd_prior(args, cfg_of)}
     elif w == "ablation":
         report["ablation"] = {"command": cmd, **cmd_ablation(args, report)}
+    elif w == "shares":
+        args.what = "prior"
+        report["students_prior_shares"] = {"command": cmd, **cmd_shares(args, cfg_of, report)}
     else:
         report.setdefault("student_commands", {})[
             f"{args.what}:{args.rule}" if args.what == "rules" else args.what] = cmd
