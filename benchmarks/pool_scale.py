@@ -71,6 +71,9 @@ UNIT_ROWS = 5_000
 MAX_LENGTH = 128  # tokens per row (prompt + response); --max-length changes it for a run
 PROJ_DIM = 512
 N_DOMAIN = 100
+MIN_BLOCKS = 0  # --min-blocks: Ray Data's read_op_min_num_blocks for a run (0: Ray's default)
+SPIKE_STACKS = os.environ.get("POOL_SCALE_SPIKE_STACKS") == "1"
+SERIES_EVERY_S = 10.0  # the driver's memory over a pass, one sample every this many seconds
 RAY_TMP = os.environ.get("POOL_SCALE_RAY_TMP", "")  # the --temp-dir of a `ray start` head
 
 
@@ -142,18 +145,38 @@ def build_model(scratch: Path) -> tuple[str, str]:
 # ---------------------------------------------------------------------------------------------
 
 
+def _rss_parts() -> dict[str, float]:
+    """This process's resident set split as the kernel counts it (/proc/self/status):
+    anonymous (heap, private), shared memory (the object store's pages this process has mapped
+    and touched: Ray's plasma store is a shared mmap, so reading blocks zero-copy makes them
+    resident here too) and file-backed (libraries, mmap'd files)."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            for key, name in (("RssAnon:", "driver_rss_anon_mb"),
+                              ("RssShmem:", "driver_rss_shmem_mb"),
+                              ("RssFile:", "driver_rss_file_mb")):
+                if line.startswith(key):
+                    out[name] = int(line.split()[1]) / 1024
+    return out
+
+
 class Sampler:
     """Peak driver RSS, worker RSS (this driver's Ray processes) and object-store use/spill."""
 
-    def __init__(self, every_s: float = 0.5, store_every_s: float = 3.0) -> None:
+    def __init__(self, every_s: float = 0.5,
+                 store_every_s: float = float(os.environ.get("POOL_SCALE_STORE_EVERY_S", 3.0))
+                 ) -> None:
         import psutil
 
         self.me = psutil.Process()
         self.every_s, self.store_every_s = every_s, store_every_s
         self.stop_ev = threading.Event()
-        self.peak = {"driver_rss_mb": 0.0, "worker_rss_mb": 0.0, "workers_rss_sum_mb": 0.0,
-                     "object_store_mb": 0.0}
+        self.peak = {"driver_rss_mb": 0.0, "driver_rss_anon_mb": 0.0,
+                     "driver_rss_shmem_mb": 0.0, "driver_rss_file_mb": 0.0,
+                     "worker_rss_mb": 0.0, "workers_rss_sum_mb": 0.0, "object_store_mb": 0.0}
         self.spilled_mb = 0.0
+        self.series: list[list[float]] = []  # [s since start, anon, shmem, arrow pool] MiB
 
     def _store(self) -> tuple[float, float]:
         import re
@@ -168,12 +191,31 @@ class Sampler:
 
     def _loop(self) -> None:
         import psutil
+        import pyarrow as pa
 
-        last_store = 0.0
+        last_store, last_series, t0 = 0.0, 0.0, time.time()
         while not self.stop_ev.is_set():
             try:
                 self.peak["driver_rss_mb"] = max(self.peak["driver_rss_mb"],
                                                  self.me.memory_info().rss / 2**20)
+                parts = _rss_parts()
+                if SPIKE_STACKS and self.series and parts["driver_rss_anon_mb"] > \
+                        self.series[-1][1] + 30:  # diagnosis: what the driver does in a spike
+                    import sys as _sys
+                    import traceback
+
+                    _sys.stderr.write(f"SPIKE anon {parts['driver_rss_anon_mb']:.0f} MiB\n")
+                    for tid, fr in _sys._current_frames().items():
+                        _sys.stderr.write(f"  thread {tid}:\n" + "".join(
+                            traceback.format_stack(fr)[-6:]))
+                for k, v in parts.items():  # which pages: private heap or mapped store
+                    self.peak[k] = max(self.peak[k], v)
+                if time.time() - last_series >= SERIES_EVERY_S:
+                    last_series = time.time()
+                    self.series.append([round(last_series - t0, 1),
+                                        round(parts["driver_rss_anon_mb"], 1),
+                                        round(parts["driver_rss_shmem_mb"], 1),
+                                        round(pa.total_allocated_bytes() / 2**20, 1)])
                 rss = []
                 procs = self.me.children(recursive=True)
                 for r in psutil.process_iter(["name", "cmdline"]):  # a head started with
@@ -194,7 +236,7 @@ class Sampler:
                     self.peak["worker_rss_mb"] = max(self.peak["worker_rss_mb"], max(rss))
                     self.peak["workers_rss_sum_mb"] = max(self.peak["workers_rss_sum_mb"],
                                                           sum(rss))
-                if time.time() - last_store >= self.store_every_s:
+                if self.store_every_s and time.time() - last_store >= self.store_every_s:
                     used, spill = self._store()
                     self.peak["object_store_mb"] = max(self.peak["object_store_mb"], used)
                     self.spilled_mb = max(self.spilled_mb, spill)
@@ -219,7 +261,15 @@ class Sampler:
 
     def result(self) -> dict[str, float]:
         return {**{k: round(v, 1) for k, v in self.peak.items()},
-                "object_store_spilled_mb": round(self.spilled_mb, 1)}
+                "object_store_spilled_mb": round(self.spilled_mb, 1),
+                "driver_series": {"columns": ["s", "rss_anon_mb", "rss_shmem_mb",
+                                              "arrow_allocated_mb"],
+                                  "every_s": SERIES_EVERY_S, "rows": self.series}}
+
+
+def _brief(p: dict[str, Any]) -> dict[str, Any]:
+    """A pass's entry for the console: without its memory time series."""
+    return {k: v for k, v in p.items() if k != "driver_series"}
 
 
 def _say(msg: str) -> None:
@@ -294,6 +344,9 @@ def run_size(scratch: Path, size: int, layout: str, passes: list[str], bare: boo
     cache = StageCache(cache_dir or scratch / f"cache-{size}-{layout}{_len_tag()}",
                        versions=NTK_STAGE_VERSIONS)
     init_ray(num_cpus=2, progress=False)
+    if MIN_BLOCKS:  # Ray Data splits a read of fewer units into this many blocks (default 200)
+        ray.data.DataContext.get_current().read_op_min_num_blocks = MIN_BLOCKS
+        res["read_op_min_num_blocks"] = MIN_BLOCKS
     try:
         res["ray_object_store_mb"] = round(ray.cluster_resources().get(
             "object_store_memory", 0) / 2**20, 1)
@@ -311,7 +364,7 @@ def run_size(scratch: Path, size: int, layout: str, passes: list[str], bare: boo
             rej = output_rejects(out, "identity")
             res["passes"]["identity"] = {"wall_s": round(wall, 2), **_rates(st, wall),
                                          "rejects": len(rej), **s.result()}
-            _say(f"identity: {res['passes']['identity']}")
+            _say(f"identity: {_brief(res['passes']['identity'])}")
         if "stage1" in passes:
             st = {}
             steps = [Step(_encode_cls(), {"model": mdir, "max_length": MAX_LENGTH},
@@ -333,7 +386,7 @@ def run_size(scratch: Path, size: int, layout: str, passes: list[str], bare: boo
                                        "candidates": len(cand),
                                        "rejects": len(output_rejects(out, "stage1")),
                                        **s.result()}
-            _say(f"stage1: {res['passes']['stage1']}")
+            _say(f"stage1: {_brief(res['passes']['stage1'])}")
             if "stage2" in passes:
                 st = {}
                 csrc = open_source(src_path, normaliser=QARows(), unit_rows=UNIT_ROWS,
@@ -357,7 +410,7 @@ def run_size(scratch: Path, size: int, layout: str, passes: list[str], bare: boo
                     wall = time.time() - t0
                 res["passes"]["stage2"] = {"wall_s": round(wall, 2), **_rates(st, wall),
                                            "selected": len(sel), **s.result()}
-                _say(f"stage2: {res['passes']['stage2']}")
+                _say(f"stage2: {_brief(res['passes']['stage2'])}")
     finally:
         ray.shutdown()
     if bare:
@@ -369,8 +422,10 @@ def run_size(scratch: Path, size: int, layout: str, passes: list[str], bare: boo
 
 
 def _len_tag() -> str:
-    """The suffix of a run's entry key and cache directory: none at the default length."""
-    return "" if MAX_LENGTH == 128 else f"-len{MAX_LENGTH}"
+    """The suffix of a run's entry key and cache directory: none at the default length and
+    block split."""
+    return ("" if MAX_LENGTH == 128 else f"-len{MAX_LENGTH}") + (
+        f"-minblocks{MIN_BLOCKS}" if MIN_BLOCKS else "")
 
 
 def _encode_cls():
@@ -395,7 +450,9 @@ def _rates(st: dict[str, Any], wall: float) -> dict[str, Any]:
     rows = int(st.get("rows", 0))
     return {"rows": rows, "rows_per_s": round(rows / max(wall, 1e-9), 1),
             "shards": st.get("shards"), "shards_computed": st.get("shards_computed"),
-            "shards_reused": st.get("shards_reused")}
+            "shards_reused": st.get("shards_reused"),
+            "driver_peak_held_rows": st.get("peak_held_rows", 0),
+            "driver_peak_held_units": st.get("peak_held_units", 0)}
 
 
 def bare_loop(path: Path, mdir: str, adapter: str, dom_emb: np.ndarray, gbar: np.ndarray,
@@ -553,6 +610,17 @@ def plot(out: Path) -> None:
                            label=lab)
                 ax[1].plot([p[0] for p in pts], [p[1]["driver_rss_mb"] for p in pts], style,
                            label=lab)
+    mem = doc["runs"].get("stage1-driver-memory-2026-12-07", {}).get("runs", {})
+    if mem:  # stage 1's driver memory split: private pages vs the object store's shared ones
+        by: dict[int, list[dict]] = {}
+        for r in mem.values():
+            by.setdefault(r["size"], []).append(r["passes"]["stage1"])
+        xs = sorted(by)
+        for key, style, lab in (("driver_rss_anon_mb", "D-.", "stage1 private (anon) peak"),
+                                ("driver_rss_shmem_mb", "v-.", "stage1 shared (object store)")):
+            ax[1].plot(xs, [float(np.mean([p[key] for p in by[x]])) for x in xs], style,
+                       label=lab)
+        ax[1].legend(fontsize=7)
     for a, yl in zip(ax, ("wall seconds of the pass", "driver peak RSS (MiB)")):
         a.set_xscale("log")
         a.set_xlabel("pool rows")
@@ -569,9 +637,9 @@ def plot(out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    global MAX_LENGTH
+    global MAX_LENGTH, MIN_BLOCKS
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("action", choices=["build", "run", "kill", "plot"])
+    ap.add_argument("action", choices=["build", "run", "kill", "plot", "merge"])
     ap.add_argument("--scratch", default="/tmp/pool-scale")
     ap.add_argument("--sizes", default="10000,100000")
     ap.add_argument("--size", type=int, default=10_000)
@@ -581,11 +649,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", default=None)
     ap.add_argument("--no-record", action="store_true")
     ap.add_argument("--stats-out", default=None)
+    ap.add_argument("--key", default=None, help="merge: the entry the --stats-in files go under")
+    ap.add_argument("--stats-in", nargs="+", default=[],
+                    help="merge: --stats-out files of --no-record runs, as NAME=FILE")
+    ap.add_argument("--note", default="", help="merge: how those runs were made")
     ap.add_argument("--max-length", type=int, default=MAX_LENGTH,
                     help="tokens per row: shorter rows make the model work per row smaller, so "
                          "a 1M-row stage 1 fits a session on 2 cores (entries get a -lenN key)")
+    ap.add_argument("--min-blocks", type=int, default=0,
+                    help="Ray Data's read_op_min_num_blocks for this run (0: Ray's default, "
+                         "200): 1 keeps one block per read unit at any pool size")
     args = ap.parse_args(argv)
-    MAX_LENGTH = args.max_length
+    MAX_LENGTH, MIN_BLOCKS = args.max_length, args.min_blocks
     scratch = Path(args.scratch)
     if args.action == "build":
         for n in map(int, args.sizes.split(",")):
@@ -593,6 +668,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.action == "plot":
         plot(ROOT / "docs" / "img" / "pool-scale.png")
+        return 0
+    if args.action == "merge":  # --no-record runs (e.g. repeats, diagnostics) under one key
+        runs = {}
+        for item in args.stats_in:
+            name, f = item.split("=", 1)
+            runs[name] = json.loads(Path(f).read_text())
+        _merge(args.key, {"note": args.note, "runs": runs})
         return 0
     if args.action == "kill":
         r = kill_experiment(scratch, args.size, args.layout, args.passes.split(",")[0])

@@ -314,7 +314,7 @@ def _student_settings(args, cfg_of, start_ray: bool = True):
             yield (cfg, a, f"{pair.replace(':', '->')}[{args.rule}]", full,
                    p_t(nb["train"], ptr, **ch, norm=ca.distance_norm), ch)
             continue
-        for share in SHARES:
+        for share in args.shares:
             m = imbalanced_mask(ytr, share, cfg.run.seed)
             for cname in args.cals:
                 kind, prior = CALS[cname]
@@ -350,8 +350,8 @@ def _test_logits(cfg, state: dict, texts: np.ndarray, num_classes: int) -> np.nd
     evaluates it (same truncation, window and pooling): logits [N, C]."""
     import torch
 
-    from raydapt.recipes.simda import student_train_kw
     from raydapt.core.assets import load_tokenizer
+    from raydapt.recipes.simda import student_train_kw
     from raydapt.train.models import EncoderClassifier
     from raydapt.train.student import student_texts
 
@@ -541,6 +541,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--rule", default="agreement")
     ap.add_argument("--cals", nargs="+", default=["median (fixed uniform prior)", "em estimate"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
+    ap.add_argument("--shares", nargs="+", type=float, default=SHARES,
+                    help="students / shares --what prior: the target-train positive shares")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)

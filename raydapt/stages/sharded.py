@@ -384,7 +384,8 @@ def stream_pass(cache: StageCache, tracker: Tracker, stage: str, parts: dict[str
     Args:
         on_shard: called with (shard index, pyarrow Table) after each shard is written (e.g. a
             streaming top-N), not for shards reused from the cache.
-        stats: filled with rows, shards computed / reused, seconds.
+        stats: filled with rows, shards computed / reused, seconds, and the most rows (and their
+            units) the driver held at once while it waited for a unit's last rows.
         retries: restarts of the pass over its unfinished shards when Ray loses its work with
             a node or an actor (the pool's ``pass_retries``); finished shards are kept.
 
@@ -471,6 +472,9 @@ def stream_pass(cache: StageCache, tracker: Tracker, stage: str, parts: dict[str
                         if n:
                             buf.setdefault(u, []).append(batch.filter(pa.array(body)))
                             got[u] = got.get(u, 0) + n
+                            held = sum(got[i] for i in buf)
+                            if held > stats.get("peak_held_rows", 0):
+                                stats.update(peak_held_rows=held, peak_held_units=len(buf))
                         if u in expect and got.get(u, 0) == expect[u]:
                             flush(u)
                         elif u in expect and got.get(u, 0) > expect[u]:

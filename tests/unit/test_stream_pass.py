@@ -80,15 +80,18 @@ def test_driver_does_not_collect_the_pool(tmp_path):
     stream_pass(cache, _tracker(), "embed", {"t": "warm"}, warm,
                 [Step(identity, columns=["text"])], lambda s: None)
     tracemalloc.start()
+    st: dict = {}
     try:
         out = stream_pass(cache, _tracker(), "embed", {"t": "mem"}, src,
-                          [Step(identity, columns=["text"])], lambda s: None)
+                          [Step(identity, columns=["text"])], lambda s: None, stats=st)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     pool_bytes = p.stat().st_size  # the pool's size as Arrow strings, about
     assert pool_bytes > 10_000_000
     assert peak < pool_bytes / 5, (peak, pool_bytes)
+    # what the driver held while it waited for units' last rows: some rows, never the pool
+    assert 0 < st["peak_held_rows"] < n / 5 and st["peak_held_units"] >= 1, st
     # the check can fail: collecting the output's rows in the driver is over the bound
     tracemalloc.start()
     try:
