@@ -201,12 +201,11 @@ class Sampler:
                 parts = _rss_parts()
                 if SPIKE_STACKS and self.series and parts["driver_rss_anon_mb"] > \
                         self.series[-1][1] + 30:  # diagnosis: what the driver does in a spike
-                    import sys as _sys
                     import traceback
 
-                    _sys.stderr.write(f"SPIKE anon {parts['driver_rss_anon_mb']:.0f} MiB\n")
-                    for tid, fr in _sys._current_frames().items():
-                        _sys.stderr.write(f"  thread {tid}:\n" + "".join(
+                    sys.stderr.write(f"SPIKE anon {parts['driver_rss_anon_mb']:.0f} MiB\n")
+                    for tid, fr in sys._current_frames().items():
+                        sys.stderr.write(f"  thread {tid}:\n" + "".join(
                             traceback.format_stack(fr)[-6:]))
                 for k, v in parts.items():  # which pages: private heap or mapped store
                     self.peak[k] = max(self.peak[k], v)

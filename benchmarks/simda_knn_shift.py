@@ -380,6 +380,8 @@ def cmd_shares(args, cfg_of, report: dict) -> dict:
     confusion matrix its fit recorded."""
     import torch
 
+    from raydapt.evaluate import confusion_matrix
+
     done = report.get("students_prior", {})
     out: dict = {"deploy_prior_assumed": [0.5, 0.5], "students": {}}
     for cfg, a, key, _m, pt, _ch in _student_settings(args, cfg_of, start_ray=False):
@@ -393,8 +395,7 @@ def cmd_shares(args, cfg_of, report: dict) -> dict:
             y = np.asarray(a["test"]["y"])
             lg = _test_logits(cfg, state, a["test"]["text"], pt.shape[1])
             pred = lg.argmax(1)
-            cm = np.zeros((pt.shape[1],) * 2, np.int64)
-            np.add.at(cm, (y, pred), 1)
+            cm = confusion_matrix(y, pred, pt.shape[1])
             if cm.tolist() != fin["confusion"]:
                 raise RuntimeError(f"{key} seed {s}: the reloaded checkpoint gives {cm.tolist()}"
                                    f", its fit recorded {fin['confusion']}")
