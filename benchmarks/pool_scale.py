@@ -72,6 +72,7 @@ MAX_LENGTH = 128  # tokens per row (prompt + response); --max-length changes it 
 PROJ_DIM = 512
 N_DOMAIN = 100
 MIN_BLOCKS = 0  # --min-blocks: Ray Data's read_op_min_num_blocks for a run (0: Ray's default)
+STORE_BUDGET_MB = 0  # --store-budget-mb: ray.data_object_store_mb for a run (0: Ray's default)
 SPIKE_STACKS = os.environ.get("POOL_SCALE_SPIKE_STACKS") == "1"
 SERIES_EVERY_S = 10.0  # the driver's memory over a pass, one sample every this many seconds
 RAY_TMP = os.environ.get("POOL_SCALE_RAY_TMP", "")  # the --temp-dir of a `ray start` head
@@ -145,6 +146,18 @@ def build_model(scratch: Path) -> tuple[str, str]:
 # ---------------------------------------------------------------------------------------------
 
 
+def _proc_rss(pid: int | str = "self") -> dict[str, float]:
+    """A process's resident set, MiB, and its anonymous / shared-memory parts."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            for key, name in (("VmRSS:", "driver_rss_mb"), ("RssAnon:", "driver_rss_anon_mb"),
+                              ("RssShmem:", "driver_rss_shmem_mb")):
+                if line.startswith(key):
+                    out[name] = int(line.split()[1]) / 1024
+    return out
+
+
 def _rss_parts() -> dict[str, float]:
     """This process's resident set split as the kernel counts it (/proc/self/status):
     anonymous (heap, private), shared memory (the object store's pages this process has mapped
@@ -176,7 +189,8 @@ class Sampler:
                      "driver_rss_shmem_mb": 0.0, "driver_rss_file_mb": 0.0,
                      "worker_rss_mb": 0.0, "workers_rss_sum_mb": 0.0, "object_store_mb": 0.0}
         self.spilled_mb = 0.0
-        self.series: list[list[float]] = []  # [s since start, anon, shmem, arrow pool] MiB
+        self.series: list[list[float]] = []  # [s, anon, shmem, arrow pool, object store] MiB
+        self.store_now = 0.0
 
     def _store(self) -> tuple[float, float]:
         import re
@@ -214,7 +228,8 @@ class Sampler:
                     self.series.append([round(last_series - t0, 1),
                                         round(parts["driver_rss_anon_mb"], 1),
                                         round(parts["driver_rss_shmem_mb"], 1),
-                                        round(pa.total_allocated_bytes() / 2**20, 1)])
+                                        round(pa.total_allocated_bytes() / 2**20, 1),
+                                        self.store_now])
                 rss = []
                 procs = self.me.children(recursive=True)
                 for r in psutil.process_iter(["name", "cmdline"]):  # a head started with
@@ -237,6 +252,7 @@ class Sampler:
                                                           sum(rss))
                 if self.store_every_s and time.time() - last_store >= self.store_every_s:
                     used, spill = self._store()
+                    self.store_now = used
                     self.peak["object_store_mb"] = max(self.peak["object_store_mb"], used)
                     self.spilled_mb = max(self.spilled_mb, spill)
                     last_store = time.time()
@@ -262,7 +278,7 @@ class Sampler:
         return {**{k: round(v, 1) for k, v in self.peak.items()},
                 "object_store_spilled_mb": round(self.spilled_mb, 1),
                 "driver_series": {"columns": ["s", "rss_anon_mb", "rss_shmem_mb",
-                                              "arrow_allocated_mb"],
+                                              "arrow_allocated_mb", "object_store_mb"],
                                   "every_s": SERIES_EVERY_S, "rows": self.series}}
 
 
@@ -342,7 +358,9 @@ def run_size(scratch: Path, size: int, layout: str, passes: list[str], bare: boo
     dom_emb, gbar = domain_side(mdir, adapter) if "stage1" in passes or bare else (None, None)
     cache = StageCache(cache_dir or scratch / f"cache-{size}-{layout}{_len_tag()}",
                        versions=NTK_STAGE_VERSIONS)
-    init_ray(num_cpus=2, progress=False)
+    init_ray(num_cpus=2, progress=False, data_object_store_mb=STORE_BUDGET_MB or None)
+    if STORE_BUDGET_MB:
+        res["data_object_store_mb"] = STORE_BUDGET_MB
     if MIN_BLOCKS:  # Ray Data splits a read of fewer units into this many blocks (default 200)
         ray.data.DataContext.get_current().read_op_min_num_blocks = MIN_BLOCKS
         res["read_op_min_num_blocks"] = MIN_BLOCKS
@@ -424,7 +442,8 @@ def _len_tag() -> str:
     """The suffix of a run's entry key and cache directory: none at the default length and
     block split."""
     return ("" if MAX_LENGTH == 128 else f"-len{MAX_LENGTH}") + (
-        f"-minblocks{MIN_BLOCKS}" if MIN_BLOCKS else "")
+        f"-minblocks{MIN_BLOCKS}" if MIN_BLOCKS else "") + (
+        f"-store{STORE_BUDGET_MB}" if STORE_BUDGET_MB else "")
 
 
 def _encode_cls():
@@ -526,14 +545,16 @@ def bare_loop(path: Path, mdir: str, adapter: str, dom_emb: np.ndarray, gbar: np
 
 def kill_experiment(scratch: Path, size: int, layout: str, passes: str) -> dict[str, Any]:
     """Run the pass in a child process, SIGKILL its process group once half the shards are
-    written, rerun, and count the shards the rerun computed."""
-    cache = scratch / f"cache-kill-{size}-{layout}"
+    written, rerun, and count the shards the rerun computed. The killed driver's memory is read
+    from outside (/proc/<pid>/status), since it never gets to write its own stats."""
+    cache = scratch / f"cache-kill-{size}-{layout}{_len_tag()}"
     if cache.exists():
         import shutil
 
         shutil.rmtree(cache)
     cmd = [sys.executable, __file__, "run", "--size", str(size), "--layout", layout,
-           "--max-length", str(MAX_LENGTH),
+           "--max-length", str(MAX_LENGTH), "--min-blocks", str(MIN_BLOCKS),
+           "--store-budget-mb", str(STORE_BUDGET_MB),
            "--passes", passes, "--cache", str(cache), "--no-record"]
     d = build(scratch, size)
     src = open_source(d / "files" if layout == "files" else d / "single.jsonl",
@@ -542,9 +563,20 @@ def kill_experiment(scratch: Path, size: int, layout: str, passes: str) -> dict[
     child = subprocess.Popen(cmd, start_new_session=True)
     t0 = time.time()
     done_at_kill = 0
+    peak = {"driver_rss_mb": 0.0, "driver_rss_anon_mb": 0.0, "driver_rss_shmem_mb": 0.0}
+    series: list[list[float]] = []  # [s, shards on disk, rss, anon, shmem] of the killed driver
     try:
         while child.poll() is None:
             parts = list(cache.glob("*/*/part-*.parquet"))
+            try:
+                mem = _proc_rss(child.pid)
+            except OSError:
+                mem = {}
+            for k, v in mem.items():
+                peak[k] = max(peak[k], v)
+            if mem and (not series or time.time() - t0 - series[-1][0] >= SERIES_EVERY_S):
+                series.append([round(time.time() - t0, 1), len(parts),
+                               *(round(mem[k], 1) for k in peak)])
             if len(parts) >= total // 2:
                 done_at_kill = len(parts)
                 os.killpg(child.pid, signal.SIGKILL)
@@ -563,10 +595,14 @@ def kill_experiment(scratch: Path, size: int, layout: str, passes: str) -> dict[
     p = rerun["passes"][passes]
     return {"size": size, "layout": layout, "pass": passes, "shards": total,
             "shards_on_disk_at_kill": done_at_kill, "killed_after_s": round(t_kill, 1),
+            "killed_driver": {**{k: round(v, 1) for k, v in peak.items()},
+                              "series": {"columns": ["s", "shards_on_disk", *peak],
+                                         "every_s": SERIES_EVERY_S, "rows": series}},
             "rerun_shards_computed": p["shards_computed"],
             "rerun_shards_reused": p["shards_reused"],
             "recomputed_beyond_unfinished": p["shards_computed"] - (total - done_at_kill),
-            "rerun_wall_s": round(time.time() - t1, 1)}
+            "rerun_wall_s": round(time.time() - t1, 1),
+            "rerun": {k: v for k, v in rerun.items() if k != "passes"} | {"pass": p}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -636,7 +672,7 @@ def plot(out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    global MAX_LENGTH, MIN_BLOCKS
+    global MAX_LENGTH, MIN_BLOCKS, STORE_BUDGET_MB
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("action", choices=["build", "run", "kill", "plot", "merge"])
     ap.add_argument("--scratch", default="/tmp/pool-scale")
@@ -658,8 +694,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-blocks", type=int, default=0,
                     help="Ray Data's read_op_min_num_blocks for this run (0: Ray's default, "
                          "200): 1 keeps one block per read unit at any pool size")
+    ap.add_argument("--store-budget-mb", type=int, default=0,
+                    help="ray.data_object_store_mb for this run: the object store a pass may "
+                         "fill before Ray Data holds back its reads (0: Ray's default, half the "
+                         "store)")
     args = ap.parse_args(argv)
     MAX_LENGTH, MIN_BLOCKS = args.max_length, args.min_blocks
+    STORE_BUDGET_MB = args.store_budget_mb
     scratch = Path(args.scratch)
     if args.action == "build":
         for n in map(int, args.sizes.split(",")):
@@ -678,7 +719,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.action == "kill":
         r = kill_experiment(scratch, args.size, args.layout, args.passes.split(",")[0])
         _say(f"kill: {r}")
-        _merge(f"kill-{args.size}-{args.layout}", r)
+        _merge(f"kill-{args.size}-{args.layout}" + (
+            "" if args.passes.split(",")[0] == "identity" else
+            f"-{args.passes.split(',')[0]}{_len_tag()}"), r)
         return 0
     r = run_size(scratch, args.size, args.layout, args.passes.split(","), args.bare,
                  Path(args.cache) if args.cache else None)

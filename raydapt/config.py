@@ -80,6 +80,12 @@ class RaySection(Section):
     )
     num_cpus: int | None = Field(None, description="CPUs for a local instance (None = all).")
     progress: bool = Field(True, description="Show Ray Data progress bars (rows, rows/s, ETA).")
+    data_object_store_mb: int | None = Field(
+        None, gt=0, description="Object-store memory, MiB, a Ray Data pass may fill with blocks "
+        "not yet consumed (read ahead of the actor pools, outputs not yet written); past it Ray "
+        "Data stops launching read tasks until the pools catch up. None = Ray's default, half "
+        "the cluster's object store. Bounds what a long pass keeps in flight, and so the store "
+        "pages the driver maps (docs/scale.md).")
 
 
 class ActorPoolSection(Section):

@@ -115,7 +115,7 @@ def job_context(cfg: JobBase, *, ray: bool = True,
     cache = StageCache(cfg.run.cache_dir, versions=stage_versions)
     s3_env_for_mlflow(cfg.tracking.artifact_location)
     if ray:
-        init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.progress)
+        init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.progress, cfg.ray.data_object_store_mb)
     tracker = Tracker.from_section(cfg.tracking)
     t_job = time.time()
     with tracker.job(cfg.run.name, tags={"raydapt.method": cfg.method,

@@ -204,8 +204,10 @@ def quiet_process() -> None:
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None,
-             progress: bool = True) -> None:
+             progress: bool = True, data_object_store_mb: int | None = None) -> None:
     """Connect to ``address`` (or RAY_ADDRESS), else start a new local instance. Idempotent.
+    ``data_object_store_mb`` caps the object store a Ray Data execution started from this
+    process may fill (``ray.data_object_store_mb``); None keeps Ray's default.
 
     Without an address we pass ``address="local"``: a bare ``ray.init()`` would silently join the
     latest cluster started by ``ray start`` on this machine (/tmp/ray/ray_current_cluster).
@@ -255,5 +257,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
     # and fill it with cursor codes; our stages print their own rows / rate / ETA lines
     ctx.enable_progress_bars = progress and (not quiet or sys.stderr.isatty())
     ctx.verbose_progress = False
+    if data_object_store_mb is not None:  # the streaming executor's limit, read per execution
+        ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
+            object_store_memory=data_object_store_mb * 2**20)
     if quiet:
         ctx.print_on_execution_start = False  # the per-dataset 'Starting execution' block

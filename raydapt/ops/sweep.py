@@ -253,7 +253,7 @@ def run_sweep(spec: SweepSpec, base: dict[str, Any], cfg: Section) -> dict[str, 
     if method.trial is None:
         raise ConfigError(f"method {cfg.method!r} has no sweep trial; sweepable: "
                           f"{names('trial')}")
-    init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.progress)
+    init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.progress, cfg.ray.data_object_store_mb)
     t = cfg.tracking
     tracker = Tracker(enabled=t.enabled, uri=base["tracking"]["uri"], experiment=t.experiment,
                       artifact_location=base["tracking"]["artifact_location"])

@@ -107,6 +107,35 @@ def test_driver_does_not_collect_the_pool(tmp_path):
     assert ids == pool["id"].tolist()
 
 
+def test_an_object_store_budget_below_one_block_holds_reads_back_and_keeps_every_row(tmp_path):
+    """ray.data_object_store_mb reaches Ray Data's executor, and a budget smaller than one
+    block (1 MiB against ~1.5 MB units) throttles the reads without losing, reordering or
+    deadlocking a row: the output equals the unbudgeted pass's."""
+    import ray.data
+
+    from raydapt.core.runtime import init_ray
+
+    p = _pool(tmp_path / "pool.jsonl", 6_000, width=400)
+    steps = [Step(_Len, {"add": 1}, pool={"batch_size": 64}, columns=["text"])]
+    ref = stream_pass(StageCache(tmp_path / "ref", versions=VERSIONS), _tracker(), "embed", {},
+                      open_source(p, normaliser=TextRows(require_label=False), unit_rows=3_000),
+                      steps, lambda s: None).read_all()
+    ctx = ray.data.DataContext.get_current()
+    before = ctx.execution_options.resource_limits
+    try:
+        init_ray(num_cpus=2, progress=False, data_object_store_mb=1)  # Ray is up: limit only
+        assert ctx.execution_options.resource_limits.object_store_memory == 2**20
+        assert before.object_store_memory != 2**20
+        out = stream_pass(StageCache(tmp_path / "budget", versions=VERSIONS), _tracker(),
+                          "embed", {}, open_source(p, normaliser=TextRows(require_label=False),
+                                                   unit_rows=3_000),
+                          steps, lambda s: None).read_all()
+    finally:
+        ctx.execution_options.resource_limits = before
+    assert len(ref) == 6_000
+    pd.testing.assert_frame_equal(out.reset_index(drop=True), ref.reset_index(drop=True))
+
+
 def test_rows_in_equal_rows_out_plus_rejects_and_step_failures(tmp_path):
     p = _pool(tmp_path / "pool.jsonl", 300, bad_every=50)
     src = open_source(p, normaliser=TextRows(require_label=False), unit_rows=40)
