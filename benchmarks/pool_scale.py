@@ -393,16 +393,19 @@ def run_size(scratch: Path, size: int, layout: str, passes: list[str], bare: boo
                 out = stream_pass(cache, _tracker(), "embed", {"pass": "stage1", "m": mdir},
                                   src, steps, _say, stats=st)
                 t_pass = time.time() - t0
-                votes = knn_votes_streaming(dom_emb, out.iter_tables(
-                    ["id", "emb", ERROR_COLUMN, "_reject"]), k=k)
-                cand = candidates_from_votes(votes, m)
+                with Sampler(store_every_s=0) as s_votes:  # the votes alone, inside the pass's
+                    votes = knn_votes_streaming(dom_emb, out.iter_tables(
+                        ["id", "emb", ERROR_COLUMN, "_reject"]), k=k)
+                    cand = candidates_from_votes(votes, m)
                 wall = time.time() - t0
             res["passes"]["stage1"] = {"wall_s": round(wall, 2), "pass_s": round(t_pass, 2),
                                        "votes_s": round(wall - t_pass, 2),
                                        **_rates(st, t_pass), "voted_rows": len(votes),
                                        "candidates": len(cand),
                                        "rejects": len(output_rejects(out, "stage1")),
-                                       **s.result()}
+                                       **s.result(),
+                                       "votes_driver": {k: v for k, v in s_votes.result().items()
+                                                        if k.startswith("driver_rss")}}
             _say(f"stage1: {_brief(res['passes']['stage1'])}")
             if "stage2" in passes:
                 st = {}
@@ -628,19 +631,22 @@ def plot(out: Path) -> None:
     doc = json.loads(RESULTS.read_text())
     runs = sorted((r for r in doc["runs"].values() if isinstance(r, dict) and "passes" in r),
                   key=lambda r: r["size"])
-    fig, ax = plt.subplots(1, 2, figsize=(9, 3.4))
-    series = sorted({(r["layout"], r.get("max_length", 128)) for r in runs})
-    for layout, length in series:
+    fig, ax = plt.subplots(1, 2, figsize=(10, 5.6))
+    def kind(r: dict) -> tuple[str, int, int]:
+        return r["layout"], r.get("max_length", 128), r.get("data_object_store_mb", 0)
+
+    for layout, length, budget in sorted({kind(r) for r in runs}):
         for name, mk in (("identity", "o"), ("stage1", "s"), ("stage2", "^")):
             if name == "identity" and length != 128:
                 continue  # the identity pass reads no tokens: one series is enough
             pts = [(r["size"], r["passes"][name]) for r in runs
-                   if r["layout"] == layout and r.get("max_length", 128) == length
-                   and name in r["passes"]]
+                   if kind(r) == (layout, length, budget) and name in r["passes"]]
             if pts:
-                style = mk + (":" if length != 128 else "-" if layout == "files" else "--")
+                style = ("*" if budget else mk) + (
+                    ":" if length != 128 else "-" if layout == "files" else "--")
                 lab = (f"{name} ({'8 files' if layout == 'files' else '1 file'}"
-                       + (f", {length} tokens" if name != "identity" else "") + ")")
+                       + (f", {length} tokens" if name != "identity" else "")
+                       + (f", ray.data_object_store_mb {budget}" if budget else "") + ")")
                 ax[0].plot([p[0] for p in pts], [p[1]["wall_s"] for p in pts], style,
                            label=lab)
                 ax[1].plot([p[0] for p in pts], [p[1]["driver_rss_mb"] for p in pts], style,
@@ -655,7 +661,11 @@ def plot(out: Path) -> None:
                                 ("driver_rss_shmem_mb", "v-.", "stage1 shared (object store)")):
             ax[1].plot(xs, [float(np.mean([p[key] for p in by[x]])) for x in xs], style,
                        label=lab)
-        ax[1].legend(fontsize=7)
+        capped = [r for r in runs if r.get("data_object_store_mb") and "stage1" in r["passes"]]
+        if capped:  # the same split for the runs with a capped object store
+            ax[1].plot([r["size"] for r in capped],
+                       [r["passes"]["stage1"]["driver_rss_shmem_mb"] for r in capped], "*",
+                       color="tab:olive", label="stage1 shared, ray.data_object_store_mb")
     for a, yl in zip(ax, ("wall seconds of the pass", "driver peak RSS (MiB)")):
         a.set_xscale("log")
         a.set_xlabel("pool rows")
@@ -663,7 +673,8 @@ def plot(out: Path) -> None:
         a.grid(alpha=0.3)
     ax[0].set_yscale("log")
     ax[1].set_ylim(bottom=0)
-    ax[0].legend(fontsize=8)
+    for a in ax:  # under the plots: the series are many, and the points sit everywhere
+        a.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.17), ncol=1)
     fig.suptitle("pool scale (CPU, 2 cores): wall time and driver memory vs pool rows "
                  "(the 8-file drivers also load torch for stage 1)", fontsize=9)
     fig.tight_layout()
