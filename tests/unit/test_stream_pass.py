@@ -109,7 +109,7 @@ def test_driver_does_not_collect_the_pool(tmp_path):
 
 def test_an_object_store_budget_below_one_block_holds_reads_back_and_keeps_every_row(tmp_path):
     """ray.data_object_store_mb reaches Ray Data's executor, and a budget smaller than one
-    block (1 MiB against ~1.5 MB units) throttles the reads without losing, reordering or
+    block (1 MiB against ~1.4 MB units) throttles the reads without losing, reordering or
     deadlocking a row: the output equals the unbudgeted pass's."""
     import ray.data
 
