@@ -147,26 +147,14 @@ def build_model(scratch: Path) -> tuple[str, str]:
 
 
 def _proc_rss(pid: int | str = "self") -> dict[str, float]:
-    """A process's resident set, MiB, and its anonymous / shared-memory parts."""
+    """A process's resident set, MiB, and its parts as the kernel counts them
+    (/proc/<pid>/status): anonymous (heap, private), shared memory (the object store's pages
+    this process has mapped and touched: Ray's plasma store is a shared mmap, so reading blocks
+    zero-copy makes them resident here too) and file-backed (libraries, mmap'd files)."""
     out = {}
     with open(f"/proc/{pid}/status") as f:
         for line in f:
             for key, name in (("VmRSS:", "driver_rss_mb"), ("RssAnon:", "driver_rss_anon_mb"),
-                              ("RssShmem:", "driver_rss_shmem_mb")):
-                if line.startswith(key):
-                    out[name] = int(line.split()[1]) / 1024
-    return out
-
-
-def _rss_parts() -> dict[str, float]:
-    """This process's resident set split as the kernel counts it (/proc/self/status):
-    anonymous (heap, private), shared memory (the object store's pages this process has mapped
-    and touched: Ray's plasma store is a shared mmap, so reading blocks zero-copy makes them
-    resident here too) and file-backed (libraries, mmap'd files)."""
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            for key, name in (("RssAnon:", "driver_rss_anon_mb"),
                               ("RssShmem:", "driver_rss_shmem_mb"),
                               ("RssFile:", "driver_rss_file_mb")):
                 if line.startswith(key):
@@ -210,9 +198,7 @@ class Sampler:
         last_store, last_series, t0 = 0.0, 0.0, time.time()
         while not self.stop_ev.is_set():
             try:
-                self.peak["driver_rss_mb"] = max(self.peak["driver_rss_mb"],
-                                                 self.me.memory_info().rss / 2**20)
-                parts = _rss_parts()
+                parts = _proc_rss()  # the whole resident set and its parts, one read
                 if SPIKE_STACKS and self.series and parts["driver_rss_anon_mb"] > \
                         self.series[-1][1] + 30:  # diagnosis: what the driver does in a spike
                     import traceback
@@ -221,7 +207,7 @@ class Sampler:
                     for tid, fr in sys._current_frames().items():
                         sys.stderr.write(f"  thread {tid}:\n" + "".join(
                             traceback.format_stack(fr)[-6:]))
-                for k, v in parts.items():  # which pages: private heap or mapped store
+                for k, v in parts.items():  # all of it, and which pages: heap or store
                     self.peak[k] = max(self.peak[k], v)
                 if time.time() - last_series >= SERIES_EVERY_S:
                     last_series = time.time()
@@ -575,8 +561,8 @@ def kill_experiment(scratch: Path, size: int, layout: str, passes: str) -> dict[
                 mem = _proc_rss(child.pid)
             except OSError:
                 mem = {}
-            for k, v in mem.items():
-                peak[k] = max(peak[k], v)
+            for k in peak if mem else ():
+                peak[k] = max(peak[k], mem[k])
             if mem and (not series or time.time() - t0 - series[-1][0] >= SERIES_EVERY_S):
                 series.append([round(time.time() - t0, 1), len(parts),
                                *(round(mem[k], 1) for k in peak)])
@@ -728,11 +714,11 @@ def main(argv: list[str] | None = None) -> int:
         _merge(args.key, {"note": args.note, "runs": runs})
         return 0
     if args.action == "kill":
-        r = kill_experiment(scratch, args.size, args.layout, args.passes.split(",")[0])
+        first = args.passes.split(",")[0]
+        r = kill_experiment(scratch, args.size, args.layout, first)
         _say(f"kill: {r}")
-        _merge(f"kill-{args.size}-{args.layout}" + (
-            "" if args.passes.split(",")[0] == "identity" else
-            f"-{args.passes.split(',')[0]}{_len_tag()}"), r)
+        _merge(f"kill-{args.size}-{args.layout}"
+               + ("" if first == "identity" else f"-{first}{_len_tag()}"), r)
         return 0
     r = run_size(scratch, args.size, args.layout, args.passes.split(","), args.bare,
                  Path(args.cache) if args.cache else None)
