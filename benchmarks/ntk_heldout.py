@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
 
     from raydapt.core.cache import StageCache
-    from raydapt.core.runtime import init_ray
+    from raydapt.core.runtime import init_ray_for
     from raydapt.core.tracking import Tracker
     from raydapt.recipes.ntk_select import (
         STAGE_VERSIONS,
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
         "eval_rows: null}, {path: medical/medmcqa.jsonl, name: medmcqa, domain_rows: 80, "
         "eval_rows: 1}]", *unplanted, *args.overrides]
     cfg = load_job(args.job, ov)
-    init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.progress)
+    init_ray_for(cfg.ray)
     cache = StageCache(cfg.run.cache_dir, versions=STAGE_VERSIONS)
     tracker = Tracker(enabled=False, uri=cfg.tracking.uri, experiment="heldout",
                       artifact_location=cfg.tracking.artifact_location)

@@ -467,7 +467,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.merge and Path(args.out).exists():
         report = {**json.loads(Path(args.out).read_text()), "machine": report["machine"]}
         report["command"] = "one run per setting: see settings.<name>.command"
-    from raydapt.core.runtime import init_ray
+    from raydapt.core.runtime import init_ray_for
 
     pool_rows = [json.loads(x) for x in (Path(info["root"]) / info["pool"]).read_text(
         encoding="utf-8").splitlines()]
@@ -479,7 +479,7 @@ def main(argv: list[str] | None = None) -> dict:
             s_ov + list(args.overrides))
         cfg = load_job(args.job, ov)
         if not args.trivial_only:
-            init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.progress)
+            init_ray_for(cfg.ray)
         group = "medical" if name == "medical" else (
             "gsm8k" if args.pool == "original" else "arith")
         planted = set(info["groups"][group])

@@ -92,11 +92,11 @@ def _cfg(pair: str, overrides: list[str], job: str):
 
 def ray_up(cfg, tries: int = 10) -> None:
     """Start (or join) Ray, retrying: on a loaded machine a local start can time out."""
-    from raydapt.core.runtime import init_ray
+    from raydapt.core.runtime import init_ray_for
 
     for i in range(tries):
         try:
-            return init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.progress)
+            return init_ray_for(cfg.ray)
         except Exception as e:  # noqa: BLE001 - Ray's start error is a plain Exception
             if i == tries - 1:
                 raise

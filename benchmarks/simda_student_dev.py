@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import ray
 
-    from raydapt.core.runtime import init_ray
+    from raydapt.core.runtime import init_ray_for
     from raydapt.recipes.simda import matched_steps, student_train_kw
     from raydapt.train.student import StudentTrain, fit_student
 
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"{args.source}: {len(rows)} labelled rows, need {n_tr + n_dev}")
     train, dev = rows.iloc[:n_tr], rows.iloc[n_tr:n_tr + n_dev]
     assert not set(train["id"]) & set(dev["id"])
-    init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.progress)
+    init_ray_for(cfg.ray)
     base = student_train_kw(d)  # the recipe's own student fields, steps as it counts them
     base["steps"] = base["steps"] or matched_steps(n_tr, d.batch_size, d.num_workers, d.epochs)
     report = {"benchmark": "simda-student-dev", "command": "python benchmarks/simda_student_dev.py "

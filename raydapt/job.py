@@ -20,7 +20,7 @@ from typing import Any, ClassVar, TypeVar
 
 from raydapt.config import JobBase, config_hash, to_yaml
 from raydapt.core.cache import StageCache
-from raydapt.core.runtime import init_ray, seed_everything, verbose
+from raydapt.core.runtime import init_ray_for, seed_everything, verbose
 from raydapt.core.storage import OutputDir, s3_env_for_mlflow
 from raydapt.core.tracking import RunLogger, Tracker, flatten
 
@@ -115,7 +115,7 @@ def job_context(cfg: JobBase, *, ray: bool = True,
     cache = StageCache(cfg.run.cache_dir, versions=stage_versions)
     s3_env_for_mlflow(cfg.tracking.artifact_location)
     if ray:
-        init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.progress, cfg.ray.data_object_store_mb)
+        init_ray_for(cfg.ray)
     tracker = Tracker.from_section(cfg.tracking)
     t_job = time.time()
     with tracker.job(cfg.run.name, tags={"raydapt.method": cfg.method,

@@ -203,6 +203,12 @@ def quiet_process() -> None:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported
 
 
+def init_ray_for(section) -> None:
+    """:func:`init_ray` with a job's ``ray`` section (``RaySection``): every setting in it, so
+    a setting added there reaches each caller."""
+    init_ray(section.address, section.num_cpus, section.progress, section.data_object_store_mb)
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None,
              progress: bool = True, data_object_store_mb: int | None = None) -> None:
     """Connect to ``address`` (or RAY_ADDRESS), else start a new local instance. Idempotent.

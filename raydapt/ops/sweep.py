@@ -248,12 +248,12 @@ def run_sweep(spec: SweepSpec, base: dict[str, Any], cfg: Section) -> dict[str, 
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import BasicVariantGenerator
 
-    from raydapt.core.runtime import init_ray
+    from raydapt.core.runtime import init_ray_for
     method = METHODS[cfg.method]
     if method.trial is None:
         raise ConfigError(f"method {cfg.method!r} has no sweep trial; sweepable: "
                           f"{names('trial')}")
-    init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.progress, cfg.ray.data_object_store_mb)
+    init_ray_for(cfg.ray)
     t = cfg.tracking
     tracker = Tracker(enabled=t.enabled, uri=base["tracking"]["uri"], experiment=t.experiment,
                       artifact_location=base["tracking"]["artifact_location"])
