@@ -73,6 +73,9 @@ PROJ_DIM = 512
 N_DOMAIN = 100
 MIN_BLOCKS = 0  # --min-blocks: Ray Data's read_op_min_num_blocks for a run (0: Ray's default)
 STORE_BUDGET_MB = 0  # --store-budget-mb: ray.data_object_store_mb for a run (0: Ray's default)
+# --driver-memory: ray.driver_returns_freed_memory for a run ("return", the default since
+# 2026-12-07; entries recorded before it ran with the allocators' defaults, "keep")
+DRIVER_MEMORY = "return"
 SPIKE_STACKS = os.environ.get("POOL_SCALE_SPIKE_STACKS") == "1"
 SERIES_EVERY_S = 10.0  # the driver's memory over a pass, one sample every this many seconds
 RAY_TMP = os.environ.get("POOL_SCALE_RAY_TMP", "")  # the --temp-dir of a `ray start` head
@@ -344,7 +347,9 @@ def run_size(scratch: Path, size: int, layout: str, passes: list[str], bare: boo
     dom_emb, gbar = domain_side(mdir, adapter) if "stage1" in passes or bare else (None, None)
     cache = StageCache(cache_dir or scratch / f"cache-{size}-{layout}{_len_tag()}",
                        versions=NTK_STAGE_VERSIONS)
-    init_ray(num_cpus=2, progress=False, data_object_store_mb=STORE_BUDGET_MB or None)
+    init_ray(num_cpus=2, progress=False, data_object_store_mb=STORE_BUDGET_MB or None,
+             driver_returns_freed_memory=DRIVER_MEMORY == "return")
+    res["driver_returns_freed_memory"] = DRIVER_MEMORY == "return"
     if STORE_BUDGET_MB:
         res["data_object_store_mb"] = STORE_BUDGET_MB
     if MIN_BLOCKS:  # Ray Data splits a read of fewer units into this many blocks (default 200)
@@ -428,11 +433,13 @@ def run_size(scratch: Path, size: int, layout: str, passes: list[str], bare: boo
 
 
 def _len_tag() -> str:
-    """The suffix of a run's entry key and cache directory: none at the default length and
-    block split."""
+    """The suffix of a run's entry key and cache directory: none at the default length, block
+    split and store budget; ``-returnmem`` for a driver that returns freed memory (the default
+    since 2026-12-07), so entries recorded before it keep their keys."""
     return ("" if MAX_LENGTH == 128 else f"-len{MAX_LENGTH}") + (
         f"-minblocks{MIN_BLOCKS}" if MIN_BLOCKS else "") + (
-        f"-store{STORE_BUDGET_MB}" if STORE_BUDGET_MB else "")
+        f"-store{STORE_BUDGET_MB}" if STORE_BUDGET_MB else "") + (
+        "-returnmem" if DRIVER_MEMORY == "return" else "")
 
 
 def _encode_cls():
@@ -543,7 +550,7 @@ def kill_experiment(scratch: Path, size: int, layout: str, passes: str) -> dict[
         shutil.rmtree(cache)
     cmd = [sys.executable, __file__, "run", "--size", str(size), "--layout", layout,
            "--max-length", str(MAX_LENGTH), "--min-blocks", str(MIN_BLOCKS),
-           "--store-budget-mb", str(STORE_BUDGET_MB),
+           "--store-budget-mb", str(STORE_BUDGET_MB), "--driver-memory", DRIVER_MEMORY,
            "--passes", passes, "--cache", str(cache), "--no-record"]
     d = build(scratch, size)
     src = open_source(d / "files" if layout == "files" else d / "single.jsonl",
@@ -618,21 +625,23 @@ def plot(out: Path) -> None:
     runs = sorted((r for r in doc["runs"].values() if isinstance(r, dict) and "passes" in r),
                   key=lambda r: r["size"])
     fig, ax = plt.subplots(1, 2, figsize=(10, 5.6))
-    def kind(r: dict) -> tuple[str, int, int]:
-        return r["layout"], r.get("max_length", 128), r.get("data_object_store_mb", 0)
+    def kind(r: dict) -> tuple[str, int, int, bool]:
+        return (r["layout"], r.get("max_length", 128), r.get("data_object_store_mb", 0),
+                r.get("driver_returns_freed_memory", False))
 
-    for layout, length, budget in sorted({kind(r) for r in runs}):
+    for layout, length, budget, returns in sorted({kind(r) for r in runs}):
         for name, mk in (("identity", "o"), ("stage1", "s"), ("stage2", "^")):
             if name == "identity" and length != 128:
                 continue  # the identity pass reads no tokens: one series is enough
             pts = [(r["size"], r["passes"][name]) for r in runs
-                   if kind(r) == (layout, length, budget) and name in r["passes"]]
+                   if kind(r) == (layout, length, budget, returns) and name in r["passes"]]
             if pts:
-                style = ("*" if budget else mk) + (
+                style = ("P" if returns else "*" if budget else mk) + (
                     ":" if length != 128 else "-" if layout == "files" else "--")
                 lab = (f"{name} ({'8 files' if layout == 'files' else '1 file'}"
                        + (f", {length} tokens" if name != "identity" else "")
-                       + (f", ray.data_object_store_mb {budget}" if budget else "") + ")")
+                       + (f", ray.data_object_store_mb {budget}" if budget else "")
+                       + (", driver returns freed memory" if returns else "") + ")")
                 ax[0].plot([p[0] for p in pts], [p[1]["wall_s"] for p in pts], style,
                            label=lab)
                 ax[1].plot([p[0] for p in pts], [p[1]["driver_rss_mb"] for p in pts], style,
@@ -669,7 +678,7 @@ def plot(out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    global MAX_LENGTH, MIN_BLOCKS, STORE_BUDGET_MB
+    global MAX_LENGTH, MIN_BLOCKS, STORE_BUDGET_MB, DRIVER_MEMORY
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("action", choices=["build", "run", "kill", "plot", "merge"])
     ap.add_argument("--scratch", default="/tmp/pool-scale")
@@ -695,9 +704,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="ray.data_object_store_mb for this run: the object store a pass may "
                          "fill before Ray Data holds back its reads (0: Ray's default, half the "
                          "store)")
+    ap.add_argument("--driver-memory", choices=["return", "keep"], default=DRIVER_MEMORY,
+                    help="ray.driver_returns_freed_memory for this run: return (the default; "
+                         "entries get a -returnmem key) or keep (the allocators' defaults, as "
+                         "every entry recorded before 2026-12-07 20:00 UTC)")
     args = ap.parse_args(argv)
     MAX_LENGTH, MIN_BLOCKS = args.max_length, args.min_blocks
-    STORE_BUDGET_MB = args.store_budget_mb
+    STORE_BUDGET_MB, DRIVER_MEMORY = args.store_budget_mb, args.driver_memory
     scratch = Path(args.scratch)
     if args.action == "build":
         for n in map(int, args.sizes.split(",")):

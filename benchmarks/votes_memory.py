@@ -1,7 +1,7 @@
 """The driver's private memory during stage 1's exact streaming votes, by allocator setting.
 
     python benchmarks/votes_memory.py --shards '/tmp/pool-scale/<cache>/embed/*/part-*.parquet'
-        # -> benchmarks/results/votes-memory-cpu.json
+        # -> benchmarks/results/votes-memory-cpu.json (appends a run)
 
 Over the 1M-row stage-1 shards of ``pool_scale.py`` the votes (``knn_votes_streaming``, k = 300,
 100 random unit domain rows) take a driver's private memory up by ~140 MiB while Arrow's live
@@ -13,7 +13,10 @@ no model) under each allocator setting, in a fresh child process each, and recor
 - ``arrow_system_pool``: ``ARROW_DEFAULT_MEMORY_POOL=system``;
 - ``glibc_fixed_mmap_threshold``: ``MALLOC_MMAP_THRESHOLD_=131072`` (freed large blocks go back
   to the kernel instead of raising the threshold and staying in the heap);
-- ``both``.
+- ``both``;
+- ``in_process``: no environment; the child calls ``raydapt.core.runtime.return_freed_memory``
+  first, as ``init_ray`` does in a driver with ``ray.driver_returns_freed_memory`` (the
+  default): the same two changes made at run time.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ SETTINGS = {
     "arrow_system_pool": {"ARROW_DEFAULT_MEMORY_POOL": "system"},
     "glibc_fixed_mmap_threshold": {"MALLOC_MMAP_THRESHOLD_": "131072"},
     "both": {"ARROW_DEFAULT_MEMORY_POOL": "system", "MALLOC_MMAP_THRESHOLD_": "131072"},
+    "in_process": {},
 }
 
 
@@ -49,7 +53,11 @@ def _anon_mb() -> float:
     return 0.0
 
 
-def child(pattern: str, k: int) -> dict:
+def child(pattern: str, k: int, name: str) -> dict:
+    if name == "in_process":
+        from raydapt.core.runtime import return_freed_memory
+
+        return_freed_memory()
     import numpy as np
     import pyarrow.parquet as pq
 
@@ -87,20 +95,25 @@ def main() -> None:
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.shards, args.k)))
+        print(json.dumps(child(args.shards, args.k, args.child)))
         return
     res = {}
+    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    load = [round(x, 2) for x in os.getloadavg()]
     for name, env in SETTINGS.items():
         out = subprocess.run([sys.executable, __file__, "--shards", args.shards, "--k",
                               str(args.k), "--child", name], env={**os.environ, **env},
                              capture_output=True, text=True, check=True)
         res[name] = {"env": env, **json.loads(out.stdout.strip().splitlines()[-1])}
         print(name, res[name], flush=True)
+    runs = json.loads(OUT.read_text()).get("runs", []) if OUT.exists() else []
+    runs.append({"date": date, "load_average_at_start": load, "settings": res})
     OUT.write_text(json.dumps({
         "benchmark": "votes-memory-cpu",
         "command": f"python benchmarks/votes_memory.py --shards '{args.shards}' --k {args.k}",
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": describe(),
-        "settings": res}, indent=1) + "\n")
+        "note": "each run appends an entry to runs, in order; settings a run did not have are "
+                "missing from it",
+        "machine": describe(), "runs": runs}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
