@@ -32,9 +32,25 @@ _MIN_SECRET_LEN = 6  # shorter env values ("1", "true") would mask unrelated tex
 _NOT_SECRET_ENV = frozenset({"PWD", "OLDPWD"})
 
 
+def environ_snapshot() -> dict[str, str]:
+    """A copy of the environment that is safe while another thread changes it.
+
+    ``os.environ.items()`` and ``{**os.environ}`` list the keys, then read each one; MLflow's
+    telemetry thread sets and unsets ``_MLFLOW_TELEMETRY_SESSION_ID`` at any time, so a key
+    listed and then removed raised ``KeyError`` half way through a job's start (seen once in
+    ``raydapt run``, while the parent run's params were being redacted). The key list is
+    taken at once (``list`` of a dict) and a key gone since then is skipped."""
+    out = {}
+    for k in list(os.environ):
+        v = os.environ.get(k)
+        if v is not None:
+            out[k] = v
+    return out
+
+
 def secret_env_values() -> list[str]:
     """Values of environment variables whose names look secret (longest first)."""
-    vals = {v for k, v in os.environ.items()
+    vals = {v for k, v in environ_snapshot().items()
             if SECRET_KEY.search(k) and k.upper() not in _NOT_SECRET_ENV
             and len(v) >= _MIN_SECRET_LEN}
     return sorted(vals, key=len, reverse=True)

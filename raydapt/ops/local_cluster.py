@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from raydapt import RaydaptError
+from raydapt.core.secrets import environ_snapshot
 from raydapt.ops import node_types as nt_mod
 
 STATE_ENV = "RAYDAPT_LOCAL_CLUSTER"
@@ -147,7 +148,7 @@ def _start_head(local, ray_bin: Path, state_path: Path, heartbeat_timeout_s: int
     cpus = head_res.pop("CPU", 0)
     gpus = head_res.pop("GPU", 0)
     osm = head_res.pop("object_store_memory", None)
-    env = {**os.environ, "PATH": f"{ray_bin.parent}:{os.environ.get('PATH', '')}",
+    env = {**environ_snapshot(), "PATH": f"{ray_bin.parent}:{os.environ.get('PATH', '')}",
            "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_FAKE_CLUSTER": "1",
            "AUTOSCALER_UPDATE_INTERVAL_S": "1",
            # a loaded machine: give a starting node's agents longer to report their ports

@@ -20,6 +20,7 @@ import urllib.request
 from pathlib import Path
 
 from raydapt import RaydaptError
+from raydapt.core.secrets import environ_snapshot
 from raydapt.core.tracking import UI_PORT, absolute_tracking_uri, job_links, ui_base_url
 
 
@@ -52,7 +53,7 @@ def serve(uri: str, *, host: str = "127.0.0.1", port: int = UI_PORT,
            uri, "--host", host, "--port", str(port), "--workers", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True,
-                            env={**os.environ, "MLFLOW_ENABLE_TELEMETRY": "false"})
+                            env={**environ_snapshot(), "MLFLOW_ENABLE_TELEMETRY": "false"})
     base = f"http://{host}:{port}"
     t0 = time.time()
     while True:
