@@ -385,12 +385,13 @@ def _table_chunks(u: ReadUnit, block_rows: int):
 
 
 def read_unit(u: ReadUnit, norm: Any, block_rows: int = 2048,
-              keep_ids: frozenset[str] | None = None):
+              keep_ids: frozenset[str] | None = None, row_filter: Any = None):
     """The blocks of one read unit: normalised rows and rejects (:data:`META_COLUMNS`), then
     the end marker. A file that cannot be read on (broken CSV quoting, a corrupt parquet page)
     gives one ``!message`` row instead of a worker traceback. ``keep_ids``: only the good rows
     with these ids (a subset of a pool, e.g. the stage-2 candidates; rejects are dropped too —
-    the full pass reported them)."""
+    the full pass reported them). ``row_filter``: the same with a rule instead of a list (a
+    picklable callable, rows frame → bool mask; e.g. a seeded split of the ids)."""
     n = 0
     try:
         chunks = _jsonl_chunks(u, block_rows) if u.fmt == "jsonl" else _table_chunks(
@@ -399,6 +400,9 @@ def read_unit(u: ReadUnit, norm: Any, block_rows: int = 2048,
             rows, bad = norm(records, u.path)
             if keep_ids is not None:
                 rows = rows[rows["id"].isin(keep_ids)]
+                bad = bad.iloc[:0]
+            if row_filter is not None:
+                rows = rows[np.asarray(row_filter(rows), dtype=bool)] if len(rows) else rows
                 bad = bad.iloc[:0]
             blk = _block(norm, rows, bad, u.index, n)
             n += len(blk)
@@ -431,7 +435,8 @@ def _units_bytes(units: list[ReadUnit]) -> int | None:
 
 
 def _datasource(units: list[ReadUnit], norm: Any, block_rows: int,
-                keep_ids: frozenset[str] | None = None, size_hint: bool = False):
+                keep_ids: frozenset[str] | None = None, size_hint: bool = False,
+                row_filter: Any = None):
     from ray.data import Datasource, ReadTask
     from ray.data.block import BlockMetadata
 
@@ -444,7 +449,8 @@ def _datasource(units: list[ReadUnit], norm: Any, block_rows: int,
 
         def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                            data_context: Any = None) -> list[Any]:
-            return [ReadTask(functools.partial(read_unit, u, norm, block_rows, keep_ids),
+            return [ReadTask(functools.partial(read_unit, u, norm, block_rows, keep_ids,
+                                               row_filter),
                              BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None,
                                            input_files=[u.path]))
                     for u in units]
@@ -514,6 +520,7 @@ class RowSource:
     block_rows: int = 2048
     keep_ids: frozenset[str] | None = None
     read_cpus: float = 0.5
+    row_filter: Any = None  # a picklable rule (rows frame -> bool mask) whose repr names it
 
     def fingerprint(self) -> str:
         """Content hash of the files (sha256 of their bytes) and the normaliser: a stage's cache
@@ -526,6 +533,8 @@ class RowSource:
         h.update(repr(self.normaliser).encode())
         if self.keep_ids is not None:
             h.update(b"keep\0" + "\0".join(sorted(self.keep_ids)).encode())
+        if self.row_filter is not None:
+            h.update(b"filter\0" + repr(self.row_filter).encode())
         return h.hexdigest()[:16]
 
     def dataset(self, units: list[int] | None = None, *, size_hint: bool = False):
@@ -541,20 +550,22 @@ class RowSource:
 
         todo = self.units if units is None else [self.units[i] for i in units]
         return ray.data.read_datasource(
-            _datasource(todo, self.normaliser, self.block_rows, self.keep_ids, size_hint),
+            _datasource(todo, self.normaliser, self.block_rows, self.keep_ids, size_hint,
+                        self.row_filter),
             ray_remote_args={"num_cpus": self.read_cpus})
 
 
 def open_source(source: str | Path | list[str | Path], *, fmt: str = "auto",
                 normaliser: Any = None, unit_rows: int = 10_000, block_rows: int = 2048,
-                keep_ids: frozenset[str] | None = None, read_cpus: float = 0.5
-                ) -> RowSource:
+                keep_ids: frozenset[str] | None = None, read_cpus: float = 0.5,
+                row_filter: Any = None) -> RowSource:
     """Plan a streaming read of ``source`` (file, directory, glob or list). Checks on the
     driver, before any row is read: files exist; each local file has the normaliser's columns
     (a pool directory whose files have different schemas names the file that lacks one); a
     CSV file parses (the first bad row is named). Empty files among many are skipped; if every
-    file is empty, :class:`DataError`. ``keep_ids``: read only these rows (see
-    :func:`read_unit`); ``read_cpus``: CPUs a read task reserves."""
+    file is empty, :class:`DataError`. ``keep_ids`` / ``row_filter``: read only these rows /
+    the rows the rule keeps (see :func:`read_unit`); ``read_cpus``: CPUs a read task
+    reserves."""
     norm = normaliser if normaliser is not None else TextRows()
     files = resolve_files(source, fmt)
     nonempty = []
@@ -581,7 +592,8 @@ def open_source(source: str | Path | list[str | Path], *, fmt: str = "auto",
                 raise DataError(f"{f}: cannot be read as csv at {where}")
     units = plan_units(nonempty, fmt=fmt, unit_rows=unit_rows)
     return RowSource(nonempty, units, norm, unit_rows, block_rows,
-                     None if keep_ids is None else frozenset(map(str, keep_ids)), read_cpus)
+                     None if keep_ids is None else frozenset(map(str, keep_ids)), read_cpus,
+                     row_filter)
 
 
 def fatal_reject(rejects: list[str]) -> str | None:

@@ -10,6 +10,9 @@ Steps, in order (:meth:`SimDARecipe.run`; each cached stage a child MLflow run):
    (select    k / tau / lam chosen on source or dev labels; then the config that runs is
               recorded: MLflow params and config.yaml)
 4. knn       k nearest source keys for every target row -> p_kNN, neighbour ids
+   (stream   with ``data.stream_target_train``, the teacher (2) and kNN (4) of the target-train
+             rows run here instead, as one chain of actor pools from the target files to
+             parquet shards; the driver holds the ids, the test split and p_LLM only)
 5. prompted  LLM passes with demonstrations: ICL-random / ICL-nearest baselines on the test
              split, and the kNN-augmented prompt teacher (if ``annotate.teacher_prompt``)
 6. annotate  p_T = lam * p_kNN + (1 - lam) * p_LLM, pseudo-label, confidence -> annotations.parquet
@@ -33,11 +36,15 @@ import pandas as pd
 from raydapt.config import config_hash
 from raydapt.core.assets import load_tokenizer, resolve_model
 from raydapt.data.readers import (
+    META_COLUMNS,
     DataError,
     Fields,
+    RowSource,
+    TextRows,
     check_disjoint_ids,
     drop_duplicate_ids,
     fingerprint,
+    open_source,
     read_rows,
     split_and_subsample,
     unit_hash,
@@ -47,8 +54,8 @@ from raydapt.evaluate import accuracy, confusion_matrix, plot_confusions
 from raydapt.job import Recipe, speaker
 from raydapt.recipes.simda_config import SimDAJob
 from raydapt.stages.annotate import calibrator, mix
-from raydapt.stages.common import concat_rejects, pool_kwargs, split_errors
-from raydapt.stages.sharded import sharded_pass, write_rows
+from raydapt.stages.common import ERROR_COLUMN, concat_rejects, pool_kwargs, split_errors
+from raydapt.stages.sharded import Step, output_rejects, sharded_pass, stream_pass, write_rows
 from raydapt.stages.teacher import KnnSearch, TeacherScore, build_index, save_store
 from raydapt.train import per_worker_batch, plan_steps
 from raydapt.train.settings import StudentTrain, from_section
@@ -61,6 +68,8 @@ STAGE_VERSIONS: dict[str, int] = {
     "template": 1,  # teacher.templates scored on labelled source rows (one entry per template)
     "teacher-dev": 1,  # the teacher pass over data.dev rows (annotate.select_on_dev)
     "student-rows": 1,  # a student's rows, which its Ray Train workers read (write_rows)
+    "target-ids": 1,  # data.stream_target_train: the target's ids and labels (read → id, y)
+    "target-train": 1,  # data.stream_target_train: teacher → kNN over the target-train files
 }
 
 STUDENT_SHARD_ROWS = 4096  # rows per shard of a student's training rows
@@ -79,6 +88,31 @@ def check_verbalizer(cfg: SimDAJob) -> list[int]:
     return check_single_tokens(words, cfg.teacher.model)
 
 
+def teacher_kwargs(cfg: SimDAJob, *, keep_hidden: bool, stage: str,
+                   demo_texts: dict[str, str] | None = None,
+                   demo_labels: dict[str, str] | None = None) -> dict[str, Any]:
+    """The :class:`TeacherScore` actor's constructor kwargs for one pass of the job's teacher."""
+    t = cfg.teacher
+    return dict(engine=t.engine_args(need_hidden=keep_hidden),
+                label_words=[t.verbalizer[lab] for lab in cfg.data.labels],
+                template=t.template, text_max_tokens=t.text_max_tokens,
+                text_truncation=t.text_truncation, demo_template=t.demo_template,
+                demo_max_tokens=t.demo_max_tokens, demo_texts=demo_texts,
+                demo_labels=demo_labels, keep_hidden=keep_hidden, stage=stage,
+                telemetry={"method": "simda", "run": cfg.run.name})
+
+
+def knn_kwargs(cfg: SimDAJob, store: Path) -> dict[str, Any]:
+    """The :class:`KnnSearch` actor's constructor kwargs: the job's store, k, tau, norm."""
+    a = cfg.annotate
+    return dict(store=str(store.resolve()), k=a.k, num_classes=len(cfg.data.labels), tau=a.tau,
+                distance_norm=a.distance_norm,
+                telemetry={"method": "simda", "run": cfg.run.name})
+
+
+KNN_POOL = {"num_cpus": 0.25, "batch_size": 256}  # one actor (the store is small)
+
+
 def run_teacher(rows: pd.DataFrame, cfg: SimDAJob, *, keep_hidden: bool, stage: str,
                  demo_texts: dict[str, str] | None = None,
                  demo_labels: dict[str, str] | None = None):
@@ -91,16 +125,49 @@ def run_teacher(rows: pd.DataFrame, cfg: SimDAJob, *, keep_hidden: bool, stage: 
     ds = ray.data.from_pandas([rows.iloc[i : i + step] for i in range(0, max(len(rows), 1), step)])
     return ds.map_batches(
         TeacherScore,
-        fn_constructor_kwargs=dict(
-            engine=cfg.teacher.engine_args(need_hidden=keep_hidden),
-            label_words=[cfg.teacher.verbalizer[lab] for lab in cfg.data.labels],
-            template=cfg.teacher.template, text_max_tokens=cfg.teacher.text_max_tokens,
-            text_truncation=cfg.teacher.text_truncation,
-            demo_template=cfg.teacher.demo_template, demo_max_tokens=cfg.teacher.demo_max_tokens,
-            demo_texts=demo_texts, demo_labels=demo_labels, keep_hidden=keep_hidden, stage=stage,
-            telemetry={"method": "simda", "run": cfg.run.name}),
+        fn_constructor_kwargs=teacher_kwargs(cfg, keep_hidden=keep_hidden, stage=stage,
+                                             demo_texts=demo_texts, demo_labels=demo_labels),
         **pool_kwargs(cfg.teacher.pool),
     )
+
+
+@dataclass(frozen=True)
+class TrainSplit:
+    """The target-train side of :func:`~raydapt.data.readers.split_and_subsample` as a rule on
+    each row's id, for a streamed read (``data.stream_target_train``): outside the seeded test
+    fraction and, with ``data.max_target_train_rows``, a subsample hash at most ``max_u`` (the
+    hash of the cap-th lowest train row). Its repr keys the streamed pass."""
+
+    seed: int
+    test_fraction: float
+    max_u: float | None = None
+
+    def __call__(self, rows: pd.DataFrame) -> np.ndarray:
+        keep = unit_hash(rows["id"], seed=self.seed, salt="split") >= self.test_fraction
+        if self.max_u is not None:
+            keep &= unit_hash(rows["id"], seed=self.seed, salt="subsample") <= self.max_u
+        return keep
+
+
+def target_source(cfg: SimDAJob, *, keep_ids: frozenset[str] | None = None,
+                  row_filter: TrainSplit | None = None) -> RowSource:
+    """The target file(s) planned into read units of ``data.target_unit_rows`` rows, text rows
+    normalised in the read tasks (labels optional)."""
+    d = cfg.data
+    norm = TextRows(fields=_fields(d.target), labels=tuple(d.labels), require_label=False)
+    return open_source(Path(d.root) / d.target.path, fmt=d.target.format, normaliser=norm,
+                       unit_rows=d.target_unit_rows, keep_ids=keep_ids, row_filter=row_filter)
+
+
+def _ids_only(batch: pd.DataFrame) -> pd.DataFrame:
+    return batch[["id"]]
+
+
+def collect_rows(source: RowSource) -> pd.DataFrame:
+    """The good rows of a (small, filtered) streamed read, in file order."""
+    df = source.dataset(size_hint=True).to_pandas()
+    df = df[(df["_pos"] >= 0) & (df["_reject"] == "")].sort_values(["_unit", "_pos"])
+    return df.drop(columns=list(META_COLUMNS)).reset_index(drop=True)
 
 
 def _frame_hash(df: pd.DataFrame) -> str:
@@ -220,6 +287,10 @@ class Rows:
     counts: dict[str, int]
     dev: pd.DataFrame | None = None  # data.dev rows (annotate.select_on_dev)
     dev_fp: str | None = None
+    # data.stream_target_train: tgt_train is empty; its rows are the rule's, streamed from the
+    # files (ids that occur twice: only the first row counts)
+    train_split: TrainSplit | None = None
+    train_dups: frozenset[str] = frozenset()
 
 
 class SimDARecipe(Recipe):
@@ -240,8 +311,11 @@ class SimDARecipe(Recipe):
     knn: pd.DataFrame  # knn: id -> nbr_ids, nbr_dist, p_knn
     test_b: pd.DataFrame  # prompted: the test rows of the ICL baselines
     prompted: pd.DataFrame  # prompted: id -> llm_logp
+    train_out: Any  # stream_target_train: the target-train shards (ShardedOutput)
     cal: Any  # annotate: the label-free calibration fitted on target-train rows
-    p_t: np.ndarray  # annotate
+    p_t: np.ndarray  # annotate (frames)
+    distill: tuple[Any, int, str]  # annotate (stream): distilled rows (ShardedOutput, rows, key)
+    oracle_rows: int  # annotate (stream): labelled target-train rows
     pseudo_acc: float
     teacher_preds: dict[str, tuple[np.ndarray, np.ndarray]]  # teacher_readouts
     results: dict[str, float]  # students (teacher read-outs added by the report)
@@ -268,6 +342,8 @@ class SimDARecipe(Recipe):
             self.select_on_target()
         self.record_config()  # the config that runs from here on: MLflow params, config.yaml
         self.knn_pass()
+        if cfg.data.stream_target_train:
+            self.stream_target_train()
         self.prompted_passes()
         self.annotate()
         self.teacher_readouts()
@@ -281,41 +357,52 @@ class SimDARecipe(Recipe):
         cfg, ctx, labels = self.cfg, self.ctx, self.cfg.data.labels
         root = Path(cfg.data.root)
         src_path, tgt_path = root / cfg.data.source.path, root / cfg.data.target.path
-        fps = {"source": fingerprint(src_path), "target": fingerprint(tgt_path)}
+        fps = {"source": fingerprint(src_path),  # streamed: the files' and reader's hash
+               "target": target_source(cfg).fingerprint() if cfg.data.stream_target_train
+               else fingerprint(tgt_path)}
         ctx.parent.params({"data_fingerprint": fps})
         ctx.parent.datasets(fps, sources={"source": str(src_path), "target": str(tgt_path)})
         with ctx.tracker.child("read") as run_log:
             src_ds, src_rej = read_rows(src_path, fmt=cfg.data.source.format,
                                         fields=_fields(cfg.data.source), labels=labels)
-            tgt_ds, tgt_rej = read_rows(tgt_path, fmt=cfg.data.target.format,
-                                        fields=_fields(cfg.data.target), labels=labels,
-                                        require_label=False)
             src_df, src_dup = drop_duplicate_ids(src_ds.to_pandas(), file=str(src_path))
-            tgt_df, tgt_dup = drop_duplicate_ids(tgt_ds.to_pandas(), file=str(tgt_path))
-            check_disjoint_ids(src_df, tgt_df, what="source and target")
             source, _ = split_and_subsample(src_df, seed=cfg.run.seed,
                                             max_rows=cfg.data.max_source_rows)
-            tgt_train, tgt_test = split_and_subsample(
-                tgt_df, seed=cfg.run.seed,
-                test_fraction=cfg.data.target_test_fraction,
-                max_rows=cfg.data.max_target_train_rows,
-                max_test_rows=cfg.data.max_target_test_rows)
+            split, dups = None, frozenset()
+            if cfg.data.stream_target_train:  # ids in the driver, rows in files
+                tgt_df, tgt_test, tgt_rej, tgt_dup, split, dups, n_train = self.scan_target(
+                    tgt_path)
+                tgt_train = tgt_test.iloc[:0]
+            else:
+                tgt_ds, tgt_rej = read_rows(tgt_path, fmt=cfg.data.target.format,
+                                            fields=_fields(cfg.data.target), labels=labels,
+                                            require_label=False)
+                tgt_df, tgt_dup = drop_duplicate_ids(tgt_ds.to_pandas(), file=str(tgt_path))
+                tgt_rej = tgt_rej.to_pandas()
+                tgt_train, tgt_test = split_and_subsample(
+                    tgt_df, seed=cfg.run.seed,
+                    test_fraction=cfg.data.target_test_fraction,
+                    max_rows=cfg.data.max_target_train_rows,
+                    max_test_rows=cfg.data.max_target_test_rows)
+            check_disjoint_ids(src_df, tgt_df, what="source and target")
             unlabeled_test = tgt_test[tgt_test["y"] < 0]
             tgt_test = tgt_test[tgt_test["y"] >= 0].reset_index(drop=True)
-            rejects = [src_rej.to_pandas(), tgt_rej.to_pandas(), src_dup, tgt_dup, pd.DataFrame({
+            rejects = [src_rej.to_pandas(), tgt_rej, src_dup, tgt_dup, pd.DataFrame({
                 "file": str(tgt_path), "id": unlabeled_test["id"],
                 "reason": "target test row without a label", "raw": ""})]
-            counts = {"source_rows": len(source), "target_train_rows": len(tgt_train),
+            if split is None:
+                n_train = len(tgt_train)
+            counts = {"source_rows": len(source), "target_train_rows": n_train,
                       "target_test_rows": len(tgt_test),
                       "source_rejects": src_rej.count() + len(src_dup),
-                      "target_rejects": tgt_rej.count() + len(tgt_dup) + len(unlabeled_test)}
+                      "target_rejects": len(tgt_rej) + len(tgt_dup) + len(unlabeled_test)}
             run_log.params({"source": str(src_path), "target": str(tgt_path),
                             "seed": cfg.run.seed})
             run_log.metrics(counts)
             _say(f"read: {counts}")
             if len(source) < cfg.annotate.k:
                 raise DataError(f"{len(source)} usable source rows < annotate.k={cfg.annotate.k}")
-            if len(tgt_train) == 0 or len(tgt_test) == 0:
+            if n_train == 0 or len(tgt_test) == 0:
                 raise DataError("the target train or test split is empty: check data.target, its "
                                 "labels and data.target_test_fraction")
         dev = dev_fp = None
@@ -324,8 +411,46 @@ class SimDARecipe(Recipe):
             ctx.parent.params({"data_fingerprint": {"dev": dev_fp}})
             _say(f"read: {len(dev)} dev rows ({cfg.data.dev.path}) for annotate.select_on_dev")
         self.rows = Rows(source=source, source_all=src_df, tgt_train=tgt_train, tgt_test=tgt_test,
-                         fps=fps, counts=counts, dev=dev, dev_fp=dev_fp)
+                         fps=fps, counts=counts, dev=dev, dev_fp=dev_fp, train_split=split,
+                         train_dups=dups)
         self.rejects = rejects
+
+    def scan_target(self, path: Path):
+        """``read`` with ``data.stream_target_train``: the target's ids and labels streamed from
+        its files (read → id, y; cached), the seeded split drawn from them as
+        :func:`split_and_subsample` draws it, the test rows read back by id (few), and the
+        train side as a :class:`TrainSplit` rule for the streamed pass. Returns (ids frame,
+        test rows, reader rejects, duplicate-id rejects, rule, duplicated ids, train rows)."""
+        cfg, ctx, d = self.cfg, self.ctx, self.cfg.data
+        out = stream_pass(ctx.cache, ctx.tracker, "target-ids", {}, target_source(cfg),
+                          [Step(_ids_only)], _say, run_name="read-target", label="target ids")
+        rej = output_rejects(out, "read-target")
+        parts = [t.to_pandas() for t in out.iter_tables(["id", "_reject"])]
+        ids = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(
+            columns=["id", "_reject"])
+        ids = ids[ids["_reject"].fillna("") == ""].drop(columns="_reject").reset_index(drop=True)
+        dup = ids["id"].duplicated(keep="first").to_numpy()
+        dup_rej = pd.DataFrame({"file": str(path), "id": ids["id"][dup],
+                                "reason": "duplicate id (the first row with this id is kept)",
+                                "raw": ""}).reset_index(drop=True)
+        dups = frozenset(ids["id"][dup])
+        ids = ids[~dup].reset_index(drop=True)
+        u_split = unit_hash(ids["id"], seed=cfg.run.seed, salt="split")
+        u_take = unit_hash(ids["id"], seed=cfg.run.seed, salt="subsample")
+        is_test = u_split < d.target_test_fraction
+        order = np.argsort(u_take[is_test], kind="stable")[: d.max_target_test_rows]
+        test_ids = ids["id"].to_numpy()[is_test][order]
+        u_train = np.sort(u_take[~is_test])
+        n_train = min(len(u_train), d.max_target_train_rows or len(u_train))
+        max_u = float(u_train[n_train - 1]) if (
+            d.max_target_train_rows and n_train < len(u_train)) else None
+        test = collect_rows(target_source(cfg, keep_ids=frozenset(test_ids)))
+        test = test.drop_duplicates("id").set_index("id").loc[test_ids].reset_index()
+        _say(f"target: {len(ids)} rows ({len(ids) - int(is_test.sum())} train side, "
+             f"{int(is_test.sum())} test side); {n_train} train rows streamed, "
+             f"{len(test)} test rows read")
+        return (ids, test, rej, dup_rej,
+                TrainSplit(cfg.run.seed, d.target_test_fraction, max_u), dups, n_train)
 
     def _teacher_rows(self, stage: str, parts: dict[str, Any], rows: pd.DataFrame, cfg=None, *,
                       keep_hidden: bool, run_name: str | None = None, **demos) -> pd.DataFrame:
@@ -562,22 +687,59 @@ class SimDARecipe(Recipe):
     # -- 4. knn, 5. prompted passes ----------------------------------------------------------
 
     def knn_pass(self) -> None:
-        """4. kNN for the target rows."""
+        """4. kNN for the target rows (with ``data.stream_target_train``: the test rows)."""
         import ray
 
-        cfg, C = self.cfg, len(self.cfg.data.labels)
         tgt_ids = pd.concat([self.tgt_train["id"], self.tgt_test["id"]], ignore_index=True)
         q = pd.DataFrame({"id": tgt_ids, "hidden": list(self.by_id.loc[tgt_ids, "hidden"])})
         knn = ray.data.from_pandas(q).map_batches(
-            KnnSearch, fn_constructor_kwargs=dict(
-                store=str(self.store.resolve()), k=cfg.annotate.k, num_classes=C,
-                tau=cfg.annotate.tau, distance_norm=cfg.annotate.distance_norm,
-                telemetry={"method": "simda", "run": cfg.run.name}),
-            compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.25, batch_size=256,
+            KnnSearch, fn_constructor_kwargs=knn_kwargs(self.cfg, self.store),
+            compute=ray.data.ActorPoolStrategy(size=1), **KNN_POOL,
             batch_format="pandas").to_pandas()
         knn, rej = split_errors(knn, "knn")
         self.rejects.append(rej)
         self.knn = knn.set_index("id")
+
+    def stream_target_train(self) -> None:
+        """4b. (``data.stream_target_train``) the target-train rows from the target files to
+        the stage cache: teacher → kNN as one chain of actor pools, one parquet shard per read
+        unit (resumable: a killed run computes only the missing shards). A shard holds per row
+        id, text, y, llm_logp, hidden, nbr_ids, nbr_dist, p_knn, or the ``_error`` of the step
+        that could not process it (a reject)."""
+        import ray
+
+        cfg, ctx, r = self.cfg, self.ctx, self.rows
+        a, t = cfg.annotate, cfg.teacher
+        steps = [Step(TeacherScore, teacher_kwargs(cfg, keep_hidden=True, stage="teacher-train"),
+                      pool=pool_kwargs(t.pool), columns=["text"], carry=("text", "y")),
+                 Step(KnnSearch, knn_kwargs(cfg, self.store),
+                      pool={"compute": ray.data.ActorPoolStrategy(size=1), **KNN_POOL},
+                      columns=["hidden"], carry=("text", "y", "llm_logp", "hidden"))]
+        # the store is the source keys: the teacher pass's key (teacher + source ids) names it
+        parts = {**self.parts, "knn": {k: getattr(a, k) for k in ("k", "tau", "distance_norm",
+                                                                   "index")}}
+        self.train_out = stream_pass(
+            ctx.cache, ctx.tracker, "target-train", parts,
+            target_source(cfg, row_filter=r.train_split), steps, _say,
+            run_name="teacher-knn-train", label="target-train teacher → kNN",
+            retries=t.pool.pass_retries)
+        self.rejects.append(output_rejects(self.train_out, "teacher-knn-train"))
+
+    def _train_rows(self, columns: list[str]):
+        """The streamed target-train output shard by shard: its good rows (no ``_error``), an
+        id that occurs twice only at its first row."""
+        seen: set[str] = set()
+        dups = self.rows.train_dups
+        for tbl in self.train_out.iter_tables(["id", *columns, ERROR_COLUMN]):
+            df = tbl.to_pandas()
+            ok = df[ERROR_COLUMN].fillna("").to_numpy() == "" if ERROR_COLUMN in df else \
+                np.ones(len(df), dtype=bool)
+            if dups:
+                for j in np.flatnonzero(ok & df["id"].isin(dups).to_numpy()):
+                    ok[j] = df["id"].iat[j] not in seen
+                    seen.add(df["id"].iat[j])
+            if ok.any():
+                yield df[ok].reset_index(drop=True)
 
     def prompted_passes(self) -> None:
         """5. prompted passes (demonstrations): ICL baselines and the kNN-prompt teacher."""
@@ -620,6 +782,8 @@ class SimDARecipe(Recipe):
 
     def annotate(self) -> None:
         """6. annotation: p_T for the target-train rows."""
+        if self.cfg.data.stream_target_train:
+            return self._annotate_stream()
         a, by_id, knn, tgt_train = self.cfg.annotate, self.by_id, self.knn, self.tgt_train
         p_llm_tr = _p_llm(by_id.loc[tgt_train["id"]])
         # label-free calibration fitted on the unlabelled target-train rows, applied to the
@@ -645,6 +809,70 @@ class SimDARecipe(Recipe):
              f"{p_t.max(1).mean():.3f}, pseudo-label accuracy (gold hidden from the teacher) "
              f"{pseudo_acc:.3f}")
         self.p_t, self.pseudo_acc = p_t, pseudo_acc
+
+    def _annotate_stream(self) -> None:
+        """6. with ``data.stream_target_train``: the calibration fitted on every target-train
+        row's p_LLM (C floats a row, read column by column), then p_T shard by shard into
+        ``annotations.parquet`` and the distilled students' rows (text, p_T, h_T: a stage
+        output their Ray Train workers read). Nothing else of the rows stays in the driver."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        a, ctx = self.cfg.annotate, self.ctx
+        p_llm = [_p_llm(df) for df in self._train_rows(["llm_logp"])]
+        if not p_llm:
+            raise DataError("the teacher or the kNN step rejected every target-train row: see "
+                            "rejects.parquet")
+        p_all = np.concatenate(p_llm)
+        self.cal = calibrator(a.calibrate_llm, p_all, a.calibrate_prior)
+        n = len(p_all)
+        del p_llm, p_all
+        seen = {"right": 0, "labelled": 0, "confidence": 0.0}
+        cols = ["text", "y", "llm_logp", "hidden", "nbr_ids", "p_knn"]
+
+        def shards():
+            writer = None
+            try:
+                for df in self._train_rows(cols):
+                    p_l = self.cal(_p_llm(df))
+                    p_k = np.stack(df["p_knn"].to_numpy())
+                    p_t = mix(p_k, p_l, a.lam)
+                    tbl = pa.Table.from_pandas(pd.DataFrame({
+                        "id": df["id"], "p_t": list(p_t), "pseudo_label": p_t.argmax(1),
+                        "confidence": p_t.max(1), "p_llm": list(p_l), "p_knn": list(p_k),
+                        "h_t": list(df["hidden"]), "nbr_ids": list(df["nbr_ids"])}),
+                        preserve_index=False)
+                    writer = writer or pq.ParquetWriter(ctx.out / "annotations.parquet",
+                                                        tbl.schema)
+                    writer.write_table(tbl)
+                    y = df["y"].to_numpy()
+                    seen["labelled"] += int((y >= 0).sum())
+                    seen["right"] += int((p_t.argmax(1) == y).sum())
+                    seen["confidence"] += float(p_t.max(1).sum())
+                    yield pd.DataFrame({"text": df["text"], "p_t": list(p_t),
+                                        "h_t": list(df["hidden"])})
+            finally:
+                if writer is not None:
+                    writer.close()
+
+        ran = []
+
+        def chunks():
+            ran.append(True)
+            yield from shards()
+
+        key = config_hash({"rows": self.train_out.d.name, "lam": a.lam,
+                           "calibrate": [a.calibrate_llm, a.calibrate_prior]})
+        out = write_rows(ctx.cache, "student-rows", {"data": key}, chunks, n,
+                         math.ceil(n / STUDENT_SHARD_ROWS), _say, label="distilled rows")
+        if not ran:  # the rows were cached: annotations.parquet and the counts still come
+            for _ in shards():
+                pass
+        self.distill, self.oracle_rows = (out, n, key), seen["labelled"]
+        self.pseudo_acc = seen["right"] / n if seen["labelled"] == n else float("nan")
+        _say(f"annotate: {n} rows (streamed), {self._prior_said()}, lam={a.lam}, mean "
+             f"confidence {seen['confidence'] / n:.3f}, pseudo-label accuracy (gold hidden "
+             f"from the teacher) {self.pseudo_acc:.3f}")
 
     def teacher_readouts(self) -> None:
         """Teacher read-outs evaluated directly on the test split."""
@@ -683,37 +911,43 @@ class SimDARecipe(Recipe):
     def train_students(self) -> None:
         """7. students on Ray Train."""
         cfg, ctx = self.cfg, self.ctx
-        a, C, p_t, by_id = cfg.annotate, len(cfg.data.labels), self.p_t, self.by_id
+        a, C, by_id = cfg.annotate, len(cfg.data.labels), self.by_id
         source, tgt_train, tgt_test = self.source, self.tgt_train, self.tgt_test
         dcfg = cfg.distill
         train_kw = student_train_kw(dcfg)
         sseed = cfg.run.seed if dcfg.seed is None else dcfg.seed
         extra = {**dcfg.model_dump(include=set(LOSS_KEYS)), "min_confidence": a.min_confidence}
-        distill_df = pd.DataFrame({"text": tgt_train["text"], "p_t": list(p_t),
-                                   "h_t": list(by_id.loc[tgt_train["id"], "hidden"])})
-        budget = student_steps(dcfg, len(distill_df))
+        streamed = cfg.data.stream_target_train
+        distill_df = None if streamed else pd.DataFrame({
+            "text": tgt_train["text"], "p_t": list(self.p_t),
+            "h_t": list(by_id.loc[tgt_train["id"], "hidden"])})
+        budget = student_steps(dcfg, self.distill[1] if streamed else len(distill_df))
         results: dict[str, Any] = {}
         students: dict[str, dict[str, Any]] = {}
         cms: dict[str, np.ndarray] = {}
         for variant in dcfg.variants:
-            if variant in ("kl_sim", "kl", "ce"):
-                frame, objective = distill_df, variant
-            elif variant == "source_only":
-                frame, objective = source[["text", "y"]], "supervised"
-            elif variant == "source_only_all":  # reference: every source row, `epochs` passes
-                frame, objective = self.rows.source_all[["text", "y"]], "supervised"
-            else:  # oracle: gold target labels (upper bound)
-                frame, objective = tgt_train[tgt_train["y"] >= 0][["text", "y"]], "supervised"
-            data_hash = _frame_hash(frame)
-            # the student's rows as a stage output; its Ray Train workers read those files
-            ds = write_rows(ctx.cache, "student-rows", {"data": data_hash},
-                            lambda f=frame: [f], len(frame),
-                            math.ceil(len(frame) / STUDENT_SHARD_ROWS), _say,
-                            label=f"student {variant} rows").dataset()
+            objective = variant if variant in ("kl_sim", "kl", "ce") else "supervised"
+            if streamed and variant in ("kl_sim", "kl", "ce", "oracle"):
+                rows_out, n_rows, data_hash = self._streamed_student_rows(variant)
+            else:
+                if variant in ("kl_sim", "kl", "ce"):
+                    frame = distill_df
+                elif variant == "source_only":
+                    frame = source[["text", "y"]]
+                elif variant == "source_only_all":  # reference: every source row, `epochs`
+                    frame = self.rows.source_all[["text", "y"]]
+                else:  # oracle: gold target labels (upper bound)
+                    frame = tgt_train[tgt_train["y"] >= 0][["text", "y"]]
+                data_hash, n_rows = _frame_hash(frame), len(frame)
+                # the student's rows as a stage output; its Ray Train workers read those files
+                rows_out = write_rows(ctx.cache, "student-rows", {"data": data_hash},
+                                      lambda f=frame: [f], len(frame),
+                                      math.ceil(len(frame) / STUDENT_SHARD_ROWS), _say,
+                                      label=f"student {variant} rows")
+            ds = rows_out.dataset()
             kw = {**train_kw, "steps": budget[variant]}
             train = from_section(StudentTrain, dcfg, steps=kw["steps"],
                                  min_confidence=a.min_confidence)
-            n_rows = len(frame)
             ran = train.steps_for(n_rows, name=f"student {variant}")  # what the loop runs
             _say(f"student {variant}: {objective} on {n_rows} rows, {ran.total} steps = "
                  f"{ran.epochs} epoch(s) of {ran.per_epoch}"
@@ -749,13 +983,28 @@ class SimDARecipe(Recipe):
                                  "epochs": m["epoch"], "rows": int(m.get("rows", n_rows)),
                                  "steps": m.get("steps"),
                                  "resumed_finished_run": bool(m.get("resumed", False))}
-            if variant in ("kl_sim", "kl", "ce") and (tgt_train["y"] >= 0).all():
+            if variant in ("kl_sim", "kl", "ce") and not np.isnan(self.pseudo_acc):
                 # how far the student stays under the teacher it learns from
                 students[variant]["gap_to_pseudo_labels"] = m["accuracy"] - self.pseudo_acc
             cms[f"student:{variant}"] = np.asarray(m["confusion"])
             results[f"student:{variant}"] = m["accuracy"]
             _say(f"student {variant}: target-test accuracy {m['accuracy']:.4f}")
         self.results, self.students, self.cms, self.student_seed = results, students, cms, sseed
+
+    def _streamed_student_rows(self, variant: str) -> tuple[Any, int, str]:
+        """A student's rows with ``data.stream_target_train``: the distilled rows ``annotate``
+        wrote, or (oracle) the labelled target-train rows copied from the streamed shards."""
+        if variant != "oracle":
+            return self.distill
+        n = self.oracle_rows
+        if n == 0:
+            raise DataError("distill.variants has oracle, but no target-train row has a label")
+        key = config_hash({"rows": self.train_out.d.name, "oracle": True})
+        out = write_rows(self.ctx.cache, "student-rows", {"data": key},
+                         lambda: (df.loc[df["y"] >= 0, ["text", "y"]]
+                                  for df in self._train_rows(["text", "y"])),
+                         n, math.ceil(n / STUDENT_SHARD_ROWS), _say, label="student oracle rows")
+        return out, n, key
 
     # -- 8. report ---------------------------------------------------------------------------
 

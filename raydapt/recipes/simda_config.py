@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -54,6 +55,20 @@ class SimDAData(Section):
         "annotate.select_on_dev: its rows are taken as targets of the source store to choose "
         "k, tau and lam across a domain shift (e.g. dvd.jsonl for books -> kitchen).")
     max_dev_rows: int | None = Field(None, ge=1, description="Seeded subsample of data.dev.")
+    stream_target_train: bool = Field(
+        False, description="Stream the target-train rows from the target file(s) to the "
+        "stage cache instead of holding them in the driver: the teacher and kNN run as one "
+        "chain of actor pools over read units of target_unit_rows, annotations and the "
+        "distilled students' rows are written shard by shard, and the driver keeps per row "
+        "only its id and p_LLM (the calibration). target.path may then be a file, a directory "
+        "or a glob of many files. For target corpora too large for one process "
+        "(docs/scale.md). Needs max_target_test_rows (the test split stays in the "
+        "driver); not with select_on_target, an estimated calibrate_prior or "
+        "teacher_prompt=knn_prompt, which need every target row at once.")
+    target_unit_rows: int = Field(
+        10_000, ge=1, description="Target rows per read unit = per output shard of the "
+        "streamed target-train pass (data.stream_target_train): the unit a killed run resumes "
+        "from; a large jsonl file is read as several units.")
 
     @model_validator(mode="after")
     def _distinct_labels(self) -> SimDAData:
@@ -305,6 +320,23 @@ class SimDAJob(JobBase):
                                                                   "domain_mean"):
             raise ValueError(f"annotate.calibrate_prior={a.calibrate_prior} is not used by "
                              f"annotate.calibrate_llm={a.calibrate_llm}: use calibrate_llm=prior")
+        if self.data.stream_target_train:
+            d = self.data
+            refused = [what for what, on in (
+                ("annotate.select_on_target", a.select_on_target),
+                (f"annotate.calibrate_prior={a.calibrate_prior}",
+                 isinstance(a.calibrate_prior, str)),
+                ("annotate.teacher_prompt=knn_prompt", a.teacher_prompt == "knn_prompt"))
+                if on]
+            if refused:
+                raise ValueError(f"data.stream_target_train streams the target-train rows and "
+                                 f"never holds them all, which {' and '.join(refused)} "
+                                 f"need{'s' if len(refused) == 1 else ''}: change "
+                                 f"{'it' if len(refused) == 1 else 'them'} or set "
+                                 f"data.stream_target_train=false")
+            if d.max_target_test_rows is None:
+                raise ValueError("data.stream_target_train needs data.max_target_test_rows: the "
+                                 "test split is held in the driver (e.g. 2000)")
         if isinstance(a.calibrate_prior, list) and (len(a.calibrate_prior) != C or min(
                 a.calibrate_prior) < 0 or sum(a.calibrate_prior) <= 0):
             raise ValueError(f"annotate.calibrate_prior must be {C} non-negative weights "
@@ -324,10 +356,20 @@ class SimDAJob(JobBase):
         return keys
 
     def inputs(self) -> tuple[list[ModelInput], list[DataInput]]:
+        from raydapt.data.readers import DataError, resolve_files
+
         root, t, d = data_root(self.data.root), self.teacher, self.data
+        target = [DataInput("data.target.path", root / d.target.path, d.target.format)]
+        if d.stream_target_train:  # a directory or glob: every file it names
+            try:
+                files = resolve_files(root / d.target.path, d.target.format)
+            except DataError:
+                files = []  # preflight names it: not found
+            target = [DataInput("data.target.path", Path(f), d.target.format)
+                      for f in files] or target
         return ([ModelInput("teacher.model", t.model, t.revision, t.hf_token),
                  ModelInput("distill.student", self.distill.student)],
                 [DataInput("data.source.path", root / d.source.path, d.source.format),
-                 DataInput("data.target.path", root / d.target.path, d.target.format),
+                 *target,
                  *([DataInput("data.dev.path", root / d.dev.path, d.dev.format)]
                    if d.dev is not None and self.annotate.select_on_dev else [])])

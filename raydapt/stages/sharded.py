@@ -290,12 +290,16 @@ class Step:
         pool: ``map_batches`` kwargs (``pool_kwargs(section)``: compute, num_cpus, batch_size,
             ...); default one actor, one CPU.
         columns: input columns ``fn`` needs besides ``id`` (None: all of the previous step's).
+        carry: input columns copied into the step's output row by row (by id when ``fn``
+            reorders), so a later step or the output shard still has them (e.g. the text a
+            student trains on, through the teacher and kNN steps).
     """
 
     fn: Any
     kwargs: dict[str, Any] = field(default_factory=dict)
     pool: dict[str, Any] = field(default_factory=dict)
     columns: list[str] | None = None
+    carry: tuple[str, ...] = ()
 
 
 class _Keep:
@@ -304,9 +308,11 @@ class _Keep:
     is an Arrow table (array cells become list columns, so a batch with no good row — without
     the step's columns — still concatenates with the others: missing columns become nulls)."""
 
-    def __init__(self, fn: Any, kwargs: dict[str, Any], columns: list[str] | None) -> None:
+    def __init__(self, fn: Any, kwargs: dict[str, Any], columns: list[str] | None,
+                 carry: tuple[str, ...] = ()) -> None:
         self.inner = fn(**kwargs) if isinstance(fn, type) else fn
         self.columns = columns
+        self.carry = tuple(carry)
 
     def __call__(self, batch: pd.DataFrame):
         import pyarrow as pa
@@ -323,11 +329,12 @@ class _Keep:
             if ERROR_COLUMN not in out:
                 out = out.assign(**{ERROR_COLUMN: ""})
             ids = good["id"].to_numpy()
+            keep = ["_reject", "_unit", "_pos", *(c for c in self.carry if c not in out)]
             if len(out) == len(good) and (out["id"].to_numpy() == ids).all():
-                meta = good[["_reject", "_unit", "_pos"]].reset_index(drop=True)
+                meta = good[keep].reset_index(drop=True)
             else:  # any order: by id (first row of an id)
                 meta = good.drop_duplicates("id").set_index("id").loc[
-                    out["id"], ["_reject", "_unit", "_pos"]].reset_index(drop=True)
+                    out["id"], keep].reset_index(drop=True)
             out = out.reset_index(drop=True)
             for c in meta.columns:
                 out[c] = meta[c].to_numpy()
@@ -429,9 +436,9 @@ def stream_pass(cache: StageCache, tracker: Tracker, stage: str, parts: dict[str
 
                     kw.setdefault("compute", ray.data.ActorPoolStrategy(size=1))
                 keep = _keep_for(st.fn)
-                ds = ds.map_batches(keep, fn_constructor_args=(st.fn, st.kwargs, st.columns),
-                                    **kw) if "compute" in kw else ds.map_batches(
-                    keep(st.fn, st.kwargs, st.columns), **kw)
+                args = (st.fn, st.kwargs, st.columns, st.carry)
+                ds = ds.map_batches(keep, fn_constructor_args=args, **kw) if "compute" in kw \
+                    else ds.map_batches(keep(*args), **kw)
             buf: dict[int, list[Any]] = {}
             got: dict[int, int] = {}
             expect: dict[int, int] = {}

@@ -1,0 +1,133 @@
+"""The SimDA job with ``data.stream_target_train`` on 10K and 100K-row target corpora (issue 25):
+`raydapt run` as a user runs it, with the driver's memory read from outside. Writes
+benchmarks/results/simda-stream-scale-cpu.json.
+
+    python benchmarks/simda_stream_scale.py --sizes 10000,100000
+
+The target is Amazon kitchen / electronics / dvd reviews repeated with new ids, written as 8
+jsonl files in a directory (scratch, not git); the source is the main job's 300 books rows. The
+job is ``jobs/simda/amazon-books-to-kitchen.cpu.yaml`` with: the target directory streamed
+(``data.stream_target_train``, read units of 5,000 rows), 95 % of it on the train side and 200
+test rows, the teacher replaced by the tiny random Llama of ``pool_scale.py`` (2 layers, width
+128: the platform's cost, not matmuls; its pool 1 actor with 2 threads, batches of 64), texts cut to 64
+tokens, and one distilled student (kl_sim, 10 steps, 32 tokens a row) that reads its rows from
+the streamed shards. Accuracy of a random-init teacher is chance and is not the point; rows,
+time and the driver's memory are.
+
+Recorded per size: wall seconds, the streamed pass's rows/s (its console line), the driver's RSS
+peak and its private (anonymous) and shared parts, sampled every 0.5 s from /proc/<pid>/status
+(``ntk_recipe_scale.run_job``), and the counts and rejects the recipe reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import describe  # noqa: E402
+from ntk_recipe_scale import run_job  # noqa: E402
+from pool_scale import DATA, N_FILES, build_model  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "simda-stream-scale-cpu.json"
+BASE_JOB = ROOT / "jobs" / "simda" / "amazon-books-to-kitchen.cpu.yaml"
+DOMAINS = ["kitchen", "electronics", "dvd"]
+
+
+def build_target(scratch: Path, size: int) -> Path:
+    """``size`` target reviews with new ids in N_FILES jsonl files (built once)."""
+    d = scratch / f"simda-target-{size}"
+    if (d / "_BUILT").exists():
+        return d / "files"
+    base: list[str] = []
+    for dom in DOMAINS:
+        base += [ln for ln in (DATA / "amazon" / f"{dom}.jsonl").read_text().splitlines()
+                 if ln.strip()]
+    (d / "files").mkdir(parents=True, exist_ok=True)
+    per_file = -(-size // N_FILES)
+    outs = [open(d / "files" / f"part-{k:02d}.jsonl", "w") for k in range(N_FILES)]
+    try:
+        for i in range(size):
+            rec = json.loads(base[i % len(base)])
+            rec["id"] = f"t{i:07d}-{rec['id']}"
+            outs[i // per_file].write(json.dumps(rec, ensure_ascii=False) + "\n")
+    finally:
+        for f in outs:
+            f.close()
+    (d / "_BUILT").write_text(json.dumps({"rows": size, "base_rows": len(base)}))
+    return d / "files"
+
+
+def job_for(scratch: Path, size: int, mdir: str) -> Path:
+    cfg = yaml.safe_load(BASE_JOB.read_text())
+    work = scratch / f"simda-stream-{size}"
+    cfg["run"] = {"name": f"target-{size}", "seed": 0, "output_dir": str(work / "runs"),
+                  "cache_dir": str(work / "cache")}
+    cfg["tracking"] = {"uri": f"sqlite:///{work}/mlruns.db",
+                       "artifact_location": str(work / "art"), "experiment": "simda-stream"}
+    cfg["ray"] = {"num_cpus": 2, "progress": False}
+    cfg["data"].update({"root": str(DATA / "amazon"),
+                        "target": {"path": str(build_target(scratch, size))},
+                        "target_test_fraction": 0.05, "max_target_train_rows": None,
+                        "max_target_test_rows": 200, "stream_target_train": True,
+                        "target_unit_rows": 5_000})
+    cfg["teacher"].update({"model": mdir, "max_length": 96, "text_max_tokens": 64,
+                           "pool": {"concurrency": 1, "num_cpus": 1, "threads": 2,
+                                    "batch_size": 64}})
+    cfg["distill"].update({"variants": ["kl_sim"], "steps": 10, "max_length": 32})
+    work.mkdir(parents=True, exist_ok=True)
+    path = work / "job.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", default="10000,100000")
+    ap.add_argument("--scratch", default="/tmp/pool-scale")
+    args = ap.parse_args()
+    scratch = Path(args.scratch)
+    mdir, _ = build_model(scratch)
+    out = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"runs": {}}
+    out.update({"benchmark": "simda-stream-scale-cpu", "machine": describe(),
+                "command": "python benchmarks/simda_stream_scale.py --sizes " + args.sizes})
+    for size in map(int, args.sizes.split(",")):
+        job = job_for(scratch, size, mdir)
+        log = job.parent / "run.log"
+        print(f"[simda_stream_scale] {size} rows: raydapt run {job} (log {log})", flush=True)
+        entry: dict[str, Any] = {"size": size, "job": yaml.safe_load(job.read_text()),
+                                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                                 "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
+        entry.update(run_job(job, log))
+        entry["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+        text = log.read_text()
+        if entry["rc"] != 0:
+            print(text[-4000:])
+            raise SystemExit(f"the {size}-row job failed (rc {entry['rc']}); log {log}")
+        res = json.loads((job.parent / "runs" / f"target-{size}" / "results.json").read_text())
+        entry.update({k: res.get(k) for k in ("counts", "rejects", "seconds", "students")})
+        m = re.search(r"target-train teacher → kNN: (\d+) rows in ([\d.]+)s \(([\d.]+) rows/s\)",
+                      text)
+        if m:
+            entry["stream_pass"] = {"rows": int(m[1]), "seconds": float(m[2]),
+                                    "rows_per_s": float(m[3])}
+        entry["console_tail"] = text.splitlines()[-12:]
+        out["runs"][str(size)] = entry
+        RESULTS.write_text(json.dumps(out, indent=1) + "\n")
+        print(f"[simda_stream_scale] {size}: {entry['wall_s']} s, driver RSS peak "
+              f"{entry['driver_rss_mb_peak']} MiB (private {entry['driver_rss_anon_mb_peak']}), "
+              f"stream pass {entry.get('stream_pass')}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
