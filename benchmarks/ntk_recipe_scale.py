@@ -105,6 +105,24 @@ def run_job(job: Path, log: Path) -> dict[str, Any]:
                               "every_s": 10, "rows": series}}
 
 
+def record_run(job: Path, size: int, name: str) -> tuple[dict[str, Any], str]:
+    """``raydapt run job`` (its log beside it) with the driver's memory sampled: a results
+    entry (size, job, date, load averages, :func:`run_job`'s figures) and the console text.
+    A failed run prints its log's tail and exits."""
+    log = job.parent / "run.log"
+    print(f"[{name}] {size} rows: raydapt run {job} (log {log})", flush=True)
+    entry: dict[str, Any] = {"size": size, "job": yaml.safe_load(job.read_text()),
+                             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                             "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
+    entry.update(run_job(job, log))
+    entry["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    text = log.read_text()
+    if entry["rc"] != 0:
+        print(text[-4000:])
+        raise SystemExit(f"the {size}-row job failed (rc {entry['rc']}); log {log}")
+    return entry, text
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="10000,100000")
@@ -118,16 +136,7 @@ def main() -> int:
                 "command": "python benchmarks/ntk_recipe_scale.py --sizes " + args.sizes})
     for size in map(int, args.sizes.split(",")):
         job = job_for(scratch, size, mdir, args.store_budget_mb)
-        log = job.parent / "run.log"
-        print(f"[ntk_recipe_scale] {size} rows: raydapt run {job} (log {log})", flush=True)
-        entry: dict[str, Any] = {"size": size, "job": yaml.safe_load(job.read_text()),
-                                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                                 "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
-        entry.update(run_job(job, log))
-        entry["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-        if entry["rc"] != 0:
-            print(log.read_text()[-4000:])
-            raise SystemExit(f"the {size}-row job failed (rc {entry['rc']}); log {log}")
+        entry, _ = record_run(job, size, "ntk_recipe_scale")
         res = json.loads((job.parent / "runs" / f"pool-{size}" / "results.json").read_text())
         entry.update({k: res.get(k) for k in ("sizes", "counts", "stage_seconds", "seconds",
                                                "complete", "rejects")})

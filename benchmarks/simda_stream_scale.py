@@ -16,25 +16,22 @@ time and the driver's memory are.
 
 Recorded per size: wall seconds, the streamed pass's rows/s (its console line), the driver's RSS
 peak and its private (anonymous) and shared parts, sampled every 0.5 s from /proc/<pid>/status
-(``ntk_recipe_scale.run_job``), and the counts and rejects the recipe reports.
+(``ntk_recipe_scale.record_run``), and the counts and rejects the recipe reports.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
-import time
 from pathlib import Path
-from typing import Any
 
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import describe  # noqa: E402
-from ntk_recipe_scale import run_job  # noqa: E402
+from ntk_recipe_scale import record_run  # noqa: E402
 from pool_scale import DATA, N_FILES, build_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,17 +99,7 @@ def main() -> int:
                 "command": "python benchmarks/simda_stream_scale.py --sizes " + args.sizes})
     for size in map(int, args.sizes.split(",")):
         job = job_for(scratch, size, mdir)
-        log = job.parent / "run.log"
-        print(f"[simda_stream_scale] {size} rows: raydapt run {job} (log {log})", flush=True)
-        entry: dict[str, Any] = {"size": size, "job": yaml.safe_load(job.read_text()),
-                                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                                 "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
-        entry.update(run_job(job, log))
-        entry["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-        text = log.read_text()
-        if entry["rc"] != 0:
-            print(text[-4000:])
-            raise SystemExit(f"the {size}-row job failed (rc {entry['rc']}); log {log}")
+        entry, text = record_run(job, size, "simda_stream_scale")
         res = json.loads((job.parent / "runs" / f"target-{size}" / "results.json").read_text())
         entry.update({k: res.get(k) for k in ("counts", "rejects", "seconds", "students")})
         m = re.search(r"target-train teacher → kNN: (\d+) rows in ([\d.]+)s \(([\d.]+) rows/s\)",
