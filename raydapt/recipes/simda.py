@@ -68,7 +68,7 @@ STAGE_VERSIONS: dict[str, int] = {
     "template": 1,  # teacher.templates scored on labelled source rows (one entry per template)
     "teacher-dev": 1,  # the teacher pass over data.dev rows (annotate.select_on_dev)
     "student-rows": 1,  # a student's rows, which its Ray Train workers read (write_rows)
-    "target-ids": 1,  # data.stream_target_train: the target's ids and labels (read → id, y)
+    "target-ids": 1,  # data.stream_target_train: the target's ids and reader rejects (read → id)
     "target-train": 1,  # data.stream_target_train: teacher → kNN over the target-train files
 }
 
@@ -416,8 +416,8 @@ class SimDARecipe(Recipe):
         self.rejects = rejects
 
     def scan_target(self, path: Path):
-        """``read`` with ``data.stream_target_train``: the target's ids and labels streamed from
-        its files (read → id, y; cached), the seeded split drawn from them as
+        """``read`` with ``data.stream_target_train``: the target's ids streamed from its files
+        (read → id; cached, reader rejects kept), the seeded split drawn from them as
         :func:`split_and_subsample` draws it, the test rows read back by id (few), and the
         train side as a :class:`TrainSplit` rule for the streamed pass. Returns (ids frame,
         test rows, reader rejects, duplicate-id rejects, rule, duplicated ids, train rows)."""
