@@ -3,6 +3,7 @@
 benchmarks/results/simda-stream-scale-cpu.json.
 
     python benchmarks/simda_stream_scale.py --sizes 10000,100000
+    python benchmarks/simda_stream_scale.py --sizes 10000,100000 --path frame   # the control
 
 The target is Amazon kitchen / electronics / dvd reviews repeated with new ids, written as 8
 jsonl files in a directory (scratch, not git); the source is the main job's 300 books rows. The
@@ -64,18 +65,31 @@ def build_target(scratch: Path, size: int) -> Path:
     return d / "files"
 
 
-def job_for(scratch: Path, size: int, mdir: str) -> Path:
+def single_file(files: Path) -> Path:
+    """The target's files as one jsonl file (the frame path reads one file), built once."""
+    one = files.parent / "single.jsonl"
+    if not one.exists():
+        tmp = one.with_suffix(".tmp")
+        with open(tmp, "wb") as out:
+            for f in sorted(files.glob("part-*.jsonl")):
+                out.write(f.read_bytes())
+        tmp.rename(one)
+    return one
+
+
+def job_for(scratch: Path, size: int, mdir: str, stream: bool = True) -> Path:
     cfg = yaml.safe_load(BASE_JOB.read_text())
-    work = scratch / f"simda-stream-{size}"
+    target = build_target(scratch, size)
+    work = scratch / (f"simda-stream-{size}" if stream else f"simda-frame-{size}")
     cfg["run"] = {"name": f"target-{size}", "seed": 0, "output_dir": str(work / "runs"),
                   "cache_dir": str(work / "cache")}
     cfg["tracking"] = {"uri": f"sqlite:///{work}/mlruns.db",
                        "artifact_location": str(work / "art"), "experiment": "simda-stream"}
     cfg["ray"] = {"num_cpus": 2, "progress": False}
     cfg["data"].update({"root": str(DATA / "amazon"),
-                        "target": {"path": str(build_target(scratch, size))},
+                        "target": {"path": str(target if stream else single_file(target))},
                         "target_test_fraction": 0.05, "max_target_train_rows": None,
-                        "max_target_test_rows": 200, "stream_target_train": True,
+                        "max_target_test_rows": 200, "stream_target_train": stream,
                         "target_unit_rows": 5_000})
     cfg["teacher"].update({"model": mdir, "max_length": 96, "text_max_tokens": 64,
                            "pool": {"concurrency": 1, "num_cpus": 1, "threads": 2,
@@ -91,15 +105,21 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="10000,100000")
     ap.add_argument("--scratch", default="/tmp/pool-scale")
+    ap.add_argument("--path", choices=("stream", "frame"), default="stream",
+                    help="frame: the same job with data.stream_target_train off, its target "
+                         "files as one file (the control; entries keyed frame-<size>)")
     args = ap.parse_args()
+    stream = args.path == "stream"
     scratch = Path(args.scratch)
     mdir, _ = build_model(scratch)
     out = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"runs": {}}
     out.update({"benchmark": "simda-stream-scale-cpu", "machine": describe(),
-                "command": "python benchmarks/simda_stream_scale.py --sizes " + args.sizes})
+                "command": "python benchmarks/simda_stream_scale.py --sizes SIZES [--path "
+                           "frame]"})
     for size in map(int, args.sizes.split(",")):
-        job = job_for(scratch, size, mdir)
+        job = job_for(scratch, size, mdir, stream)
         entry, text = record_run(job, size, "simda_stream_scale")
+        entry["path"] = args.path
         res = json.loads((job.parent / "runs" / f"target-{size}" / "results.json").read_text())
         entry.update({k: res.get(k) for k in ("counts", "rejects", "seconds", "students")})
         m = re.search(r"target-train teacher → kNN: (\d+) rows in ([\d.]+)s \(([\d.]+) rows/s\)",
@@ -107,8 +127,11 @@ def main() -> int:
         if m:
             entry["stream_pass"] = {"rows": int(m[1]), "seconds": float(m[2]),
                                     "rows_per_s": float(m[3])}
+        m = re.search(r"\] teacher: (\d+)/\1 rows, ([\d.]+) rows/s", text)
+        if m and not stream:  # the frame path's teacher pass (source, train and test rows)
+            entry["frame_teacher_pass"] = {"rows": int(m[1]), "rows_per_s": float(m[2])}
         entry["console_tail"] = text.splitlines()[-12:]
-        out["runs"][str(size)] = entry
+        out["runs"][str(size) if stream else f"frame-{size}"] = entry
         RESULTS.write_text(json.dumps(out, indent=1) + "\n")
         print(f"[simda_stream_scale] {size}: {entry['wall_s']} s, driver RSS peak "
               f"{entry['driver_rss_mb_peak']} MiB (private {entry['driver_rss_anon_mb_peak']}), "
