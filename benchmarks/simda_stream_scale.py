@@ -77,10 +77,31 @@ def single_file(files: Path) -> Path:
     return one
 
 
-def job_for(scratch: Path, size: int, mdir: str, stream: bool = True) -> Path:
+def by_length(files: Path) -> Path:
+    """The target's rows sorted by text length (stable), in as many files: the order in which
+    the frame path's teacher batches them (``_by_length``), for the streamed pass."""
+    d = files.parent / "by-length"
+    if not (d / "_BUILT").exists():
+        rows = [ln for f in sorted(files.glob("part-*.jsonl"))
+                for ln in f.read_text().splitlines() if ln.strip()]
+        rows.sort(key=lambda ln: len(json.loads(ln)["text"]))
+        d.mkdir(exist_ok=True)
+        per = -(-len(rows) // N_FILES)
+        for k in range(N_FILES):
+            (d / f"part-{k:02d}.jsonl").write_text("".join(
+                ln + "\n" for ln in rows[k * per:(k + 1) * per]))
+        (d / "_BUILT").write_text("")
+    return d
+
+
+def job_for(scratch: Path, size: int, mdir: str, stream: bool = True,
+            sorted_by_length: bool = False) -> Path:
     cfg = yaml.safe_load(BASE_JOB.read_text())
     target = build_target(scratch, size)
-    work = scratch / (f"simda-stream-{size}" if stream else f"simda-frame-{size}")
+    if sorted_by_length:
+        target = by_length(target)
+    work = scratch / ((f"simda-stream-{size}" if stream else f"simda-frame-{size}")
+                      + ("-by-length" if sorted_by_length else ""))
     cfg["run"] = {"name": f"target-{size}", "seed": 0, "output_dir": str(work / "runs"),
                   "cache_dir": str(work / "cache")}
     cfg["tracking"] = {"uri": f"sqlite:///{work}/mlruns.db",
@@ -108,18 +129,22 @@ def main() -> int:
     ap.add_argument("--path", choices=("stream", "frame"), default="stream",
                     help="frame: the same job with data.stream_target_train off, its target "
                          "files as one file (the control; entries keyed frame-<size>)")
+    ap.add_argument("--order", choices=("file", "length"), default="file",
+                    help="length: the target's rows sorted by text length in its files (the "
+                         "frame teacher's batch order; entries keyed <size>-by-length)")
     args = ap.parse_args()
     stream = args.path == "stream"
+    by_len = args.order == "length"
     scratch = Path(args.scratch)
     mdir, _ = build_model(scratch)
     out = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"runs": {}}
     out.update({"benchmark": "simda-stream-scale-cpu", "machine": describe(),
                 "command": "python benchmarks/simda_stream_scale.py --sizes SIZES [--path "
-                           "frame]"})
+                           "frame] [--order length]"})
     for size in map(int, args.sizes.split(",")):
-        job = job_for(scratch, size, mdir, stream)
+        job = job_for(scratch, size, mdir, stream, by_len)
         entry, text = record_run(job, size, "simda_stream_scale")
-        entry["path"] = args.path
+        entry["path"], entry["order"] = args.path, args.order
         res = json.loads((job.parent / "runs" / f"target-{size}" / "results.json").read_text())
         entry.update({k: res.get(k) for k in ("counts", "rejects", "seconds", "students")})
         m = re.search(r"target-train teacher → kNN: (\d+) rows in ([\d.]+)s \(([\d.]+) rows/s\)",
@@ -131,7 +156,8 @@ def main() -> int:
         if m and not stream:  # the frame path's teacher pass (source, train and test rows)
             entry["frame_teacher_pass"] = {"rows": int(m[1]), "rows_per_s": float(m[2])}
         entry["console_tail"] = text.splitlines()[-12:]
-        out["runs"][str(size) if stream else f"frame-{size}"] = entry
+        out["runs"][("" if stream else "frame-") + str(size) + ("-by-length" if by_len
+                                                                 else "")] = entry
         RESULTS.write_text(json.dumps(out, indent=1) + "\n")
         print(f"[simda_stream_scale] {size}: {entry['wall_s']} s, driver RSS peak "
               f"{entry['driver_rss_mb_peak']} MiB (private {entry['driver_rss_anon_mb_peak']}), "
