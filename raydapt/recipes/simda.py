@@ -90,10 +90,11 @@ def check_verbalizer(cfg: SimDAJob) -> list[int]:
 
 def teacher_kwargs(cfg: SimDAJob, *, keep_hidden: bool, stage: str,
                    demo_texts: dict[str, str] | None = None,
-                   demo_labels: dict[str, str] | None = None) -> dict[str, Any]:
+                   demo_labels: dict[str, str] | None = None,
+                   micro_batch: int | None = None) -> dict[str, Any]:
     """The :class:`TeacherScore` actor's constructor kwargs for one pass of the job's teacher."""
     t = cfg.teacher
-    return dict(engine=t.engine_args(need_hidden=keep_hidden),
+    return dict(engine=t.engine_args(need_hidden=keep_hidden), micro_batch=micro_batch,
                 label_words=[t.verbalizer[lab] for lab in cfg.data.labels],
                 template=t.template, text_max_tokens=t.text_max_tokens,
                 text_truncation=t.text_truncation, demo_template=t.demo_template,
@@ -111,6 +112,7 @@ def knn_kwargs(cfg: SimDAJob, store: Path) -> dict[str, Any]:
 
 
 KNN_POOL = {"num_cpus": 0.25, "batch_size": 256}  # one actor (the store is small)
+SORT_BATCHES = 16  # streamed teacher: engine batches per map batch, sorted by length
 
 
 def run_teacher(rows: pd.DataFrame, cfg: SimDAJob, *, keep_hidden: bool, stage: str,
@@ -710,8 +712,13 @@ class SimDARecipe(Recipe):
 
         cfg, ctx, r = self.cfg, self.ctx, self.rows
         a, t = cfg.annotate, cfg.teacher
-        steps = [Step(TeacherScore, teacher_kwargs(cfg, keep_hidden=True, stage="teacher-train"),
-                      pool=pool_kwargs(t.pool), columns=["text"], carry=("text", "y")),
+        # batches of SORT_BATCHES engine batches, scored shortest first: rows come in file
+        # order, and the frame path's teacher sees them sorted by length (less padding)
+        steps = [Step(TeacherScore, teacher_kwargs(cfg, keep_hidden=True, stage="teacher-train",
+                                                   micro_batch=t.pool.batch_size),
+                      columns=["text"], carry=("text", "y"),
+                      pool={**pool_kwargs(t.pool),
+                            "batch_size": SORT_BATCHES * t.pool.batch_size}),
                  Step(KnnSearch, knn_kwargs(cfg, self.store),
                       pool={"compute": ray.data.ActorPoolStrategy(size=1), **KNN_POOL},
                       columns=["hidden"], carry=("text", "y", "llm_logp", "hidden"))]

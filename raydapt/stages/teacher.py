@@ -38,6 +38,9 @@ class TeacherScore(Stage):
             ``demo_texts`` (id -> text) and ``demo_labels`` (id -> label word), each truncated
             to ``demo_max_tokens`` and fitted before the query (see :meth:`prompts`).
         keep_hidden: return the ``hidden`` column (the key / teacher representation).
+        micro_batch: score a batch in engine calls of this many prompts, shortest first (the
+            output keeps the batch's row order), so a large batch in file order pads as little
+            as one sorted by length; None: the whole batch in one call.
         stage: name used in reject reasons and metrics.
         telemetry: extra metric tags, ``{"method": ..., "run": ...}`` (see raydapt.core.telemetry).
     """
@@ -47,7 +50,7 @@ class TeacherScore(Stage):
         text_max_tokens: int, demo_template: str = "", demo_max_tokens: int = 64,
         text_truncation: str = "head",
         demo_texts: dict[str, str] | None = None, demo_labels: dict[str, str] | None = None,
-        keep_hidden: bool = True, stage: str = "teacher",
+        keep_hidden: bool = True, micro_batch: int | None = None, stage: str = "teacher",
         telemetry: dict[str, str] | None = None,
     ) -> None:
         super().__init__(stage, telemetry)
@@ -61,6 +64,7 @@ class TeacherScore(Stage):
         self.demo_labels = demo_labels or {}
         self._demo_cache: dict[str, tuple[str, int]] = {}
         self.keep_hidden = keep_hidden
+        self.micro_batch = micro_batch
 
     def _demo(self, did: str) -> tuple[str, int]:
         """One demonstration, its text truncated on its own, rendered; and its token count."""
@@ -90,14 +94,30 @@ class TeacherScore(Stage):
             out.append(query)
         return out
 
+    def _score(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(label log-probs, prompt tokens, hidden or None) of ``prompts``, in their order:
+        one engine call, or micro-batches of the prompts sorted by length."""
+        mb = self.micro_batch
+        if not mb or len(prompts) <= mb:
+            res = self.engine.score(prompts)
+            return res.label_logprobs, res.prompt_tokens, res.hidden
+        order = np.argsort([len(p) for p in prompts], kind="stable")
+        parts = [self.engine.score([prompts[i] for i in order[j:j + mb]])
+                 for j in range(0, len(prompts), mb)]
+        back = np.argsort(order)  # sorted position of each original row
+        hidden = None if any(r.hidden is None for r in parts) else \
+            np.concatenate([r.hidden for r in parts])[back]
+        return (np.concatenate([r.label_logprobs for r in parts])[back],
+                np.concatenate([r.prompt_tokens for r in parts])[back], hidden)
+
     def process(self, batch: pd.DataFrame) -> pd.DataFrame:
-        res = self.engine.score(self.prompts(batch))
-        out = {"id": batch["id"].tolist(), "llm_logp": list(res.label_logprobs.astype(np.float32)),
-               "prompt_tokens": res.prompt_tokens.astype(np.int64)}
+        logp, tokens, hidden = self._score(self.prompts(batch))
+        out = {"id": batch["id"].tolist(), "llm_logp": list(logp.astype(np.float32)),
+               "prompt_tokens": tokens.astype(np.int64)}
         if self.keep_hidden:
-            if res.hidden is None:
+            if hidden is None:
                 raise RuntimeError("this engine gives no hidden states; use backend hf for keys")
-            out["hidden"] = list(res.hidden.astype(np.float32))
+            out["hidden"] = list(hidden.astype(np.float32))
         return pd.DataFrame(out)
 
     def counts(self, out: pd.DataFrame, good: int) -> dict[str, int]:
