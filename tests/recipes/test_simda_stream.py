@@ -58,7 +58,7 @@ def test_streamed_target_train_gives_the_frame_paths_annotations(tmp_path, capsy
     assert set(ann["stream"].index) == set(ann["frame"].index)
     assert ann["stream"].index.is_unique  # kitchen-10's second row is dropped
     a, b = ann["frame"], ann["stream"].loc[ann["frame"].index]
-    # the teacher batches other rows beside each row (file order, not length order): float
+    # the teacher batches other rows beside each row than the frame path does: float
     # noise only
     for col, atol in (("p_t", 1e-4), ("p_llm", 1e-4), ("p_knn", 1e-4), ("h_t", 1e-3)):
         np.testing.assert_allclose(np.stack(b[col]), np.stack(a[col]), atol=atol, err_msg=col)
