@@ -66,7 +66,7 @@ from raydapt.select.topk import StreamingTopN
 from raydapt.select.votes import knn_votes_streaming
 from raydapt.stages.common import ERROR_COLUMN, concat_rejects, pool_kwargs, split_errors
 from raydapt.stages.grad_score import ENCODE_ERROR, EmbedLM, EncodeQA, GradProject, MCScore
-from raydapt.stages.sharded import Step, stream_pass, stream_rows, write_rows
+from raydapt.stages.sharded import Step, ids_only, stream_pass, stream_rows, write_rows
 from raydapt.train.lora import LoRATrain, fit_lora
 from raydapt.train.settings import from_section
 
@@ -303,14 +303,10 @@ def _one_actor():
     return ray.data.ActorPoolStrategy(size=1)
 
 
-def _ids_only(batch: pd.DataFrame) -> pd.DataFrame:
-    return batch[["id"]]
-
-
 def scan_pool_ids(cfg: NTKSelectJob, cache: StageCache, tracker: Tracker) -> ShardedOutput:
     """The pool's ids and reader rejects as shards (read → id): the seeded subsample
     (``data.max_pool_rows``) is drawn from them before any model work."""
-    return stream_pass(cache, tracker, "pool-ids", {}, pool_source(cfg), [Step(_ids_only)],
+    return stream_pass(cache, tracker, "pool-ids", {}, pool_source(cfg), [Step(ids_only)],
                        _say, run_name="read-pool", label="pool ids")
 
 

@@ -55,7 +55,14 @@ from raydapt.job import Recipe, speaker
 from raydapt.recipes.simda_config import SimDAJob
 from raydapt.stages.annotate import calibrator, mix
 from raydapt.stages.common import ERROR_COLUMN, concat_rejects, pool_kwargs, split_errors
-from raydapt.stages.sharded import Step, output_rejects, sharded_pass, stream_pass, write_rows
+from raydapt.stages.sharded import (
+    Step,
+    ids_only,
+    output_rejects,
+    sharded_pass,
+    stream_pass,
+    write_rows,
+)
 from raydapt.stages.teacher import KnnSearch, TeacherScore, build_index, save_store
 from raydapt.train import per_worker_batch, plan_steps
 from raydapt.train.settings import StudentTrain, from_section
@@ -159,10 +166,6 @@ def target_source(cfg: SimDAJob, *, keep_ids: frozenset[str] | None = None,
     norm = TextRows(fields=_fields(d.target), labels=tuple(d.labels), require_label=False)
     return open_source(Path(d.root) / d.target.path, fmt=d.target.format, normaliser=norm,
                        unit_rows=d.target_unit_rows, keep_ids=keep_ids, row_filter=row_filter)
-
-
-def _ids_only(batch: pd.DataFrame) -> pd.DataFrame:
-    return batch[["id"]]
 
 
 def collect_rows(source: RowSource) -> pd.DataFrame:
@@ -273,7 +276,6 @@ def read_dev(cfg: SimDAJob, *, source: pd.DataFrame, target: pd.DataFrame,
         raise DataError(f"data.dev ({path}) has no usable labelled rows")
     rejects.extend([rej.to_pandas(), dup])
     return dev.reset_index(drop=True), fingerprint(path)
-
 
 
 
@@ -425,7 +427,7 @@ class SimDARecipe(Recipe):
         test rows, reader rejects, duplicate-id rejects, rule, duplicated ids, train rows)."""
         cfg, ctx, d = self.cfg, self.ctx, self.cfg.data
         out = stream_pass(ctx.cache, ctx.tracker, "target-ids", {}, target_source(cfg),
-                          [Step(_ids_only)], _say, run_name="read-target", label="target ids")
+                          [Step(ids_only)], _say, run_name="read-target", label="target ids")
         rej = output_rejects(out, "read-target")
         parts = [t.to_pandas() for t in out.iter_tables(["id", "_reject"])]
         ids = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(

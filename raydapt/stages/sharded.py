@@ -365,6 +365,12 @@ def identity(batch: pd.DataFrame) -> pd.DataFrame:
     return batch
 
 
+def ids_only(batch: pd.DataFrame) -> pd.DataFrame:
+    """A :class:`Step` function that keeps only the ids (a scan of a pool's or target's ids
+    and reader rejects, before any model work)."""
+    return batch[["id"]]
+
+
 def _sentinel_stats(tbl) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
     units = tbl.column("_unit").to_numpy()
     pos = tbl.column("_pos").to_numpy()
